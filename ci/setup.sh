@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what snapbuild needs to build and test on a fresh Debian machine.
+# Idempotent: a second run with nothing to do takes about a second.
+#
+#   ci/setup.sh            # venv + package + test dependencies
+#
+# Environment:
+#   PYTHON   interpreter used to create .venv (default: python3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+stamp=$VENV/.snapbuild-setup
+
+# The stamp records the inputs of the Python install; when they are unchanged the
+# install is skipped entirely (pip's own no-op check costs several seconds).
+want=$(cat pyproject.toml ci/setup.sh | sha256sum | cut -d' ' -f1)
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "setup: creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "setup: installing snapbuild and its test dependencies into $VENV"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet -e '.[test]'
+    echo "$want" > "$stamp"
+else
+    echo "setup: $VENV is up to date"
+fi

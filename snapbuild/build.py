@@ -1,0 +1,65 @@
+"""The library's entry points for ``plan`` and ``build`` (the CLI is a thin layer on these)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .exec import BuildResult, execute
+from .exec.report import NullReporter, Reporter
+from .plan import Plan, make_plan
+from .recipe import Recipe, load_recipe
+from .registry import default_registry_url, open_registry, parse_ref
+from .store import Store
+from .store.snapshot import assemble
+
+
+def plan(recipe_path: str | Path, *, sets: dict | None = None, store: Store | None = None) -> list[Plan]:
+    store = store or Store()
+    return [make_plan(r, store) for r in load_recipe(recipe_path, sets)]
+
+
+def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | None = None,
+          jobs: int = 1, keep_going: bool = False, tag: str | None = None,
+          registry: str | None = None, reporter: Reporter | None = None) -> list[BuildResult]:
+    """Build every matrix combination of a recipe; publish each that succeeds and has a tag.
+
+    Returns one :class:`BuildResult` per combination; a failed one has ``ok == False`` and
+    ``snapshot is None``. Recipe errors raise before anything runs.
+    """
+    store = store or Store()
+    reporter = reporter or NullReporter()
+    recipes = load_recipe(recipe_path, sets)
+    if tag and len(recipes) > 1:
+        from .errors import UsageError
+
+        raise UsageError(f"--tag names one snapshot but the recipe's matrix makes {len(recipes)}",
+                         hint="set `publish: {tag: ...}` with a matrix variable in the recipe instead")
+    results = []
+    try:
+        with store.using():
+            for recipe in recipes:
+                p = make_plan(recipe, store)
+                reporter.plan(p)
+                result = execute(p, store, jobs=jobs, keep_going=keep_going, reporter=reporter)
+                if result.ok:
+                    _publish(recipe, result, store, tag or recipe.tag, registry)
+                results.append(result)
+                if not result.ok and not keep_going:
+                    break
+    finally:
+        reporter.close()
+    return results
+
+
+def _publish(recipe: Recipe, result: BuildResult, store: Store, tag: str | None, registry: str | None) -> None:
+    steps = [{"name": r.name, "kind": r.kind, "key": r.key, "artifact": r.artifact} for r in result.steps.values()]
+    outputs = {n: result.steps[n].artifact for n in recipe.publish_steps}
+    digest, blobs = assemble(store.blobs, name=recipe.name, variant=recipe.variant, steps=steps, outputs=outputs)
+    store.pin_snapshot(digest, blobs)
+    result.snapshot = digest
+    if tag:
+        ref = parse_ref(tag if ":" in tag.rsplit("/", 1)[-1] else f"{recipe.name}:{tag}")
+        reg = open_registry(registry or default_registry_url(store.home))
+        reg.push(ref, digest, blobs, store.blobs)
+        result.tag = str(ref)
+        result.registry = reg.url

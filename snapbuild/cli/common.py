@@ -1,0 +1,62 @@
+"""What every command shares: error rendering, exit codes, JSON output, common options."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ..errors import RecipeError, SnapbuildError
+
+
+def emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+def render_error(e: SnapbuildError) -> str:
+    text = e.render() if isinstance(e, RecipeError) else str(e)
+    out = f"ERROR {text}"
+    if e.hint:
+        out += f"\nTIP   {e.hint}"
+    return out
+
+
+def error_json(e: SnapbuildError) -> dict:
+    err = {"type": type(e).__name__, "message": e.message, "exit_code": e.exit_code}
+    if e.hint:
+        err["hint"] = e.hint
+    if isinstance(e, RecipeError):
+        err.update(file=e.file, line=e.line, column=e.column, key_path=list(e.key_path))
+    return {"error": err}
+
+
+class Group(click.Group):
+    """Turns :class:`SnapbuildError` into ``ERROR``/``TIP`` lines and its exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SnapbuildError as e:
+            if ctx.meta.get(_JSON_META):
+                emit_json(error_json(e))
+            click.echo(render_error(e), err=True)
+            sys.exit(e.exit_code)
+
+
+_JSON_META = "snapbuild.json"
+
+
+def _remember_json(ctx, _param, value):
+    # ctx.meta is shared by the whole context tree, so the group sees it when it
+    # renders an error raised inside the subcommand.
+    ctx.meta[_JSON_META] = value
+    return value
+
+
+set_option = click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
+                          help="Set a template variable (overrides `vars:`; a matrix variable picks one combination). Repeatable.")
+json_option = click.option("--json", "as_json", is_flag=True, callback=_remember_json, is_eager=True,
+                           help="Print machine-readable JSON on stdout (errors too).")
+registry_option = click.option("--registry", metavar="URL", default=None,
+                               help="Registry to use (default: file://$SNAPBUILD_HOME/registry).")

@@ -1,0 +1,267 @@
+"""``snapbuild``: the command line. Each command parses options, calls one library
+function, and renders its result; all the work lives in the library."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .. import __version__
+from .common import Group, emit_json, json_option, registry_option, render_error, set_option
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="snapbuild")
+def cli():
+    """Build warmed, checkpointed inference servers as cached snapshots.
+
+    A recipe (YAML) lists steps; steps form a DAG; each step's output is cached under a
+    key derived from everything it depends on. `build` runs what changed and publishes
+    a snapshot to a registry.
+
+    \b
+    Quick start:
+      snapbuild plan recipes/examples/pipeline.yaml      # what would run, and why
+      snapbuild build recipes/examples/pipeline.yaml --tag pipeline:dev
+      snapbuild ls && snapbuild inspect pipeline:dev
+
+    The store lives in $SNAPBUILD_HOME (default ~/.cache/snapbuild).
+    """
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@set_option
+@json_option
+def plan(recipe, sets, as_json):
+    """Show each step's key, whether it runs or is cached, and why it runs.
+
+    \b
+    Reasons name the first thing that differs from the step's last build:
+      never built | spec.run changed | files changed: app.py | input src changed
+    """
+    from ..build import plan as make_plans
+    from ..plan import short
+    from ..recipe import parse_sets
+
+    plans = make_plans(recipe, sets=parse_sets(sets))
+    if as_json:
+        if len(plans) == 1:
+            emit_json(plans[0].to_json())
+        else:
+            emit_json({"builds": [{"name": p.recipe.build_id, "variant": p.recipe.variant, **p.to_json()} for p in plans]})
+        return
+    for p in plans:
+        n_run = len(p.to_run)
+        click.echo(f"{p.recipe.build_id}: {len(p.steps)} steps, {n_run} to run, {len(p.steps) - n_run} cached")
+        rows = [(s.name, s.kind, short(s.key), s.action, s.reason) for s in p.steps.values()]
+        widths = [max(len(r[i]) for r in rows + [("STEP", "KIND", "KEY", "ACTION", "")]) for i in range(4)]
+        click.echo("  " + "  ".join(h.ljust(w) for h, w in zip(("STEP", "KIND", "KEY", "ACTION"), widths)) + "  WHY")
+        for r in rows:
+            click.echo("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[4])
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--tag", metavar="NAME:TAG", help="Publish the snapshot under this tag (default: the recipe's `publish.tag`).")
+@registry_option
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=2, show_default=True,
+              help="How many independent steps run at once.")
+@click.option("-k", "--keep-going", is_flag=True, help="After a failure, finish the steps that do not depend on it.")
+@click.option("--progress", type=click.Choice(["auto", "tty", "plain", "none"]), default="auto", show_default=True,
+              help="Progress display on stderr: live on a terminal, one line per event otherwise.")
+@json_option
+def build(recipe, sets, tag, registry, jobs, keep_going, progress, as_json):
+    """Build a recipe: run what is not cached, then assemble and publish the snapshot.
+
+    Exit status: 0 built, 3 recipe error, 4 a step failed.
+    """
+    from ..build import build as run_build
+    from ..errors import BuildFailed
+    from ..exec.report import make_reporter
+    from ..recipe import parse_sets
+
+    results = run_build(recipe, sets=parse_sets(sets), jobs=jobs, keep_going=keep_going, tag=tag,
+                        registry=registry, reporter=make_reporter(progress))
+    if as_json:
+        if len(results) == 1:
+            emit_json(results[0].to_json())
+        else:
+            emit_json({"builds": [{"name": r.build_id, **r.to_json()} for r in results]})
+    else:
+        for r in results:
+            counts = {}
+            for s in r.steps.values():
+                counts[s.status] = counts.get(s.status, 0) + 1
+            summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+            click.echo(f"{r.build_id}: {summary} in {r.duration_s:.2f}s")
+            if r.snapshot:
+                click.echo(f"  snapshot {r.snapshot}")
+            if r.tag:
+                click.echo(f"  published {r.tag} to {r.registry}")
+    failed = [f"{r.build_id}/{n}" for r in results for n in r.failed]
+    if failed or not all(r.ok for r in results):
+        err = BuildFailed(f"build failed: {', '.join(failed) or 'steps were skipped'}",
+                          hint=f"see a step's full log with: snapbuild logs {recipe} STEP")
+        click.echo(render_error(err), err=True)
+        sys.exit(err.exit_code)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("step")
+@set_option
+def logs(recipe, step, sets):
+    """Print the log of STEP's last build (or of the build its cached result came from)."""
+    from ..logs import step_log
+    from ..recipe import parse_sets
+
+    sys.stdout.write(step_log(recipe, step, sets=parse_sets(sets)))
+
+
+@cli.command(name="ls")
+@registry_option
+@json_option
+def list_snapshots(registry, as_json):
+    """List the snapshots and tags in a registry."""
+    from ..inspect import list_registry
+
+    rows = list_registry(registry)
+    if as_json:
+        emit_json({"snapshots": rows})
+        return
+    if not rows:
+        click.echo("no snapshots (build one with: snapbuild build RECIPE --tag NAME:TAG)")
+    for r in rows:
+        click.echo(f"{r['name']}:{r['tag']}  {r['digest'][:19]}")
+
+
+@cli.command()
+@click.argument("ref")
+@registry_option
+@json_option
+def inspect(ref, registry, as_json):
+    """Show a snapshot: its outputs, sizes, and the step keys it was built from."""
+    from ..inspect import inspect_snapshot
+
+    info = inspect_snapshot(ref, registry)
+    if as_json:
+        emit_json(info)
+        return
+    click.echo(f"{info['ref']}  {info['digest']}")
+    click.echo(f"  recipe {info['name']}" + (f" {info['variant']}" if info["variant"] else ""))
+    click.echo(f"  {info['blobs']} blobs, {_size(info['stored_bytes'])} stored, "
+               f"{_size(info['content_bytes'])} of content")
+    click.echo("  outputs:")
+    for o in info["outputs"]:
+        click.echo(f"    {o['step']:<16} {o['files']:>5} files {_size(o['bytes']):>10}  {o['tree'][:19]}")
+    click.echo("  steps:")
+    for s in info["steps"]:
+        click.echo(f"    {s['name']:<16} {s['kind']:<10} {s['key'][:12]}")
+
+
+@cli.group(cls=Group)
+def cache():
+    """Look after the local store ($SNAPBUILD_HOME)."""
+
+
+@cache.command(name="ls")
+@json_option
+def cache_ls(as_json):
+    """List cached step outputs."""
+    from ..inspect import cache_entries
+
+    rows = cache_entries()
+    if as_json:
+        emit_json({"entries": rows})
+        return
+    for r in rows:
+        click.echo(f"{r['key'][:12]}  {r['kind']:<10} {r['name']:<20} {_size(r['bytes']):>10}")
+
+
+@cache.command(name="du")
+@json_option
+def cache_du(as_json):
+    """Show how much the store holds."""
+    from ..store import Store
+
+    info = Store().du()
+    if as_json:
+        emit_json(info)
+        return
+    click.echo(f"{info['home']}: {info['steps']} cached steps, {info['blobs']} blobs, "
+               f"{_size(info['stored_bytes'])} on disk for {_size(info['artifact_bytes'])} of artifacts")
+
+
+@cache.command(name="verify")
+@click.option("--repair", is_flag=True, help="Delete corrupt blobs and the cache entries that use them; the next build rebuilds them.")
+@json_option
+def cache_verify(repair, as_json):
+    """Re-hash every blob and check every cache entry. Exit status 5 on any problem."""
+    from ..errors import IntegrityError
+    from ..store import Store
+
+    rep = Store().verify(repair=repair)
+    if as_json:
+        emit_json({"ok": rep.ok, "blobs_checked": rep.blobs_checked, "refs_checked": rep.refs_checked,
+                   "corrupt_blobs": rep.corrupt_blobs,
+                   "broken_refs": [{"key": k, "why": w} for k, w in rep.broken_refs], "repaired": rep.repaired})
+    else:
+        click.echo(f"checked {rep.blobs_checked} blobs and {rep.refs_checked} cache entries")
+        for d in rep.corrupt_blobs:
+            click.echo(f"  corrupt blob {d}" + (" (removed)" if repair else ""))
+        for k, w in rep.broken_refs:
+            click.echo(f"  broken entry {k[:12]}: {w}" + (" (removed)" if repair else ""))
+    if not rep.ok and not repair:
+        e = IntegrityError(f"{len(rep.corrupt_blobs)} corrupt blobs, {len(rep.broken_refs)} broken cache entries",
+                           hint="run `snapbuild cache verify --repair`, then build again")
+        click.echo(render_error(e), err=True)
+        sys.exit(e.exit_code)
+
+
+@cache.command(name="gc")
+@click.option("--older-than", metavar="AGE", help="Also forget cache entries unused for AGE (e.g. 7d, 12h, 30m).")
+@click.option("--dry-run", is_flag=True, help="Say what would go, remove nothing.")
+@json_option
+def cache_gc(older_than, dry_run, as_json):
+    """Remove blobs no cache entry or snapshot uses, and leftovers of killed builds."""
+    from ..store import Store
+
+    rep = Store().gc(older_than_s=_age(older_than) if older_than else None, dry_run=dry_run)
+    if as_json:
+        emit_json(vars(rep) | {"dry_run": dry_run})
+        return
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb} {rep.blobs_removed} blobs ({_size(rep.bytes_freed)}), {rep.refs_removed} cache entries, "
+               f"{rep.temp_removed} leftovers")
+
+
+def _age(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    try:
+        return float(text[:-1]) * units[text[-1]]
+    except (KeyError, ValueError, IndexError):
+        raise click.BadParameter(f"{text!r}: expected a number and a unit (s, m, h, d, w), e.g. 7d",
+                                 param_hint="--older-than") from None
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def main() -> None:
+    try:
+        cli(prog_name="snapbuild")
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""One exception hierarchy for the whole tool, with a fixed exit code per class.
+
+Every error carries a message that says what happened and where, and an optional
+``hint`` that says what to do next; the CLI prints both (``ERROR ...`` / ``TIP ...``).
+Where a built-in exception fits, the class also inherits it, so callers can catch
+``FileNotFoundError`` without knowing this module.
+"""
+
+from __future__ import annotations
+
+
+class SnapbuildError(Exception):
+    """Base class. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(SnapbuildError):
+    """Bad command-line input that click itself cannot catch."""
+
+    exit_code = 2
+
+
+class RecipeError(SnapbuildError):
+    """A recipe that cannot be loaded: syntax, schema, references, cycles, templates.
+
+    ``location`` is ``(file, line, column)`` with 1-based line and column when known,
+    ``key_path`` the path of keys to the offending value, and ``source_line`` the text of
+    that line, so the CLI can point at it.
+    """
+
+    exit_code = 3
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        column: int | None = None,
+        key_path: tuple = (),
+        source_line: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.file = file
+        self.line = line
+        self.column = column
+        self.key_path = tuple(key_path)
+        self.source_line = source_line
+
+    @property
+    def where(self) -> str:
+        parts = [self.file or "<recipe>"]
+        if self.line is not None:
+            parts.append(str(self.line))
+            if self.column is not None:
+                parts.append(str(self.column))
+        return ":".join(parts)
+
+    def __str__(self) -> str:
+        keys = " -> ".join(str(k) for k in self.key_path)
+        return f"{self.where}: {keys + ': ' if keys else ''}{self.message}"
+
+    def render(self) -> str:
+        """The message plus the offending line with a caret under the column."""
+        out = [str(self)]
+        if self.source_line is not None and self.line is not None:
+            num = f"{self.line:>5} | "
+            out.append(num + self.source_line.rstrip("\n"))
+            if self.column is not None:
+                out.append(" " * (len(num) - 2) + "| " + " " * (self.column - 1) + "^")
+        return "\n".join(out)
+
+
+class BuildFailed(SnapbuildError):
+    """One or more steps failed; ``result`` holds the full build result."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, *, result=None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.result = result
+
+
+class StepError(SnapbuildError):
+    """Raised by a step kind when its work fails; the executor records it on the step."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, *, log_tail: str | None = None, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.log_tail = log_tail
+
+
+class IntegrityError(SnapbuildError):
+    """Stored data does not match its digest: corruption, truncation or tampering."""
+
+    exit_code = 5
+
+
+class NotFound(SnapbuildError, LookupError):
+    """A blob, artifact, tag, step or log that does not exist."""
+
+    exit_code = 6
+
+
+class RegistryError(SnapbuildError):
+    """A registry that cannot be reached, read or written."""
+
+    exit_code = 7

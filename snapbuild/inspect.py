@@ -1,0 +1,59 @@
+"""Read-only views of the store and registries, for ``ls``, ``inspect`` and ``cache ls``."""
+
+from __future__ import annotations
+
+
+from .registry import default_registry_url, open_registry, parse_ref
+from .store import Store
+from .store.blobs import BlobStore
+from .store.snapshot import load_config, parse_manifest
+from .store.tree import load_tree, tree_size
+
+
+def list_registry(registry: str | None = None, store: Store | None = None) -> list[dict]:
+    store = store or Store()
+    reg = open_registry(registry or default_registry_url(store.home))
+    return [{"name": name, "tag": tag, "digest": digest}
+            for name in reg.names() for tag, digest in reg.tagged(name)]
+
+
+def inspect_snapshot(text: str, registry: str | None = None, store: Store | None = None) -> dict:
+    store = store or Store()
+    reg = open_registry(registry or default_registry_url(store.home))
+    ref = parse_ref(text)
+    digest = reg.resolve(ref)
+    manifest = parse_manifest(reg.get_blob(ref.name, digest), digest)
+    blobs = BlobStore(reg.root / ref.name)  # file registry: read its layout directly
+    config = load_config(blobs, manifest)
+    outputs = []
+    content = 0
+    for step, tree_digest in config["outputs"].items():
+        tree = load_tree(blobs, tree_digest)
+        size = tree_size(tree)
+        content += size
+        outputs.append({"step": step, "tree": tree_digest, "bytes": size,
+                        "files": sum(1 for e in tree["entries"] if e["type"] == "file")})
+    return {
+        "ref": str(ref), "digest": digest, "name": config["name"], "variant": config["variant"],
+        "outputs": outputs, "steps": config["steps"], "created_by": config.get("created_by"),
+        "blobs": 1 + len(manifest["layers"]),
+        "stored_bytes": manifest["config"]["size"] + sum(layer["size"] for layer in manifest["layers"]),
+        "content_bytes": content, "manifest": manifest,
+    }
+
+
+def cache_entries(store: Store | None = None) -> list[dict]:
+    store = store or Store()
+    rows = []
+    for key, data, mtime in store.refs():
+        size = 0
+        try:
+            size = tree_size(load_tree(store.blobs, data["artifact"]))
+        except Exception:  # a broken entry still gets listed; `cache verify` explains it
+            pass
+        rows.append({"key": key, "name": data.get("name", "?"), "kind": data.get("kind", "?"),
+                     "artifact": data.get("artifact"), "bytes": size, "last_used": mtime})
+    return sorted(rows, key=lambda r: -r["last_used"])
+
+
+__all__ = ["cache_entries", "inspect_snapshot", "list_registry"]

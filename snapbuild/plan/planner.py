@@ -1,0 +1,71 @@
+"""The plan: for every step its key, and whether it runs or comes from the cache (and why)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import SnapbuildError, StepError
+from ..recipe import Recipe
+from ..steps import PinContext
+from ..store import Store
+from .keys import key_material, key_of, short, why_changed
+
+
+@dataclass
+class PlannedStep:
+    name: str
+    kind: str
+    key: str
+    material: dict
+    action: str  # "run" | "cached"
+    reason: str  # why it runs ("" when cached)
+    artifact: str | None = None  # tree digest when cached
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "key": self.key, "action": self.action,
+                "reason": self.reason or None}
+
+    @property
+    def short_key(self) -> str:
+        return short(self.key)
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    steps: dict[str, PlannedStep]  # in topological order
+
+    @property
+    def to_run(self) -> list[str]:
+        return [n for n, s in self.steps.items() if s.action == "run"]
+
+    def to_json(self) -> dict:
+        return {"steps": [s.to_json() for s in self.steps.values()]}
+
+
+class PlanError(SnapbuildError):
+    """A step's pins could not be resolved (missing files, unreachable source...)."""
+
+    exit_code = 3
+
+
+def make_plan(recipe: Recipe, store: Store) -> Plan:
+    ctx = PinContext(base_dir=recipe.base_dir, store=store)
+    planned: dict[str, PlannedStep] = {}
+    for name in recipe.order():
+        step = recipe.steps[name]
+        try:
+            pins = step.kind.pins(step.spec, ctx)
+        except StepError as e:
+            raise PlanError(f"step {name!r}: {e.message}", hint=e.hint) from None
+        material = key_material(step.kind, step.spec, pins, {d: planned[d].key for d in step.deps})
+        key = key_of(material)
+        ref = store.get_ref(key)
+        if ref is not None and store.is_complete(ref):
+            planned[name] = PlannedStep(name, step.kind.name, key, material, "cached", "", ref.artifact)
+        else:
+            state = store.get_state(recipe.build_id, name)
+            old = state.get("material") if state else None
+            reason = why_changed(old, material)
+            planned[name] = PlannedStep(name, step.kind.name, key, material, "run", reason)
+    return Plan(recipe=recipe, steps=planned)

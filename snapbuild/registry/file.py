@@ -1,0 +1,133 @@
+"""``file://`` registry: one OCI image layout per snapshot name.
+
+    ROOT/<name>/oci-layout
+    ROOT/<name>/index.json        tags as org.opencontainers.image.ref.name annotations
+    ROOT/<name>/blobs/sha256/<hex>
+
+This is the standard OCI layout, so ``skopeo inspect oci:ROOT/<name>:<tag>`` and
+``oras`` read it directly. Blobs are hard-linked from the source store when both sit on
+one filesystem, else copied and verified. The index is replaced atomically under a
+lock, after every blob it names is in place: a crash mid-push leaves the old tags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import IntegrityError, NotFound, RegistryError
+from ..store.blobs import BlobStore
+from ..store.fsutil import atomic_write, flock, read_json
+from ..store.snapshot import ARTIFACT_TYPE, MANIFEST_MEDIA_TYPE
+from .ref import Ref
+
+INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
+REF_NAME = "org.opencontainers.image.ref.name"
+
+
+class FileRegistry:
+    scheme = "file"
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.url = f"file://{self.root}"
+
+    def _repo(self, name: str) -> Path:
+        return self.root / name
+
+    def _blobs(self, name: str) -> BlobStore:
+        return BlobStore(self._repo(name), self._repo(name) / ".tmp")
+
+    def _index(self, name: str) -> dict:
+        try:
+            return read_json(self._repo(name) / "index.json")
+        except FileNotFoundError:
+            return {"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": []}
+        except ValueError as e:
+            raise RegistryError(f"{self._repo(name) / 'index.json'} is not valid JSON: {e}") from None
+
+    # -- write -------------------------------------------------------------------------
+    def push(self, ref: Ref, manifest_digest: str, blobs: list[str], source: BlobStore) -> None:
+        """Copy ``blobs`` and the manifest from ``source``, then point ``ref.tag`` at it."""
+        repo = self._repo(ref.name)
+        dest = self._blobs(ref.name)
+        try:
+            repo.mkdir(parents=True, exist_ok=True)
+            if not (repo / "oci-layout").exists():
+                atomic_write(repo / "oci-layout", b'{"imageLayoutVersion":"1.0.0"}\n')
+            for digest in [*blobs, manifest_digest]:
+                self._copy_blob(source, dest, digest)
+        except OSError as e:
+            raise RegistryError(f"cannot write to registry {self.url}: {e}") from None
+        if ref.tag:
+            size = source.size(manifest_digest)
+            with flock(repo / ".index.lock"):
+                index = self._index(ref.name)
+                manifests = [m for m in index["manifests"]
+                             if m.get("annotations", {}).get(REF_NAME) != ref.tag]
+                manifests.append({"mediaType": MANIFEST_MEDIA_TYPE, "digest": manifest_digest,
+                                  "size": size, "artifactType": ARTIFACT_TYPE,
+                                  "annotations": {REF_NAME: ref.tag}})
+                index["manifests"] = sorted(manifests, key=lambda m: m["annotations"][REF_NAME])
+                atomic_write(repo / "index.json", json.dumps(index, indent=2).encode() + b"\n")
+
+    @staticmethod
+    def _copy_blob(source: BlobStore, dest: BlobStore, digest: str) -> None:
+        if dest.has(digest):
+            return
+        src = source.path(digest)
+        if not source.verify(digest):
+            raise IntegrityError(f"blob {digest} in {source.root} is corrupt; not publishing it",
+                                 hint="run `snapbuild cache verify --repair`, then build again")
+        final = dest.path(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # Same inode: no copy; blobs are immutable and never written in place.
+            os.link(src, final)
+            return
+        except FileExistsError:
+            return
+        except OSError:
+            pass
+        dest.put_file(src, digest)
+
+    # -- read --------------------------------------------------------------------------
+    def resolve(self, ref: Ref) -> str:
+        """The manifest digest ``ref`` names."""
+        if not self._repo(ref.name).is_dir():
+            raise NotFound(f"no snapshot named {ref.name!r} in {self.url}",
+                           hint=f"list what is there with: snapbuild ls --registry {self.url}")
+        if ref.digest:
+            if not self._blobs(ref.name).has(ref.digest):
+                raise NotFound(f"{ref} is not in {self.url}")
+            return ref.digest
+        for m in self._index(ref.name)["manifests"]:
+            if m.get("annotations", {}).get(REF_NAME) == ref.tag:
+                return m["digest"]
+        tags = ", ".join(self.tags(ref.name)) or "none"
+        raise NotFound(f"{ref.name} has no tag {ref.tag!r} in {self.url} (tags: {tags})")
+
+    def get_blob(self, name: str, digest: str) -> bytes:
+        try:
+            return self._blobs(name).get(digest)
+        except IntegrityError as e:
+            raise IntegrityError(f"registry {self.url}: {e.message}",
+                                 hint="push the snapshot again to repair the registry") from None
+
+    def blob_path(self, name: str, digest: str) -> Path:
+        return self._blobs(name).path(digest)
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(str(p.parent.relative_to(self.root)) for p in self.root.rglob("oci-layout"))
+
+    def tags(self, name: str) -> list[tuple[str, str]] | list[str]:
+        return [m["annotations"][REF_NAME] for m in self._index(name)["manifests"]
+                if REF_NAME in m.get("annotations", {})]
+
+    def tagged(self, name: str) -> list[tuple[str, str]]:
+        """(tag, manifest digest) pairs."""
+        return [(m["annotations"][REF_NAME], m["digest"]) for m in self._index(name)["manifests"]
+                if REF_NAME in m.get("annotations", {})]

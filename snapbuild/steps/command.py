@@ -1,0 +1,149 @@
+"""``command``: a shell command in a fresh work folder; declared outputs become the artifact.
+
+```yaml
+compile:
+  kind: command
+  needs: [src]
+  run: |
+    cp -r "$SNAPBUILD_INPUTS/src" .
+    python3 -m compileall -q src
+  outputs: [src/]
+  env: {PYTHONHASHSEED: "0"}
+  pass_env: [HTTPS_PROXY]   # values come from the caller and stay out of the key
+  timeout: 600
+```
+
+The command runs under ``bash -euo pipefail -c`` with a small, fixed environment:
+``PATH``, ``HOME`` (the work folder), ``LANG``, ``TMPDIR``, ``SNAPBUILD_INPUTS``,
+``SNAPBUILD_STEP``, the spec's ``env`` and the names in ``pass_env``. A build that
+reads nothing but its inputs and spec is then reproducible and safely cached.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from collections import deque
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field, field_validator
+
+from ..errors import StepError
+from ..store.tree import build_tree, walk
+from .base import BuildContext, PinContext, StepSpec
+
+LOG_TAIL_LINES = 20
+
+
+class CommandSpec(StepSpec):
+    run: str
+    outputs: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    pass_env: list[str] = Field(default_factory=list)
+    timeout: float | None = Field(default=None, gt=0)
+
+    # A timeout changes no output; pass_env values are secrets by assumption (the
+    # names stay in the key through key_fields below).
+    KEYLESS: ClassVar[frozenset[str]] = StepSpec.KEYLESS | {"timeout"}
+
+    @field_validator("outputs")
+    @classmethod
+    def _relative(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if p.startswith("/") or ".." in Path(p).parts:
+                raise ValueError(f"output {p!r} must be a path inside the work folder")
+        return v
+
+
+def tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(deque(f, maxlen=n))
+    except OSError:
+        return ""
+
+
+class CommandStep:
+    name = "command"
+    version = 1
+    Spec = CommandSpec
+    ephemeral = False
+
+    def references(self, spec):
+        return []
+
+    def pins(self, spec: CommandSpec, ctx: PinContext) -> dict:
+        return {}
+
+    def build(self, spec: CommandSpec, ctx: BuildContext) -> str:
+        scratch = ctx.store.scratch(ctx.name)
+        try:
+            return self._build(spec, ctx, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _build(self, spec: CommandSpec, ctx: BuildContext, scratch: Path) -> str:
+        inputs, work, tmp = scratch / "inputs", scratch / "work", scratch / "tmp"
+        for d in (inputs, work, tmp):
+            d.mkdir()
+        for name in spec.needs:
+            ctx.materialize_input(name, inputs / name)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "HOME": str(work),
+            "LANG": "C.UTF-8",
+            "TMPDIR": str(tmp),
+            "SNAPBUILD_INPUTS": str(inputs),
+            "SNAPBUILD_STEP": ctx.name,
+        }
+        missing = [n for n in spec.pass_env if n not in os.environ]
+        if missing:
+            raise StepError(f"pass_env names variables that are not set: {', '.join(missing)}",
+                            hint="export them before running snapbuild, or drop them from pass_env")
+        env.update({n: os.environ[n] for n in spec.pass_env})
+        env.update(spec.env)
+
+        ctx.log.write(f"$ {spec.run}\n")
+        ctx.log.flush()
+        proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", spec.run], cwd=work, env=env,
+                                stdin=subprocess.DEVNULL, stdout=ctx.log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=spec.timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise StepError(f"command timed out after {spec.timeout:g} s", log_tail=tail(ctx.log_path),
+                            hint="raise `timeout:` or make the command faster") from None
+        except BaseException:
+            _kill_group(proc)
+            raise
+        if rc != 0:
+            raise StepError(f"command exited with status {rc}", log_tail=tail(ctx.log_path),
+                            hint=f"full log: snapbuild logs RECIPE {ctx.name}")
+
+        items: list[tuple[str, Path]] = []
+        for pattern in spec.outputs:
+            matches = sorted(work.glob(pattern.rstrip("/"))) if pattern.rstrip("/") else []
+            if not matches:
+                raise StepError(f"output {pattern!r} was not produced by the command",
+                                log_tail=tail(ctx.log_path),
+                                hint="outputs are paths relative to the work folder the command runs in")
+            for m in matches:
+                rel = m.relative_to(work).as_posix()
+                items.append((rel, m))
+                if m.is_dir() and not m.is_symlink():
+                    items.extend((f"{rel}/{r}", p) for r, p in walk(m))
+        digest, tree = build_tree(ctx.store.blobs, items)
+        ctx.log.write(f"stored {len(tree['entries'])} output entries\n")
+        return digest
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()

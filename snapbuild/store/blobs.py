@@ -1,0 +1,106 @@
+"""Content-addressed blobs: ``blobs/sha256/<hex>``, the same layout as an OCI image
+layout's blob directory, so a store's blobs can be published by hard link or copy.
+
+A blob's name is the sha256 of its stored bytes. Blobs are immutable, written
+atomically, and verified against their name on every read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import IntegrityError, NotFound
+from .fsutil import publish_file, temp_file
+
+ALGO = "sha256"
+
+
+def digest_bytes(data: bytes) -> str:
+    return f"{ALGO}:{hashlib.sha256(data).hexdigest()}"
+
+
+def split_digest(digest: str) -> tuple[str, str]:
+    algo, sep, hexpart = digest.partition(":")
+    if not sep or algo != ALGO or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
+        raise ValueError(f"not a sha256 digest: {digest!r}")
+    return algo, hexpart
+
+
+class BlobStore:
+    """A directory of content-addressed blobs."""
+
+    def __init__(self, root: Path, tmp_dir: Path | None = None) -> None:
+        self.root = Path(root)
+        self.tmp_dir = tmp_dir or self.root / "tmp"
+
+    def path(self, digest: str) -> Path:
+        algo, hexpart = split_digest(digest)
+        return self.root / "blobs" / algo / hexpart
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def size(self, digest: str) -> int:
+        return self.path(digest).stat().st_size
+
+    def put(self, data: bytes) -> str:
+        """Store ``data`` and return its digest; a no-op when it is already stored."""
+        digest = digest_bytes(data)
+        final = self.path(digest)
+        if final.exists():
+            return digest
+        with temp_file(self.tmp_dir, prefix="blob-") as (fd, tmp):
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            publish_file(tmp, final, replace=False)
+        return digest
+
+    def put_file(self, src: Path, digest: str) -> None:
+        """Copy an existing blob file from another store, verifying it on the way."""
+        final = self.path(digest)
+        if final.exists():
+            return
+        data = src.read_bytes()
+        if digest_bytes(data) != digest:
+            raise IntegrityError(f"blob {digest} at {src} does not match its digest")
+        self.put(data)
+
+    def get(self, digest: str) -> bytes:
+        """Read a blob and check it against its digest."""
+        path = self.path(digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"blob {digest} is not in {self.root}") from None
+        if digest_bytes(data) != digest:
+            raise IntegrityError(
+                f"blob {digest} is corrupt: its content does not hash to its name ({path})",
+                hint="run `snapbuild cache verify --repair` to drop it; the next build recreates it",
+            )
+        return data
+
+    def remove(self, digest: str) -> None:
+        try:
+            self.path(digest).unlink()
+        except FileNotFoundError:
+            pass
+
+    def digests(self) -> Iterator[str]:
+        base = self.root / "blobs" / ALGO
+        if not base.is_dir():
+            return
+        for entry in os.scandir(base):
+            if entry.is_file() and len(entry.name) == 64:
+                yield f"{ALGO}:{entry.name}"
+
+    def verify(self, digest: str) -> bool:
+        h = hashlib.sha256()
+        with open(self.path(digest), "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return f"{ALGO}:{h.hexdigest()}" == digest

@@ -1,0 +1,279 @@
+"""The local store under ``$SNAPBUILD_HOME`` (default ``~/.cache/snapbuild``)::
+
+    $SNAPBUILD_HOME/
+      blobs/sha256/<hex>        content-addressed chunks, trees, configs, manifests
+      refs/steps/<key>.json     step key -> {"artifact": tree digest, ...}
+      state/<build>/<step>.json what each step was last built from (for `plan`'s "why")
+      logs/<key>.log            the log of the build that produced a step key
+      locks/                    flock files: store.lock (shared by builds, exclusive for gc)
+                                and steps/<key>.lock (one builder per key)
+      tmp/                      temporary files; only ever renamed into place
+      work/                     scratch folders of running steps
+      registry/                 the default file:// registry
+
+Ordering makes crashes harmless: chunks are written before the tree that lists them,
+the tree before the ref that names it, so a ref only ever points at complete data.
+A killed build leaves, at worst, unreferenced blobs and temp files; ``gc`` removes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import IntegrityError, NotFound
+from .blobs import BlobStore
+from .fsutil import atomic_write, atomic_write_json, flock, read_json
+from .tree import load_tree, tree_blobs, tree_size
+
+
+def default_home() -> Path:
+    env = os.environ.get("SNAPBUILD_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "snapbuild"
+
+
+@dataclass
+class StepRef:
+    key: str
+    artifact: str
+    name: str
+    kind: str
+    duration_s: float = 0.0
+
+
+@dataclass
+class VerifyReport:
+    blobs_checked: int = 0
+    refs_checked: int = 0
+    corrupt_blobs: list[str] = field(default_factory=list)
+    broken_refs: list[tuple[str, str]] = field(default_factory=list)  # (key, why)
+    repaired: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.corrupt_blobs and not self.broken_refs
+
+
+@dataclass
+class GcReport:
+    blobs_removed: int = 0
+    bytes_freed: int = 0
+    refs_removed: int = 0
+    temp_removed: int = 0
+
+
+class Store:
+    """The local content-addressed store. Safe for several processes at once."""
+
+    def __init__(self, home: Path | None = None) -> None:
+        self.home = Path(home) if home else default_home()
+        self.blobs = BlobStore(self.home, self.home / "tmp")
+
+    # -- paths -------------------------------------------------------------------------
+    def _ref_path(self, key: str) -> Path:
+        return self.home / "refs" / "steps" / f"{key}.json"
+
+    def log_path(self, key: str) -> Path:
+        return self.home / "logs" / f"{key}.log"
+
+    def _state_path(self, build: str, step: str) -> Path:
+        return self.home / "state" / _safe(build) / f"{_safe(step)}.json"
+
+    # -- locks -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def using(self) -> Iterator[None]:
+        """Held (shared) for the whole of a build, so ``gc`` never runs under it."""
+        with flock(self.home / "locks" / "store.lock", shared=True):
+            yield
+
+    @contextlib.contextmanager
+    def building(self, key: str) -> Iterator[None]:
+        """One builder per step key: a second build of the same key waits, then hits."""
+        with flock(self.home / "locks" / "steps" / f"{key}.lock"):
+            yield
+
+    # -- step refs ---------------------------------------------------------------------
+    def get_ref(self, key: str) -> StepRef | None:
+        """The artifact recorded for a step key, or None when not built (or incomplete)."""
+        try:
+            data = read_json(self._ref_path(key))
+        except (FileNotFoundError, ValueError):
+            return None
+        ref = StepRef(key=key, artifact=data["artifact"], name=data.get("name", ""),
+                      kind=data.get("kind", ""), duration_s=data.get("duration_s", 0.0))
+        if not self.blobs.has(ref.artifact):
+            return None
+        return ref
+
+    def is_complete(self, ref: StepRef) -> bool:
+        """Whether the ref's tree and every chunk it names are present."""
+        try:
+            tree = load_tree(self.blobs, ref.artifact)
+        except (NotFound, IntegrityError):
+            return False
+        return all(self.blobs.has(d) for d in tree_blobs(tree))
+
+    def put_ref(self, ref: StepRef) -> None:
+        atomic_write_json(self._ref_path(ref.key), {
+            "artifact": ref.artifact, "name": ref.name, "kind": ref.kind,
+            "duration_s": round(ref.duration_s, 3)}, tmp_dir=self.home / "tmp")
+
+    def touch_ref(self, key: str) -> None:
+        """Mark a ref as used now (``gc --older-than`` keeps recently used ones)."""
+        with contextlib.suppress(OSError):
+            os.utime(self._ref_path(key))
+
+    def refs(self) -> Iterator[tuple[str, dict, float]]:
+        base = self.home / "refs" / "steps"
+        if not base.is_dir():
+            return
+        for p in sorted(base.glob("*.json")):
+            try:
+                yield p.stem, read_json(p), p.stat().st_mtime
+            except (OSError, ValueError):
+                yield p.stem, {}, 0.0
+
+    # -- state (what each step was last built from) -------------------------------------
+    def get_state(self, build: str, step: str) -> dict | None:
+        try:
+            return read_json(self._state_path(build, step))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def put_state(self, build: str, step: str, state: dict) -> None:
+        path = self._state_path(build, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, state, tmp_dir=self.home / "tmp")
+
+    # -- logs --------------------------------------------------------------------------
+    def put_log(self, key: str, src: Path) -> None:
+        """Keep a step's log under its key (atomically, so a reader never sees half)."""
+        path = self.log_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, src.read_bytes(), tmp_dir=self.home / "tmp")
+
+    # -- scratch -----------------------------------------------------------------------
+    def scratch(self, prefix: str) -> Path:
+        import tempfile
+
+        base = self.home / "work"
+        base.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{_safe(prefix)}-", dir=base))
+
+    # -- maintenance -------------------------------------------------------------------
+    def referenced(self) -> tuple[set[str], list[tuple[str, str]]]:
+        """Blobs reachable from step refs, and refs whose data is missing or corrupt."""
+        live: set[str] = set()
+        broken: list[tuple[str, str]] = []
+        for key, data, _ in self.refs():
+            art = data.get("artifact")
+            if not art:
+                broken.append((key, "ref file is unreadable"))
+                continue
+            try:
+                tree = load_tree(self.blobs, art)
+            except NotFound:
+                broken.append((key, f"artifact {art} is missing"))
+                continue
+            except (IntegrityError, ValueError):
+                broken.append((key, f"artifact {art} is corrupt"))
+                continue
+            live.add(art)
+            for d in tree_blobs(tree):
+                live.add(d)
+                if not self.blobs.has(d):
+                    broken.append((key, f"chunk {d} is missing"))
+        return live, broken
+
+    def verify(self, *, repair: bool = False) -> VerifyReport:
+        """Hash every blob and check every ref; with ``repair``, drop what is bad so
+        that the next build recreates it."""
+        report = VerifyReport()
+        for digest in self.blobs.digests():
+            report.blobs_checked += 1
+            if not self.blobs.verify(digest):
+                report.corrupt_blobs.append(digest)
+        if repair:
+            for digest in report.corrupt_blobs:
+                self.blobs.remove(digest)
+        _, report.broken_refs = self.referenced()
+        report.refs_checked = sum(1 for _ in self.refs())
+        if repair:
+            for key, _why in report.broken_refs:
+                self._ref_path(key).unlink(missing_ok=True)
+            report.repaired = True
+        return report
+
+    def gc(self, *, older_than_s: float | None = None, dry_run: bool = False) -> GcReport:
+        """Remove unreferenced blobs and stale temp files; with ``older_than_s``, first
+        forget step refs not used for that long. Waits for running builds to finish."""
+        report = GcReport()
+        with flock(self.home / "locks" / "store.lock"):
+            if older_than_s is not None:
+                cutoff = time.time() - older_than_s
+                for key, _, mtime in list(self.refs()):
+                    if mtime < cutoff:
+                        report.refs_removed += 1
+                        if not dry_run:
+                            self._ref_path(key).unlink(missing_ok=True)
+            live, _ = self.referenced()
+            live |= self._pinned()
+            for digest in list(self.blobs.digests()):
+                if digest not in live:
+                    report.blobs_removed += 1
+                    report.bytes_freed += self.blobs.size(digest)
+                    if not dry_run:
+                        self.blobs.remove(digest)
+            # Nothing else runs under the exclusive lock, so every temp file is stale.
+            for sub in ("tmp", "work"):
+                d = self.home / sub
+                if d.is_dir():
+                    for p in d.iterdir():
+                        report.temp_removed += 1
+                        if not dry_run:
+                            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        return report
+
+    def _pinned(self) -> set[str]:
+        """Blobs kept alive by something other than step refs (assembled snapshots)."""
+        pins = set()
+        d = self.home / "refs" / "snapshots"
+        if d.is_dir():
+            for p in d.glob("*.json"):
+                with contextlib.suppress(OSError, ValueError):
+                    data = read_json(p)
+                    pins.add(data["manifest"])
+                    pins.update(data.get("blobs", []))
+        return pins
+
+    def pin_snapshot(self, manifest_digest: str, blobs: list[str]) -> None:
+        hexpart = manifest_digest.split(":", 1)[1]
+        atomic_write_json(self.home / "refs" / "snapshots" / f"{hexpart}.json",
+                          {"manifest": manifest_digest, "blobs": sorted(set(blobs))},
+                          tmp_dir=self.home / "tmp")
+
+    def du(self) -> dict:
+        n = total = 0
+        for digest in self.blobs.digests():
+            n += 1
+            total += self.blobs.size(digest)
+        logical = 0
+        for _, data, _ in self.refs():
+            with contextlib.suppress(Exception):
+                logical += tree_size(load_tree(self.blobs, data["artifact"]))
+        return {"home": str(self.home), "blobs": n, "stored_bytes": total,
+                "steps": sum(1 for _ in self.refs()), "artifact_bytes": logical}
+
+
+def _safe(name: str) -> str:
+    """A name made safe for one path component."""
+    out = "".join(c if c.isalnum() or c in "-_.=," else "_" for c in name)
+    return out.strip(".") or "_"

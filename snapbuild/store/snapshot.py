@@ -1,0 +1,100 @@
+"""Snapshot format v1: an OCI image manifest with snapbuild's own artifact type.
+
+See docs/format.md for the full description. In short::
+
+    manifest (application/vnd.oci.image.manifest.v1+json)
+      artifactType: application/vnd.snapbuild.snapshot.v1
+      config:  application/vnd.snapbuild.snapshot.config.v1+json   (what, how, provenance)
+      layers:  one application/vnd.snapbuild.tree.v1+json per published output,
+               then every chunk blob those trees name (zstd or raw), each once
+
+Listing every chunk as a layer keeps registries from garbage-collecting them and lets
+standard OCI clients (skopeo, oras) copy a snapshot without knowing its format.
+This module is shared by the build side and the runner, so it imports only the store.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .. import __version__
+from ..errors import IntegrityError
+from .blobs import BlobStore
+from .chunks import MEDIA_TYPES as CHUNK_MEDIA_TYPES
+from .fsutil import canonical_json
+from .tree import MEDIA_TYPE as TREE_MEDIA_TYPE
+from .tree import load_tree
+
+FORMAT_VERSION = 1
+MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
+ARTIFACT_TYPE = "application/vnd.snapbuild.snapshot.v1"
+CONFIG_MEDIA_TYPE = "application/vnd.snapbuild.snapshot.config.v1+json"
+TITLE = "org.opencontainers.image.title"
+
+
+def assemble(blobs: BlobStore, *, name: str, variant: dict, steps: list[dict],
+             outputs: dict[str, str], annotations: dict | None = None) -> tuple[str, list[str]]:
+    """Write config and manifest blobs for ``outputs`` (step name -> tree digest).
+
+    Returns the manifest digest and every blob digest it references (config included).
+    The manifest holds no time stamp: the same build gives the same digest.
+    """
+    config = {
+        "format": FORMAT_VERSION,
+        "name": name,
+        "variant": variant,
+        "outputs": dict(sorted(outputs.items())),
+        "steps": steps,
+        "created_by": f"snapbuild {__version__}",
+    }
+    config_bytes = canonical_json(config)
+    config_digest = blobs.put(config_bytes)
+
+    layers = []
+    seen: set[str] = set()
+    chunk_layers = []
+    for step_name, tree_digest in sorted(outputs.items()):
+        layers.append({"mediaType": TREE_MEDIA_TYPE, "digest": tree_digest,
+                       "size": blobs.size(tree_digest), "annotations": {TITLE: step_name}})
+        seen.add(tree_digest)
+        for entry in load_tree(blobs, tree_digest)["entries"]:
+            for ref in entry.get("chunks", ()):
+                d = ref.get("digest")
+                if d and d not in seen:
+                    seen.add(d)
+                    chunk_layers.append({"mediaType": CHUNK_MEDIA_TYPES[ref["enc"]], "digest": d,
+                                         "size": blobs.size(d)})
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_MEDIA_TYPE,
+        "artifactType": ARTIFACT_TYPE,
+        "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": config_digest, "size": len(config_bytes)},
+        "layers": layers + chunk_layers,
+        "annotations": {TITLE: name, **(annotations or {})},
+    }
+    digest = blobs.put(canonical_json(manifest))
+    return digest, [config_digest] + [layer["digest"] for layer in manifest["layers"]]
+
+
+def parse_manifest(data: bytes, digest: str) -> dict:
+    try:
+        manifest = json.loads(data)
+    except ValueError:
+        raise IntegrityError(f"manifest {digest} is not JSON") from None
+    if manifest.get("artifactType") != ARTIFACT_TYPE or manifest.get("config", {}).get("mediaType") != CONFIG_MEDIA_TYPE:
+        raise IntegrityError(f"{digest} is not a snapbuild snapshot (artifactType "
+                             f"{manifest.get('artifactType')!r})")
+    return manifest
+
+
+def referenced_blobs(manifest: dict) -> list[str]:
+    return [manifest["config"]["digest"]] + [layer["digest"] for layer in manifest["layers"]]
+
+
+def load_config(blobs: BlobStore, manifest: dict) -> dict:
+    config = json.loads(blobs.get(manifest["config"]["digest"]))
+    if config.get("format") != FORMAT_VERSION:
+        raise IntegrityError(f"snapshot format {config.get('format')} is not supported by this "
+                             f"snapbuild (it reads format {FORMAT_VERSION})",
+                             hint="upgrade snapbuild on this machine")
+    return config
