@@ -1,7 +1,6 @@
 # snapbuild: the two fresh-machine commands are `make demo` and `make test`.
 VENV    := .venv
 PY      := $(VENV)/bin/python
-export SNAPBUILD_DEMO_HOME ?= $(CURDIR)/.snapbuild/demo
 
 .PHONY: setup demo test bench clean
 
@@ -9,7 +8,7 @@ setup:
 	@ci/setup.sh
 
 demo: setup
-	@SNAPBUILD_HOME=$(SNAPBUILD_DEMO_HOME) $(PY) -m snapbuild.demo
+	@ci/demo.sh
 
 test: setup
 	$(PY) -m pytest -q

@@ -115,10 +115,12 @@ def execute(plan: Plan, store: Store, *, jobs: int = 1, keep_going: bool = False
                 reporter.step_done(res)
                 if res.status == FAILED and first_failure is None:
                     first_failure = name
-    for name in remaining:
+    for name in remaining:  # only after a failure without --keep-going
         ps = plan.steps[name]
-        statuses[name] = StepResult(name, ps.kind, ps.key, SKIPPED,
-                                    reason=f"build stopped after {first_failure} failed (use --keep-going to continue other steps)")
+        bad = next((d for d in recipe.steps[name].deps if statuses[d].status in (FAILED, SKIPPED)), None)
+        reason = (f"needs {bad}, which {statuses[bad].status}" if bad else
+                  f"build stopped after {first_failure} failed (use --keep-going to continue other steps)")
+        statuses[name] = StepResult(name, ps.kind, ps.key, SKIPPED, reason=reason)
         reporter.step_done(statuses[name])
     # Report steps in plan order, whatever order they finished in.
     result.steps = {n: statuses[n] for n in plan.steps}

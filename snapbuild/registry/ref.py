@@ -30,7 +30,8 @@ def parse_ref(text: str) -> Ref:
         colon = name.rfind(":")
         if colon > slash:
             name, tag = name[:colon], name[colon + 1:]
-        tag = tag or "latest"
+        else:
+            tag = "latest"
     if not _NAME.match(name):
         raise UsageError(f"snapshot name {name!r} in {text!r} is not valid",
                          hint="names are lower-case letters and digits separated by '.', '_', '-' or '/'")

@@ -1,0 +1,60 @@
+"""Pull a snapshot into the node's store and write its outputs out.
+
+Imports only the store and registry packages: this runs on inference nodes.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ..errors import UsageError
+from ..registry import default_registry_url, open_registry, parse_ref
+from ..store import Store
+from ..store.snapshot import load_config, parse_manifest, referenced_blobs
+from ..store.tree import load_tree, materialize
+
+
+def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
+         store: Store | None = None, jobs: int = 4) -> dict:
+    """Fetch the blobs of snapshot ``text`` that the node lacks (verified), and, with
+    ``dest``, write each output to ``dest/<step>/``. Returns what happened, with timings."""
+    t0 = time.monotonic()
+    store = store or Store()
+    reg = open_registry(registry or default_registry_url(store.home))
+    ref = parse_ref(text)
+    digest = reg.resolve(ref)
+    manifest_bytes = reg.get_blob(ref.name, digest)
+    manifest = parse_manifest(manifest_bytes, digest)
+    t_resolve = time.monotonic()
+
+    missing = [d for d in referenced_blobs(manifest) if not store.blobs.has(d)]
+    fetched = 0
+
+    def fetch(d: str) -> int:
+        data = reg.get_blob(ref.name, d)  # verified against its digest
+        store.blobs.put(data)
+        return len(data)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        fetched = sum(pool.map(fetch, missing))
+    store.blobs.put(manifest_bytes)
+    config = load_config(store.blobs, manifest)
+    t_fetch = time.monotonic()
+
+    outputs = {}
+    if dest is not None:
+        dest = Path(dest)
+        if dest.exists() and any(dest.iterdir()):
+            raise UsageError(f"destination {dest} is not empty", hint="choose a new or empty folder")
+        for step, tree_digest in config["outputs"].items():
+            materialize(store.blobs, load_tree(store.blobs, tree_digest), dest / step)
+            outputs[step] = str(dest / step)
+    t_done = time.monotonic()
+    return {
+        "ref": str(ref), "digest": digest, "name": config["name"],
+        "blobs_fetched": len(missing), "bytes_fetched": fetched, "outputs": outputs,
+        "timings": {"resolve_s": round(t_resolve - t0, 4), "fetch_s": round(t_fetch - t_resolve, 4),
+                    "materialize_s": round(t_done - t_fetch, 4), "total_s": round(t_done - t0, 4)},
+    }

@@ -1,0 +1,79 @@
+"""Shared fixtures: an isolated store per test, recipe writing, running the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from snapbuild.store import Store
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh $SNAPBUILD_HOME for this test (also seen by CLI subprocesses)."""
+    h = tmp_path / "home"
+    monkeypatch.setenv("SNAPBUILD_HOME", str(h))
+    return h
+
+
+@pytest.fixture
+def store(home) -> Store:
+    return Store(home)
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    d = tmp_path / "project"
+    d.mkdir()
+    return d
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+@pytest.fixture
+def recipe(project):
+    """``recipe(text, name="recipe.yaml")`` writes a recipe into the project folder."""
+
+    def _write(text: str, name: str = "recipe.yaml") -> Path:
+        return write(project / name, text)
+
+    return _write
+
+
+class Result:
+    def __init__(self, proc: subprocess.CompletedProcess) -> None:
+        self.code = proc.returncode
+        self.out = proc.stdout
+        self.err = proc.stderr
+
+    def json(self):
+        return json.loads(self.out)
+
+    def __repr__(self) -> str:
+        return f"<exit {self.code}\nstdout:\n{self.out}\nstderr:\n{self.err}>"
+
+
+@pytest.fixture
+def run_cli(home):
+    """Run the installed console script as a user would, in a subprocess."""
+
+    def _run(*args: str, tool: str = "snapbuild", cwd: Path | None = None, env: dict | None = None,
+             timeout: float = 120) -> Result:
+        full_env = {**os.environ, **(env or {})}
+        proc = subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True,
+                              cwd=cwd, env=full_env, timeout=timeout)
+        return Result(proc)
+
+    return _run

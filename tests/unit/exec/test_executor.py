@@ -1,0 +1,124 @@
+"""The executor: parallel branches, failure handling, statuses and logs."""
+
+from __future__ import annotations
+
+from snapbuild.build import build
+from snapbuild.exec.report import PlainReporter, RecordingReporter
+from snapbuild.logs import step_log
+
+# `left` and `right` each wait for the other to have started: they can only both
+# succeed if they really run at the same time.
+PARALLEL = """
+name: par
+vars: {{sync: "{sync}"}}
+steps:
+  left:
+    kind: command
+    run: touch {{{{ sync }}}}/left; for i in $(seq 100); do test -e {{{{ sync }}}}/right && break; sleep 0.05; done; test -e {{{{ sync }}}}/right
+    outputs: []
+  right:
+    kind: command
+    run: touch {{{{ sync }}}}/right; for i in $(seq 100); do test -e {{{{ sync }}}}/left && break; sleep 0.05; done; test -e {{{{ sync }}}}/left
+  join: {{kind: command, needs: [left, right], run: "true"}}
+"""
+
+
+def test_independent_steps_run_in_parallel(recipe, store, tmp_path):
+    path = recipe(PARALLEL.format(sync=tmp_path))
+    [res] = build(path, store=store, jobs=2)
+    assert res.ok, {n: r.error for n, r in res.steps.items()}
+    assert [r.status for r in res.steps.values()] == ["built"] * 3
+
+
+def test_one_job_runs_one_step_at_a_time(recipe, store, tmp_path):
+    path = recipe(PARALLEL.format(sync=tmp_path).replace("seq 100", "seq 4"))
+    [res] = build(path, store=store, jobs=1)
+    assert not res.ok, "with -j1 the two waiting steps cannot meet"
+
+
+FAILING = """
+name: fail
+steps:
+  bad: {kind: command, run: "echo about to fail; echo details >&2; exit 3"}
+  child: {kind: command, needs: [bad], run: "true"}
+  grandchild: {kind: command, needs: [child], run: "true"}
+  slow: {kind: command, run: "sleep 0.5"}
+  after_slow: {kind: command, needs: [slow], run: "true"}
+"""
+
+
+def test_failure_skips_descendants_and_stops_by_default(recipe, store):
+    rep = RecordingReporter()
+    [res] = build(recipe(FAILING), store=store, jobs=2, reporter=rep)
+    st = {n: r.status for n, r in res.steps.items()}
+    assert st["bad"] == "failed"
+    assert st["child"] == st["grandchild"] == "skipped"
+    assert "needs bad, which failed" in res.steps["child"].reason
+    assert st["slow"] == "built", "a step already running finishes"
+    assert st["after_slow"] == "skipped" and "--keep-going" in res.steps["after_slow"].reason
+    assert res.snapshot is None and res.failed == ["bad"]
+    bad = res.steps["bad"]
+    assert bad.error == "command exited with status 3"
+    assert "about to fail" in bad.log_tail and "details" in bad.log_tail
+    assert ("failed", "bad") in rep.events and ("start", "child") not in rep.events
+
+
+def test_keep_going_finishes_other_branches(recipe, store):
+    [res] = build(recipe(FAILING), store=store, jobs=2, keep_going=True)
+    st = {n: r.status for n, r in res.steps.items()}
+    assert st == {"bad": "failed", "child": "skipped", "grandchild": "skipped",
+                  "slow": "built", "after_slow": "built"}
+    # The next build reruns only what failed or never ran.
+    [again] = build(recipe(FAILING), store=store, jobs=2, keep_going=True)
+    assert again.steps["slow"].status == again.steps["after_slow"].status == "cached"
+
+
+def test_failed_step_log_is_kept(recipe, store):
+    path = recipe(FAILING)
+    build(path, store=store)
+    assert "about to fail" in step_log(path, "bad", store=store)
+
+
+def test_missing_output_fails_the_step(recipe, store):
+    [res] = build(recipe("name: d\nsteps:\n  s: {kind: command, run: 'true', outputs: [nothere.txt]}\n"), store=store)
+    assert res.steps["s"].status == "failed" and "'nothere.txt' was not produced" in res.steps["s"].error
+
+
+def test_timeout_kills_the_command(recipe, store):
+    [res] = build(recipe("name: d\nsteps:\n  s: {kind: command, run: 'sleep 30', timeout: 0.3}\n"), store=store)
+    assert res.steps["s"].status == "failed" and "timed out" in res.steps["s"].error
+
+
+def test_inputs_are_readable_and_env_is_fixed(recipe, store, project, monkeypatch):
+    (project / "data.txt").write_text("payload")
+    monkeypatch.setenv("LEAKY", "should not be seen")
+    path = recipe("""
+        name: d
+        steps:
+          src: {kind: files, include: [data.txt]}
+          use:
+            kind: command
+            needs: [src]
+            env: {GREETING: hi}
+            run: |
+              cat "$SNAPBUILD_INPUTS/src/data.txt" > out.txt
+              echo "$GREETING ${LEAKY:-unset} $SNAPBUILD_STEP" >> out.txt
+            outputs: [out.txt]
+    """)
+    [res] = build(path, store=store)
+    assert res.ok
+    from snapbuild.store.tree import load_tree, materialize
+
+    out = project / "got"
+    materialize(store.blobs, load_tree(store.blobs, res.steps["use"].artifact), out)
+    assert (out / "out.txt").read_text() == "payloadhi unset use\n"
+
+
+def test_plain_reporter_lines(recipe, store, tmp_path):
+    import io
+
+    buf = io.StringIO()
+    build(recipe(FAILING), store=store, reporter=PlainReporter(buf))
+    text = buf.getvalue()
+    assert "build fail: 5 steps, 5 to run, 0 cached" in text
+    assert "failed  bad" in text and "    | about to fail" in text

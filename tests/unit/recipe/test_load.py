@@ -1,0 +1,235 @@
+"""Loading recipes: templating, matrix, and errors that point at file:line:column."""
+
+from __future__ import annotations
+
+import pytest
+
+from snapbuild.errors import RecipeError
+from snapbuild.recipe import load_recipe, parse_sets
+
+
+def load_error(path, sets=None) -> RecipeError:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, sets)
+    return info.value
+
+
+def test_loads_steps_edges_and_templates(recipe, project):
+    (project / "a.txt").write_text("x")
+    path = recipe("""
+        name: demo
+        vars: {greeting: hello, who: "{{ greeting }} world"}
+        steps:
+          src: {kind: files, include: ["*.txt"]}
+          say:
+            kind: command
+            needs: [src]
+            run: echo {{ who }}
+            outputs: [out.txt]
+        publish: {tag: "demo:{{ greeting }}"}
+    """)
+    [r] = load_recipe(path)
+    assert r.name == "demo"
+    assert r.steps["say"].spec.run == "echo hello world"
+    assert r.steps["say"].deps == ["src"]
+    assert r.order() == ["src", "say"]
+    assert r.tag == "demo:hello"
+    assert r.publish_steps == ["say"]  # the step nothing depends on
+
+
+def test_set_overrides_vars_with_yaml_types(recipe):
+    path = recipe("""
+        name: demo
+        vars: {port: 8000}
+        steps:
+          s: {kind: command, run: "serve {{ port + 1 }}", timeout: "{{ port }}"}
+    """)
+    [r] = load_recipe(path, parse_sets(["port=9000"]))
+    assert r.steps["s"].spec.run == "serve 9001"
+    assert r.steps["s"].spec.timeout == 9000.0
+
+
+def test_matrix_expands_and_set_picks_one(recipe):
+    path = recipe("""
+        name: demo
+        matrix: {model: [small, large], target: [cpu]}
+        steps:
+          s: {kind: command, run: "train {{ model }} on {{ target }}"}
+        publish: {tag: "demo-{{ model }}:dev"}
+    """)
+    rs = load_recipe(path)
+    assert [r.steps["s"].spec.run for r in rs] == ["train small on cpu", "train large on cpu"]
+    assert [r.build_id for r in rs] == ["demo[model=small,target=cpu]", "demo[model=large,target=cpu]"]
+    [only] = load_recipe(path, {"model": "large"})
+    assert only.steps["s"].spec.run == "train large on cpu"
+
+
+def test_matrix_with_one_tag_for_all_builds_is_an_error(recipe):
+    path = recipe("""
+        name: demo
+        matrix: {model: [a, b]}
+        steps:
+          s: {kind: command, run: "x {{ model }}"}
+        publish: {tag: "demo:dev"}
+    """)
+    e = load_error(path)
+    assert "publish the same tag" in e.message and e.line == 5
+    assert "matrix variable" in e.hint
+
+
+def test_unknown_key_names_line_column_and_suggests(recipe):
+    path = recipe("""
+        name: demo
+        steps:
+          build:
+            kind: command
+            rn: make
+    """)
+    e = load_error(path)
+    assert (e.line, e.column) == (5, 5)
+    assert e.key_path == ("steps", "build", "rn")
+    assert "unknown key 'rn'" in e.message
+    assert "did you mean 'run'" in e.hint
+    rendered = e.render()
+    assert f"{path}:5:5: steps -> build -> rn" in rendered
+    assert "    5 |     rn: make" in rendered
+    assert rendered.splitlines()[-1].endswith("    ^")
+
+
+def test_unknown_top_level_key(recipe):
+    e = load_error(recipe("name: demo\nstep: {}\n"))
+    assert e.line == 2 and "did you mean 'steps'" in e.hint
+
+
+def test_wrong_type(recipe):
+    path = recipe("""
+        name: demo
+        steps:
+          s:
+            kind: command
+            run: x
+            outputs: out.txt
+    """)
+    e = load_error(path)
+    assert e.key_path == ("steps", "s", "outputs") and e.line == 6 and e.column == 14
+    assert "valid list" in e.message and "out.txt" in e.message
+
+
+def test_unknown_kind_suggests(recipe):
+    e = load_error(recipe("name: demo\nsteps:\n  s: {kind: comand, run: x}\n"))
+    assert "unknown step kind 'comand'" in e.message and "did you mean 'command'" in e.hint
+    assert e.line == 3 and e.key_path == ("steps", "s", "kind")
+
+
+def test_reference_to_missing_step(recipe):
+    path = recipe("""
+        name: demo
+        steps:
+          src: {kind: command, run: x}
+          b:
+            kind: command
+            run: y
+            needs: [src, sorc]
+    """)
+    e = load_error(path)
+    assert "no step named 'sorc'" in e.message and "did you mean 'src'" in e.hint
+    assert e.key_path == ("steps", "b", "needs", 1) and e.line == 7
+
+
+def test_cycle_names_every_step(recipe):
+    path = recipe("""
+        name: demo
+        steps:
+          a: {kind: command, run: x, needs: [c]}
+          b: {kind: command, run: x, needs: [a]}
+          c: {kind: command, run: x, needs: [b]}
+          d: {kind: command, run: x}
+    """)
+    e = load_error(path)
+    assert "dependency cycle" in e.message
+    cycle = e.message.split(": ", 1)[1].split(" -> ")
+    assert set(cycle) == {"a", "b", "c"} and cycle[0] == cycle[-1] and len(cycle) == 4
+
+
+def test_self_reference(recipe):
+    e = load_error(recipe("name: demo\nsteps:\n  a: {kind: command, run: x, needs: [a]}\n"))
+    assert "depends on itself" in e.message
+
+
+def test_undefined_template_variable(recipe):
+    path = recipe("""
+        name: demo
+        vars: {port: 1}
+        steps:
+          s:
+            kind: command
+            run: serve {{ prot }}
+    """)
+    e = load_error(path)
+    assert e.line == 6 and e.key_path == ("steps", "s", "run")
+    assert "'prot' is undefined" in e.message and "--set" in e.hint and "port" in e.hint
+
+
+def test_template_default_filter_and_sandbox(recipe):
+    path = recipe("""
+        name: demo
+        steps:
+          s: {kind: command, run: "v={{ git_sha | default('dev') }}"}
+          t: {kind: command, run: "{{ ''.__class__.__mro__ }}"}
+    """)
+    e = load_error(path)  # the sandbox refuses attribute access to internals
+    assert e.key_path == ("steps", "t", "run")
+    [r] = load_recipe(path.parent / _strip_t(path))
+    assert r.steps["s"].spec.run == "v=dev"
+
+
+def _strip_t(path):
+    text = "\n".join(line for line in path.read_text().splitlines() if "  t:" not in line)
+    out = path.with_name("no_t.yaml")
+    out.write_text(text)
+    return out.name
+
+
+def test_template_syntax_error(recipe):
+    e = load_error(recipe("name: demo\nsteps:\n  s: {kind: command, run: 'x {{ a b'}\n"))
+    assert e.line == 3 and "template syntax error" in e.message
+
+
+def test_yaml_syntax_error_has_line(recipe):
+    e = load_error(recipe("name: demo\nsteps:\n  s: {kind: command\n  t: 1\n"))
+    assert "YAML syntax error" in e.message and e.line in (3, 4)
+
+
+def test_duplicate_key(recipe):
+    e = load_error(recipe("name: demo\nsteps:\n  s: {kind: command, run: a}\n  s: {kind: command, run: b}\n"))
+    assert "duplicate key 's'" in e.message and e.line == 4 and "line 3" in e.hint
+
+
+def test_missing_file_and_empty_recipe(project, recipe):
+    e = load_error(project / "nope.yaml")
+    assert "does not exist" in e.message
+    e = load_error(recipe(""))
+    assert "empty" in e.message
+
+
+def test_missing_required_key(recipe):
+    e = load_error(recipe("name: demo\nsteps:\n  s:\n    kind: command\n"))
+    assert "missing required key 'run'" in e.message and e.line == 4
+
+
+def test_bad_names(recipe):
+    e = load_error(recipe("name: Demo App\nsteps:\n  s: {kind: command, run: a}\n"))
+    assert e.key_path == ("name",) and "not allowed" in e.message
+    e = load_error(recipe("name: demo\nsteps:\n  'a b': {kind: command, run: a}\n"))
+    assert "step name 'a b'" in e.message and e.line == 3
+
+
+def test_publish_steps_must_exist(recipe):
+    e = load_error(recipe("name: demo\nsteps:\n  s: {kind: command, run: a}\npublish: {steps: [t]}\n"))
+    assert e.key_path == ("publish", "steps", 0) and "no step named 't'" in e.message
+
+
+def test_parse_sets_rejects_malformed():
+    with pytest.raises(RecipeError):
+        parse_sets(["novalue"])
+    assert parse_sets(["a=1", "b=x y", "c="]) == {"a": 1, "b": "x y", "c": ""}
