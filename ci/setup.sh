@@ -17,6 +17,18 @@ stamp=$VENV/.snapbuild-setup
 # install is skipped entirely (pip's own no-op check costs several seconds).
 want=$(cat pyproject.toml ci/setup.sh | sha256sum | cut -d' ' -f1)
 
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "setup: snapbuild needs Python >= 3.11; $PYTHON is $("$PYTHON" --version 2>&1 || echo missing)" >&2
+    echo "setup: set PYTHON=/path/to/python3.11 and run again" >&2
+    exit 1
+fi
+
+# Debian splits venv/ensurepip out of python3; install it when missing.
+if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
+    echo "setup: installing python3-venv"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
     echo "setup: creating $VENV"
     "$PYTHON" -m venv "$VENV"

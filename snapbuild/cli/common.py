@@ -42,6 +42,10 @@ class Group(click.Group):
                 emit_json(error_json(e))
             click.echo(render_error(e), err=True)
             sys.exit(e.exit_code)
+        except KeyboardInterrupt:  # click would print "Aborted!" and exit 1
+            click.echo("ERROR interrupted; nothing partial was kept (the next build resumes from the cache)",
+                       err=True)
+            sys.exit(130)
 
 
 _JSON_META = "snapbuild.json"

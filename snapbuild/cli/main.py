@@ -235,7 +235,7 @@ def cache_gc(older_than, dry_run, as_json):
         return
     verb = "would remove" if dry_run else "removed"
     click.echo(f"{verb} {rep.blobs_removed} blobs ({_size(rep.bytes_freed)}), {rep.refs_removed} cache entries, "
-               f"{rep.temp_removed} leftovers")
+               f"{rep.logs_removed} logs, {rep.temp_removed} leftovers")
 
 
 def _age(text: str) -> float:
@@ -256,11 +256,15 @@ def _size(n: int) -> str:
 
 
 def main() -> None:
-    try:
-        cli(prog_name="snapbuild")
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    import signal
+
+    def _terminate(signum, _frame):
+        # CI cancels jobs with SIGTERM: unwind like Ctrl-C so running commands are
+        # stopped and nothing half-written is left visible.
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    cli(prog_name="snapbuild")
 
 
 if __name__ == "__main__":

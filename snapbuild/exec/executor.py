@@ -8,6 +8,7 @@ starts after a failure (running ones finish), with it the other branches go on.
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -84,37 +85,18 @@ def execute(plan: Plan, store: Store, *, jobs: int = 1, keep_going: bool = False
             _record_state(store, recipe.build_id, ps, CACHED)
 
     remaining = [n for n, ps in plan.steps.items() if ps.action == "run"]
-    running: dict[Future, str] = {}
-    first_failure: str | None = None
+    cancel = threading.Event()
     with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="step") as pool:
-        while True:
-            if first_failure is None or keep_going:
-                for name in list(remaining):
-                    deps = recipe.steps[name].deps
-                    bad = next((d for d in deps if d in statuses and statuses[d].status in (FAILED, SKIPPED)), None)
-                    ps = plan.steps[name]
-                    if bad is not None:
-                        remaining.remove(name)
-                        statuses[name] = StepResult(name, ps.kind, ps.key, SKIPPED,
-                                                    reason=f"needs {bad}, which {statuses[bad].status}")
-                        reporter.step_done(statuses[name])
-                        continue
-                    if len(running) >= jobs:
-                        continue
-                    if all(d in statuses for d in deps):
-                        remaining.remove(name)
-                        reporter.step_started(ps)
-                        running[pool.submit(_run_step, plan, ps, store, statuses)] = name
-            if not running:
-                break
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in done:
-                name = running.pop(fut)
-                res = fut.result()
-                statuses[name] = res
-                reporter.step_done(res)
-                if res.status == FAILED and first_failure is None:
-                    first_failure = name
+        running: dict[Future, str] = {}
+        try:
+            first_failure = _schedule(plan, store, pool, running, remaining, statuses, jobs,
+                                      keep_going, reporter, cancel)
+        except BaseException:
+            # Ctrl-C or SIGTERM: stop the running commands and let their threads finish
+            # recording the failure; nothing half-written becomes visible.
+            cancel.set()
+            wait(running)
+            raise
     for name in remaining:  # only after a failure without --keep-going
         ps = plan.steps[name]
         bad = next((d for d in recipe.steps[name].deps if statuses[d].status in (FAILED, SKIPPED)), None)
@@ -128,7 +110,40 @@ def execute(plan: Plan, store: Store, *, jobs: int = 1, keep_going: bool = False
     return result
 
 
-def _run_step(plan: Plan, ps: PlannedStep, store: Store, statuses: dict) -> StepResult:
+def _schedule(plan: Plan, store: Store, pool: ThreadPoolExecutor, running: dict[Future, str],
+              remaining: list[str], statuses: dict[str, StepResult], jobs: int, keep_going: bool,
+              reporter: Reporter, cancel: threading.Event) -> str | None:
+    """Start every step whose inputs are ready, until nothing is left or a failure stops
+    the build. Returns the first failed step, if any; ``remaining`` keeps what never ran."""
+    recipe = plan.recipe
+    first_failure: str | None = None
+    while True:
+        if first_failure is None or keep_going:
+            for name in list(remaining):
+                deps = recipe.steps[name].deps
+                bad = next((d for d in deps if d in statuses and statuses[d].status in (FAILED, SKIPPED)), None)
+                ps = plan.steps[name]
+                if bad is not None:
+                    remaining.remove(name)
+                    statuses[name] = StepResult(name, ps.kind, ps.key, SKIPPED,
+                                                reason=f"needs {bad}, which {statuses[bad].status}")
+                    reporter.step_done(statuses[name])
+                elif len(running) < jobs and all(d in statuses for d in deps):
+                    remaining.remove(name)
+                    reporter.step_started(ps)
+                    running[pool.submit(_run_step, plan, ps, store, statuses, cancel)] = name
+        if not running:
+            return first_failure
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for fut in done:
+            name = running.pop(fut)
+            statuses[name] = fut.result()
+            reporter.step_done(statuses[name])
+            if statuses[name].status == FAILED and first_failure is None:
+                first_failure = name
+
+
+def _run_step(plan: Plan, ps: PlannedStep, store: Store, statuses: dict, cancel: threading.Event) -> StepResult:
     recipe = plan.recipe
     step = recipe.steps[ps.name]
     with store.building(ps.key):
@@ -136,7 +151,7 @@ def _run_step(plan: Plan, ps: PlannedStep, store: Store, statuses: dict) -> Step
         ref = store.get_ref(ps.key)
         if ref is not None and store.is_complete(ref):
             _record_state(store, recipe.build_id, ps, CACHED)
-            return StepResult(ps.name, ps.kind, ps.key, CACHED, reason="built meanwhile by another build",
+            return StepResult(ps.name, ps.kind, ps.key, CACHED, reason="built meanwhile by another step or build with the same key",
                               artifact=ref.artifact)
         scratch = store.scratch(f"log-{ps.name}")
         log_path = scratch / "step.log"
@@ -146,7 +161,7 @@ def _run_step(plan: Plan, ps: PlannedStep, store: Store, statuses: dict) -> Step
                 ctx = BuildContext(name=ps.name, key=ps.key, store=store, base_dir=recipe.base_dir,
                                    log=log, log_path=log_path,
                                    inputs={d: statuses[d].artifact for d in step.deps},
-                                   pins=ps.material["pins"])
+                                   pins=ps.material["pins"], cancel=cancel)
                 try:
                     artifact = step.kind.build(step.spec, ctx)
                 except StepError as e:

@@ -10,6 +10,7 @@ pins and the keys of its inputs.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, ClassVar, Protocol
@@ -58,6 +59,8 @@ class BuildContext:
     log_path: Path
     inputs: dict[str, str] = field(default_factory=dict)  # step name -> artifact digest
     pins: dict = field(default_factory=dict)
+    #: Set when the build is interrupted: long-running kinds poll it and stop early.
+    cancel: threading.Event = field(default_factory=threading.Event)
 
     def materialize_input(self, name: str, dest: Path) -> None:
         from ..store.tree import load_tree, materialize

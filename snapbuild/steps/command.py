@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections import deque
 from pathlib import Path
 from typing import ClassVar
@@ -36,6 +37,7 @@ from ..store.tree import build_tree, walk
 from .base import BuildContext, PinContext, StepSpec
 
 LOG_TAIL_LINES = 20
+POLL_S = 0.05  # how quickly a timeout or an interrupt stops the command
 
 
 class CommandSpec(StepSpec):
@@ -111,12 +113,21 @@ class CommandStep:
         proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", spec.run], cwd=work, env=env,
                                 stdin=subprocess.DEVNULL, stdout=ctx.log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+        deadline = time.monotonic() + spec.timeout if spec.timeout else None
         try:
-            rc = proc.wait(timeout=spec.timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            raise StepError(f"command timed out after {spec.timeout:g} s", log_tail=tail(ctx.log_path),
-                            hint="raise `timeout:` or make the command faster") from None
+            while True:
+                try:
+                    rc = proc.wait(timeout=POLL_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if ctx.cancel.is_set():
+                    _kill_group(proc)
+                    raise StepError("interrupted", log_tail=tail(ctx.log_path))
+                if deadline is not None and time.monotonic() > deadline:
+                    _kill_group(proc)
+                    raise StepError(f"command timed out after {spec.timeout:g} s", log_tail=tail(ctx.log_path),
+                                    hint="raise `timeout:` or make the command faster")
         except BaseException:
             _kill_group(proc)
             raise
@@ -142,6 +153,8 @@ class CommandStep:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
+    # The command runs in its own session (so a timeout kills everything it started);
+    # kill that whole group, not just bash.
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:

@@ -67,6 +67,7 @@ class GcReport:
     blobs_removed: int = 0
     bytes_freed: int = 0
     refs_removed: int = 0
+    logs_removed: int = 0
     temp_removed: int = 0
 
 
@@ -232,6 +233,14 @@ class Store:
                     report.bytes_freed += self.blobs.size(digest)
                     if not dry_run:
                         self.blobs.remove(digest)
+            keep_logs = {key for key, _, _ in self.refs()} | self._state_keys()
+            logs = self.home / "logs"
+            if logs.is_dir():
+                for p in logs.glob("*.log"):
+                    if p.stem not in keep_logs:
+                        report.logs_removed += 1
+                        if not dry_run:
+                            p.unlink(missing_ok=True)
             # Nothing else runs under the exclusive lock, so every temp file is stale.
             for sub in ("tmp", "work"):
                 d = self.home / sub
@@ -241,6 +250,15 @@ class Store:
                         if not dry_run:
                             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         return report
+
+    def _state_keys(self) -> set[str]:
+        """Keys whose logs `snapbuild logs` may still show (last attempts, last builds)."""
+        keys = set()
+        for p in (self.home / "state").glob("*/*.json"):
+            with contextlib.suppress(OSError, ValueError):
+                data = read_json(p)
+                keys.update(k for k in (data.get("key"), data.get("last_key")) if k)
+        return keys
 
     def _pinned(self) -> set[str]:
         """Blobs kept alive by something other than step refs (assembled snapshots)."""

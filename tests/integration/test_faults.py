@@ -118,3 +118,25 @@ def test_two_builds_on_one_store_build_each_step_once(recipe, tmp_path):
     statuses = sorted(s["status"] for o in outs for s in o["steps"])
     assert statuses.count("built") == 3 and statuses.count("cached") == 3
     assert Store(home).verify().ok
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_stops_running_commands(recipe, tmp_path, sig):
+    marker = tmp_path / "still-running"
+    path = recipe(f"""
+        name: slow
+        steps:
+          a: {{kind: command, run: "sleep 2; touch {marker}"}}
+          b: {{kind: command, run: "sleep 2; touch {marker}"}}
+    """)
+    proc = subprocess.Popen([SNAPBUILD, "build", str(path), "--progress", "plain"], stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "SNAPBUILD_HOME": str(tmp_path / "home")})
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    time.sleep(2.5)
+    assert not marker.exists(), "the commands of an interrupted build must be stopped"
+    assert Store(tmp_path / "home").verify().ok

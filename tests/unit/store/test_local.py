@@ -77,3 +77,15 @@ def test_du_counts(recipe, store):
     assert info["steps"] == 2 and info["artifact_bytes"] == 400_000
     assert info["stored_bytes"] >= 200_000  # random data is stored raw, b copies a: dedup
     assert info["stored_bytes"] < 300_000
+
+
+def test_gc_keeps_logs_that_logs_can_still_show(recipe, store):
+    path = recipe(RECIPE.replace('run: "cp', 'run: "exit 1; cp'))
+    [res] = build(path, store=store)
+    assert res.steps["b"].status == "failed"
+    orphan = store.log_path("0" * 64)
+    orphan.write_text("from a forgotten build")
+    report = store.gc()
+    assert report.logs_removed == 1 and not orphan.exists()
+    assert store.log_path(res.steps["b"].key).exists(), "the failed attempt's log stays"
+    assert store.log_path(res.steps["a"].key).exists()
