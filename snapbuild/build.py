@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from .exec import BuildResult, execute
@@ -38,11 +39,14 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
     try:
         with store.using():
             for recipe in recipes:
+                t0 = time.monotonic()
                 p = make_plan(recipe, store)
                 reporter.plan(p)
                 result = execute(p, store, jobs=jobs, keep_going=keep_going, reporter=reporter)
                 if result.ok:
                     _publish(recipe, result, store, tag or recipe.tag, registry)
+                # The whole build (planning and publishing too), not just running steps.
+                result.duration_s = time.monotonic() - t0
                 results.append(result)
                 if not result.ok and not keep_going:
                     break

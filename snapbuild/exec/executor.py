@@ -201,6 +201,7 @@ def _record_state(store: Store, build_id: str, ps: PlannedStep, status: str) -> 
     new = dict(state)
     if status != FAILED:
         new.update(key=ps.key, material=ps.material)
-    new.update(last_key=ps.key, last_status=status)
+    if not (status == CACHED and state.get("last_key") == ps.key):  # same key: same log
+        new.update(last_key=ps.key, last_status=status)
     if new != state:
         store.put_state(build_id, ps.name, new)

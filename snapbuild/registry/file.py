@@ -64,6 +64,9 @@ class FileRegistry:
             size = source.size(manifest_digest)
             with flock(repo / ".index.lock"):
                 index = self._index(ref.name)
+                if any(m["digest"] == manifest_digest and m.get("annotations", {}).get(REF_NAME) == ref.tag
+                       for m in index["manifests"]):
+                    return  # already tagged: a no-op rebuild writes nothing
                 manifests = [m for m in index["manifests"]
                              if m.get("annotations", {}).get(REF_NAME) != ref.tag]
                 manifests.append({"mediaType": MANIFEST_MEDIA_TYPE, "digest": manifest_digest,

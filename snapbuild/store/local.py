@@ -274,7 +274,10 @@ class Store:
 
     def pin_snapshot(self, manifest_digest: str, blobs: list[str]) -> None:
         hexpart = manifest_digest.split(":", 1)[1]
-        atomic_write_json(self.home / "refs" / "snapshots" / f"{hexpart}.json",
+        path = self.home / "refs" / "snapshots" / f"{hexpart}.json"
+        if path.exists():  # a manifest's blob list never changes
+            return
+        atomic_write_json(path,
                           {"manifest": manifest_digest, "blobs": sorted(set(blobs))},
                           tmp_dir=self.home / "tmp")
 

@@ -277,7 +277,8 @@ def render(res: dict) -> str:
     for label, med, lo, hi, inner in rows:
         extra = f"{inner:8.3f}" if inner is not None else f"{'':8}"
         lines.append(f"  {label.ljust(w)}  {med:8.3f}  {lo:8.3f}  {hi:8.3f}  {extra}")
-    lines.append("  (seconds; *in-CLI = the duration the build command reports itself, median)")
+    lines.append("  (seconds; *in-CLI = the duration `build` reports itself, median: step execution only,\n"
+                 "   without start-up, recipe loading, planning or publishing)")
     lines.append("")
     ratio = res["ratio_full_over_noop"]
     lines.append(f"  full build / no-op rebuild: {ratio:.1f}x" if ratio else "  full build / no-op rebuild: n/a")
