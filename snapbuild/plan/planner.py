@@ -57,6 +57,8 @@ def make_plan(recipe: Recipe, store: Store) -> Plan:
         try:
             pins = step.kind.pins(step.spec, ctx)
         except StepError as e:
+            if recipe.source is not None:  # point at the step in the recipe, like any recipe error
+                raise recipe.source.error(("steps", name), e.message, key=True, hint=e.hint) from None
             raise PlanError(f"step {name!r}: {e.message}", hint=e.hint) from None
         material = key_material(step.kind, step.spec, pins, {d: planned[d].key for d in step.deps})
         key = key_of(material)

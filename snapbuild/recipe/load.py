@@ -114,6 +114,9 @@ def _one(path: Path, src: Located, header: _Header, combo: dict, sets: dict) -> 
         if "kind" not in body:
             raise src.error(where, "the step has no `kind:`", hint=f"known kinds: {', '.join(kind_names())}")
         kind_name = body["kind"]
+        if not isinstance(kind_name, str):
+            raise src.error(where + ("kind",), f"`kind:` must be a name, not a {type(kind_name).__name__}",
+                            hint=f"known kinds: {', '.join(kind_names())}")
         try:
             kind = get_kind(kind_name)
         except (KeyError, TypeError):

@@ -233,3 +233,19 @@ def test_parse_sets_rejects_malformed():
     with pytest.raises(RecipeError):
         parse_sets(["novalue"])
     assert parse_sets(["a=1", "b=x y", "c="]) == {"a": 1, "b": "x y", "c": ""}
+
+
+def test_kind_must_be_a_name(recipe):
+    e = load_error(recipe("name: demo\nsteps:\n  s: {kind: [files]}\n"))
+    assert "must be a name, not a list" in e.message and e.key_path == ("steps", "s", "kind")
+
+
+def test_unresolvable_pins_point_at_the_step(recipe, store):
+    from snapbuild.build import plan
+
+    path = recipe("name: demo\nsteps:\n  src: {kind: files, root: nowhere}\n")
+    with pytest.raises(RecipeError) as info:
+        plan(path, store=store)
+    e = info.value
+    assert e.line == 3 and e.key_path == ("steps", "src") and "is not a folder" in e.message
+    assert "relative to the recipe's folder" in e.hint
