@@ -9,7 +9,8 @@ from .exec import BuildResult, execute
 from .exec.report import NullReporter, Reporter
 from .plan import Plan, make_plan
 from .recipe import Recipe, load_recipe
-from .registry import default_registry_url, open_registry, parse_ref
+from .errors import UsageError
+from .registry import default_registry_url, open_registry, snapshot_ref
 from .store import Store
 from .store.snapshot import assemble
 
@@ -30,9 +31,9 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
     store = store or Store()
     reporter = reporter or NullReporter()
     recipes = load_recipe(recipe_path, sets)
+    if tag:
+        snapshot_ref(tag, recipes[0].name)  # a bad tag fails now, not after the build
     if tag and len(recipes) > 1:
-        from .errors import UsageError
-
         raise UsageError(f"--tag names one snapshot but the recipe's matrix makes {len(recipes)}",
                          hint="set `publish: {tag: ...}` with a matrix variable in the recipe instead")
     results = []
@@ -59,10 +60,10 @@ def _publish(recipe: Recipe, result: BuildResult, store: Store, tag: str | None,
     steps = [{"name": r.name, "kind": r.kind, "key": r.key, "artifact": r.artifact} for r in result.steps.values()]
     outputs = {n: result.steps[n].artifact for n in recipe.publish_steps}
     digest, blobs = assemble(store.blobs, name=recipe.name, variant=recipe.variant, steps=steps, outputs=outputs)
-    store.pin_snapshot(digest, blobs)
+    store.pin_snapshot(recipe.build_id, digest, blobs)
     result.snapshot = digest
     if tag:
-        ref = parse_ref(tag if ":" in tag.rsplit("/", 1)[-1] else f"{recipe.name}:{tag}")
+        ref = snapshot_ref(tag, recipe.name)
         reg = open_registry(registry or default_registry_url(store.home))
         reg.push(ref, digest, blobs, store.blobs)
         result.tag = str(ref)

@@ -76,7 +76,10 @@ def plan(recipe, sets, as_json):
 def build(recipe, sets, tag, registry, jobs, keep_going, progress, as_json):
     """Build a recipe: run what is not cached, then assemble and publish the snapshot.
 
-    Exit status: 0 built, 3 recipe error, 4 a step failed.
+    \b
+    Exit status:
+      0 built        2 bad option     3 recipe error   4 a step failed
+      5 corrupt data 6 not found      7 registry error 130 interrupted
     """
     from ..build import build as run_build
     from ..errors import BuildFailed

@@ -75,6 +75,8 @@ class PlainReporter(NullReporter):
         if result.status == "failed" and result.log_tail:
             for line in result.log_tail.rstrip("\n").splitlines():
                 self.stream.write(f"    | {line}\n")
+        if result.status == "failed" and result.hint:
+            self.stream.write(f"    tip: {result.hint}\n")
 
 
 class RichReporter(NullReporter):
@@ -109,6 +111,8 @@ class RichReporter(NullReporter):
         self.console.print(_describe(result), style=style, markup=False, highlight=False)
         if result.status == "failed" and result.log_tail:
             self.console.print(result.log_tail.rstrip("\n"), style="dim", markup=False, highlight=False)
+        if result.status == "failed" and result.hint:
+            self.console.print(f"tip: {result.hint}", style="cyan", markup=False, highlight=False)
         self.progress.advance(self.task)
         self._describe_running()
 

@@ -15,7 +15,8 @@ import networkx as nx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import RecipeError
+from ..errors import RecipeError, SnapbuildError, UsageError
+from ..registry.ref import snapshot_ref
 from ..steps import get_kind, kind_names
 from ..steps.base import STEP_NAME_PATTERN
 from .model import Recipe, Step
@@ -37,7 +38,7 @@ class _Header(BaseModel):
     description: str | None = None
     vars: dict[str, object] = Field(default_factory=dict)
     matrix: dict[str, list[object]] = Field(default_factory=dict)
-    steps: dict[str, dict]
+    steps: dict[str, object]  # each step is checked against its kind below
     publish: _Publish | None = None
 
 
@@ -48,7 +49,8 @@ def parse_sets(pairs: list[str] | tuple[str, ...]) -> dict:
         key, sep, raw = pair.partition("=")
         key = key.strip()
         if not sep or not key.isidentifier():
-            raise RecipeError(f"--set {pair!r}: expected NAME=VALUE with NAME a plain identifier")
+            raise UsageError(f"--set {pair!r}: expected NAME=VALUE with NAME a plain identifier",
+                             hint="for example: --set port=8000")
         try:
             out[key] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
@@ -154,6 +156,11 @@ def _one(path: Path, src: Located, header: _Header, combo: dict, sets: dict) -> 
 
     publish = header.publish or _Publish()
     tag = render_value(publish.tag, ctx, src, ("publish", "tag")) if publish.tag else None
+    if tag:
+        try:
+            snapshot_ref(tag, header.name)
+        except SnapbuildError as e:
+            raise src.error(("publish", "tag"), e.message, hint=e.hint) from None
     publish_steps = publish.steps or sorted(n for n in steps if graph.out_degree(n) == 0)
     for i, n in enumerate(publish_steps):
         if n not in steps:
@@ -186,11 +193,15 @@ def _pydantic_error(e: ValidationError, model, data, src: Located, where: tuple)
     if etype == "missing":
         return src.error(path[:-1], f"missing required key {loc[-1]!r}")
     got = err.get("input")
-    got_s = f" (got {type(got).__name__} {got!r})" if not isinstance(got, (dict, list)) else f" (got a {type(got).__name__})"
+    msg = err["msg"].removeprefix("Value error, ")
+    if etype == "value_error" or isinstance(got, (dict, list)):
+        got_s = ""
+    else:
+        got_s = f" (got {'nothing' if got is None else f'{type(got).__name__} {got!r}'})"
     if etype == "string_pattern_mismatch" and path == ("name",):
         return src.error(path, f"recipe name {got!r} is not allowed",
                          hint="use lower-case letters, digits, '.', '_' and '-' (it becomes part of tags and paths)")
-    return src.error(path, f"{err['msg']}{got_s}")
+    return src.error(path, f"{msg}{got_s}")
 
 
 def _fields_at(model, loc: tuple) -> list[str]:

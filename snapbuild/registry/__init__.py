@@ -9,7 +9,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import UsageError
-from .ref import Ref, parse_ref
+from .ref import Ref, parse_ref, snapshot_ref
 
 
 def default_registry_url(home: Path) -> str:
@@ -28,4 +28,4 @@ def open_registry(url: str):
                      hint="use file:///absolute/path")
 
 
-__all__ = ["Ref", "default_registry_url", "open_registry", "parse_ref"]
+__all__ = ["Ref", "default_registry_url", "open_registry", "parse_ref", "snapshot_ref"]

@@ -115,8 +115,10 @@ class FileRegistry:
         try:
             return self._blobs(name).get(digest)
         except IntegrityError as e:
+            # Publishing skips blobs the registry already has, so the bad copy must go first.
             raise IntegrityError(f"registry {self.url}: {e.message}",
-                                 hint="push the snapshot again to repair the registry") from None
+                                 hint=f"delete it (rm {self.blob_path(name, digest)}) and publish the "
+                                      "snapshot again: snapbuild build RECIPE --tag ...") from None
 
     def blob_path(self, name: str, digest: str) -> Path:
         return self._blobs(name).path(digest)

@@ -21,6 +21,12 @@ class Ref:
         return f"{self.name}@{self.digest}" if self.digest else f"{self.name}:{self.tag}"
 
 
+def snapshot_ref(tag: str, default_name: str) -> Ref:
+    """A publish tag as written in a recipe or ``--tag``: ``NAME:TAG``, or a bare ``TAG``
+    that applies to ``default_name``."""
+    return parse_ref(tag if ":" in tag.rsplit("/", 1)[-1] else f"{default_name}:{tag}")
+
+
 def parse_ref(text: str) -> Ref:
     """Parse ``name``, ``name:tag`` or ``name@sha256:...`` (the tag defaults to ``latest``)."""
     name, at, digest = text.partition("@")

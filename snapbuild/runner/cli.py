@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> None:
                       f"{result['bytes_fetched']} bytes in {t['total_s']:.2f}s")
                 for step, path in result["outputs"].items():
                     print(f"  {step} -> {path}")
+    except KeyboardInterrupt:
+        print("ERROR interrupted", file=sys.stderr)
+        sys.exit(130)
     except SnapbuildError as e:
         if getattr(args, "json", False):
             print(json.dumps({"error": {"type": type(e).__name__, "message": e.message, "hint": e.hint,

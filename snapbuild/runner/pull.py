@@ -20,8 +20,13 @@ def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
          store: Store | None = None, jobs: int = 4) -> dict:
     """Fetch the blobs of snapshot ``text`` that the node lacks (verified), and, with
     ``dest``, write each output to ``dest/<step>/``. Returns what happened, with timings."""
-    t0 = time.monotonic()
     store = store or Store()
+    with store.using():  # keeps `cache gc` from running under a pull
+        return _pull(text, registry, dest, store, jobs)
+
+
+def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs: int) -> dict:
+    t0 = time.monotonic()
     reg = open_registry(registry or default_registry_url(store.home))
     ref = parse_ref(text)
     digest = reg.resolve(ref)
@@ -40,6 +45,8 @@ def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         fetched = sum(pool.map(fetch, missing))
     store.blobs.put(manifest_bytes)
+    # The node keeps the last pull of each name until a newer one replaces it.
+    store.pin_snapshot(f"pulled:{ref.name}", digest, referenced_blobs(manifest))
     config = load_config(store.blobs, manifest)
     t_fetch = time.monotonic()
 

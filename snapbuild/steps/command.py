@@ -15,8 +15,10 @@ compile:
 
 The command runs under ``bash -euo pipefail -c`` with a small, fixed environment:
 ``PATH``, ``HOME`` (the work folder), ``LANG``, ``TMPDIR``, ``SNAPBUILD_INPUTS``,
-``SNAPBUILD_STEP``, the spec's ``env`` and the names in ``pass_env``. A build that
-reads nothing but its inputs and spec is then reproducible and safely cached.
+the spec's ``env`` and the names in ``pass_env``. A build that reads nothing but its
+inputs and spec is then reproducible and safely cached. (The step's name is
+deliberately not given: it is not part of the key, so two steps that do the same
+work share one cache entry.)
 """
 
 from __future__ import annotations
@@ -99,7 +101,6 @@ class CommandStep:
             "LANG": "C.UTF-8",
             "TMPDIR": str(tmp),
             "SNAPBUILD_INPUTS": str(inputs),
-            "SNAPBUILD_STEP": ctx.name,
         }
         missing = [n for n in spec.pass_env if n not in os.environ]
         if missing:

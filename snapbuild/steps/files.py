@@ -94,5 +94,18 @@ class FilesStep:
     def build(self, spec: FilesSpec, ctx: BuildContext) -> str:
         _, items = select(spec, ctx.base_dir)
         ctx.log.write(f"storing {len(items)} files\n")
-        digest, _ = build_tree(ctx.store.blobs, items)
+        digest, tree = build_tree(ctx.store.blobs, items)
+        # The key was computed from the files at planning time; if they changed since,
+        # storing them under that key would poison the cache.
+        stored = {}
+        for e in tree["entries"]:
+            if e["type"] == "file":
+                stored[e["path"]] = f"{e['mode']:o}:{e['digest']}"
+            elif e["type"] == "symlink":
+                stored[e["path"]] = "symlink:" + e["target"]
+        pinned = ctx.pins.get("files", {})
+        changed = sorted(p for p in set(stored) | set(pinned) if stored.get(p) != pinned.get(p))
+        if changed:
+            raise StepError(f"files changed while the build was running: {', '.join(changed[:5])}",
+                            hint="run the build again once the files stop changing")
         return digest

@@ -16,6 +16,7 @@ same chunks, and a snapshot that changes one file re-stores only that file's chu
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from pathlib import Path
@@ -68,11 +69,14 @@ def put_chunk(blobs: BlobStore, data: bytes) -> dict:
     return {"enc": "raw", "digest": blobs.put(data), "size": size}
 
 
-def put_stream(blobs: BlobStore, f: BinaryIO, chunk_size: int = CHUNK_SIZE) -> list[dict]:
+def put_stream(blobs: BlobStore, f: BinaryIO, chunk_size: int = CHUNK_SIZE) -> tuple[list[dict], str]:
+    """Store a file's chunks; returns them and the sha256 of the whole content."""
     chunks = []
+    h = hashlib.sha256()
     while data := f.read(chunk_size):
+        h.update(data)
         chunks.append(put_chunk(blobs, data))
-    return chunks
+    return chunks, "sha256:" + h.hexdigest()
 
 
 def get_chunk(blobs: BlobStore, ref: dict) -> bytes:

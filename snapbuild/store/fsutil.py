@@ -17,6 +17,15 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once at import, before any thread could race on it
+
+
 def canonical_json(obj) -> bytes:
     """The one JSON encoding used for digests: sorted keys, no whitespace, UTF-8."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
@@ -35,6 +44,8 @@ def temp_file(dirpath: Path, prefix: str = "tmp-") -> Iterator[tuple[int, Path]]
     """A unique temporary file in ``dirpath``; removed on exit unless renamed away."""
     dirpath.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=dirpath, prefix=prefix)
+    # mkstemp makes files 0600; published data should be as readable as any new file.
+    os.fchmod(fd, 0o666 & ~_UMASK)
     path = Path(name)
     try:
         yield fd, path

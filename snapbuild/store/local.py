@@ -3,6 +3,7 @@
     $SNAPBUILD_HOME/
       blobs/sha256/<hex>        content-addressed chunks, trees, configs, manifests
       refs/steps/<key>.json     step key -> {"artifact": tree digest, ...}
+      refs/snapshots/<name>.json the last snapshot of each build (or pull), kept by gc
       state/<build>/<step>.json what each step was last built from (for `plan`'s "why")
       logs/<key>.log            the log of the build that produced a step key
       locks/                    flock files: store.lock (shared by builds, exclusive for gc)
@@ -19,6 +20,7 @@ A killed build leaves, at worst, unreferenced blobs and temp files; ``gc`` remov
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import time
@@ -170,11 +172,14 @@ class Store:
         return Path(tempfile.mkdtemp(prefix=f"{_safe(prefix)}-", dir=base))
 
     # -- maintenance -------------------------------------------------------------------
-    def referenced(self) -> tuple[set[str], list[tuple[str, str]]]:
-        """Blobs reachable from step refs, and refs whose data is missing or corrupt."""
+    def referenced(self, skip: frozenset[str] = frozenset()) -> tuple[set[str], list[tuple[str, str]]]:
+        """Blobs reachable from step refs (but those in ``skip``), and refs whose data is
+        missing or corrupt."""
         live: set[str] = set()
         broken: list[tuple[str, str]] = []
         for key, data, _ in self.refs():
+            if key in skip:
+                continue
             art = data.get("artifact")
             if not art:
                 broken.append((key, "ref file is unreadable"))
@@ -218,22 +223,27 @@ class Store:
         forget step refs not used for that long. Waits for running builds to finish."""
         report = GcReport()
         with flock(self.home / "locks" / "store.lock"):
+            forgotten: set[str] = set()
+            stale_pins: set[Path] = set()
             if older_than_s is not None:
                 cutoff = time.time() - older_than_s
-                for key, _, mtime in list(self.refs()):
-                    if mtime < cutoff:
-                        report.refs_removed += 1
-                        if not dry_run:
-                            self._ref_path(key).unlink(missing_ok=True)
-            live, _ = self.referenced()
-            live |= self._pinned()
+                forgotten = {key for key, _, mtime in self.refs() if mtime < cutoff}
+                stale_pins = {p for p in self._pin_files() if p.stat().st_mtime < cutoff}
+                report.refs_removed = len(forgotten)
+                if not dry_run:
+                    for key in forgotten:
+                        self._ref_path(key).unlink(missing_ok=True)
+                    for p in stale_pins:
+                        p.unlink(missing_ok=True)
+            live, _ = self.referenced(skip=frozenset(forgotten))
+            live |= self._pinned(skip=stale_pins)
             for digest in list(self.blobs.digests()):
                 if digest not in live:
                     report.blobs_removed += 1
                     report.bytes_freed += self.blobs.size(digest)
                     if not dry_run:
                         self.blobs.remove(digest)
-            keep_logs = {key for key, _, _ in self.refs()} | self._state_keys()
+            keep_logs = ({key for key, _, _ in self.refs()} - forgotten) | self._state_keys()
             logs = self.home / "logs"
             if logs.is_dir():
                 for p in logs.glob("*.log"):
@@ -241,8 +251,9 @@ class Store:
                         report.logs_removed += 1
                         if not dry_run:
                             p.unlink(missing_ok=True)
-            # Nothing else runs under the exclusive lock, so every temp file is stale.
-            for sub in ("tmp", "work"):
+            # Nothing else runs under the exclusive lock, so every temp file and step
+            # lock file is stale.
+            for sub in ("tmp", "work", "locks/steps"):
                 d = self.home / sub
                 if d.is_dir():
                     for p in d.iterdir():
@@ -260,26 +271,32 @@ class Store:
                 keys.update(k for k in (data.get("key"), data.get("last_key")) if k)
         return keys
 
-    def _pinned(self) -> set[str]:
-        """Blobs kept alive by something other than step refs (assembled snapshots)."""
-        pins = set()
+    def _pin_files(self) -> list[Path]:
         d = self.home / "refs" / "snapshots"
-        if d.is_dir():
-            for p in d.glob("*.json"):
-                with contextlib.suppress(OSError, ValueError):
-                    data = read_json(p)
-                    pins.add(data["manifest"])
-                    pins.update(data.get("blobs", []))
+        return sorted(d.glob("*.json")) if d.is_dir() else []
+
+    def _pinned(self, skip: set[Path] = frozenset()) -> set[str]:
+        """Blobs kept alive by snapshot pins (the last snapshot of each build or pull)."""
+        pins = set()
+        for p in self._pin_files():
+            if p in skip:
+                continue
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                data = read_json(p)
+                pins.add(data["manifest"])
+                pins.update(data.get("blobs", []))
         return pins
 
-    def pin_snapshot(self, manifest_digest: str, blobs: list[str]) -> None:
-        hexpart = manifest_digest.split(":", 1)[1]
-        path = self.home / "refs" / "snapshots" / f"{hexpart}.json"
-        if path.exists():  # a manifest's blob list never changes
-            return
-        atomic_write_json(path,
-                          {"manifest": manifest_digest, "blobs": sorted(set(blobs))},
-                          tmp_dir=self.home / "tmp")
+    def pin_snapshot(self, name: str, manifest_digest: str, blobs: list[str]) -> None:
+        """Keep ``name``'s latest snapshot (and so its blobs) from gc; an older snapshot
+        of the same name is let go. Written only when it changes."""
+        path = self.home / "refs" / "snapshots" / f"{_safe(name)}.json"
+        data = {"name": name, "manifest": manifest_digest, "blobs": sorted(set(blobs))}
+        with contextlib.suppress(OSError, ValueError):
+            if read_json(path) == data:
+                os.utime(path)  # still in use: `gc --older-than` keeps it
+                return
+        atomic_write_json(path, data, tmp_dir=self.home / "tmp")
 
     def du(self) -> dict:
         n = total = 0
@@ -295,6 +312,8 @@ class Store:
 
 
 def _safe(name: str) -> str:
-    """A name made safe for one path component."""
-    out = "".join(c if c.isalnum() or c in "-_.=," else "_" for c in name)
-    return out.strip(".") or "_"
+    """A name made safe for one path component, distinct for distinct names."""
+    out = "".join(c if c.isalnum() or c in "-_.=," else "_" for c in name).strip(".")
+    if out != name:  # `org/model` and `org_model` must not share a folder
+        out = f"{out or '_'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return out

@@ -5,9 +5,11 @@ A tree is what a step produces and what a snapshot ships::
     {"mediaType": "application/vnd.snapbuild.tree.v1+json",
      "entries": [
         {"path": "bin", "type": "dir", "mode": 493},
-        {"path": "bin/run.sh", "type": "file", "mode": 493, "size": 120, "chunks": [...]},
+        {"path": "bin/run.sh", "type": "file", "mode": 493, "size": 120,
+         "digest": "sha256:...", "chunks": [...]},
         {"path": "current", "type": "symlink", "target": "bin"}]}
 
+A file's ``digest`` is the sha256 of its whole content (its chunks name stored bytes).
 Entries are sorted by path and the blob is canonical JSON, so the same content always
 gives the same tree digest. Times and owners are deliberately not recorded: they would
 make identical outputs differ.
@@ -65,8 +67,8 @@ def build_tree(blobs: BlobStore, items: Iterable[tuple[str, Path]]) -> tuple[str
             entries[rel] = {"path": rel, "type": "dir", "mode": mode}
         elif stat.S_ISREG(st.st_mode):
             with open(src, "rb") as f:
-                chunks = put_stream(blobs, f)
-            entries[rel] = {"path": rel, "type": "file", "mode": mode,
+                chunks, digest = put_stream(blobs, f)
+            entries[rel] = {"path": rel, "type": "file", "mode": mode, "digest": digest,
                             "size": sum(c["size"] for c in chunks), "chunks": chunks}
         # sockets, fifos and devices have no place in an artifact: skipped
     tree = {"mediaType": MEDIA_TYPE, "entries": [entries[k] for k in sorted(entries)]}

@@ -102,7 +102,7 @@ def test_inputs_are_readable_and_env_is_fixed(recipe, store, project, monkeypatc
             env: {GREETING: hi}
             run: |
               cat "$SNAPBUILD_INPUTS/src/data.txt" > out.txt
-              echo "$GREETING ${LEAKY:-unset} $SNAPBUILD_STEP" >> out.txt
+              echo "$GREETING ${LEAKY:-unset} ${SNAPBUILD_STEP:-noname}" >> out.txt
             outputs: [out.txt]
     """)
     [res] = build(path, store=store)
@@ -111,7 +111,7 @@ def test_inputs_are_readable_and_env_is_fixed(recipe, store, project, monkeypatc
 
     out = project / "got"
     materialize(store.blobs, load_tree(store.blobs, res.steps["use"].artifact), out)
-    assert (out / "out.txt").read_text() == "payloadhi unset use\n"
+    assert (out / "out.txt").read_text() == "payloadhi unset noname\n"
 
 
 def test_plain_reporter_lines(recipe, store, tmp_path):
@@ -122,3 +122,24 @@ def test_plain_reporter_lines(recipe, store, tmp_path):
     text = buf.getvalue()
     assert "build fail: 5 steps, 5 to run, 0 cached" in text
     assert "failed  bad" in text and "    | about to fail" in text
+
+
+def test_steps_doing_the_same_work_share_one_entry(recipe, store):
+    path = recipe("""
+        name: d
+        steps:
+          first: {kind: command, run: "echo same > out", outputs: [out]}
+          second: {kind: command, run: "echo same > out", outputs: [out]}
+    """)
+    [res] = build(path, store=store, jobs=2)
+    assert res.ok and res.steps["first"].key == res.steps["second"].key
+    assert res.steps["first"].artifact == res.steps["second"].artifact
+
+
+def test_step_hint_reaches_the_plain_output(recipe, store):
+    import io
+
+    buf = io.StringIO()
+    build(recipe("name: d\nsteps:\n  s: {kind: command, run: 'true', pass_env: [NOT_SET_ANYWHERE]}\n"),
+          store=store, reporter=PlainReporter(buf))
+    assert "tip: export them before running snapbuild" in buf.getvalue()

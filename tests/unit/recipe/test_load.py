@@ -230,8 +230,11 @@ def test_publish_steps_must_exist(recipe):
 
 
 def test_parse_sets_rejects_malformed():
-    with pytest.raises(RecipeError):
-        parse_sets(["novalue"])
+    from snapbuild.errors import UsageError
+
+    for bad in (["novalue"], ["1x=2"]):
+        with pytest.raises(UsageError):
+            parse_sets(bad)
     assert parse_sets(["a=1", "b=x y", "c="]) == {"a": 1, "b": "x y", "c": ""}
 
 
@@ -249,3 +252,15 @@ def test_unresolvable_pins_point_at_the_step(recipe, store):
     e = info.value
     assert e.line == 3 and e.key_path == ("steps", "src") and "is not a folder" in e.message
     assert "relative to the recipe's folder" in e.hint
+
+
+def test_bad_publish_tag_is_found_before_any_build(recipe):
+    e = load_error(recipe("name: demo\nvars: {v: ''}\nsteps:\n  s: {kind: command, run: a}\npublish: {tag: 'demo:{{ v }}'}\n"))
+    assert e.key_path == ("publish", "tag") and e.line == 5 and "tag '' in 'demo:' is not valid" in e.message
+
+
+def test_friendly_messages_for_empty_step_and_bad_output(recipe):
+    e = load_error(recipe("name: demo\nsteps:\n  s:\n"))
+    assert "a step must be a mapping" in e.message and e.line == 3
+    e = load_error(recipe("name: demo\nsteps:\n  s: {kind: command, run: a, outputs: [../x]}\n"))
+    assert e.message == "output '../x' must be a path inside the work folder"

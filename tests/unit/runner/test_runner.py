@@ -63,3 +63,25 @@ def test_pull_refuses_a_corrupt_registry_blob(recipe, store, tmp_path):
         pull("demo:v", registry=f"file://{store.home / 'registry'}", dest=tmp_path / "out",
              store=Store(tmp_path / "node"))
     assert not (tmp_path / "out" / "a" / "n.txt").exists()
+
+
+def test_corrupt_registry_blob_hint_names_the_file(recipe, store, tmp_path):
+    path = recipe("""
+        name: demo
+        steps:
+          a: {kind: command, run: "seq 100000 > n.txt", outputs: [n.txt]}
+        publish: {tag: "demo:v"}
+    """)
+    build(path, store=store)
+    reg = store.home / "registry" / "demo" / "blobs" / "sha256"
+    victim = max(reg.iterdir(), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[5] ^= 1
+    victim.unlink()
+    victim.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError) as info:
+        pull("demo:v", registry=f"file://{store.home / 'registry'}", store=Store(tmp_path / "node"))
+    assert f"rm {victim}" in info.value.hint
+    victim.unlink()  # as the hint says; then publishing again repairs the registry
+    build(path, store=store)
+    assert pull("demo:v", registry=f"file://{store.home / 'registry'}", store=Store(tmp_path / "node"))

@@ -89,3 +89,37 @@ def test_gc_keeps_logs_that_logs_can_still_show(recipe, store):
     assert report.logs_removed == 1 and not orphan.exists()
     assert store.log_path(res.steps["b"].key).exists(), "the failed attempt's log stays"
     assert store.log_path(res.steps["a"].key).exists()
+
+
+def test_gc_dry_run_predicts_the_real_run(recipe, store):
+    [res] = build(recipe(RECIPE), store=store)
+    old = time.time() - 10 * 86400
+    for p in [*(store.home / "refs" / "steps").iterdir(), *(store.home / "refs" / "snapshots").iterdir()]:
+        os.utime(p, (old, old))
+    dry = store.gc(older_than_s=86400, dry_run=True)
+    real = store.gc(older_than_s=86400)
+    assert dry.blobs_removed == real.blobs_removed > 0
+    assert dry.bytes_freed == real.bytes_freed and dry.logs_removed == real.logs_removed
+
+
+def test_only_the_latest_snapshot_of_a_build_is_pinned(recipe, store):
+    path = recipe(RECIPE.replace("name: demo", "name: demo\nvars: {n: 1}").replace(
+        'run: "cp', 'run: "echo {{ n }} > n; cp').replace("outputs: [b.bin]", "outputs: [b.bin, n]"))
+    [first] = build(path, store=store)
+    [second] = build(path, store=store, sets={"n": 2})
+    assert first.snapshot != second.snapshot
+    store.gc()
+    assert store.blobs.has(second.snapshot) and not store.blobs.has(first.snapshot)
+
+
+def test_published_files_are_readable_by_others(recipe, store):
+    [res] = build(recipe(RECIPE), store=store, tag="demo:v")
+    index = store.home / "registry" / "demo" / "index.json"
+    for p in (store.blobs.path(res.snapshot), index):
+        assert p.stat().st_mode & 0o044 == 0o044, f"{p} should be group/other readable"
+
+
+def test_state_names_do_not_collide(store):
+    store.put_state("m[model=org/x]", "s", {"v": 1})
+    store.put_state("m[model=org_x]", "s", {"v": 2})
+    assert store.get_state("m[model=org/x]", "s") == {"v": 1}
