@@ -59,7 +59,17 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
 def _publish(recipe: Recipe, result: BuildResult, store: Store, tag: str | None, registry: str | None) -> None:
     steps = [{"name": r.name, "kind": r.kind, "key": r.key, "artifact": r.artifact} for r in result.steps.values()]
     outputs = {n: result.steps[n].artifact for n in recipe.publish_steps}
-    digest, blobs = assemble(store.blobs, name=recipe.name, variant=recipe.variant, steps=steps, outputs=outputs)
+    runtime = None
+    for n in recipe.publish_steps:
+        extras = getattr(recipe.steps[n].kind, "snapshot_extras", None)
+        if extras is not None:
+            if runtime is not None:
+                raise UsageError(f"a snapshot holds one checkpoint; publish.steps names several ({n}, ...)")
+            runtime, trees = extras(store, outputs[n])
+            runtime = {**runtime, "step": n, "artifact": outputs[n]}
+            outputs.update(trees)  # the server's inputs travel with it
+    digest, blobs = assemble(store.blobs, name=recipe.name, variant=recipe.variant, steps=steps,
+                             outputs=outputs, runtime=runtime)
     store.pin_snapshot(recipe.build_id, digest, blobs)
     result.snapshot = digest
     if tag:

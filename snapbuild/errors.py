@@ -96,9 +96,12 @@ class StepError(SnapbuildError):
 
     exit_code = 4
 
-    def __init__(self, message: str, *, log_tail: str | None = None, hint: str | None = None):
+    def __init__(self, message: str, *, log_tail: str | None = None, hint: str | None = None,
+                 step: str | None = None):
         super().__init__(message, hint=hint)
         self.log_tail = log_tail
+        #: the step really at fault, when not the one that raised (a warm-up inside a checkpoint)
+        self.step = step
 
 
 class IntegrityError(SnapbuildError):

@@ -165,6 +165,24 @@ def inspect(ref, registry, as_json):
         click.echo(f"    {s['name']:<16} {s['kind']:<10} {s['key'][:12]}")
 
 
+@cli.command(name="run")
+@click.argument("ref")
+@registry_option
+@click.option("--fallback", type=click.Choice(["cold", "fail"]), default="cold", show_default=True,
+              help="When restoring is impossible: boot the server cold, or fail (exit 9).")
+@json_option
+def run_snapshot(ref, registry, fallback, as_json):
+    """Start a snapshot's server here: restore it warm, or boot it cold and say why.
+
+    The same as `snapbuild-runner restore`. The server keeps running; stop it with
+    `snapbuild-runner stop PID`.
+    """
+    from ..runner.cli import print_restore
+    from ..runner.restore import run
+
+    print_restore(run(ref, registry=registry, fallback=fallback), as_json)
+
+
 @cli.group(cls=Group)
 def cache():
     """Look after the local store ($SNAPBUILD_HOME)."""

@@ -35,6 +35,7 @@ class StepResult:
     error: str | None = None
     hint: str | None = None
     log_tail: str | None = None
+    culprit: str | None = None  # another step at fault (StepError.step)
 
     def to_json(self) -> dict:
         out = {"name": self.name, "kind": self.kind, "key": self.key, "status": self.status,
@@ -79,7 +80,9 @@ def execute(plan: Plan, store: Store, *, jobs: int = 1, keep_going: bool = False
     statuses = result.steps
 
     for name, ps in plan.steps.items():
-        if ps.action == "cached":
+        if ps.action == "cached" and recipe.steps[name].kind.ephemeral:
+            statuses[name] = StepResult(name, ps.kind, ps.key, CACHED)
+        elif ps.action == "cached":
             statuses[name] = StepResult(name, ps.kind, ps.key, CACHED, artifact=ps.artifact)
             store.touch_ref(ps.key)
             _record_state(store, recipe.build_id, ps, CACHED)
@@ -104,6 +107,13 @@ def execute(plan: Plan, store: Store, *, jobs: int = 1, keep_going: bool = False
                   f"build stopped after {first_failure} failed (use --keep-going to continue other steps)")
         statuses[name] = StepResult(name, ps.kind, ps.key, SKIPPED, reason=reason)
         reporter.step_done(statuses[name])
+    # A warm-up that failed inside its checkpoint is reported as the failed step too.
+    for name, res in list(statuses.items()):
+        if res.status == FAILED and res.culprit and res.culprit in statuses:
+            c = statuses[res.culprit]
+            statuses[res.culprit] = StepResult(c.name, c.kind, c.key, FAILED, reason=c.reason, error=res.error,
+                                               hint=res.hint, log_tail=res.log_tail)
+            reporter.step_done(statuses[res.culprit])
     # Report steps in plan order, whatever order they finished in.
     result.steps = {n: statuses[n] for n in plan.steps}
     result.duration_s = time.monotonic() - t_start
@@ -128,6 +138,10 @@ def _schedule(plan: Plan, store: Store, pool: ThreadPoolExecutor, running: dict[
                     statuses[name] = StepResult(name, ps.kind, ps.key, SKIPPED,
                                                 reason=f"needs {bad}, which {statuses[bad].status}")
                     reporter.step_done(statuses[name])
+                elif recipe.steps[name].kind.ephemeral and all(d in statuses for d in deps):
+                    # Nothing to do on its own: its consumer starts the process.
+                    remaining.remove(name)
+                    statuses[name] = StepResult(name, ps.kind, ps.key, BUILT, reason=ps.reason)
                 elif len(running) < jobs and all(d in statuses for d in deps):
                     remaining.remove(name)
                     reporter.step_started(ps)
@@ -161,12 +175,16 @@ def _run_step(plan: Plan, ps: PlannedStep, store: Store, statuses: dict, cancel:
                 ctx = BuildContext(name=ps.name, key=ps.key, store=store, base_dir=recipe.base_dir,
                                    log=log, log_path=log_path,
                                    inputs={d: statuses[d].artifact for d in step.deps},
-                                   pins=ps.material["pins"], cancel=cancel)
+                                   pins=ps.material["pins"], cancel=cancel, recipe=recipe,
+                                   artifacts={n: r.artifact for n, r in statuses.items()},
+                                   input_keys=dict(ps.material["inputs"]))
                 try:
                     artifact = step.kind.build(step.spec, ctx)
                 except StepError as e:
                     log.flush()
-                    return _failed(store, recipe.build_id, ps, log_path, t0, e.message, e.hint, e.log_tail)
+                    res = _failed(store, recipe.build_id, ps, log_path, t0, e.message, e.hint, e.log_tail)
+                    res.culprit = e.step
+                    return res
                 except SnapbuildError as e:
                     log.write(f"\n{e.message}\n")
                     log.flush()

@@ -62,6 +62,9 @@ def make_plan(recipe: Recipe, store: Store) -> Plan:
             raise PlanError(f"step {name!r}: {e.message}", hint=e.hint) from None
         material = key_material(step.kind, step.spec, pins, {d: planned[d].key for d in step.deps})
         key = key_of(material)
+        if step.kind.ephemeral:  # decided below, once its consumers are planned
+            planned[name] = PlannedStep(name, step.kind.name, key, material, "cached", "")
+            continue
         ref = store.get_ref(key)
         if ref is not None and store.is_complete(ref):
             planned[name] = PlannedStep(name, step.kind.name, key, material, "cached", "", ref.artifact)
@@ -70,4 +73,11 @@ def make_plan(recipe: Recipe, store: Store) -> Plan:
             old = state.get("material") if state else None
             reason = why_changed(old, material)
             planned[name] = PlannedStep(name, step.kind.name, key, material, "run", reason)
+    # An ephemeral step (a live process) runs exactly when a consumer has to be built.
+    for name in reversed(list(planned)):
+        if recipe.steps[name].kind.ephemeral:
+            users = sorted(n for n in recipe.graph.successors(name) if planned[n].action == "run")
+            if users:
+                planned[name].action = "run"
+                planned[name].reason = f"needed by {', '.join(users)}"
     return Plan(recipe=recipe, steps=planned)

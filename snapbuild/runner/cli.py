@@ -24,7 +24,44 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--dest", metavar="DIR", type=Path, help="write the snapshot's outputs here")
     pull.add_argument("--jobs", type=int, default=4, help="parallel blob fetches (default: 4)")
     pull.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    rs = sub.add_parser("restore", help="start a snapshot's server: restored warm, or booted cold",
+                        description="Fetch a snapshot (verified), check this node can take it, restore its "
+                                    "server with CRIU and probe it ready; when it cannot be restored (other "
+                                    "CPU, PID taken, failed restore...) boot the same server cold, and say why. "
+                                    "The server keeps running; stop it with `snapbuild-runner stop PID`.")
+    add_restore_args(rs)
+    st = sub.add_parser("stop", help="stop a server started by restore", description="Stop a server (and "
+                        "everything in its session): SIGTERM, then SIGKILL after 10 s.")
+    st.add_argument("pid", type=int)
     return p
+
+
+def add_restore_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ref", help="NAME:TAG or NAME@sha256:...")
+    p.add_argument("--registry", metavar="URL", help="registry URL (default: file://$SNAPBUILD_HOME/registry)")
+    p.add_argument("--fallback", choices=["cold", "fail"], default="cold",
+                   help="when restoring is impossible: boot cold (default) or fail (exit 9)")
+    p.add_argument("--json", action="store_true",
+                   help='print {"mode", "reason", "pid", "timings": {...}} as JSON')
+
+
+def print_restore(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    t = result["timings"]
+    how = "restored" if result["mode"] == "restore" else "booted cold"
+    print(f"{result['ref']} {how}: pid {result['pid']}, ready in {t['total_s']:.2f}s "
+          f"(fetch {t.get('fetch_s', 0):.2f}s, materialize {t.get('materialize_s', 0):.2f}s, "
+          f"restore {t.get('restore_s', 0):.2f}s, ready {t.get('ready_s', 0):.2f}s)")
+    if result["reason"]:
+        print(f"  why not restored: {result['reason']}")
+    for m in result.get("mismatches", []):
+        if not m["fatal"]:
+            print(f"  note: {m['message']}")
+    print(f"  log: {result['log']}")
+    print(f"  stop it with: snapbuild-runner stop {result['pid']}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             from .pull import pull
 
             result = pull(args.ref, registry=args.registry, dest=args.dest, jobs=args.jobs)
+            result.pop("config")
             if args.json:
                 print(json.dumps(result, indent=2))
             else:
@@ -42,6 +80,17 @@ def main(argv: list[str] | None = None) -> None:
                       f"{result['bytes_fetched']} bytes in {t['total_s']:.2f}s")
                 for step, path in result["outputs"].items():
                     print(f"  {step} -> {path}")
+        elif args.command == "restore":
+            from .restore import run
+
+            print_restore(run(args.ref, registry=args.registry, fallback=args.fallback), args.json)
+        elif args.command == "stop":
+            from .restore import stop
+
+            if not stop(args.pid):
+                print(f"no process {args.pid}", file=sys.stderr)
+                sys.exit(6)
+            print(f"stopped {args.pid}")
     except KeyboardInterrupt:
         print("ERROR interrupted", file=sys.stderr)
         sys.exit(130)

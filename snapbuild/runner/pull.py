@@ -60,7 +60,7 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
             outputs[step] = str(dest / step)
     t_done = time.monotonic()
     return {
-        "ref": str(ref), "digest": digest, "name": config["name"],
+        "ref": str(ref), "digest": digest, "name": config["name"], "config": config,
         "blobs_fetched": len(missing), "bytes_fetched": fetched, "outputs": outputs,
         "timings": {"resolve_s": round(t_resolve - t0, 4), "fetch_s": round(t_fetch - t_resolve, 4),
                     "materialize_s": round(t_done - t_fetch, 4), "total_s": round(t_done - t0, 4)},

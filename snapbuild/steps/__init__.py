@@ -9,6 +9,8 @@ from .base import BuildContext, PinContext, StepKind, StepSpec
 _KINDS: dict[str, str] = {
     "files": "snapbuild.steps.files:FilesStep",
     "command": "snapbuild.steps.command:CommandStep",
+    "warmup": "snapbuild.steps.warmup:WarmupStep",
+    "checkpoint": "snapbuild.steps.checkpoint:CheckpointStep",
 }
 _loaded: dict[str, StepKind] = {}
 

@@ -59,6 +59,9 @@ class BuildContext:
     log_path: Path
     inputs: dict[str, str] = field(default_factory=dict)  # step name -> artifact digest
     pins: dict = field(default_factory=dict)
+    recipe: object = None  # the Recipe, for kinds that read other steps' specs
+    artifacts: dict[str, str | None] = field(default_factory=dict)  # every finished step's artifact
+    input_keys: dict[str, str] = field(default_factory=dict)  # step name -> key, for this step's inputs
     #: Set when the build is interrupted: long-running kinds poll it and stop early.
     cancel: threading.Event = field(default_factory=threading.Event)
 

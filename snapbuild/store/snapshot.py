@@ -33,7 +33,8 @@ TITLE = "org.opencontainers.image.title"
 
 
 def assemble(blobs: BlobStore, *, name: str, variant: dict, steps: list[dict],
-             outputs: dict[str, str], annotations: dict | None = None) -> tuple[str, list[str]]:
+             outputs: dict[str, str], runtime: dict | None = None,
+             annotations: dict | None = None) -> tuple[str, list[str]]:
     """Write config and manifest blobs for ``outputs`` (step name -> tree digest).
 
     Returns the manifest digest and every blob digest it references (config included).
@@ -45,6 +46,7 @@ def assemble(blobs: BlobStore, *, name: str, variant: dict, steps: list[dict],
         "variant": variant,
         "outputs": dict(sorted(outputs.items())),
         "steps": steps,
+        "runtime": runtime,  # how to restore or boot it (checkpoint.json of its checkpoint step)
         "created_by": f"snapbuild {__version__}",
     }
     config_bytes = canonical_json(config)

@@ -1,0 +1,88 @@
+"""A thin wrapper around the ``criu`` binary: find it, check it, dump, restore.
+
+CRIU prints "rlimit: Can't setup RLIMIT_NOFILE" on every run in sandboxes; it is
+harmless, so success is judged by the exit status and errors are taken from the log
+with that line filtered out.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from ..errors import SnapbuildError
+
+MIN_VERSION = (4, 2)
+SETUP_HINT = "install it with: sudo ci/install-criu.sh (builds CRIU >= 4.2; part of ci/setup.sh)"
+_HARMLESS = re.compile(r"RLIMIT_NOFILE|Will restore .* with interrupted system call")
+
+
+class CriuError(SnapbuildError):
+    exit_code = 8
+
+    def __init__(self, message: str, *, log_excerpt: str = "", hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.log_excerpt = log_excerpt
+
+
+def binary() -> str:
+    path = os.environ.get("SNAPBUILD_CRIU") or shutil.which("criu") or (
+        "/usr/local/sbin/criu" if os.path.exists("/usr/local/sbin/criu") else None)
+    if not path:
+        raise CriuError("criu is not installed", hint=SETUP_HINT)
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def version() -> str:
+    out = subprocess.run([binary(), "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"Version:\s*(\S+)", out)
+    if not m:
+        raise CriuError(f"cannot read the version of {binary()}: {out.strip()!r}", hint=SETUP_HINT)
+    return m.group(1)
+
+
+def check_version() -> None:
+    v = version()
+    parts = tuple(int(x) for x in re.findall(r"\d+", v)[:2])
+    if parts < MIN_VERSION:
+        raise CriuError(f"criu {v} is too old (need >= {'.'.join(map(str, MIN_VERSION))}: older ones fail "
+                        "on current kernels or with TCP sockets)", hint=SETUP_HINT)
+
+
+def errors_from_log(log: Path, n: int = 8) -> str:
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    errs = [ln for ln in lines if ("Error" in ln or "error" in ln) and not _HARMLESS.search(ln)]
+    return "\n".join((errs or lines)[-n:])
+
+
+def run(args: list[str], *, log: Path, what: str) -> None:
+    r = subprocess.run([binary(), *args, "-o", str(log.name), "-v4"], capture_output=True, text=True)
+    if r.returncode != 0:
+        excerpt = errors_from_log(log) or r.stderr.strip()[-1000:]
+        raise CriuError(f"criu {what} failed (exit {r.returncode}):\n{excerpt}", log_excerpt=excerpt,
+                        hint=f"full log: {log}")
+
+
+def dump(pid: int, images: Path, *, extra: list[str] = ()) -> None:
+    """Dump the process tree rooted at ``pid`` into ``images``; the tree is killed after."""
+    images.mkdir(parents=True, exist_ok=True)
+    run(["dump", "-t", str(pid), "-D", str(images), "--tcp-established", "--file-locks", *extra],
+        log=images / "dump.log", what=f"dump of pid {pid}")
+
+
+def restore(images: Path, *, work: Path, extra: list[str] = ()) -> int:
+    """Restore detached (``-d``); returns the root PID. Logs go to ``work``."""
+    work.mkdir(parents=True, exist_ok=True)
+    pidfile = work / "restore.pid"
+    pidfile.unlink(missing_ok=True)
+    run(["restore", "-d", "-D", str(images), "-W", str(work), "--tcp-close", "--file-locks",
+         "--pidfile", str(pidfile), *extra], log=work / "restore.log", what="restore")
+    return int(pidfile.read_text().strip())

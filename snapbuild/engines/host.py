@@ -1,0 +1,29 @@
+"""``host``: a plain process on this machine, checkpointed with ``criu dump -t PID``.
+
+Restoring needs the original PIDs free (the runner waits for them) and the same files
+at the same paths (the runner materializes inputs at content-addressed paths).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import criu
+from .fingerprint import host_fingerprint
+
+
+class HostEngine:
+    name = "host"
+
+    def check(self) -> None:
+        criu.binary()
+        criu.check_version()
+
+    def fingerprint(self) -> dict:
+        return host_fingerprint(criu.version())
+
+    def dump(self, pid: int, images: Path) -> None:
+        criu.dump(pid, images)
+
+    def restore(self, images: Path, work: Path) -> int:
+        return criu.restore(images, work=work)

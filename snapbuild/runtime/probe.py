@@ -1,0 +1,141 @@
+"""Readiness probes and warm-up exercises, as plain dicts (they travel in snapshots).
+
+Probes (one key each, plus ``timeout`` seconds and optional ``interval``)::
+
+    {"http": "http://127.0.0.1:8000/healthz"}   ready when it answers 2xx
+    {"tcp": "127.0.0.1:8000"}                   ready when a connection is accepted
+    {"log": "Uvicorn running on"}               ready when the server's log matches (regex)
+    {"file": "/tmp/ready"}                      ready when the file exists
+
+Exercises (warm caches and JIT paths before a checkpoint)::
+
+    {"http": "POST /infer", "body": "{...}", "headers": {...}, "expect": 200}
+    {"run": "curl -s localhost:8000/warm"}
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urljoin, urlparse
+
+PROBE_KINDS = ("http", "tcp", "log", "file")
+
+
+class ProbeFailed(Exception):
+    """Raised with a message that says what was probed and what was last seen."""
+
+
+def probe_kind(probe: dict) -> str:
+    kinds = [k for k in PROBE_KINDS if k in probe]
+    if len(kinds) != 1:
+        raise ValueError(f"a probe needs exactly one of {', '.join(PROBE_KINDS)}")
+    return kinds[0]
+
+
+def _check_once(probe: dict, log_path: Path | None) -> tuple[bool, str]:
+    kind = probe_kind(probe)
+    target = probe[kind]
+    if kind == "http":
+        try:
+            with urllib.request.urlopen(urllib.request.Request(target), timeout=2) as r:
+                return 200 <= r.status < 300, f"HTTP {r.status}"
+        except urllib.error.HTTPError as e:
+            return False, f"HTTP {e.code}"
+        except (urllib.error.URLError, OSError) as e:
+            return False, f"{getattr(e, 'reason', e)}"
+    if kind == "tcp":
+        host, _, port = str(target).rpartition(":")
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=1):
+                return True, "connected"
+        except OSError as e:
+            return False, str(e)
+    if kind == "log":
+        try:
+            text = log_path.read_text(errors="replace") if log_path else ""
+        except FileNotFoundError:
+            text = ""
+        return re.search(target, text, re.MULTILINE) is not None, "no match in the log yet"
+    return Path(target).exists(), "file does not exist yet"
+
+
+def wait_ready(probe: dict, *, log_path: Path | None = None, alive: Callable[[], bool] = lambda: True,
+               timeout: float | None = None) -> float:
+    """Poll ``probe`` until it passes; returns the seconds it took.
+
+    Raises :class:`ProbeFailed` on timeout, or as soon as ``alive()`` says the process
+    is gone (no point waiting for a dead server).
+    """
+    timeout = float(timeout if timeout is not None else probe.get("timeout", 60))
+    interval = float(probe.get("interval", 0.05))
+    t0 = time.monotonic()
+    last = "not tried"
+    while True:
+        ok, last = _check_once(probe, log_path)
+        if ok:
+            return time.monotonic() - t0
+        if not alive():
+            raise ProbeFailed(f"the server exited before it was ready ({describe(probe)}: {last})")
+        if time.monotonic() - t0 > timeout:
+            raise ProbeFailed(f"not ready after {timeout:g} s ({describe(probe)}: last saw {last})")
+        time.sleep(interval)
+        interval = min(interval * 1.5, 0.5)
+
+
+def describe(probe: dict) -> str:
+    kind = probe_kind(probe)
+    return f"{kind} {probe[kind]}"
+
+
+def base_url(probe: dict | None) -> str | None:
+    """Where relative exercise paths (``POST /infer``) go: the http probe's origin."""
+    if probe and "http" in probe:
+        u = urlparse(probe["http"])
+        return f"{u.scheme}://{u.netloc}"
+    if probe and "tcp" in probe:
+        return f"http://{probe['tcp']}"
+    return None
+
+
+def http_call(spec: dict, base: str | None, timeout: float = 60) -> tuple[int, bytes]:
+    """One HTTP exercise or query: ``{"http": "POST /infer", "body": ..., "headers": ...}``."""
+    method, _, target = str(spec["http"]).strip().partition(" ")
+    if not target:
+        method, target = "GET", method
+    url = target if "://" in target else urljoin((base or "http://127.0.0.1") + "/", target.lstrip("/"))
+    body = spec.get("body")
+    data = body.encode() if isinstance(body, str) else body
+    req = urllib.request.Request(url, data=data, method=method.upper(), headers=spec.get("headers") or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def run_exercise(items: list[dict], *, base: str | None, log: Callable[[str], None], env: dict | None = None,
+                 timeout: float = 300) -> None:
+    for i, item in enumerate(items):
+        if "run" in item:
+            r = subprocess.run(["bash", "-c", item["run"]], capture_output=True, text=True, timeout=timeout,
+                               env=env)
+            log(f"exercise {i}: $ {item['run']} -> exit {r.returncode}")
+            if r.returncode != 0:
+                raise ProbeFailed(f"exercise {i} ({item['run']!r}) exited with {r.returncode}: "
+                                  f"{(r.stderr or r.stdout).strip()[-300:]}")
+            continue
+        expect = int(item.get("expect", 200))
+        repeat = int(item.get("repeat", 1))
+        for _ in range(repeat):
+            status, body = http_call(item, base, timeout)
+            if status != expect:
+                raise ProbeFailed(f"exercise {i} ({item['http']}) answered {status}, expected {expect}: "
+                                  f"{body[:200]!r}")
+        log(f"exercise {i}: {item['http']} x{repeat} -> {status}")

@@ -1,0 +1,132 @@
+"""Starting and stopping server processes so that CRIU can dump and restore them.
+
+The server runs as the leader of its own session (``setsid``) with stdin from
+/dev/null and stdout+stderr appended to a log file at a fixed path under the run
+root: CRIU restores that file by path, so the runner recreates it at the same place
+and the restored server keeps logging there.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+DEFAULT_RUN_ROOT = "/var/lib/snapbuild"
+
+
+def run_root() -> Path:
+    """Where servers run from. Recorded in each snapshot: build machine and nodes must agree."""
+    return Path(os.environ.get("SNAPBUILD_RUN_ROOT", DEFAULT_RUN_ROOT))
+
+
+def start(argv: list[str], *, env: dict, cwd: Path, log_path: Path) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:  # append mode: restores survive a grown log
+        return subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def pid_gone(pid: int) -> bool:
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def wait_gone(pids: list[int], timeout: float = 10.0) -> bool:
+    """Wait until no process holds these PIDs (a killed process lingers until reaped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(pid_gone(p) for p in pids):
+            return True
+        time.sleep(0.02)
+    return all(pid_gone(p) for p in pids)
+
+
+def stop(pid: int, *, timeout: float = 10.0) -> bool:
+    """Stop a server and everything in its session: SIGTERM, then SIGKILL. True if it was running."""
+    if pid_gone(pid):
+        return False
+    sid = _sid(pid)
+    targets = _session_members(sid) if sid == pid else [pid]
+    for p in targets:
+        _signal(p, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(p) for p in targets):
+        _reap(pid)
+        time.sleep(0.05)
+    for p in targets:
+        _signal(p, signal.SIGKILL)
+    _reap(pid)
+    wait_gone(targets, timeout=5)
+    return True
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _session_members(sid: int | None) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    out.append(int(entry))
+            except (ProcessLookupError, PermissionError):
+                continue
+    return out or ([sid] if sid else [])
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status if the server is our child (else the kernel's init does)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def tail(path: Path, n: int = 20) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return ""

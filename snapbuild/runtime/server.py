@@ -1,0 +1,76 @@
+"""One way to start a server, shared by the warm-up (build side) and the cold boot
+(runner), so that both see exactly the same command, environment and paths.
+
+A *server spec* is a plain dict, stored in the snapshot as part of checkpoint.json::
+
+    {"argv": [...], "env": {...}, "cwd": "$SNAPBUILD_RUN" | null, "ready": {probe},
+     "run_dir": "/var/lib/snapbuild/run/<id>", "inputs": {"app": "sha256:..."}}
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..store.blobs import BlobStore
+from . import process
+from .trees import ensure_tree, link_inputs
+
+LOG_NAME = "server.log"
+
+
+@dataclass
+class Started:
+    proc: subprocess.Popen
+    log_path: Path
+    env: dict
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def prepare(spec: dict, blobs: BlobStore) -> tuple[Path, dict]:
+    """Materialize the inputs (once per machine) and link them under the run folder.
+    Returns the run folder and the server's environment."""
+    run_dir = Path(spec["run_dir"])
+    root = Path(spec["run_root"])
+    paths = {name: ensure_tree(blobs, digest, root)[0] for name, digest in spec["inputs"].items()}
+    link_inputs(paths, run_dir / "inputs")
+    (run_dir / "home").mkdir(parents=True, exist_ok=True)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        "HOME": str(run_dir / "home"),
+        "LANG": "C.UTF-8",
+        "SNAPBUILD_RUN": str(run_dir),
+        "SNAPBUILD_INPUTS": str(run_dir / "inputs"),
+    }
+    for k, v in spec.get("env", {}).items():
+        env[k] = _expand(v, env)
+    return run_dir, env
+
+
+def start(spec: dict, blobs: BlobStore, *, fresh_log: bool = True) -> Started:
+    run_dir, env = prepare(spec, blobs)
+    argv = [_expand(a, env) for a in spec["argv"]]
+    cwd = Path(_expand(spec["cwd"], env)) if spec.get("cwd") else run_dir
+    log_path = run_dir / LOG_NAME
+    if fresh_log:
+        log_path.unlink(missing_ok=True)
+    try:
+        proc = process.start(argv, env=env, cwd=cwd, log_path=log_path)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot start {argv[0]!r}: {e.strerror}") from None
+    return Started(proc=proc, log_path=log_path, env=env)
+
+
+_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def _expand(value: str, env: dict) -> str:
+    """``$NAME`` / ``${NAME}`` from the server's environment (not the caller's); unknown
+    names are left as written, like the shell's ``expandvars``."""
+    return _VAR.sub(lambda m: env.get(m.group(1) or m.group(2), m.group(0)), value)

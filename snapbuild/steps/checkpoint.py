@@ -1,0 +1,139 @@
+"""``checkpoint``: start the warm-up process, make it ready and warm, and dump it.
+
+```yaml
+snap: {kind: checkpoint, process: server, engine: host}
+```
+
+The artifact holds the engine's images under ``images/`` and ``checkpoint.json``:
+the server spec (command, env, probe, inputs by digest) for restore and cold boot
+alike, the machine fingerprint, and sizes. The key includes the engine fingerprint
+(CPU, kernel, CRIU version): a checkpoint is only as portable as that.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from typing import Literal
+
+from ..engines import get_engine
+from ..errors import SnapbuildError, StepError
+from ..runtime import probe as probes
+from ..runtime import process, server
+from ..runtime.process import run_root
+from ..store.tree import build_tree, walk
+from .base import BuildContext, PinContext, StepSpec
+
+FORMAT = 1
+MANIFEST = "checkpoint.json"
+
+
+class CheckpointSpec(StepSpec):
+    process: str
+    engine: Literal["host"] = "host"
+    gpu: Literal["none"] = "none"
+
+
+class CheckpointStep:
+    name = "checkpoint"
+    version = 1
+    Spec = CheckpointSpec
+    ephemeral = False
+
+    def references(self, spec: CheckpointSpec):
+        return [(spec.process, ("process",))]
+
+    def pins(self, spec: CheckpointSpec, ctx: PinContext) -> dict:
+        engine = get_engine(spec.engine)
+        try:
+            engine.check()
+            return {"engine": spec.engine, "fingerprint": engine.fingerprint()}
+        except SnapbuildError as e:
+            raise StepError(e.message, hint=e.hint) from None
+
+    def build(self, spec: CheckpointSpec, ctx: BuildContext) -> str:
+        recipe = ctx.recipe
+        warm = recipe.steps[spec.process]
+        if warm.kind.name != "warmup":
+            raise StepError(f"`process: {spec.process}` must name a warmup step, not a {warm.kind.name} step")
+        wspec = warm.spec
+        server_spec = {
+            "argv": wspec.argv(),
+            "env": dict(wspec.env),
+            "cwd": wspec.cwd,
+            "ready": wspec.ready.to_dict(),
+            "run_root": str(run_root()),
+            # One run folder per warm-up definition: the same on the build machine and nodes.
+            "run_dir": str(run_root() / "run" / f"{recipe.name}-{ctx.input_keys[spec.process][:16]}"),
+            "inputs": {d: ctx.artifacts[d] for d in warm.deps},
+        }
+        engine = get_engine(spec.engine)
+        log = ctx.log
+        say = lambda msg: (log.write(msg + "\n"), log.flush())  # noqa: E731
+        scratch = ctx.store.scratch(f"ckpt-{ctx.name}")
+        started = None
+        try:
+            t0 = time.monotonic()
+            try:
+                started = server.start(server_spec, ctx.store.blobs)
+            except FileNotFoundError as e:
+                raise StepError(f"warmup {spec.process}: {e}", step=spec.process) from None
+            say(f"started {server_spec['argv']} as pid {started.pid}; log {started.log_path}")
+            try:
+                ready_s = probes.wait_ready(server_spec["ready"], log_path=started.log_path,
+                                            alive=lambda: started.proc.poll() is None)
+                say(f"ready after {ready_s:.2f}s ({probes.describe(server_spec['ready'])})")
+                probes.run_exercise([e.model_dump(exclude_none=True) for e in wspec.exercise],
+                                    base=probes.base_url(server_spec["ready"]), log=say, env=started.env)
+            except probes.ProbeFailed as e:
+                raise StepError(f"warmup {spec.process}: {e}", step=spec.process,
+                                log_tail=process.tail(started.log_path),
+                                hint="the server's log is above; `ready:` sets the probe and its timeout") from None
+            warm_s = time.monotonic() - t0
+            pids = process.tree(started.pid)
+            images = scratch / "images"
+            t1 = time.monotonic()
+            try:
+                engine.dump(started.pid, images)
+            except SnapbuildError as e:
+                raise StepError(e.message, hint=e.hint) from None
+            dump_s = time.monotonic() - t1
+            started.proc.wait(timeout=10)
+            (images / "dump.log").unlink(missing_ok=True)
+            pages = sum(p.stat().st_size for p in images.glob("pages-*.img"))
+            say(f"dumped {len(pids)} process(es) in {dump_s:.2f}s: {pages / 2**20:.1f} MiB of memory pages")
+            manifest = {
+                "format": FORMAT,
+                "engine": spec.engine,
+                "process": spec.process,
+                "server": server_spec,
+                "pids": pids,
+                "fingerprint": ctx.pins["fingerprint"],
+                "stats": {"warm_s": round(warm_s, 3), "dump_s": round(dump_s, 3), "pages_bytes": pages,
+                          "images_bytes": sum(p.stat().st_size for p in images.iterdir())},
+            }
+            (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            items = [(MANIFEST, scratch / MANIFEST), ("images", images)]
+            items += [(f"images/{rel}", p) for rel, p in walk(images)]
+            digest, _ = build_tree(ctx.store.blobs, items)
+            return digest
+        finally:
+            if started is not None:
+                process.stop(started.pid)  # no orphan server after success or failure
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def snapshot_extras(self, store, artifact: str) -> tuple[dict, dict[str, str]]:
+        """What a snapshot of this step carries besides the artifact itself: the runtime
+        section of its config, and the input trees the server needs."""
+        from ..store.tree import load_tree
+
+        tree = load_tree(store.blobs, artifact)
+        entry = next(e for e in tree["entries"] if e["path"] == MANIFEST)
+        from ..store.chunks import get_chunk
+
+        manifest = json.loads(b"".join(get_chunk(store.blobs, c) for c in entry["chunks"]))
+        return manifest, dict(manifest["server"]["inputs"])
+
+
+

@@ -1,0 +1,103 @@
+"""``warmup``: a server started, probed ready and exercised, to be checkpointed.
+
+```yaml
+server:
+  kind: warmup
+  needs: [pydeps, app, weights]          # materialized under $SNAPBUILD_INPUTS/<step>/
+  command: [python3, "$SNAPBUILD_INPUTS/app/serve.py", --port, "{{ port }}"]
+  env: {PYTHONPATH: "$SNAPBUILD_INPUTS/pydeps/site"}
+  ready: {http: "http://127.0.0.1:{{ port }}/healthz", timeout: 300}
+  exercise:
+    - {http: "POST /infer", body: '{"x": 1}', repeat: 3}
+```
+
+Ephemeral: a live process cannot be cached. It runs only when the checkpoint that
+consumes it must be built, and its key (spec and input keys) feeds that checkpoint's.
+``$VARS`` in ``command``, ``env`` and ``cwd`` are expanded with the server's
+environment (``$SNAPBUILD_INPUTS``, ``$SNAPBUILD_RUN``, ...).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..errors import StepError
+from .base import StepSpec
+
+
+class Probe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    http: str | None = None
+    tcp: str | None = None
+    log: str | None = None
+    file: str | None = None
+    timeout: float = Field(default=120, gt=0)
+    interval: float = Field(default=0.05, gt=0)
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("http", "tcp", "log", "file") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a probe needs exactly one of http, tcp, log, file"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        return self
+
+    def to_dict(self) -> dict:
+        return self.model_dump(exclude_none=True)
+
+
+class Exercise(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    http: str | None = None  # "POST /infer" or "GET http://127.0.0.1:8000/x"
+    run: str | None = None
+    body: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    expect: int = 200
+    repeat: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.http is None) == (self.run is None):
+            raise ValueError("an exercise needs exactly one of http, run")
+        return self
+
+
+class WarmupSpec(StepSpec):
+    command: list[str] | None = None
+    run: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    ready: Probe
+    exercise: list[Exercise] = Field(default_factory=list)
+
+    # How long to wait for readiness changes no output.
+    KEYLESS: ClassVar[frozenset[str]] = StepSpec.KEYLESS
+
+    @model_validator(mode="after")
+    def _command_or_run(self):
+        if (self.command is None) == (self.run is None):
+            raise ValueError("give exactly one of `command:` (a list) or `run:` (a shell line)")
+        if self.command is not None and not self.command:
+            raise ValueError("`command:` is empty")
+        return self
+
+    def argv(self) -> list[str]:
+        return list(self.command) if self.command is not None else ["bash", "-c", self.run]
+
+
+class WarmupStep:
+    name = "warmup"
+    version = 1
+    Spec = WarmupSpec
+    ephemeral = True
+
+    def references(self, spec):
+        return []
+
+    def pins(self, spec, ctx):
+        return {}
+
+    def build(self, spec, ctx):  # pragma: no cover - the executor never builds ephemeral steps
+        raise StepError("a warmup step runs only inside the checkpoint that consumes it")
