@@ -183,6 +183,24 @@ def run_snapshot(ref, registry, fallback, as_json):
     print_restore(run(ref, registry=registry, fallback=fallback), as_json)
 
 
+@cli.command()
+@json_option
+def doctor(as_json):
+    """Report the system parts snapbuild uses (criu, runc, docker, runsc, cuda-checkpoint):
+    found or not, version, and whether each works here."""
+    from ..doctor import diagnose
+
+    rows = diagnose()
+    if as_json:
+        emit_json({"checks": rows})
+        return
+    for r in rows:
+        mark = "ok  " if r["works"] else ("FAIL" if r["found"] else "--  ")
+        click.echo(f"{mark} {r['name']:<16} {r.get('version') or '':<10} {r['detail']}")
+        if r.get("hint"):
+            click.echo(f"     {'':<16} needed for {r['needed_for']}; {r['hint']}")
+
+
 @cli.group(cls=Group)
 def cache():
     """Look after the local store ($SNAPBUILD_HOME)."""

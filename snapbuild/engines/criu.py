@@ -30,7 +30,12 @@ class CriuError(SnapbuildError):
 
 
 def binary() -> str:
-    path = os.environ.get("SNAPBUILD_CRIU") or shutil.which("criu") or (
+    override = os.environ.get("SNAPBUILD_CRIU")
+    if override:
+        if not os.access(override, os.X_OK):
+            raise CriuError(f"SNAPBUILD_CRIU={override} is not an executable file", hint=SETUP_HINT)
+        return override
+    path = shutil.which("criu") or (
         "/usr/local/sbin/criu" if os.path.exists("/usr/local/sbin/criu") else None)
     if not path:
         raise CriuError("criu is not installed", hint=SETUP_HINT)

@@ -19,7 +19,8 @@ BUILD_SIDE = ["click", "jinja2", "networkx", "pydantic", "yaml", "rich", "pathsp
 
 
 def test_runner_imports_no_build_side_module():
-    code = ("import sys, snapbuild.runner.cli, snapbuild.runner.pull, snapbuild.registry.file; "
+    code = ("import sys, snapbuild.runner.cli, snapbuild.runner.pull, snapbuild.runner.restore, "
+            "snapbuild.engines.host, snapbuild.registry.file; "
             "import json; print(json.dumps(sorted(sys.modules)))")
     mods = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                      check=True).stdout)

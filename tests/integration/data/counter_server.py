@@ -1,0 +1,48 @@
+"""A stdlib-only HTTP server with state, for checkpoint tests.
+
+GET /healthz -> 200;  POST /count -> {"pid": ..., "count": n}  (n counts requests)
+--connect-unix PATH keeps a connection to an outside unix socket (CRIU cannot dump that).
+"""
+
+import argparse
+import http.server
+import json
+import os
+import socket
+import socketserver
+
+p = argparse.ArgumentParser()
+p.add_argument("--port", type=int, required=True)
+p.add_argument("--connect-unix")
+args = p.parse_args()
+if args.connect_unix:
+    keep = socket.socket(socket.AF_UNIX)
+    keep.connect(args.connect_unix)
+state = {"count": 0}
+
+
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+
+    def _send(self, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self._send({"ok": True})
+
+    def do_POST(self):
+        state["count"] += 1
+        self._send({"pid": os.getpid(), "count": state["count"]})
+
+    def log_message(self, fmt, *a):
+        print("request:", fmt % a, flush=True)
+
+
+socketserver.TCPServer.allow_reuse_address = True
+with socketserver.TCPServer(("127.0.0.1", args.port), H) as s:
+    print("listening", flush=True)
+    s.serve_forever()

@@ -1,0 +1,227 @@
+"""Process snapshots with the real CRIU (engine host): build, restore, fall back.
+
+Needs root and a CRIU >= 4.2 (ci/setup.sh installs one). Servers listen on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from snapbuild.build import build
+from snapbuild.errors import IntegrityError, UsageError
+from snapbuild.registry import open_registry, parse_ref
+from snapbuild.runner.restore import RestoreFailed, run, stop
+from snapbuild.store import Store
+from snapbuild.store.fsutil import canonical_json
+from snapbuild.store.snapshot import load_config, parse_manifest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+COUNTER = Path(__file__).parent / "data" / "counter_server.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port: int, path: str) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"{}", method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.fixture(autouse=True)
+def run_root(tmp_path, monkeypatch):
+    root = tmp_path / "run-root"
+    monkeypatch.setenv("SNAPBUILD_RUN_ROOT", str(root))
+    return root
+
+
+def counter_recipe(recipe, port: int, extra_args: str = "", run: str | None = None, timeout: int = 30) -> Path:
+    command = run or f'{sys.executable} $SNAPBUILD_INPUTS/app/counter_server.py --port {port} {extra_args}'
+    path = recipe(f"""
+        name: counter
+        steps:
+          app: {{kind: files, root: app}}
+          server:
+            kind: warmup
+            needs: [app]
+            run: "{command}"
+            ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: {timeout}}}
+            exercise: [{{http: "POST /count", repeat: 2}}]
+          snap: {{kind: checkpoint, process: server}}
+        publish: {{tag: "counter:v1"}}
+    """)
+    (path.parent / "app").mkdir(exist_ok=True)
+    shutil.copy(COUNTER, path.parent / "app" / "counter_server.py")
+    return path
+
+
+def no_server_left(marker: str) -> bool:
+    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    return [p for p in out if int(p) != os.getpid()] == []
+
+
+def test_counter_snapshot_restores_warm_state_and_boots_cold(recipe, store):
+    port = free_port()
+    [res] = build(counter_recipe(recipe, port), store=store)
+    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    assert [r.status for r in res.steps.values()] == ["built", "built", "built"]
+    assert port_free(port) and no_server_left("counter_server.py"), "the warm-up server must not outlive the build"
+
+    out = run("counter:v1", store=store)
+    try:
+        assert out["mode"] == "restore" and out["reason"] is None, out
+        assert set(out["timings"]) >= {"fetch_s", "materialize_s", "restore_s", "ready_s", "total_s"}
+        answer = post(port, "/count")
+        assert answer["count"] == 3, "two warm-up calls happened before the checkpoint"
+        assert answer["pid"] == out["pid"]
+        with pytest.raises(UsageError, match=f"port {port}"):
+            run("counter:v1", store=store)  # the restored server still holds the port
+    finally:
+        stop(out["pid"])
+    assert "POST /count" in Path(out["log"]).read_text().splitlines()[-1], "the restored server keeps logging"
+
+    cold = run("counter:v1", store=store, mode="cold")
+    try:
+        assert cold["mode"] == "cold" and post(port, "/count")["count"] == 1
+    finally:
+        stop(cold["pid"])
+    assert port_free(port)
+
+
+def retarget(store: Store, ref: str, new_tag: str, change) -> str:
+    """Publish a copy of a snapshot whose runtime fingerprint is changed, as if it had
+    been built on another machine (digests recomputed: the copy verifies)."""
+    reg = open_registry(f"file://{store.home / 'registry'}")
+    r = parse_ref(ref)
+    digest = reg.resolve(r)
+    manifest = parse_manifest(reg.get_blob(r.name, digest), digest)
+    config = load_config(store.blobs, manifest)
+    change(config["runtime"]["fingerprint"])
+    data = canonical_json(config)
+    manifest["config"] = {**manifest["config"], "digest": store.blobs.put(data), "size": len(data)}
+    new = store.blobs.put(canonical_json(manifest))
+    reg.push(parse_ref(new_tag), new, [manifest["config"]["digest"]] + [x["digest"] for x in manifest["layers"]],
+             store.blobs)
+    return new_tag
+
+
+def test_fingerprint_mismatch_boots_cold_and_says_why(recipe, store):
+    port = free_port()
+    [res] = build(counter_recipe(recipe, port), store=store)
+    assert res.ok
+    tag = retarget(store, "counter:v1", "counter:other-cpu",
+                   lambda fp: (fp["cpu_flags"].append("avx1024"), fp.update(kernel="0.0-other")))
+    out = run(tag, store=store)
+    try:
+        assert out["mode"] == "cold"
+        assert "fingerprint mismatch" in out["reason"] and "avx1024" in out["reason"]
+        fields = {m["field"]: m["fatal"] for m in out["mismatches"]}
+        assert fields == {"cpu_flags": True, "kernel": False}
+        assert post(port, "/count")["count"] == 1
+    finally:
+        stop(out["pid"])
+    with pytest.raises(RestoreFailed, match="avx1024"):
+        run(tag, store=store, fallback="fail")
+    assert port_free(port), "--fallback fail must not start anything"
+
+
+def test_corrupt_chunk_in_registry_is_refused(recipe, store, tmp_path):
+    port = free_port()
+    [res] = build(counter_recipe(recipe, port), store=store)
+    mirror = tmp_path / "mirror"
+    shutil.copytree(store.home / "registry", mirror)  # a copy: no hard links into the store
+    blobs = mirror / "counter" / "blobs" / "sha256"
+    victim = max(blobs.iterdir(), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    victim.write_bytes(bytes(data))
+    node = Store(tmp_path / "node")
+    with pytest.raises(IntegrityError, match="corrupt"):
+        run("counter:v1", registry=f"file://{mirror}", store=node)
+    assert port_free(port) and no_server_left("counter_server.py"), "nothing may run from corrupt data"
+
+
+def test_warmup_failures_name_the_step_and_leave_nothing_running(recipe, store, tmp_path):
+    port = free_port()
+    path = counter_recipe(recipe, port, run="echo about to die; exit 3")
+    [res] = build(path, store=store)
+    st = {n: (r.status, r.error or "") for n, r in res.steps.items()}
+    assert st["snap"][0] == "failed" and st["server"][0] == "failed"
+    assert "exited before it was ready" in st["server"][1]
+    assert "about to die" in res.steps["snap"].log_tail
+
+    marker = tmp_path / "never-ready-marker"
+    path = counter_recipe(recipe, port, run=f"exec {sys.executable} -c 'import time; time.sleep(300)' {marker}",
+                          timeout=1)
+    [res] = build(path, store=store)
+    assert res.steps["snap"].status == "failed" and "not ready after 1 s" in res.steps["snap"].error
+    assert no_server_left(str(marker)), "a server that never got ready must be stopped"
+
+
+def test_failed_dump_shows_criu_reason(recipe, store, tmp_path):
+    sock_path = tmp_path / "outside.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock_path))
+    listener.listen(1)
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+    port = free_port()
+    try:
+        [res] = build(counter_recipe(recipe, port, extra_args=f"--connect-unix {sock_path}"), store=store)
+    finally:
+        listener.close()
+    snap = res.steps["snap"]
+    assert snap.status == "failed" and "criu dump" in snap.error
+    assert "External socket is used" in snap.error
+    assert res.steps["server"].status == "built", "the warm-up itself worked; the dump failed"
+    assert port_free(port) and no_server_left("counter_server.py")
+
+
+def test_missing_criu_names_the_setup_command(run_cli, recipe):
+    path = counter_recipe(recipe, free_port())
+    r = run_cli("plan", path, env={"SNAPBUILD_CRIU": "/nonexistent/criu"})
+    assert r.code == 3 and "steps -> snap" in r.err and "ci/install-criu.sh" in r.err
+
+
+def test_cached_checkpoint_does_not_start_the_server(recipe, store):
+    port = free_port()
+    path = counter_recipe(recipe, port)
+    build(path, store=store)
+    [again] = build(path, store=store)
+    assert {r.status for r in again.steps.values()} == {"cached"}
+
+
+def test_runner_cli_restore_and_stop(run_cli, recipe, store):
+    port = free_port()
+    build(counter_recipe(recipe, port), store=store)
+    r = run_cli("restore", "counter:v1", "--json", tool="snapbuild-runner")
+    assert r.code == 0, r
+    out = r.json()
+    assert out["mode"] == "restore" and post(port, "/count")["count"] == 3
+    assert run_cli("stop", str(out["pid"]), tool="snapbuild-runner").code == 0
+    assert port_free(port)
+    r = run_cli("run", "counter:v1")  # the same through snapbuild
+    assert r.code == 0 and "restored: pid" in r.out, r
+    pid = int(r.out.split("pid ")[1].split(",")[0])
+    assert run_cli("stop", str(pid), tool="snapbuild-runner").code == 0
