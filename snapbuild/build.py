@@ -70,7 +70,7 @@ def _publish(recipe: Recipe, result: BuildResult, store: Store, tag: str | None,
             outputs.update(trees)  # the server's inputs travel with it
     digest, blobs = assemble(store.blobs, name=recipe.name, variant=recipe.variant, steps=steps,
                              outputs=outputs, runtime=runtime)
-    store.pin_snapshot(recipe.build_id, digest, blobs)
+    store.pin_snapshot(recipe.build_id, digest)
     result.snapshot = digest
     if tag:
         ref = snapshot_ref(tag, recipe.name)

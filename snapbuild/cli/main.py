@@ -183,6 +183,39 @@ def run_snapshot(ref, registry, fallback, as_json):
     print_restore(run(ref, registry=registry, fallback=fallback), as_json)
 
 
+@cli.command(name="bench")
+@click.argument("ref")
+@registry_option
+@click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Runs of each mode (cold boot, restore), alternated.")
+@click.option("--drop-caches/--no-drop-caches", default=None,
+              help="Also measure with the page cache dropped before every run (default: when root).")
+@json_option
+def bench_snapshot(ref, registry, runs, drop_caches, as_json):
+    """Cold boot to ready versus restore to ready, medians and ratio.
+
+    Both modes start the same server from the same snapshot and must answer the same
+    query; the port must be free. Needs the snapshot's server to answer `POST /infer`.
+    """
+    from ..runner.bench import bench
+
+    say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
+    r = bench(ref, runs=runs, registry=registry, drop=drop_caches, progress=say)
+    if as_json:
+        emit_json(r)
+        return
+    click.echo(f"{ref}: {runs} runs per mode, alternated; seconds from runner start to ready")
+    click.echo(f"  {'page cache':<12} {'cold median':>12} {'restore median':>15} {'speedup':>8}")
+    for label, phase in (("warm", r["warm"]), ("dropped", r["page_cache_dropped"])):
+        if phase:
+            click.echo(f"  {label:<12} {phase['cold_s']['median']:>12.3f} {phase['restore_s']['median']:>15.3f} "
+                       f"{phase['speedup']:>7.1f}x")
+    click.echo(f"  first restore on this node (writes the images out): {r['restore_first_s']:.3f}s")
+    click.echo(f"  answers identical across modes: {'yes' if r['answers_match'] else 'NO'}")
+    if r.get("note"):
+        click.echo(f"  note: {r['note']}")
+
+
 @cli.command()
 @json_option
 def doctor(as_json):

@@ -25,7 +25,7 @@ from ..errors import NotFound, SnapbuildError, UsageError
 from ..runtime import probe as probes
 from ..runtime import process, server
 from ..store import Store
-from ..store.tree import load_tree, materialize
+from ..runtime.trees import ensure_tree
 from .pull import pull
 
 
@@ -134,12 +134,12 @@ def _restore(runtime: dict, store: Store, timings: dict) -> int:
     run_dir, _env = server.prepare(spec, store.blobs)
     log = run_dir / server.LOG_NAME
     log.touch()  # CRIU reopens the server's log by path
-    images = Path(tempfile.mkdtemp(prefix="snapbuild-images-", dir=_fast_dir()))
+    # The images are written out (verified) once per node, on tmpfs when there is
+    # one, and reused by later restores of the same checkpoint: CRIU only reads them.
+    ckpt, _ = ensure_tree(store.blobs, runtime["artifact"], _images_root(spec))
+    images = ckpt / "images"
+    work = Path(tempfile.mkdtemp(prefix="snapbuild-restore-"))
     try:
-        tree = load_tree(store.blobs, runtime["artifact"])
-        sub = {"mediaType": tree["mediaType"], "entries": [
-            {**e, "path": e["path"][len("images/"):]} for e in tree["entries"] if e["path"].startswith("images/")]}
-        materialize(store.blobs, sub, images)
         busy = [p for p in runtime["pids"] if not process.wait_gone([p], timeout=3)]
         if busy:
             raise _NoRestore(f"PID {busy[0]} is in use by another process (a host-process snapshot restores "
@@ -147,13 +147,13 @@ def _restore(runtime: dict, store: Store, timings: dict) -> int:
         timings["materialize_s"] = round(time.monotonic() - t, 4)
         t = time.monotonic()
         try:
-            pid = engine.restore(images, images / "work")
+            pid = engine.restore(images, work)
         except SnapbuildError as e:
             process.wait_gone(runtime["pids"], timeout=3)  # what a failed restore left behind
             raise _NoRestore(f"restore failed: {e.message}") from None
         timings["restore_s"] = round(time.monotonic() - t, 4)
     finally:
-        shutil.rmtree(images, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     t = time.monotonic()
     try:
         probes.wait_ready(spec["ready"], log_path=log, alive=lambda: process.alive(pid), timeout=30)
@@ -179,10 +179,12 @@ def _cold(spec: dict, store: Store, timings: dict) -> int:
     return started.pid
 
 
-def _fast_dir() -> str | None:
-    """tmpfs when there is one: restore reads every page image once, fast."""
-    shm = "/dev/shm"
-    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+def _images_root(spec: dict) -> Path:
+    """tmpfs when there is one (restore reads every page image once), else the run root."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return shm / "snapbuild"
+    return Path(spec["run_root"])
 
 
 def stop(pid: int) -> bool:

@@ -9,7 +9,7 @@ compile:
     python3 -m compileall -q src
   outputs: [src/]
   env: {PYTHONHASHSEED: "0"}
-  pass_env: [HTTPS_PROXY]   # values come from the caller and stay out of the key
+  pass_env: [HTTPS_PROXY, "PIP_*"]  # values come from the caller and stay out of the key
   timeout: 600
 ```
 
@@ -23,6 +23,7 @@ work share one cache entry.)
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import signal
@@ -60,6 +61,25 @@ class CommandSpec(StepSpec):
             if p.startswith("/") or ".." in Path(p).parts:
                 raise ValueError(f"output {p!r} must be a path inside the work folder")
         return v
+
+
+def passed_env(names: list[str]) -> dict[str, str]:
+    """The caller's values for ``pass_env``: plain names must be set; glob patterns
+    (``PIP_*``) pass whichever matching variables are set, possibly none."""
+    out: dict[str, str] = {}
+    missing = []
+    for name in names:
+        if any(c in name for c in "*?["):
+            out.update({k: v for k, v in os.environ.items() if fnmatch.fnmatchcase(k, name)})
+        elif name in os.environ:
+            out[name] = os.environ[name]
+        else:
+            missing.append(name)
+    if missing:
+        raise StepError(f"pass_env names variables that are not set: {', '.join(missing)}",
+                        hint="export them before running snapbuild, drop them from pass_env, "
+                             "or use a pattern such as PIP_* (matches zero or more)")
+    return out
 
 
 def tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
@@ -102,11 +122,7 @@ class CommandStep:
             "TMPDIR": str(tmp),
             "SNAPBUILD_INPUTS": str(inputs),
         }
-        missing = [n for n in spec.pass_env if n not in os.environ]
-        if missing:
-            raise StepError(f"pass_env names variables that are not set: {', '.join(missing)}",
-                            hint="export them before running snapbuild, or drop them from pass_env")
-        env.update({n: os.environ[n] for n in spec.pass_env})
+        env.update(passed_env(spec.pass_env))
         env.update(spec.env)
 
         ctx.log.write(f"$ {spec.run}\n")

@@ -276,27 +276,39 @@ class Store:
         return sorted(d.glob("*.json")) if d.is_dir() else []
 
     def _pinned(self, skip: set[Path] = frozenset()) -> set[str]:
-        """Blobs kept alive by snapshot pins (the last snapshot of each build or pull)."""
+        """Blobs kept alive by snapshot pins (the last snapshot of each build or pull):
+        each pinned manifest and every blob it lists."""
+        import json
+
         pins = set()
         for p in self._pin_files():
             if p in skip:
                 continue
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                data = read_json(p)
-                pins.add(data["manifest"])
-                pins.update(data.get("blobs", []))
+            with contextlib.suppress(OSError, ValueError, KeyError, NotFound, IntegrityError):
+                digest = read_json(p)["manifest"]
+                manifest = json.loads(self.blobs.get(digest))
+                pins.add(digest)
+                pins.add(manifest["config"]["digest"])
+                pins.update(layer["digest"] for layer in manifest["layers"])
         return pins
 
-    def pin_snapshot(self, name: str, manifest_digest: str, blobs: list[str]) -> None:
-        """Keep ``name``'s latest snapshot (and so its blobs) from gc; an older snapshot
-        of the same name is let go. Written only when it changes."""
-        path = self.home / "refs" / "snapshots" / f"{_safe(name)}.json"
-        data = {"name": name, "manifest": manifest_digest, "blobs": sorted(set(blobs))}
-        with contextlib.suppress(OSError, ValueError):
-            if read_json(path) == data:
+    def pinned_manifest(self, name: str) -> str | None:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            return read_json(self._pin_path(name))["manifest"]
+        return None
+
+    def _pin_path(self, name: str) -> Path:
+        return self.home / "refs" / "snapshots" / f"{_safe(name)}.json"
+
+    def pin_snapshot(self, name: str, manifest_digest: str) -> None:
+        """Keep ``name``'s latest snapshot (its manifest, and so its blobs) from gc; an
+        older snapshot of the same name is let go. Written only when it changes."""
+        path = self._pin_path(name)
+        if self.pinned_manifest(name) == manifest_digest:
+            with contextlib.suppress(OSError):
                 os.utime(path)  # still in use: `gc --older-than` keeps it
-                return
-        atomic_write_json(path, data, tmp_dir=self.home / "tmp")
+            return
+        atomic_write_json(path, {"name": name, "manifest": manifest_digest}, tmp_dir=self.home / "tmp")
 
     def du(self) -> dict:
         n = total = 0

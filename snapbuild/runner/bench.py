@@ -1,0 +1,120 @@
+"""``snapbuild bench REF``: cold boot to ready versus restore to ready, on this node.
+
+Runs alternate (cold, restore, cold, restore, ...) so that drift in the machine's load
+hits both sides alike; each is timed from the runner's start to a passing readiness
+probe, then the server answers one query (both modes must answer the same) and is
+stopped. Reported: medians, min and max, and the ratio of medians, with the page cache
+warm and, where allowed (root), dropped before every run; plus one restore on a node
+that has not yet written the checkpoint's images out.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+
+from ..runtime import probe as probes
+from ..runtime import process
+from ..runtime.trees import tree_dir
+from ..store import Store
+from .pull import pull
+from .restore import _images_root, _port, run, stop
+
+
+def can_drop_caches() -> bool:
+    return os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
+
+
+def drop_caches() -> None:
+    subprocess.run(["sync"], check=False)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def _once(ref: str, mode: str, store: Store, registry: str | None, spec: dict) -> tuple[float, dict, str]:
+    out = run(ref, registry=registry, mode=mode, store=store)
+    try:
+        status, body = probes.http_call({"http": "POST /infer", "body": "{}"}, probes.base_url(spec["ready"]))
+        answer = body.decode(errors="replace") if status == 200 else f"HTTP {status}"
+    finally:
+        stop(out["pid"])
+    addr = _port(spec)
+    for _ in range(100):  # the next run needs the port (and, to restore, the PIDs) back
+        if not addr or not _port_busy(addr):
+            break
+        process.wait_gone([out["pid"]], timeout=0.05)
+    return out["timings"]["total_s"], out, answer
+
+
+def _port_busy(addr) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(addr) == 0
+
+
+def _summary(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
+            "max": round(max(values), 4), "runs": [round(v, 4) for v in values]}
+
+
+def bench(ref: str, *, runs: int = 5, registry: str | None = None, store: Store | None = None,
+          drop: bool | None = None, progress=lambda msg: None) -> dict:
+    store = store or Store()
+    config = pull(ref, registry=registry, store=store)["config"]
+    runtime = config.get("runtime")
+    if not runtime:
+        from ..errors import NotFound
+
+        raise NotFound(f"{ref} holds no checkpoint to benchmark")
+    spec = runtime["server"]
+    drop = can_drop_caches() if drop is None else drop
+
+    # One restore where the images are not yet written out on this node.
+    shutil.rmtree(tree_dir(_images_root(spec), runtime["artifact"]), ignore_errors=True)
+    first, first_out, _ = _once(ref, "restore", store, registry, spec)
+    progress(f"first restore on this node (images written out): {first:.3f}s")
+
+    phases = [("warm", False)] + ([("dropped", True)] if drop else [])
+    result = {"ref": ref, "runs": runs, "restore_first_s": round(first, 4), "answers_match": True}
+    for label, do_drop in phases:
+        cold, restored, modes = [], [], []
+        answers = set()
+        for i in range(runs):
+            for mode, bucket in (("cold", cold), ("restore", restored)):
+                if do_drop:
+                    drop_caches()
+                t, out, answer = _once(ref, mode, store, registry, spec)
+                bucket.append(t)
+                modes.append(out["mode"])
+                answers.add(_digest_only(answer))
+                progress(f"[{label} page cache] run {i + 1}/{runs} {mode:<7} {t:.3f}s")
+        if any(m != want for m, want in zip(modes, ["cold", "restore"] * runs)):
+            result["note"] = "some restores fell back to a cold boot; see `snapbuild run` for the reason"
+        result["answers_match"] &= len(answers) == 1
+        phase = {"cold_s": _summary(cold), "restore_s": _summary(restored),
+                 "speedup": round(statistics.median(cold) / statistics.median(restored), 2)}
+        result[label] = phase
+    warm = result["warm"]
+    result.update(cold_s=warm["cold_s"]["median"], restore_s=warm["restore_s"]["median"], speedup=warm["speedup"],
+                  page_cache_dropped=result.get("dropped"))
+    result.pop("dropped", None)
+    result["checkpoint_bytes"] = runtime.get("stats", {}).get("pages_bytes")
+    return result
+
+
+def _digest_only(answer: str) -> str:
+    """Compare answers without the per-process call counter."""
+    import json
+
+    try:
+        obj = json.loads(answer)
+        obj.pop("calls", None)
+        return json.dumps(obj, sort_keys=True)
+    except ValueError:
+        return answer
+
+
+__all__ = ["bench", "can_drop_caches"]
