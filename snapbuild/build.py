@@ -31,8 +31,11 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
     store = store or Store()
     reporter = reporter or NullReporter()
     recipes = load_recipe(recipe_path, sets)
+    # Bad publishing options fail now, not after every step has run.
     if tag:
-        snapshot_ref(tag, recipes[0].name)  # a bad tag fails now, not after the build
+        snapshot_ref(tag, recipes[0].name)
+    if registry:
+        open_registry(registry)
     if tag and len(recipes) > 1:
         raise UsageError(f"--tag names one snapshot but the recipe's matrix makes {len(recipes)}",
                          hint="set `publish: {tag: ...}` with a matrix variable in the recipe instead")

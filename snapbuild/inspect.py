@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 
 from .registry import default_registry_url, open_registry, parse_ref
 from .store import Store
-from .store.blobs import BlobStore
-from .store.snapshot import load_config, parse_manifest
+from .store.snapshot import parse_manifest
 from .store.tree import load_tree, tree_size
 
 
@@ -23,12 +24,11 @@ def inspect_snapshot(text: str, registry: str | None = None, store: Store | None
     ref = parse_ref(text)
     digest = reg.resolve(ref)
     manifest = parse_manifest(reg.get_blob(ref.name, digest), digest)
-    blobs = BlobStore(reg.root / ref.name)  # file registry: read its layout directly
-    config = load_config(blobs, manifest)
+    config = json.loads(reg.get_blob(ref.name, manifest["config"]["digest"]))
     outputs = []
     content = 0
     for step, tree_digest in config["outputs"].items():
-        tree = load_tree(blobs, tree_digest)
+        tree = json.loads(reg.get_blob(ref.name, tree_digest))  # verified, with the registry's own hint
         size = tree_size(tree)
         content += size
         outputs.append({"step": step, "tree": tree_digest, "bytes": size,

@@ -117,7 +117,7 @@ def _one(path: Path, src: Located, header: _Header, combo: dict, sets: dict) -> 
             raise src.error(where, "the step has no `kind:`", hint=f"known kinds: {', '.join(kind_names())}")
         kind_name = body["kind"]
         if not isinstance(kind_name, str):
-            raise src.error(where + ("kind",), f"`kind:` must be a name, not a {type(kind_name).__name__}",
+            raise src.error(where + ("kind",), f"`kind:` must be a name (got {kind_name!r})",
                             hint=f"known kinds: {', '.join(kind_names())}")
         try:
             kind = get_kind(kind_name)
@@ -152,7 +152,7 @@ def _one(path: Path, src: Located, header: _Header, combo: dict, sets: dict) -> 
     if cycle:
         names = [a for a, _ in cycle]
         raise src.error(("steps", names[0]), "dependency cycle: " + " -> ".join(names + [names[0]]),
-                        key=True, hint="remove one of these references (needs:, from:, ...) to break the cycle")
+                        key=True, hint="remove one of these references (needs:, process:, ...) to break the cycle")
 
     publish = header.publish or _Publish()
     tag = render_value(publish.tag, ctx, src, ("publish", "tag")) if publish.tag else None

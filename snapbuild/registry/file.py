@@ -4,8 +4,8 @@
     ROOT/<name>/index.json        tags as org.opencontainers.image.ref.name annotations
     ROOT/<name>/blobs/sha256/<hex>
 
-This is the standard OCI layout, so ``skopeo inspect oci:ROOT/<name>:<tag>`` and
-``oras`` read it directly. Blobs are hard-linked from the source store when both sit on
+This is the standard OCI layout: ``skopeo inspect --raw oci:ROOT/<name>:<tag>`` reads it
+and ``skopeo copy`` copies it with the digest unchanged (tested; oras is untested). Blobs are hard-linked from the source store when both sit on
 one filesystem, else copied and verified. The index is replaced atomically under a
 lock, after every blob it names is in place: a crash mid-push leaves the old tags.
 """

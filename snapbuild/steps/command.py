@@ -149,8 +149,9 @@ class CommandStep:
             _kill_group(proc)
             raise
         if rc != 0:
+            recipe = ctx.recipe.path if ctx.recipe is not None else "RECIPE"
             raise StepError(f"command exited with status {rc}", log_tail=tail(ctx.log_path),
-                            hint=f"full log: snapbuild logs RECIPE {ctx.name}")
+                            hint=f"full log: snapbuild logs {recipe} {ctx.name}")
 
         items: list[tuple[str, Path]] = []
         for pattern in spec.outputs:

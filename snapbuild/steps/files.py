@@ -62,8 +62,13 @@ def select(spec: FilesSpec, base_dir: Path) -> tuple[Path, list[tuple[str, Path]
         dirnames[:] = sorted(d for d in dirnames if not exc.match_file(prefix + d + "/"))
         for name in sorted(filenames) + [d for d in dirnames if os.path.islink(Path(dirpath, d))]:
             rel = prefix + name
+            path = Path(dirpath, name)
+            # FIFOs, sockets and devices are not content: reading a FIFO would block.
+            mode = os.lstat(path).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+                continue
             if inc.match_file(rel) and not exc.match_file(rel):
-                items.append((rel, Path(dirpath, name)))
+                items.append((rel, path))
     return root, sorted(items)
 
 

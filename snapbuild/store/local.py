@@ -3,7 +3,8 @@
     $SNAPBUILD_HOME/
       blobs/sha256/<hex>        content-addressed chunks, trees, configs, manifests
       refs/steps/<key>.json     step key -> {"artifact": tree digest, ...}
-      refs/snapshots/<name>.json the last snapshot of each build (or pull), kept by gc
+      refs/snapshots/build/<build>.json   the last snapshot of each build, kept by gc
+      refs/snapshots/pulled/<name>.json   the last pull of each name (on nodes)
       state/<build>/<step>.json what each step was last built from (for `plan`'s "why")
       logs/<key>.log            the log of the build that produced a step key
       locks/                    flock files: store.lock (shared by builds, exclusive for gc)
@@ -212,11 +213,34 @@ class Store:
                 self.blobs.remove(digest)
         _, report.broken_refs = self.referenced()
         report.refs_checked = sum(1 for _ in self.refs())
+        broken_pins = self._broken_pins()
+        report.broken_refs += [(f"pin:{p.parent.name}/{p.stem}", why) for p, why in broken_pins]
         if repair:
             for key, _why in report.broken_refs:
-                self._ref_path(key).unlink(missing_ok=True)
+                if not key.startswith("pin:"):
+                    self._ref_path(key).unlink(missing_ok=True)
+            for p, _why in broken_pins:
+                p.unlink(missing_ok=True)
             report.repaired = True
         return report
+
+    def _broken_pins(self) -> list[tuple[Path, str]]:
+        """Pinned snapshots whose manifest or blobs are missing or corrupt."""
+        import json
+
+        out = []
+        for p in self._pin_files():
+            try:
+                digest = read_json(p)["manifest"]
+                manifest = json.loads(self.blobs.get(digest))
+                wanted = [manifest["config"]["digest"]] + [layer["digest"] for layer in manifest["layers"]]
+            except (OSError, ValueError, KeyError, NotFound, IntegrityError) as e:
+                out.append((p, f"snapshot manifest unreadable: {e}"))
+                continue
+            missing = [d for d in wanted if not self.blobs.has(d)]
+            if missing:
+                out.append((p, f"snapshot {digest[:19]} lacks {len(missing)} blobs, e.g. {missing[0]}"))
+        return out
 
     def gc(self, *, older_than_s: float | None = None, dry_run: bool = False) -> GcReport:
         """Remove unreferenced blobs and stale temp files; with ``older_than_s``, first
@@ -273,7 +297,7 @@ class Store:
 
     def _pin_files(self) -> list[Path]:
         d = self.home / "refs" / "snapshots"
-        return sorted(d.glob("*.json")) if d.is_dir() else []
+        return sorted(d.glob("*/*.json")) if d.is_dir() else []
 
     def _pinned(self, skip: set[Path] = frozenset()) -> set[str]:
         """Blobs kept alive by snapshot pins (the last snapshot of each build or pull):
@@ -298,7 +322,11 @@ class Store:
         return None
 
     def _pin_path(self, name: str) -> Path:
-        return self.home / "refs" / "snapshots" / f"{_safe(name)}.json"
+        # Builds and pulls pin in separate folders: no recipe name can collide with a pull.
+        space, sep, rest = name.partition(":")
+        if sep and space == "pulled":
+            return self.home / "refs" / "snapshots" / "pulled" / f"{_safe(rest)}.json"
+        return self.home / "refs" / "snapshots" / "build" / f"{_safe(name)}.json"
 
     def pin_snapshot(self, name: str, manifest_digest: str) -> None:
         """Keep ``name``'s latest snapshot (its manifest, and so its blobs) from gc; an

@@ -9,7 +9,7 @@ See docs/format.md for the full description. In short::
                then every chunk blob those trees name (zstd or raw), each once
 
 Listing every chunk as a layer keeps registries from garbage-collecting them and lets
-standard OCI clients (skopeo, oras) copy a snapshot without knowing its format.
+standard OCI clients copy a snapshot without knowing its format (tested with skopeo).
 This module is shared by the build side and the runner, so it imports only the store.
 """
 

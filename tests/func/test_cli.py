@@ -162,3 +162,17 @@ def test_matrix_builds(run_cli, recipe):
     r = run_cli("plan", path, "--set", "size=m", "--json")
     assert [s["action"] for s in r.json()["steps"]] == ["cached"]
     assert run_cli("build", path, "--tag", "x:y").code == 2
+
+
+def test_bad_registry_fails_before_any_step_runs(run_cli, recipe, tmp_path):
+    marker = tmp_path / "ran"
+    path = recipe(f"name: demo\nsteps:\n  s: {{kind: command, run: 'touch {marker}'}}\n")
+    r = run_cli("build", path, "--registry", "ftp://nowhere/x")
+    assert r.code == 2 and "not supported" in r.err
+    assert not marker.exists()
+
+
+def test_failed_step_tip_names_the_recipe(run_cli, recipe):
+    path = recipe("name: demo\nsteps:\n  bad: {kind: command, run: 'exit 1'}\n")
+    r = run_cli("build", path, "--progress", "plain")
+    assert f"tip: full log: snapbuild logs {path} bad" in r.err

@@ -240,7 +240,7 @@ def test_parse_sets_rejects_malformed():
 
 def test_kind_must_be_a_name(recipe):
     e = load_error(recipe("name: demo\nsteps:\n  s: {kind: [files]}\n"))
-    assert "must be a name, not a list" in e.message and e.key_path == ("steps", "s", "kind")
+    assert "must be a name (got ['files'])" in e.message and e.key_path == ("steps", "s", "kind")
 
 
 def test_unresolvable_pins_point_at_the_step(recipe, store):

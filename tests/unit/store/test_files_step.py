@@ -22,3 +22,12 @@ def test_files_changed_between_plan_and_build_fail_the_step(store, project):
         kind.build(spec, ctx)
     (project / "a.txt").write_text("at plan time")
     assert kind.build(spec, ctx).startswith("sha256:")
+
+
+def test_special_files_are_left_out(store, project):
+    import os
+
+    (project / "a.txt").write_text("x")
+    os.mkfifo(project / "pipe")  # reading it would block the plan forever
+    pins = FilesStep().pins(FilesSpec(kind="files"), PinContext(base_dir=project, store=store))
+    assert list(pins["files"]) == ["a.txt"]

@@ -30,7 +30,9 @@ def test_verify_detects_and_repair_recovers(recipe, store):
     assert report.corrupt_blobs == [victim] and not report.ok
     report = store.verify(repair=True)
     assert report.repaired and not store.blobs.has(victim)
-    assert {k for k, _ in report.broken_refs} <= {r.key for r in res.steps.values()}
+    steps = {k for k, _ in report.broken_refs if not k.startswith("pin:")}
+    assert steps <= {r.key for r in res.steps.values()}
+    assert "pin:build/demo" in {k for k, _ in report.broken_refs}, "the snapshot using it is dropped too"
     assert report.broken_refs, "entries using the corrupt blob must be dropped"
 
     [again] = build(path, store=store)
@@ -123,3 +125,19 @@ def test_state_names_do_not_collide(store):
     store.put_state("m[model=org/x]", "s", {"v": 1})
     store.put_state("m[model=org_x]", "s", {"v": 2})
     assert store.get_state("m[model=org/x]", "s") == {"v": 1}
+
+
+def test_verify_reports_and_repairs_a_broken_snapshot_pin(recipe, store):
+    [res] = build(recipe(RECIPE), store=store)
+    store.blobs.remove(res.snapshot)
+    report = store.verify()
+    assert any(k.startswith("pin:build/") for k, _ in report.broken_refs) and not report.ok
+    store.verify(repair=True)
+    assert store.verify().ok
+
+
+def test_build_and_pull_pins_never_collide(store):
+    m1, m2 = store.blobs.put(b"manifest one"), store.blobs.put(b"manifest two")
+    store.pin_snapshot("pulled:pipeline", m1)
+    store.pin_snapshot("pulled_pipeline", m2)
+    assert store.pinned_manifest("pulled:pipeline") == m1 and store.pinned_manifest("pulled_pipeline") == m2
