@@ -109,15 +109,15 @@ def test_counter_snapshot_restores_warm_state_and_boots_cold(recipe, store):
     assert port_free(port)
 
 
-def retarget(store: Store, ref: str, new_tag: str, change) -> str:
-    """Publish a copy of a snapshot whose runtime fingerprint is changed, as if it had
-    been built on another machine (digests recomputed: the copy verifies)."""
+def retarget(store: Store, ref: str, new_tag: str, change, what: str = "fingerprint") -> str:
+    """Publish a copy of a snapshot whose runtime fingerprint (or whole runtime section)
+    is changed, as if built elsewhere (digests recomputed: the copy verifies)."""
     reg = open_registry(f"file://{store.home / 'registry'}")
     r = parse_ref(ref)
     digest = reg.resolve(r)
     manifest = parse_manifest(reg.get_blob(r.name, digest), digest)
     config = load_config(store.blobs, manifest)
-    change(config["runtime"]["fingerprint"])
+    change(config["runtime"]["fingerprint"] if what == "fingerprint" else config["runtime"])
     data = canonical_json(config)
     manifest["config"] = {**manifest["config"], "digest": store.blobs.put(data), "size": len(data)}
     new = store.blobs.put(canonical_json(manifest))
@@ -205,11 +205,41 @@ def test_missing_criu_names_the_setup_command(run_cli, recipe):
 
 
 def test_cached_checkpoint_does_not_start_the_server(recipe, store):
+    from snapbuild.build import plan
+
     port = free_port()
     path = counter_recipe(recipe, port)
     build(path, store=store)
     [again] = build(path, store=store)
     assert {r.status for r in again.steps.values()} == {"cached"}
+    path.write_text(path.read_text().replace("repeat: 2", "repeat: 5"))
+    [p] = plan(path, store=store)
+    got = {n: (s.action, s.reason) for n, s in p.steps.items()}
+    assert got["server"] == ("run", "needed by snap"), "the warm-up runs only for its checkpoint"
+    assert got["snap"] == ("run", "input server changed")
+
+
+def test_pid_taken_falls_back_to_cold_with_the_reason(recipe, store):
+    port, other = free_port(), free_port()
+    build(counter_recipe(recipe, port), store=store)
+    first = run("counter:v1", store=store)  # holds the snapshot's PIDs (and its port)
+
+    def elsewhere(runtime):  # the same checkpoint, served on another port
+        srv = runtime["server"]
+        srv["argv"] = [a.replace(str(port), str(other)) for a in srv["argv"]]
+        srv["ready"] = {**srv["ready"], "http": srv["ready"]["http"].replace(str(port), str(other))}
+
+    tag = retarget(store, "counter:v1", "counter:elsewhere", elsewhere, what="runtime")
+    try:
+        second = run(tag, store=store)
+        try:
+            assert second["mode"] == "cold"
+            assert f"PID {first['pid']} is in use" in second["reason"]
+            assert post(other, "/count")["count"] == 1
+        finally:
+            stop(second["pid"])
+    finally:
+        stop(first["pid"])
 
 
 def test_runner_cli_restore_and_stop(run_cli, recipe, store):
