@@ -39,6 +39,7 @@ def inspect_snapshot(text: str, registry: str | None = None, store: Store | None
         "blobs": 1 + len(manifest["layers"]),
         "stored_bytes": manifest["config"]["size"] + sum(layer["size"] for layer in manifest["layers"]),
         "content_bytes": content, "manifest": manifest,
+        "checkpoint": (config.get("runtime") or {}).get("stats"),
     }
 
 

@@ -157,6 +157,11 @@ def inspect(ref, registry, as_json):
     click.echo(f"  recipe {info['name']}" + (f" {info['variant']}" if info["variant"] else ""))
     click.echo(f"  {info['blobs']} blobs, {_size(info['stored_bytes'])} stored, "
                f"{_size(info['content_bytes'])} of content")
+    ck = info.get("checkpoint")
+    if ck:
+        click.echo(f"  checkpoint: {_size(ck.get('pages_bytes', 0))} of memory pages; at the dump "
+                   f"{_size(ck.get('anonymous_bytes', 0))} anonymous, "
+                   f"{_size(ck.get('file_backed_bytes', 0))} file-backed (left out)")
     click.echo("  outputs:")
     for o in info["outputs"]:
         click.echo(f"    {o['step']:<16} {o['files']:>5} files {_size(o['bytes']):>10}  {o['tree'][:19]}")

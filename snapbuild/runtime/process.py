@@ -124,6 +124,23 @@ def _reap(pid: int) -> None:
         pass
 
 
+def memory(pids: list[int]) -> dict:
+    """Resident memory of these processes, split into anonymous (what a checkpoint must
+    hold) and file-backed (left out when the file is unchanged), in bytes."""
+    total = {"rss": 0, "anonymous": 0}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    key, _, rest = line.partition(":")
+                    if key in ("Rss", "Anonymous"):
+                        total[key.lower() if key == "Rss" else "anonymous"] += int(rest.split()[0]) * 1024
+        except (OSError, ValueError, IndexError):
+            continue
+    return {"rss_bytes": total["rss"], "anonymous_bytes": total["anonymous"],
+            "file_backed_bytes": max(0, total["rss"] - total["anonymous"])}
+
+
 def tail(path: Path, n: int = 20) -> str:
     try:
         with open(path, errors="replace") as f:

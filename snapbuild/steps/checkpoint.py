@@ -27,6 +27,7 @@ from .base import BuildContext, PinContext, StepSpec
 
 FORMAT = 1
 MANIFEST = "checkpoint.json"
+ANON_TIP_BYTES = 256 << 20  # above this, suggest mapping weights instead
 
 
 class CheckpointSpec(StepSpec):
@@ -92,6 +93,7 @@ class CheckpointStep:
                                 hint="the server's log is above; `ready:` sets the probe and its timeout") from None
             warm_s = time.monotonic() - t0
             pids = process.tree(started.pid)
+            mem = process.memory(pids)
             images = scratch / "images"
             t1 = time.monotonic()
             try:
@@ -103,6 +105,12 @@ class CheckpointStep:
             (images / "dump.log").unlink(missing_ok=True)
             pages = sum(p.stat().st_size for p in images.glob("pages-*.img"))
             say(f"dumped {len(pids)} process(es) in {dump_s:.2f}s: {pages / 2**20:.1f} MiB of memory pages")
+            say(f"memory at the dump: {mem['anonymous_bytes'] / 2**20:.1f} MiB anonymous (in the checkpoint), "
+                f"{mem['file_backed_bytes'] / 2**20:.1f} MiB file-backed (left out while unchanged)")
+            if mem["anonymous_bytes"] > ANON_TIP_BYTES:
+                say(f"tip: {mem['anonymous_bytes'] / 2**20:.0f} MiB of the checkpoint is anonymous memory; if it "
+                    "holds model weights, memory-map them from a weights input (e.g. torch.load(mmap=True)) "
+                    "to leave them out: smaller snapshots restore faster")
             manifest = {
                 "format": FORMAT,
                 "engine": spec.engine,
@@ -110,7 +118,7 @@ class CheckpointStep:
                 "server": server_spec,
                 "pids": pids,
                 "fingerprint": ctx.pins["fingerprint"],
-                "stats": {"warm_s": round(warm_s, 3), "dump_s": round(dump_s, 3), "pages_bytes": pages,
+                "stats": {"warm_s": round(warm_s, 3), "dump_s": round(dump_s, 3), "pages_bytes": pages, **mem,
                           "images_bytes": sum(p.stat().st_size for p in images.iterdir())},
             }
             (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

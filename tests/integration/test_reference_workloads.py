@@ -89,6 +89,9 @@ def test_torch_checkpoint_leaves_mapped_weights_out(built):
     # The weights are mapped from their read-only folder, so the dump holds far less
     # than the model: the process's own memory only.
     assert sizes["snap"] < sizes["weights"] * 0.6
+    ck = info["checkpoint"]
+    assert ck["file_backed_bytes"] > 300 * 2**20, "the mapped weights are resident but file-backed"
+    assert abs(ck["anonymous_bytes"] - ck["pages_bytes"]) < 16 * 2**20, "the dump holds the anonymous memory"
 
 
 def test_bench_reports_medians_and_speedup(built, run_cli):
