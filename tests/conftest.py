@@ -16,6 +16,14 @@ from snapbuild.store import Store
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(autouse=True)
+def _machine_dirs(tmp_path, monkeypatch):
+    """Servers' run root and the node's image cache go to temp folders, never to the
+    machine's defaults (/var/lib/snapbuild, /dev/shm/snapbuild)."""
+    monkeypatch.setenv("SNAPBUILD_RUN_ROOT", str(tmp_path / "run-root"))
+    monkeypatch.setenv("SNAPBUILD_IMAGE_CACHE", str(tmp_path / "image-cache"))
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """A fresh $SNAPBUILD_HOME for this test (also seen by CLI subprocesses)."""

@@ -31,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
                                     "CPU, PID taken, failed restore...) boot the same server cold, and say why. "
                                     "The server keeps running; stop it with `snapbuild-runner stop PID`.")
     add_restore_args(rs)
+    lg = sub.add_parser("logs", help="print the log of a snapshot's server on this node",
+                        description="Print the end of the server log of a snapshot started here (restored "
+                                    "or cold): the same file before and after a restore.")
+    lg.add_argument("ref", help="NAME:TAG or NAME@sha256:...")
+    lg.add_argument("--registry", metavar="URL", help="registry URL (default: file://$SNAPBUILD_HOME/registry)")
+    lg.add_argument("-n", "--lines", type=int, default=50, help="how many lines from the end (default: 50)")
     st = sub.add_parser("stop", help="stop a server started by restore", description="Stop a server (and "
                         "everything in its session): SIGTERM, then SIGKILL after 10 s.")
     st.add_argument("pid", type=int)
@@ -84,6 +90,10 @@ def main(argv: list[str] | None = None) -> None:
             from .restore import run
 
             print_restore(run(args.ref, registry=args.registry, fallback=args.fallback), args.json)
+        elif args.command == "logs":
+            from .restore import server_log
+
+            sys.stdout.write(server_log(args.ref, registry=args.registry, lines=args.lines))
         elif args.command == "stop":
             from .restore import stop
 

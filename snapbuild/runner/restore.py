@@ -180,11 +180,26 @@ def _cold(spec: dict, store: Store, timings: dict) -> int:
 
 
 def _images_root(spec: dict) -> Path:
-    """tmpfs when there is one (restore reads every page image once), else the run root."""
+    """Where checkpoint images are written out: $SNAPBUILD_IMAGE_CACHE, else tmpfs when
+    there is one (restore reads every page image), else the run root."""
+    if os.environ.get("SNAPBUILD_IMAGE_CACHE"):
+        return Path(os.environ["SNAPBUILD_IMAGE_CACHE"])
     shm = Path("/dev/shm")
     if shm.is_dir() and os.access(shm, os.W_OK):
         return shm / "snapbuild"
     return Path(spec["run_root"])
+
+
+def server_log(ref: str, *, registry: str | None = None, lines: int = 50, store: Store | None = None) -> str:
+    """The end of the server log of snapshot ``ref`` on this node."""
+    config = pull(ref, registry=registry, store=store or Store())["config"]
+    if not config.get("runtime"):
+        raise NotFound(f"snapshot {ref} holds no checkpoint: it has no server log")
+    path = Path(config["runtime"]["server"]["run_dir"]) / server.LOG_NAME
+    if not path.exists():
+        raise NotFound(f"no server log at {path}: this snapshot has not run on this node",
+                       hint=f"start it with: snapbuild-runner restore {ref}")
+    return process.tail(path, lines)
 
 
 def stop(pid: int) -> bool:

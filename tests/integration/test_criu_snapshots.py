@@ -49,13 +49,6 @@ def port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-@pytest.fixture(autouse=True)
-def run_root(tmp_path, monkeypatch):
-    root = tmp_path / "run-root"
-    monkeypatch.setenv("SNAPBUILD_RUN_ROOT", str(root))
-    return root
-
-
 def counter_recipe(recipe, port: int, extra_args: str = "", run: str | None = None, timeout: int = 30) -> Path:
     command = run or f'{sys.executable} $SNAPBUILD_INPUTS/app/counter_server.py --port {port} {extra_args}'
     path = recipe(f"""
@@ -251,6 +244,10 @@ def test_runner_cli_restore_and_stop(run_cli, recipe, store):
     assert out["mode"] == "restore" and post(port, "/count")["count"] == 3
     assert run_cli("stop", str(out["pid"]), tool="snapbuild-runner").code == 0
     assert port_free(port)
+    r = run_cli("logs", "counter:v1", "-n", "2", tool="snapbuild-runner")
+    last = r.out.splitlines()
+    assert r.code == 0 and "GET /healthz" in last[0] and "POST /count" in last[1], \
+        "after the restore, the readiness probe and the query were logged to the same file"
     r = run_cli("run", "counter:v1")  # the same through snapbuild
     assert r.code == 0 and "restored: pid" in r.out, r
     pid = int(r.out.split("pid ")[1].split(",")[0])

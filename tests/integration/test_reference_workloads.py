@@ -40,9 +40,10 @@ def infer(port: int) -> dict:
 def built(tmp_path_factory):
     """Both workloads built into one store; the run root is shared like on a node."""
     home = tmp_path_factory.mktemp("ref-home")
-    old = {k: os.environ.get(k) for k in ("SNAPBUILD_HOME", "SNAPBUILD_RUN_ROOT")}
+    old = {k: os.environ.get(k) for k in ("SNAPBUILD_HOME", "SNAPBUILD_RUN_ROOT", "SNAPBUILD_IMAGE_CACHE")}
     os.environ["SNAPBUILD_HOME"] = str(home)
     os.environ["SNAPBUILD_RUN_ROOT"] = str(home / "run-root")
+    os.environ["SNAPBUILD_IMAGE_CACHE"] = str(home / "image-cache")
     store = Store(home)
     ports = {}
     try:
