@@ -45,21 +45,29 @@ def test_pull_fetches_verified_blobs_and_writes_outputs(recipe, store, tmp_path)
     assert again["blobs_fetched"] == 0, "a second pull fetches nothing"
 
 
-def test_pull_refuses_a_corrupt_registry_blob(recipe, store, tmp_path):
-    path = recipe("""
-        name: demo
-        steps:
-          a: {kind: command, run: "seq 100000 > n.txt", outputs: [n.txt]}
-        publish: {tag: "demo:v"}
-    """)
-    build(path, store=store)
+NUMBERS = """
+name: demo
+steps:
+  a: {kind: command, run: "seq 100000 > n.txt", outputs: [n.txt]}
+publish: {tag: "demo:v"}
+"""
+
+
+def corrupt_largest_registry_blob(store):
+    """Flip a byte in the registry's largest blob. The registry hard-links from the
+    store, so the registry gets a private, corrupt copy and the store stays intact."""
     reg = store.home / "registry" / "demo" / "blobs" / "sha256"
-    # The registry hard-links from the store; corrupt a private copy so the store stays intact.
     victim = max(reg.iterdir(), key=lambda p: p.stat().st_size)
     data = bytearray(victim.read_bytes())
     data[5] ^= 1
     victim.unlink()
     victim.write_bytes(bytes(data))
+    return victim
+
+
+def test_pull_refuses_a_corrupt_registry_blob(recipe, store, tmp_path):
+    build(recipe(NUMBERS), store=store)
+    corrupt_largest_registry_blob(store)
     with pytest.raises(IntegrityError):
         pull("demo:v", registry=f"file://{store.home / 'registry'}", dest=tmp_path / "out",
              store=Store(tmp_path / "node"))
@@ -67,19 +75,9 @@ def test_pull_refuses_a_corrupt_registry_blob(recipe, store, tmp_path):
 
 
 def test_corrupt_registry_blob_hint_names_the_file(recipe, store, tmp_path):
-    path = recipe("""
-        name: demo
-        steps:
-          a: {kind: command, run: "seq 100000 > n.txt", outputs: [n.txt]}
-        publish: {tag: "demo:v"}
-    """)
+    path = recipe(NUMBERS)
     build(path, store=store)
-    reg = store.home / "registry" / "demo" / "blobs" / "sha256"
-    victim = max(reg.iterdir(), key=lambda p: p.stat().st_size)
-    data = bytearray(victim.read_bytes())
-    data[5] ^= 1
-    victim.unlink()
-    victim.write_bytes(bytes(data))
+    victim = corrupt_largest_registry_blob(store)
     with pytest.raises(IntegrityError) as info:
         pull("demo:v", registry=f"file://{store.home / 'registry'}", store=Store(tmp_path / "node"))
     assert f"rm {victim}" in info.value.hint
