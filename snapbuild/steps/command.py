@@ -13,6 +13,9 @@ compile:
   timeout: 600
 ```
 
+Inputs are hard-linked from a per-store cache of written-out trees: reading them is
+free, writing to one in place fails the step (write a new file instead).
+
 The command runs under ``bash -euo pipefail -c`` with a small, fixed environment:
 ``PATH``, ``HOME`` (the work folder), ``LANG``, ``TMPDIR``, ``SNAPBUILD_INPUTS``,
 the spec's ``env`` and the names in ``pass_env``. A build that reads nothing but its
@@ -36,6 +39,7 @@ from typing import ClassVar
 from pydantic import Field, field_validator
 
 from ..errors import StepError
+from ..runtime.trees import discard, ensure_tree, link_farm, modified
 from ..store.tree import build_tree, walk
 from .base import BuildContext, PinContext, StepSpec
 
@@ -113,8 +117,12 @@ class CommandStep:
         inputs, work, tmp = scratch / "inputs", scratch / "work", scratch / "tmp"
         for d in (inputs, work, tmp):
             d.mkdir()
+        # Each input is written out once per store and hard-linked into this step's
+        # folder: a step that reads 1 GB of dependencies starts in a fraction of a second.
+        shared: dict[str, tuple[Path, dict]] = {}
         for name in spec.needs:
-            ctx.materialize_input(name, inputs / name)
+            tree, _ = ensure_tree(ctx.store.blobs, ctx.inputs[name], ctx.store.home / "cache")
+            shared[name] = (tree, link_farm(tree, inputs / name))
         env = {
             "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
             "HOME": str(work),
@@ -148,6 +156,15 @@ class CommandStep:
         except BaseException:
             _kill_group(proc)
             raise
+        for name, (tree, sigs) in shared.items():
+            changed = modified(sigs)
+            if changed:
+                discard(tree)  # written out afresh for the next step that needs it
+                rel = os.path.relpath(changed[0], tree)
+                raise StepError(f"the command modified its input {name}/{rel} in place"
+                                + (f" (and {len(changed) - 1} more files)" if len(changed) > 1 else ""),
+                                hint="inputs are shared and read-only: copy a file before changing it "
+                                     "(cp, or write a new file and rename it over the old one)")
         if rc != 0:
             recipe = ctx.recipe.path if ctx.recipe is not None else "RECIPE"
             raise StepError(f"command exited with status {rc}", log_tail=tail(ctx.log_path),

@@ -11,6 +11,7 @@
                                 and steps/<key>.lock (one builder per key)
       tmp/                      temporary files; only ever renamed into place
       work/                     scratch folders of running steps
+      cache/trees/<hex>/        artifacts written out once, hard-linked into command steps
       registry/                 the default file:// registry
 
 Ordering makes crashes harmless: chunks are written before the tree that lists them,
@@ -275,6 +276,14 @@ class Store:
                         report.logs_removed += 1
                         if not dry_run:
                             p.unlink(missing_ok=True)
+            # Written-out trees (command steps' inputs) whose artifact is gone.
+            trees = self.home / "cache" / "trees"
+            if trees.is_dir():
+                for p in trees.iterdir():
+                    if f"sha256:{p.name.removesuffix('.partial')}" not in live or p.name.endswith(".partial"):
+                        report.temp_removed += 1
+                        if not dry_run:
+                            shutil.rmtree(p, ignore_errors=True)
             # Nothing else runs under the exclusive lock, so every temp file and step
             # lock file is stale.
             for sub in ("tmp", "work", "locks/steps"):

@@ -143,3 +143,38 @@ def test_step_hint_reaches_the_plain_output(recipe, store):
     build(recipe("name: d\nsteps:\n  s: {kind: command, run: 'true', pass_env: [NOT_SET_ANYWHERE]}\n"),
           store=store, reporter=PlainReporter(buf))
     assert "tip: export them before running snapbuild" in buf.getvalue()
+
+
+def test_inputs_are_shared_and_in_place_writes_are_caught(recipe, store, project):
+    (project / "data.txt").write_text("original")
+    path = recipe("""
+        name: d
+        steps:
+          src: {kind: files, include: [data.txt]}
+          copy:
+            kind: command
+            needs: [src]
+            run: cp -r "$SNAPBUILD_INPUTS/src" mine; echo changed > mine/data.txt; cat "$SNAPBUILD_INPUTS/src/data.txt" > seen
+            outputs: [seen]
+          vandal:
+            kind: command
+            needs: [copy]
+            run: echo oops >> "$SNAPBUILD_INPUTS/copy/seen"
+    """)
+    [res] = build(path, store=store, jobs=1)
+    assert res.steps["copy"].status == "built", "cp -r of an input gives a private copy"
+    assert res.steps["vandal"].status == "failed"
+    assert "modified its input copy/seen in place" in res.steps["vandal"].error
+    # The shared copy was discarded: the next reader sees the true content.
+    path.write_text(path.read_text().split("  vandal:")[0] + """  reader:
+    kind: command
+    needs: [copy]
+    run: cp "$SNAPBUILD_INPUTS/copy/seen" out
+    outputs: [out]
+""")
+    [again] = build(path, store=store)
+    from snapbuild.store.tree import load_tree, materialize
+
+    assert again.ok, {n: r.error for n, r in again.steps.items()}
+    materialize(store.blobs, load_tree(store.blobs, again.steps["reader"].artifact), project / "got")
+    assert (project / "got" / "out").read_text() == "original"

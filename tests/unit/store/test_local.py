@@ -141,3 +141,17 @@ def test_build_and_pull_pins_never_collide(store):
     store.pin_snapshot("pulled:pipeline", m1)
     store.pin_snapshot("pulled_pipeline", m2)
     assert store.pinned_manifest("pulled:pipeline") == m1 and store.pinned_manifest("pulled_pipeline") == m2
+
+
+def test_gc_drops_written_out_trees_of_forgotten_artifacts(recipe, store):
+    [res] = build(recipe(RECIPE), store=store)  # b reads a: a's tree is written out
+    trees = store.home / "cache" / "trees"
+    assert [p.name for p in trees.iterdir()] == [res.steps["a"].artifact.split(":")[1]]
+    store.gc()
+    assert any(trees.iterdir()), "still in use"
+    for p in (store.home / "refs" / "steps").iterdir():
+        os.utime(p, (1, 1))
+    for p in (store.home / "refs" / "snapshots").rglob("*.json"):
+        os.utime(p, (1, 1))
+    store.gc(older_than_s=60)
+    assert not any(trees.iterdir())
