@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     lg.add_argument("ref", help="NAME:TAG or NAME@sha256:...")
     lg.add_argument("--registry", metavar="URL", help="registry URL (default: file://$SNAPBUILD_HOME/registry)")
     lg.add_argument("-n", "--lines", type=int, default=50, help="how many lines from the end (default: 50)")
+    gc = sub.add_parser("gc", help="free node caches that no pulled snapshot uses",
+                        description="Remove written-out input trees and checkpoint images that no snapshot "
+                                    "pinned on this node (the last pull of each name) uses, and blobs "
+                                    "nothing references. Running servers belong to pinned snapshots.")
+    gc.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    gc.add_argument("--json", action="store_true", help="print the result as JSON")
     st = sub.add_parser("stop", help="stop a server started by restore", description="Stop a server (and "
                         "everything in its session): SIGTERM, then SIGKILL after 10 s.")
     st.add_argument("pid", type=int)
@@ -94,6 +100,16 @@ def main(argv: list[str] | None = None) -> None:
             from .restore import server_log
 
             sys.stdout.write(server_log(args.ref, registry=args.registry, lines=args.lines))
+        elif args.command == "gc":
+            from .restore import node_gc
+
+            r = node_gc(dry_run=args.dry_run)
+            if args.json:
+                print(json.dumps(r, indent=2))
+            else:
+                verb = "would free" if args.dry_run else "freed"
+                print(f"{verb} {r['trees_removed']} written-out trees ({r['tree_bytes_freed'] / 2**20:.1f} MiB) "
+                      f"and {r['blobs_removed']} blobs ({r['blob_bytes_freed'] / 2**20:.1f} MiB)")
         elif args.command == "stop":
             from .restore import stop
 

@@ -202,5 +202,44 @@ def server_log(ref: str, *, registry: str | None = None, lines: int = 50, store:
     return process.tail(path, lines)
 
 
+def node_gc(store: Store | None = None, *, dry_run: bool = False) -> dict:
+    """Free what no pinned snapshot on this node uses: written-out input trees under the
+    run root, cached checkpoint images, and unreferenced blobs in the node's store.
+    Trees of running servers belong to pinned snapshots, so they stay."""
+    import json
+
+    from ..runtime.process import run_root
+    from ..runtime.trees import tree_dir
+
+    store = store or Store()
+    keep_inputs: set[Path] = set()
+    keep_images: set[Path] = set()
+    roots = {run_root()}
+    for path in store.pin_files():
+        try:
+            manifest = json.loads(store.blobs.get(json.loads(path.read_text())["manifest"]))
+            runtime = json.loads(store.blobs.get(manifest["config"]["digest"])).get("runtime")
+        except (OSError, ValueError, KeyError, SnapbuildError):
+            continue
+        if not runtime:
+            continue
+        root = Path(runtime["server"]["run_root"])
+        roots.add(root)
+        keep_inputs |= {tree_dir(root, d) for d in runtime["server"]["inputs"].values()}
+        keep_images.add(tree_dir(_images_root(runtime["server"]), runtime["artifact"]))
+    removed, freed = 0, 0
+    candidates = [p for r in roots for p in (r / "trees").glob("*") if p not in keep_inputs]
+    images = Path(os.environ.get("SNAPBUILD_IMAGE_CACHE") or "/dev/shm/snapbuild") / "trees"
+    candidates += [p for p in images.glob("*") if p not in keep_images] if images.is_dir() else []
+    for p in candidates:
+        removed += 1
+        freed += sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+        if not dry_run:
+            shutil.rmtree(p, ignore_errors=True)
+    rep = store.gc(dry_run=dry_run)
+    return {"trees_removed": removed, "tree_bytes_freed": freed, "blobs_removed": rep.blobs_removed,
+            "blob_bytes_freed": rep.bytes_freed, "dry_run": dry_run}
+
+
 def stop(pid: int) -> bool:
     return process.stop(pid)

@@ -230,7 +230,7 @@ class Store:
         import json
 
         out = []
-        for p in self._pin_files():
+        for p in self.pin_files():
             try:
                 digest = read_json(p)["manifest"]
                 manifest = json.loads(self.blobs.get(digest))
@@ -253,7 +253,7 @@ class Store:
             if older_than_s is not None:
                 cutoff = time.time() - older_than_s
                 forgotten = {key for key, _, mtime in self.refs() if mtime < cutoff}
-                stale_pins = {p for p in self._pin_files() if p.stat().st_mtime < cutoff}
+                stale_pins = {p for p in self.pin_files() if p.stat().st_mtime < cutoff}
                 report.refs_removed = len(forgotten)
                 if not dry_run:
                     for key in forgotten:
@@ -304,7 +304,7 @@ class Store:
                 keys.update(k for k in (data.get("key"), data.get("last_key")) if k)
         return keys
 
-    def _pin_files(self) -> list[Path]:
+    def pin_files(self) -> list[Path]:
         d = self.home / "refs" / "snapshots"
         return sorted(d.glob("*/*.json")) if d.is_dir() else []
 
@@ -314,7 +314,7 @@ class Store:
         import json
 
         pins = set()
-        for p in self._pin_files():
+        for p in self.pin_files():
             if p in skip:
                 continue
             with contextlib.suppress(OSError, ValueError, KeyError, NotFound, IntegrityError):

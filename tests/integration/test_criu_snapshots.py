@@ -252,3 +252,29 @@ def test_runner_cli_restore_and_stop(run_cli, recipe, store):
     assert r.code == 0 and "restored: pid" in r.out, r
     pid = int(r.out.split("pid ")[1].split(",")[0])
     assert run_cli("stop", str(pid), tool="snapbuild-runner").code == 0
+
+
+def test_node_gc_keeps_what_pinned_snapshots_use(recipe, store, tmp_path, monkeypatch):
+    from snapbuild.runner.restore import node_gc
+
+    port = free_port()
+    path = counter_recipe(recipe, port)
+    build(path, store=store)
+    node = Store(tmp_path / "node")
+    reg = f"file://{store.home / 'registry'}"
+    stop(run("counter:v1", registry=reg, store=node)["pid"])
+    run_root = Path(os.environ["SNAPBUILD_RUN_ROOT"])
+    images = Path(os.environ["SNAPBUILD_IMAGE_CACHE"])
+    kept = sorted(p.name for p in (run_root / "trees").iterdir())
+    stale = run_root / "trees" / ("0" * 64)
+    stale.mkdir()
+    (stale / "f").write_bytes(b"x" * 1000)
+    r = node_gc(node)
+    assert r["trees_removed"] == 1 and not stale.exists()
+    assert sorted(p.name for p in (run_root / "trees").iterdir()) == kept
+    assert any((images / "trees").iterdir()), "the pinned checkpoint's images stay"
+    out = run("counter:v1", registry=reg, store=node)  # still restorable, nothing refetched
+    try:
+        assert out["mode"] == "restore"
+    finally:
+        stop(out["pid"])
