@@ -1,0 +1,211 @@
+"""Root filesystems from OCI layers: safe unpacking, a per-layer cache, and assembly.
+
+Shared by the builder and the runner (standard library only). Each layer is unpacked
+once per machine into ``CACHE/<hex>/`` in overlayfs's own form (an OCI whiteout
+``.wh.NAME`` becomes a 0/0 character device, an opaque ``.wh..wh..opq`` the
+``trusted.overlay.opaque`` xattr); a root filesystem is then an overlay mount of the
+cached layers, or, where overlayfs is unavailable, a copy that applies the same
+whiteouts in order.
+
+Layers are untrusted input. Unpacking refuses, with the offending entry named:
+absolute paths and ``..``; entries whose parent folder is a symlink (writing through it
+could land outside the root); hard links to anything outside the layer; device nodes.
+Symlinks themselves may point anywhere: they are resolved inside the container.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Iterable
+
+from .errors import IntegrityError, SnapbuildError
+from .store.fsutil import flock
+
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+MARKER = ".snapbuild-layer-complete"
+
+
+class UnsafeLayer(IntegrityError):
+    """A layer entry that could write outside the root or create a device."""
+
+
+def _clean(name: str, layer: str) -> str:
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts:
+        raise UnsafeLayer(f"layer {layer}: entry {name!r} points outside the root filesystem",
+                          hint="the layer is malformed or malicious; rebuild it from a trusted source")
+    parts = [x for x in p.parts if x not in (".", "")]
+    return "/".join(parts)
+
+
+def _parent_is_safe(dest: Path, rel: str, known_dirs: set[str]) -> bool:
+    """No component of rel's parent, inside dest, is a symlink (or a non-folder)."""
+    parent = rel.rpartition("/")[0]
+    parts = parent.split("/") if parent else []
+    for i in range(len(parts)):
+        sub = "/".join(parts[: i + 1])
+        if sub in known_dirs:
+            continue
+        path = dest / sub
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            path.mkdir(mode=0o755)
+            known_dirs.add(sub)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            return False
+        known_dirs.add(sub)
+    return True
+
+
+def unpack(stream: BinaryIO, dest: Path, *, layer: str = "layer") -> None:
+    """Unpack one uncompressed tar layer into ``dest`` (overlay form), refusing unsafe entries."""
+    dest.mkdir(parents=True, exist_ok=True)
+    known_dirs: set[str] = set()
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for m in tar:
+            rel = _clean(m.name, layer)
+            if not rel:
+                continue
+            if m.ischr() or m.isblk():
+                raise UnsafeLayer(f"layer {layer}: entry {m.name!r} is a device node; layers may not create devices")
+            if not _parent_is_safe(dest, rel, known_dirs):
+                raise UnsafeLayer(f"layer {layer}: entry {m.name!r} would be written through a symlink "
+                                  "(a link in its path could lead outside the root)")
+            parent, _, base = rel.rpartition("/")
+            target = dest / rel
+            if base == OPAQUE:
+                os.setxattr(dest / parent if parent else dest, OPAQUE_XATTR, b"y")
+                continue
+            if base.startswith(WHITEOUT):
+                gone = dest / parent / base[len(WHITEOUT):] if parent else dest / base[len(WHITEOUT):]
+                _remove(gone)
+                os.mknod(gone, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+                continue
+            if not m.isdir():
+                _remove(target)
+            if m.isdir():
+                target.mkdir(exist_ok=True)
+                os.chmod(target, m.mode & 0o7777)
+                known_dirs.add(rel)
+            elif m.issym():
+                os.symlink(m.linkname, target)
+            elif m.islnk():
+                src = _clean(m.linkname, layer)
+                if not src or not os.path.lexists(dest / src) or not _parent_is_safe(dest, src, known_dirs) \
+                        or os.path.islink(dest / src):
+                    raise UnsafeLayer(f"layer {layer}: hard link {m.name!r} -> {m.linkname!r} does not name a "
+                                      "file of this layer")
+                os.link(dest / src, target)
+            elif m.isfifo():
+                os.mkfifo(target, m.mode & 0o7777)
+            elif m.isreg():
+                with tar.extractfile(m) as f, open(target, "wb") as out:
+                    shutil.copyfileobj(f, out, 1 << 20)
+                os.chmod(target, m.mode & 0o7777)
+            else:
+                continue
+            if not m.issym() and os.geteuid() == 0:
+                os.lchown(target, m.uid, m.gid)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def cached_layer(digest: str, open_layer, cache: Path) -> Path:
+    """The layer's folder in ``cache``, unpacked (once) from ``open_layer()`` if needed."""
+    hexpart = digest.split(":", 1)[1]
+    final = cache / hexpart
+    if (cache / f"{hexpart}{MARKER}").exists():
+        return final
+    with flock(cache / ".locks" / f"{hexpart}.lock"):
+        if (cache / f"{hexpart}{MARKER}").exists():
+            return final
+        tmp = cache / f"{hexpart}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+        with open_layer() as stream:
+            unpack(stream, tmp, layer=digest)
+        os.rename(tmp, final)
+        (cache / f"{hexpart}{MARKER}").touch()  # beside it: the layer's own root stays untouched
+    return final
+
+
+def _is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def copy_assemble(layers: Iterable[Path], dest: Path) -> None:
+    """Apply cached layers (lowest first) into ``dest`` by copying, honouring whiteouts
+    and opaque folders: the fallback where overlayfs is unavailable."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for layer in layers:
+        for dirpath, dirnames, filenames in os.walk(layer):
+            rel = os.path.relpath(dirpath, layer)
+            out = dest if rel == "." else dest / rel
+            try:
+                if os.getxattr(dirpath, OPAQUE_XATTR) == b"y" and out.is_dir():
+                    for child in out.iterdir():
+                        _remove(child)
+            except OSError:
+                pass
+            for name in list(dirnames):
+                src, dst = Path(dirpath, name), out / name
+                if src.is_symlink():
+                    _remove(dst)
+                    os.symlink(os.readlink(src), dst)
+                    dirnames.remove(name)
+                    continue
+                if os.path.lexists(dst) and not dst.is_dir():
+                    dst.unlink()
+                dst.mkdir(exist_ok=True)
+                shutil.copystat(src, dst)
+            for name in filenames:
+                src, dst = Path(dirpath, name), out / name
+                st = os.lstat(src)
+                _remove(dst)
+                if _is_whiteout(st):
+                    continue
+                if stat.S_ISLNK(st.st_mode):
+                    os.symlink(os.readlink(src), dst)
+                elif stat.S_ISFIFO(st.st_mode):
+                    os.mkfifo(dst, stat.S_IMODE(st.st_mode))
+                else:
+                    shutil.copy2(src, dst)
+
+
+def overlay_mount(layers: list[Path], upper: Path, work: Path, target: Path) -> None:
+    """Mount ``layers`` (lowest first) read-only under a writable ``upper`` at ``target``."""
+    for d in (upper, work, target):
+        d.mkdir(parents=True, exist_ok=True)
+    lower = ":".join(str(p) for p in reversed(layers))
+    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={lower},upperdir={upper},workdir={work}", str(target)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SnapbuildError(f"overlay mount failed: {r.stderr.strip()}")
+
+
+def assemble(layers: list[Path], dest: Path, *, work: Path | None = None) -> str:
+    """A root filesystem at ``dest`` from cached layers: an overlay mount when the kernel
+    allows it (needs root), else a copy. Returns ``"overlay"`` or ``"copy"``."""
+    if os.geteuid() == 0 and work is not None:
+        try:
+            overlay_mount(layers, work / "upper", work / "work", dest)
+            return "overlay"
+        except SnapbuildError:
+            pass
+    copy_assemble(layers, dest)
+    return "copy"

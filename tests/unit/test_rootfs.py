@@ -1,0 +1,109 @@
+"""Root filesystems from OCI layers: unsafe layers are refused, whiteouts applied,
+and overlay and copy assembly give the same tree."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tarfile
+
+import pytest
+
+from snapbuild.rootfs import UnsafeLayer, assemble, cached_layer, copy_assemble, unpack
+
+
+def layer(*entries) -> io.BytesIO:
+    """A tar layer from (name, kind, payload) entries: file/dir/symlink/hardlink/chr."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, kind, payload in entries:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(payload)
+                info.mode = 0o644
+                tar.addfile(info, io.BytesIO(payload))
+                continue
+            info.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE,
+                         "chr": tarfile.CHRTYPE}[kind]
+            info.mode = 0o755 if kind == "dir" else 0o644
+            if kind in ("symlink", "hardlink"):
+                info.linkname = payload
+            tar.addfile(info)
+    buf.seek(0)
+    return buf
+
+
+@pytest.mark.parametrize("entries, words", [
+    ([("../evil", "file", b"x")], "outside the root"),
+    ([("/etc/passwd", "file", b"x")], "outside the root"),
+    ([("a/../../evil", "file", b"x")], "outside the root"),
+    ([("lib", "symlink", "/tmp"), ("lib/evil", "file", b"x")], "through a symlink"),
+    ([("up", "symlink", "../.."), ("up/evil", "file", b"x")], "through a symlink"),
+    ([("hl", "hardlink", "/etc/shadow")], "outside the root"),
+    ([("hl", "hardlink", "nothere")], "does not name a file of this layer"),
+    ([("dev", "chr", "")], "device node"),
+])
+def test_unsafe_layers_are_refused(tmp_path, entries, words):
+    with pytest.raises(UnsafeLayer, match=words) as info:
+        unpack(layer(*entries), tmp_path / "root", layer="sha256:abc")
+    assert "sha256:abc" in str(info.value)
+    assert not (tmp_path / "evil").exists() and not (tmp_path.parent / "evil").exists()
+
+
+def test_symlinks_may_point_anywhere_inside_the_container(tmp_path):
+    unpack(layer(("usr/bin/python3.11", "file", b"#!"), ("usr/bin/python3", "symlink", "/usr/bin/python3.11"),
+                 ("same", "hardlink", "usr/bin/python3.11")), tmp_path / "root")
+    assert os.readlink(tmp_path / "root/usr/bin/python3") == "/usr/bin/python3.11"
+    assert os.stat(tmp_path / "root/same").st_ino == os.stat(tmp_path / "root/usr/bin/python3.11").st_ino
+
+
+def build_layers(tmp_path):
+    base = layer(("etc", "dir", None), ("etc/keep", "file", b"keep"), ("etc/drop", "file", b"drop"),
+                 ("app", "dir", None), ("app/old.py", "file", b"old"), ("app/sub", "dir", None),
+                 ("app/sub/x", "file", b"x"))
+    top = layer(("etc/.wh.drop", "file", b""), ("app/.wh..wh..opq", "file", b""), ("app/new.py", "file", b"new"),
+                ("etc/added", "file", b"added"))
+    cache = tmp_path / "cache"
+    return [cached_layer(f"sha256:{i:064x}", lambda s=s: s, cache) for i, s in enumerate([base, top], 1)]
+
+
+def tree(root):
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            out[os.path.relpath(p, root)] = open(p, "rb").read()
+    return out
+
+
+EXPECTED = {"etc/keep": b"keep", "etc/added": b"added", "app/new.py": b"new"}
+
+
+def test_copy_assembly_applies_whiteouts_and_opaque_folders(tmp_path):
+    layers = build_layers(tmp_path)
+    copy_assemble(layers, tmp_path / "rootfs")
+    assert tree(tmp_path / "rootfs") == EXPECTED
+
+
+def test_overlay_assembly_matches_the_copy(tmp_path):
+    assert os.geteuid() == 0, "overlay mounts need root (CI runs as root)"
+    layers = build_layers(tmp_path)
+    target = tmp_path / "mnt"
+    assert assemble(layers, target, work=tmp_path / "ov") == "overlay"
+    try:
+        assert tree(target) == EXPECTED
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+
+
+def test_layers_are_unpacked_once(tmp_path):
+    calls = []
+
+    def opener():
+        calls.append(1)
+        return layer(("f", "file", b"1"))
+
+    a = cached_layer("sha256:" + "a" * 64, opener, tmp_path / "cache")
+    b = cached_layer("sha256:" + "a" * 64, opener, tmp_path / "cache")
+    assert a == b and len(calls) == 1 and (a / "f").read_bytes() == b"1"
