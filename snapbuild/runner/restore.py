@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..engines import get_engine
-from ..engines.fingerprint import compare, host_fingerprint
+from ..engines.fingerprint import compare
 from ..errors import NotFound, SnapbuildError, UsageError
 from ..runtime import probe as probes
 from ..runtime import process, server
@@ -59,11 +59,7 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
     out = {"ref": fetched["ref"], "digest": fetched["digest"], "mode": None, "reason": None, "pid": None,
            "log": str(Path(spec["run_dir"]) / server.LOG_NAME), "mismatches": [], "timings": timings}
 
-    reason = None
-    if mode == "cold":
-        reason = "cold boot requested"
-    else:
-        reason = _why_not_restorable(runtime, out)
+    reason = "cold boot requested" if mode == "cold" else _why_not_restorable(runtime, out)
     if reason is None:
         try:
             out["pid"] = _restore(runtime, store, timings)
@@ -71,7 +67,7 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
         except _NoRestore as e:
             reason = str(e)
     if out["mode"] is None:
-        if fallback == "fail":
+        if fallback == "fail" and mode != "cold":
             raise RestoreFailed(f"cannot restore {fetched['ref']}: {reason}",
                                 hint="run with --fallback cold to boot the server cold instead")
         out["pid"] = _cold(spec, store, timings)
@@ -91,7 +87,6 @@ def _why_not_restorable(runtime: dict, out: dict) -> str | None:
         engine.check()
         node = engine.fingerprint()
     except SnapbuildError as e:
-        node = host_fingerprint(None)
         out["mismatches"].append({"field": "engine", "fatal": True, "message": e.message})
         return f"{runtime['engine']} engine unusable here: {e.message}"
     mismatches = compare(runtime["fingerprint"], node)
