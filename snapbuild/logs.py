@@ -16,6 +16,12 @@ def step_log(recipe_path: str | Path, step: str, *, sets: dict | None = None, st
     for r in recipes:
         if step not in r.steps:
             raise NotFound(f"recipe {r.name} has no step {step!r}", hint=f"steps: {', '.join(r.steps)}")
+        if r.steps[step].kind.ephemeral:  # a warm-up runs inside its checkpoint, and logs there
+            consumers = sorted(r.graph.successors(step))
+            raise NotFound(f"step {step!r} is a {r.steps[step].kind.name} process: it runs, and logs, inside "
+                           f"the step that checkpoints it",
+                           hint="see " + (" or ".join(f"snapbuild logs {recipe_path} {c}" for c in consumers)
+                                          or "the checkpoint step's log"))
         state = store.get_state(r.build_id, step) or {}
         key = state.get("last_key")
         path = store.log_path(key) if key else None

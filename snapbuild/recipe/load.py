@@ -166,8 +166,38 @@ def _one(path: Path, src: Located, header: _Header, combo: dict, sets: dict) -> 
         if n not in steps:
             raise src.error(("publish", "steps", i), f"no step named {n!r}",
                             hint=f"steps in this recipe: {', '.join(steps)}")
+    _check_processes(steps, graph, publish_steps, publish.steps is not None, src)
     return Recipe(name=header.name, path=path.resolve(), steps=steps, graph=graph, vars=ctx,
                   variant=combo, tag=tag, publish_steps=list(publish_steps), source=src)
+
+
+def _check_processes(steps: dict[str, Step], graph: nx.DiGraph, publish_steps: list[str], explicit: bool,
+                     src: Located) -> None:
+    """A live process (an ephemeral step such as ``warmup``) has no artifact: only a
+    checkpoint's ``process:`` may take it, and only a non-ephemeral step may take that."""
+    for name, step in steps.items():
+        for target, keypath in step.kind.references(step.spec):
+            if keypath and keypath[0] == "process" and not steps[target].kind.ephemeral:
+                raise src.error(("steps", name) + tuple(keypath),
+                                f"`process: {target}` must name a warmup step, not a {steps[target].kind.name} step",
+                                hint="a checkpoint dumps the live server that a `kind: warmup` step starts")
+        for i, dep in enumerate(step.spec.needs):
+            if steps[dep].kind.ephemeral:
+                raise src.error(("steps", name, "needs", i),
+                                f"step {dep!r} is a live {steps[dep].kind.name} process, not a file tree: "
+                                "it cannot be an input",
+                                hint=f"checkpoint it with `kind: checkpoint, process: {dep}` and use that step")
+    for i, n in enumerate(publish_steps):
+        if steps[n].kind.ephemeral:
+            where = ("publish", "steps", i) if explicit else ("steps", n)
+            raise src.error(where, f"step {n!r} is a live {steps[n].kind.name} process: nothing checkpoints it, "
+                                   "and a process cannot be published", key=not explicit,
+                            hint=f"add a step `snap: {{kind: checkpoint, process: {n}}}` and publish that")
+    for name, step in steps.items():
+        if step.kind.ephemeral and not any(True for _ in graph.successors(name)):
+            raise src.error(("steps", name), f"step {name!r} is a live {step.kind.name} process that nothing "
+                                             "checkpoints", key=True,
+                            hint=f"add a step `snap: {{kind: checkpoint, process: {name}}}`")
 
 
 def _validate(model: type[BaseModel], data, src: Located, where: tuple):

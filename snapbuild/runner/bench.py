@@ -20,7 +20,7 @@ from ..runtime import process
 from ..runtime.trees import tree_dir
 from ..store import Store
 from .pull import pull
-from .restore import _images_root, _port, run, stop
+from .restore import _images_root, run, stop
 
 
 def can_drop_caches() -> bool:
@@ -38,21 +38,16 @@ def _once(ref: str, mode: str, store: Store, registry: str | None, spec: dict) -
     try:
         status, body = probes.http_call({"http": "POST /infer", "body": "{}"}, probes.base_url(spec["ready"]))
         answer = body.decode(errors="replace") if status == 200 else f"HTTP {status}"
+    except probes.ProbeFailed as e:
+        answer = f"no answer: {e}"
     finally:
         stop(out["pid"])
-    addr = _port(spec)
+    addr = probes.address(spec["ready"])
     for _ in range(100):  # the next run needs the port (and, to restore, the PIDs) back
-        if not addr or not _port_busy(addr):
+        if not probes.port_in_use(addr):
             break
         process.wait_gone([out["pid"]], timeout=0.05)
     return out["timings"]["total_s"], out, answer
-
-
-def _port_busy(addr) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        return s.connect_ex(addr) == 0
 
 
 def _summary(values: list[float]) -> dict:
@@ -71,6 +66,7 @@ def bench(ref: str, *, runs: int = 5, registry: str | None = None, store: Store 
         raise NotFound(f"{ref} holds no checkpoint to benchmark")
     spec = runtime["server"]
     drop = can_drop_caches() if drop is None else drop
+    process.become_subreaper()  # stop restored servers without waiting for init to reap them
 
     # One restore where the images are not yet written out on this node.
     shutil.rmtree(tree_dir(_images_root(spec), runtime["artifact"]), ignore_errors=True)

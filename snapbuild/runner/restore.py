@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 from ..engines import get_engine
 from ..engines.fingerprint import compare
-from ..errors import NotFound, SnapbuildError, UsageError
+from ..errors import IntegrityError, NotFound, SnapbuildError, UsageError
 from ..runtime import probe as probes
 from ..runtime import process, server
 from ..store import Store
@@ -54,6 +52,10 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
     if not runtime:
         raise NotFound(f"snapshot {fetched['ref']} holds no checkpoint: there is no server to run",
                        hint="build a recipe with a `checkpoint` step to get one")
+    if runtime.get("format") != server.FORMAT:
+        raise IntegrityError(f"snapshot {fetched['ref']} has a checkpoint of format {runtime.get('format')!r}; "
+                             f"this runner reads format {server.FORMAT}",
+                             hint="upgrade snapbuild on this node to the version that built the snapshot")
     spec = runtime["server"]
     timings = {"fetch_s": fetched["timings"]["total_s"]}
     out = {"ref": fetched["ref"], "digest": fetched["digest"], "mode": None, "reason": None, "pid": None,
@@ -95,37 +97,11 @@ def _why_not_restorable(runtime: dict, out: dict) -> str | None:
     return "fingerprint mismatch: " + "; ".join(fatal) if fatal else None
 
 
-def _port(spec: dict) -> tuple[str, int] | None:
-    ready = spec.get("ready") or {}
-    if "http" in ready:
-        u = urlparse(ready["http"])
-        return u.hostname or "127.0.0.1", u.port or 80
-    if "tcp" in ready:
-        host, _, port = ready["tcp"].rpartition(":")
-        return host or "127.0.0.1", int(port)
-    return None
-
-
-def _port_in_use(addr: tuple[str, int] | None) -> bool:
-    if addr is None:
-        return False
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(addr) == 0
-
-
-def _check_port_free(spec: dict) -> None:
-    addr = _port(spec)
-    if _port_in_use(addr):
-        raise UsageError(f"port {addr[1]} on {addr[0]} is already taken: another server is running there",
-                         hint="stop it first (snapbuild-runner stop PID), or change the recipe's port")
-
-
 def _restore(runtime: dict, store: Store, timings: dict) -> int:
     spec = runtime["server"]
     engine = get_engine(runtime["engine"])
     t = time.monotonic()
-    _check_port_free(spec)
+    server.check_port_free(spec)
     run_dir, _env = server.prepare(spec, store.blobs)
     log = run_dir / server.LOG_NAME
     log.touch()  # CRIU reopens the server's log by path
@@ -151,7 +127,13 @@ def _restore(runtime: dict, store: Store, timings: dict) -> int:
         shutil.rmtree(work, ignore_errors=True)
     t = time.monotonic()
     try:
-        probes.wait_ready(spec["ready"], log_path=log, alive=lambda: process.alive(pid), timeout=30)
+        if probes.probe_kind(spec["ready"]) in probes.STARTUP_EVENT_KINDS:
+            # It printed its ready line (or wrote its file) before the checkpoint and
+            # will not do it again: ready is being alive after the restore.
+            if not process.alive(pid):
+                raise probes.ProbeFailed("the restored server exited")
+        else:
+            probes.wait_ready(spec["ready"], log_path=log, alive=lambda: process.alive(pid), timeout=30)
     except probes.ProbeFailed as e:
         process.stop(pid)
         raise _NoRestore(f"the restored server did not get ready: {e}") from None
@@ -161,12 +143,11 @@ def _restore(runtime: dict, store: Store, timings: dict) -> int:
 
 def _cold(spec: dict, store: Store, timings: dict) -> int:
     t = time.monotonic()
-    _check_port_free(spec)
     started = server.start(spec, store.blobs, fresh_log=False)
     timings["materialize_s"] = round(timings.get("materialize_s", 0) + time.monotonic() - t, 4)
     t = time.monotonic()
     try:
-        probes.wait_ready(spec["ready"], log_path=started.log_path, alive=lambda: started.proc.poll() is None)
+        started.wait_ready(spec["ready"])
     except probes.ProbeFailed as e:
         process.stop(started.pid)
         raise RestoreFailed(f"cold boot failed too: {e}\n{process.tail(started.log_path, 10)}") from None
@@ -198,18 +179,18 @@ def server_log(ref: str, *, registry: str | None = None, lines: int = 50, store:
 
 
 def node_gc(store: Store | None = None, *, dry_run: bool = False) -> dict:
-    """Free what no pinned snapshot on this node uses: written-out input trees under the
-    run root, cached checkpoint images, and unreferenced blobs in the node's store.
-    Trees of running servers belong to pinned snapshots, so they stay."""
+    """Free what no pinned snapshot of this store uses: the input trees and checkpoint
+    images this store wrote out (under the run root and the image cache), and its
+    unreferenced blobs. A tree that another store on this node also uses stays until
+    that store lets it go too. Trees of running servers belong to pinned snapshots."""
     import json
 
     from ..runtime.process import run_root
-    from ..runtime.trees import tree_dir
+    from ..runtime.trees import release, tree_dir
 
     store = store or Store()
-    keep_inputs: set[Path] = set()
-    keep_images: set[Path] = set()
-    roots = {run_root()}
+    keep: set[Path] = set()
+    roots = {run_root(), _images_root({"run_root": str(run_root())})}
     for path in store.pin_files():
         try:
             manifest = json.loads(store.blobs.get(json.loads(path.read_text())["manifest"]))
@@ -218,19 +199,19 @@ def node_gc(store: Store | None = None, *, dry_run: bool = False) -> dict:
             continue
         if not runtime:
             continue
-        root = Path(runtime["server"]["run_root"])
-        roots.add(root)
-        keep_inputs |= {tree_dir(root, d) for d in runtime["server"]["inputs"].values()}
-        keep_images.add(tree_dir(_images_root(runtime["server"]), runtime["artifact"]))
+        root, images = Path(runtime["server"]["run_root"]), _images_root(runtime["server"])
+        roots |= {root, images}
+        keep |= {tree_dir(root, d) for d in runtime["server"]["inputs"].values()}
+        keep.add(tree_dir(images, runtime["artifact"]))
     removed, freed = 0, 0
-    candidates = [p for r in roots for p in (r / "trees").glob("*") if p not in keep_inputs]
-    images = Path(os.environ.get("SNAPBUILD_IMAGE_CACHE") or "/dev/shm/snapbuild") / "trees"
-    candidates += [p for p in images.glob("*") if p not in keep_images] if images.is_dir() else []
-    for p in candidates:
-        removed += 1
-        freed += sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
-        if not dry_run:
-            shutil.rmtree(p, ignore_errors=True)
+    for root in roots:
+        for p in sorted((root / "trees").glob("*")) if (root / "trees").is_dir() else []:
+            if p in keep or p.name.endswith(".partial"):
+                continue
+            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+            if release(p, store.home, dry_run=dry_run):
+                removed += 1
+                freed += size
     rep = store.gc(dry_run=dry_run)
     return {"trees_removed": removed, "tree_bytes_freed": freed, "blobs_removed": rep.blobs_removed,
             "blob_bytes_freed": rep.bytes_freed, "dry_run": dry_run}

@@ -26,6 +26,9 @@ from typing import Callable
 from urllib.parse import urljoin, urlparse
 
 PROBE_KINDS = ("http", "tcp", "log", "file")
+# Probes that watch for a one-time start-up event (a log line, a file appearing). A
+# restored process passed that event before its checkpoint and will not repeat it.
+STARTUP_EVENT_KINDS = ("log", "file")
 
 
 class ProbeFailed(Exception):
@@ -39,7 +42,7 @@ def probe_kind(probe: dict) -> str:
     return kinds[0]
 
 
-def _check_once(probe: dict, log_path: Path | None) -> tuple[bool, str]:
+def _check_once(probe: dict, log_path: Path | None, log_offset: int = 0) -> tuple[bool, str]:
     kind = probe_kind(probe)
     target = probe[kind]
     if kind == "http":
@@ -58,19 +61,24 @@ def _check_once(probe: dict, log_path: Path | None) -> tuple[bool, str]:
         except OSError as e:
             return False, str(e)
     if kind == "log":
-        try:
-            text = log_path.read_text(errors="replace") if log_path else ""
-        except FileNotFoundError:
-            text = ""
+        text = ""
+        if log_path:
+            try:
+                with open(log_path, "rb") as f:  # only what this run of the server wrote
+                    f.seek(log_offset)
+                    text = f.read().decode(errors="replace")
+            except FileNotFoundError:
+                pass
         return re.search(target, text, re.MULTILINE) is not None, "no match in the log yet"
     return Path(target).exists(), "file does not exist yet"
 
 
-def wait_ready(probe: dict, *, log_path: Path | None = None, alive: Callable[[], bool] = lambda: True,
-               timeout: float | None = None) -> float:
+def wait_ready(probe: dict, *, log_path: Path | None = None, log_offset: int = 0,
+               alive: Callable[[], bool] = lambda: True, timeout: float | None = None) -> float:
     """Poll ``probe`` until it passes; returns the seconds it took.
 
-    Raises :class:`ProbeFailed` on timeout, or as soon as ``alive()`` says the process
+    A ``log`` probe reads the log from ``log_offset`` on: the lines an earlier run of
+    the server left there do not count. Raises :class:`ProbeFailed` on timeout, or as soon as ``alive()`` says the process
     is gone (no point waiting for a dead server).
     """
     timeout = float(timeout if timeout is not None else probe.get("timeout", 60))
@@ -78,7 +86,7 @@ def wait_ready(probe: dict, *, log_path: Path | None = None, alive: Callable[[],
     t0 = time.monotonic()
     last = "not tried"
     while True:
-        ok, last = _check_once(probe, log_path)
+        ok, last = _check_once(probe, log_path, log_offset)
         if ok:
             return time.monotonic() - t0
         if not alive():
@@ -87,6 +95,38 @@ def wait_ready(probe: dict, *, log_path: Path | None = None, alive: Callable[[],
             raise ProbeFailed(f"not ready after {timeout:g} s ({describe(probe)}: last saw {last})")
         time.sleep(interval)
         interval = min(interval * 1.5, 0.5)
+
+
+def clear_stale(probe: dict) -> None:
+    """Before a server starts: remove the ready file an earlier run left, so that a
+    ``file`` probe waits for this run to write it."""
+    if "file" in probe:
+        path = Path(probe["file"])
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+
+
+def address(probe: dict | None) -> tuple[str, int] | None:
+    """The (host, port) a server with this probe listens on, when the probe says."""
+    probe = probe or {}
+    if "http" in probe:
+        u = urlparse(probe["http"])
+        return u.hostname or "127.0.0.1", u.port or (443 if u.scheme == "https" else 80)
+    if "tcp" in probe:
+        host, _, port = str(probe["tcp"]).rpartition(":")
+        return host.strip("[]") or "127.0.0.1", int(port)
+    return None
+
+
+def port_in_use(addr: tuple[str, int] | None) -> bool:
+    """Whether something accepts connections at ``addr`` (False when ``addr`` is None)."""
+    if addr is None:
+        return False
+    try:
+        with socket.create_connection(addr, timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def describe(probe: dict) -> str:
@@ -118,21 +158,28 @@ def http_call(spec: dict, base: str | None, timeout: float = 60) -> tuple[int, b
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+    except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out
+        raise ProbeFailed(f"{method.upper()} {url} got no answer: {getattr(e, 'reason', None) or e}") from None
 
 
 def run_exercise(items: list[dict], *, base: str | None, log: Callable[[str], None], env: dict | None = None,
                  timeout: float = 300) -> None:
     for i, item in enumerate(items):
+        repeat = int(item.get("repeat", 1))
         if "run" in item:
-            r = subprocess.run(["bash", "-c", item["run"]], capture_output=True, text=True, timeout=timeout,
-                               env=env)
-            log(f"exercise {i}: $ {item['run']} -> exit {r.returncode}")
-            if r.returncode != 0:
-                raise ProbeFailed(f"exercise {i} ({item['run']!r}) exited with {r.returncode}: "
-                                  f"{(r.stderr or r.stdout).strip()[-300:]}")
+            expect = int(item.get("expect", 0))
+            for _ in range(repeat):
+                try:
+                    r = subprocess.run(["bash", "-c", item["run"]], capture_output=True, text=True,
+                                       timeout=timeout, env=env)
+                except subprocess.TimeoutExpired:
+                    raise ProbeFailed(f"exercise {i} ({item['run']!r}) ran past {timeout:g} s") from None
+                if r.returncode != expect:
+                    raise ProbeFailed(f"exercise {i} ({item['run']!r}) exited with {r.returncode}, expected "
+                                      f"{expect}: {(r.stderr or r.stdout).strip()[-300:]}")
+            log(f"exercise {i}: $ {item['run']} x{repeat} -> exit {r.returncode}")
             continue
         expect = int(item.get("expect", 200))
-        repeat = int(item.get("repeat", 1))
         for _ in range(repeat):
             status, body = http_call(item, base, timeout)
             if status != expect:

@@ -62,12 +62,14 @@ def stop(pid: int, *, timeout: float = 10.0) -> bool:
         _signal(p, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(alive(p) for p in targets):
-        _reap(pid)
+        _reap(targets)
         time.sleep(0.05)
     for p in targets:
         _signal(p, signal.SIGKILL)
-    _reap(pid)
-    wait_gone(targets, timeout=5)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not all(pid_gone(p) for p in targets):
+        _reap(targets)  # the PIDs are free once the exit is collected, by us or by init
+        time.sleep(0.01)
     return True
 
 
@@ -116,12 +118,27 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _reap(pid: int) -> None:
-    """Collect the exit status if the server is our child (else the kernel's init does)."""
+def _reap(pids: list[int]) -> None:
+    """Collect the exit status of those that are our children (else init does)."""
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def become_subreaper() -> bool:
+    """Adopt orphaned descendants (``PR_SET_CHILD_SUBREAPER``): a restored server, whose
+    parent ``criu restore -d`` exits, becomes our child, so :func:`stop` frees its PID at
+    once instead of waiting for init to collect it (slow under some inits). For
+    long-running callers that start and stop many servers, such as ``bench``."""
+    import ctypes
+
     try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
 
 
 def memory(pids: list[int]) -> dict:

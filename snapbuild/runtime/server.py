@@ -15,11 +15,14 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UsageError
 from ..store.blobs import BlobStore
+from . import probe as probes
 from . import process
 from .trees import ensure_tree, link_inputs
 
 LOG_NAME = "server.log"
+FORMAT = 1  # of checkpoint.json (a snapshot's runtime section); readers refuse newer ones
 
 
 @dataclass
@@ -27,6 +30,11 @@ class Started:
     proc: subprocess.Popen
     log_path: Path
     env: dict
+    log_offset: int = 0  # where this run's output starts in the log
+
+    def wait_ready(self, probe: dict, timeout: float | None = None) -> float:
+        return probes.wait_ready(probe, log_path=self.log_path, log_offset=self.log_offset,
+                                 alive=lambda: self.proc.poll() is None, timeout=timeout)
 
     @property
     def pid(self) -> int:
@@ -48,23 +56,38 @@ def prepare(spec: dict, blobs: BlobStore) -> tuple[Path, dict]:
         "SNAPBUILD_RUN": str(run_dir),
         "SNAPBUILD_INPUTS": str(run_dir / "inputs"),
     }
-    for k, v in spec.get("env", {}).items():
-        env[k] = _expand(v, env)
+    base = dict(env)
+    for k, v in spec.get("env", {}).items():  # from the variables above: independent of order
+        env[k] = _expand(v, base)
     return run_dir, env
 
 
+def check_port_free(spec: dict) -> None:
+    """Refuse to start a server whose port is taken: its probe would talk to the other one."""
+    addr = probes.address(spec.get("ready"))
+    if probes.port_in_use(addr):
+        raise UsageError(f"port {addr[1]} on {addr[0]} is already taken: another server is listening there",
+                         hint="stop it first (snapbuild-runner stop PID, if the runner started it), "
+                              "or give this server another port")
+
+
 def start(spec: dict, blobs: BlobStore, *, fresh_log: bool = True) -> Started:
+    """Start the server as the spec says. The port must be free; a stale ready file is
+    removed first. ``fresh_log`` starts an empty log, else this run's output is appended."""
+    check_port_free(spec)
     run_dir, env = prepare(spec, blobs)
     argv = [_expand(a, env) for a in spec["argv"]]
     cwd = Path(_expand(spec["cwd"], env)) if spec.get("cwd") else run_dir
     log_path = run_dir / LOG_NAME
     if fresh_log:
         log_path.unlink(missing_ok=True)
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    probes.clear_stale(spec.get("ready") or {})
     try:
         proc = process.start(argv, env=env, cwd=cwd, log_path=log_path)
     except OSError as e:
         raise FileNotFoundError(f"cannot start {argv[0]!r}: {e.strerror}") from None
-    return Started(proc=proc, log_path=log_path, env=env)
+    return Started(proc=proc, log_path=log_path, env=env, log_offset=offset)
 
 
 _VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")

@@ -11,34 +11,93 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from pathlib import Path
 
+from ..errors import SnapbuildError
+from ..store import fsutil
 from ..store.blobs import BlobStore
 from ..store.fsutil import flock
 from ..store.tree import load_tree, materialize
 
-MARKER = ".snapbuild-complete"
+MARKER = ".snapbuild-complete"  # holds the stores (one path a line) that use the tree
 
 
 def tree_dir(root: Path, digest: str) -> Path:
     return root / "trees" / digest.split(":", 1)[1]
 
 
+def secure_root(root: Path) -> None:
+    """Create ``root`` (and ``root/trees``) for this user, and refuse one that another
+    user owns or may write to: the runner trusts complete trees there without reading
+    them again, so nobody else may be able to put one there (``/dev/shm`` is shared)."""
+    for d in (root, root / "trees"):
+        try:
+            d.mkdir(mode=0o755, parents=True, exist_ok=True)
+            st = os.lstat(d)
+        except OSError as e:
+            raise SnapbuildError(f"cannot create {d}: {e.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o002:
+            why = ("is not a folder" if not stat.S_ISDIR(st.st_mode)
+                   else f"belongs to uid {st.st_uid}" if st.st_uid != os.geteuid()
+                   else "can be written by other users")
+            raise SnapbuildError(f"refusing to use {d} for snapshot files: it {why}",
+                                 hint="remove it, or point SNAPBUILD_RUN_ROOT / SNAPBUILD_IMAGE_CACHE at a folder "
+                                      "that only this user can write")
+
+
 def ensure_tree(blobs: BlobStore, digest: str, root: Path) -> tuple[Path, bool]:
-    """The tree's folder, materialized (verified) if not there yet. Returns (path, created)."""
+    """The tree's folder, materialized (verified) if not there yet, with the store of
+    ``blobs`` recorded as one of its users (see :func:`release`). Returns (path, created)."""
+    secure_root(root)
     final = tree_dir(root, digest)
-    if (final / MARKER).exists():
+    user = str(blobs.root) + "\n"
+    text = _users_text(final)
+    if text is not None and user in text.splitlines(keepends=True):
         return final, False
     with flock(root / "locks" / f"tree-{digest.split(':', 1)[1]}.lock"):
-        if (final / MARKER).exists():
+        text = _users_text(final)
+        if text is not None:
+            if user not in text.splitlines(keepends=True):
+                with open(final / MARKER, "a") as f:
+                    f.write(user)
             return final, False
         tmp = final.with_name(final.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(final, ignore_errors=True)  # an incomplete earlier attempt
         materialize(blobs, load_tree(blobs, digest), tmp)
-        (tmp / MARKER).touch()
+        (tmp / MARKER).write_text(user)
         os.rename(tmp, final)  # only complete trees appear under their name
     return final, True
+
+
+def release(path: Path, store_root: Path, *, dry_run: bool = False) -> bool | None:
+    """Drop ``store_root`` from the tree's users; remove the tree when no store that
+    still exists uses it. True when removed, False when kept for other users, None
+    when the tree is not this store's to release."""
+    root = path.parent.parent
+    with flock(root / "locks" / f"tree-{path.name}.lock"):
+        text = _users_text(path)
+        users = text.splitlines() if text else []
+        if str(store_root) not in users:
+            return None
+        others = [u for u in users if u != str(store_root) and os.path.isdir(u)]
+        if dry_run:
+            return not others
+        if others:
+            fsutil.atomic_write(path / MARKER, "".join(u + "\n" for u in others).encode())
+            return False
+        discard(path)
+        return True
+
+
+def _users_text(path: Path) -> str | None:
+    """The marker's content: None while the tree is absent or incomplete."""
+    try:
+        with open(path / MARKER) as f:
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def link_inputs(inputs: dict[str, Path], dest: Path) -> None:

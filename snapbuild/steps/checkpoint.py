@@ -25,7 +25,7 @@ from ..runtime.process import run_root
 from ..store.tree import build_tree, walk
 from .base import BuildContext, PinContext, StepSpec
 
-FORMAT = 1
+FORMAT = server.FORMAT
 MANIFEST = "checkpoint.json"
 ANON_TIP_BYTES = 256 << 20  # above this, suggest mapping weights instead
 
@@ -55,9 +55,7 @@ class CheckpointStep:
 
     def build(self, spec: CheckpointSpec, ctx: BuildContext) -> str:
         recipe = ctx.recipe
-        warm = recipe.steps[spec.process]
-        if warm.kind.name != "warmup":
-            raise StepError(f"`process: {spec.process}` must name a warmup step, not a {warm.kind.name} step")
+        warm = recipe.steps[spec.process]  # a warmup step: the recipe loader checked
         wspec = warm.spec
         server_spec = {
             "argv": wspec.argv(),
@@ -80,10 +78,11 @@ class CheckpointStep:
                 started = server.start(server_spec, ctx.store.blobs)
             except FileNotFoundError as e:
                 raise StepError(f"warmup {spec.process}: {e}", step=spec.process) from None
+            except SnapbuildError as e:
+                raise StepError(f"warmup {spec.process}: {e.message}", step=spec.process, hint=e.hint) from None
             say(f"started {server_spec['argv']} as pid {started.pid}; log {started.log_path}")
             try:
-                ready_s = probes.wait_ready(server_spec["ready"], log_path=started.log_path,
-                                            alive=lambda: started.proc.poll() is None)
+                ready_s = started.wait_ready(server_spec["ready"])
                 say(f"ready after {ready_s:.2f}s ({probes.describe(server_spec['ready'])})")
                 probes.run_exercise([e.model_dump(exclude_none=True) for e in wspec.exercise],
                                     base=probes.base_url(server_spec["ready"]), log=say, env=started.env)
@@ -103,6 +102,8 @@ class CheckpointStep:
             dump_s = time.monotonic() - t1
             started.proc.wait(timeout=10)
             (images / "dump.log").unlink(missing_ok=True)
+            say(f"--- server log (last 40 lines of {started.log_path}) ---\n"
+                + process.tail(started.log_path, 40).rstrip() + "\n---")
             pages = sum(p.stat().st_size for p in images.glob("pages-*.img"))
             say(f"dumped {len(pids)} process(es) in {dump_s:.2f}s: {pages / 2**20:.1f} MiB of memory pages")
             say(f"memory at the dump: {mem['anonymous_bytes'] / 2**20:.1f} MiB anonymous (in the checkpoint), "

@@ -54,7 +54,7 @@ class Exercise(BaseModel):
     run: str | None = None
     body: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
-    expect: int = 200
+    expect: int | None = None  # HTTP status (default 200), or exit status of `run` (default 0)
     repeat: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
@@ -72,7 +72,8 @@ class WarmupSpec(StepSpec):
     ready: Probe
     exercise: list[Exercise] = Field(default_factory=list)
 
-    # How long to wait for readiness changes no output.
+    # Everything here is in the key, the probe's timeout too: the probe travels in the
+    # snapshot (the runner's cold boot uses it), so it is part of the output.
     KEYLESS: ClassVar[frozenset[str]] = StepSpec.KEYLESS
 
     @model_validator(mode="after")

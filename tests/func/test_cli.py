@@ -176,3 +176,16 @@ def test_failed_step_tip_names_the_recipe(run_cli, recipe):
     path = recipe("name: demo\nsteps:\n  bad: {kind: command, run: 'exit 1'}\n")
     r = run_cli("build", path, "--progress", "plain")
     assert f"tip: full log: snapbuild logs {path} bad" in r.err
+
+
+def test_logs_of_a_warmup_point_to_its_checkpoint(run_cli, recipe):
+    path = recipe("""
+        name: demo
+        steps:
+          server: {kind: warmup, run: "sleep 60", ready: {tcp: "127.0.0.1:1"}}
+          snap: {kind: checkpoint, process: server}
+    """)
+    r = run_cli("logs", path, "server")
+    assert r.code == 6, r
+    assert "runs, and logs, inside the step that checkpoints it" in r.err
+    assert f"snapbuild logs {path} snap" in r.err

@@ -49,8 +49,10 @@ def port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def counter_recipe(recipe, port: int, extra_args: str = "", run: str | None = None, timeout: int = 30) -> Path:
+def counter_recipe(recipe, port: int, extra_args: str = "", run: str | None = None, timeout: int = 30,
+                   ready: str | None = None, exercise: str = '{http: "POST /count", repeat: 2}') -> Path:
     command = run or f'{sys.executable} $SNAPBUILD_INPUTS/app/counter_server.py --port {port} {extra_args}'
+    ready = ready or f'http: "http://127.0.0.1:{port}/healthz"'
     path = recipe(f"""
         name: counter
         steps:
@@ -59,8 +61,8 @@ def counter_recipe(recipe, port: int, extra_args: str = "", run: str | None = No
             kind: warmup
             needs: [app]
             run: "{command}"
-            ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: {timeout}}}
-            exercise: [{{http: "POST /count", repeat: 2}}]
+            ready: {{{ready}, timeout: {timeout}}}
+            exercise: [{exercise}]
           snap: {{kind: checkpoint, process: server}}
         publish: {{tag: "counter:v1"}}
     """)
@@ -100,6 +102,14 @@ def test_counter_snapshot_restores_warm_state_and_boots_cold(recipe, store):
     finally:
         stop(cold["pid"])
     assert port_free(port)
+
+
+def load_runtime(store: Store, ref: str) -> dict:
+    """The runtime section (checkpoint.json) of a snapshot in the store's registry."""
+    reg = open_registry(f"file://{store.home / 'registry'}")
+    r = parse_ref(ref)
+    digest = reg.resolve(r)
+    return load_config(store.blobs, parse_manifest(reg.get_blob(r.name, digest), digest))["runtime"]
 
 
 def retarget(store: Store, ref: str, new_tag: str, change, what: str = "fingerprint") -> str:
@@ -170,6 +180,51 @@ def test_warmup_failures_name_the_step_and_leave_nothing_running(recipe, store, 
     [res] = build(path, store=store)
     assert res.steps["snap"].status == "failed" and "not ready after 1 s" in res.steps["snap"].error
     assert no_server_left(str(marker)), "a server that never got ready must be stopped"
+
+
+def test_a_taken_port_fails_the_warmup_before_it_starts(recipe, store):
+    with socket.socket() as other:  # someone else's server on the recipe's port
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        [res] = build(counter_recipe(recipe, port), store=store)
+    snap = res.steps["snap"]
+    assert snap.status == "failed" and f"port {port} on 127.0.0.1 is already taken" in snap.error
+    assert no_server_left("counter_server.py"), "the warm-up must not have started"
+
+
+def test_an_exercise_that_gets_no_answer_fails_the_warmup(recipe, store):
+    port, closed = free_port(), free_port()
+    path = counter_recipe(recipe, port, exercise=f'{{http: "POST http://127.0.0.1:{closed}/count"}}')
+    [res] = build(path, store=store)
+    snap = res.steps["snap"]
+    assert snap.status == "failed" and f"POST http://127.0.0.1:{closed}/count got no answer" in snap.error
+    assert "internal error" not in snap.error
+    assert port_free(port) and no_server_left("counter_server.py")
+
+
+def test_log_probe_restores_on_a_fresh_node_and_cold_boots_wait_for_their_own_line(recipe, store, tmp_path):
+    port = free_port()
+    path = counter_recipe(recipe, port, ready='log: "^listening"',
+                          exercise=f'{{http: "POST http://127.0.0.1:{port}/count", repeat: 2}}')
+    [res] = build(path, store=store)
+    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    spec = load_runtime(store, "counter:v1")["server"]
+    log = Path(spec["run_dir"]) / "server.log"
+    log.unlink()  # a node where this snapshot never ran: the start-up line is not in its log
+    node = Store(tmp_path / "node")
+    reg = f"file://{store.home / 'registry'}"
+    out = run("counter:v1", registry=reg, store=node, fallback="fail")
+    try:
+        assert out["mode"] == "restore"
+        assert post(port, "/count")["count"] == 3, "the warm-up's two calls, then this one"
+    finally:
+        stop(out["pid"])
+    cold = run("counter:v1", registry=reg, store=node, mode="cold")
+    try:  # the old run's lines are in the log; this boot must still wait for its own
+        assert post(port, "/count")["count"] == 1
+    finally:
+        stop(cold["pid"])
 
 
 def test_failed_dump_shows_criu_reason(recipe, store, tmp_path):
@@ -266,15 +321,40 @@ def test_node_gc_keeps_what_pinned_snapshots_use(recipe, store, tmp_path, monkey
     run_root = Path(os.environ["SNAPBUILD_RUN_ROOT"])
     images = Path(os.environ["SNAPBUILD_IMAGE_CACHE"])
     kept = sorted(p.name for p in (run_root / "trees").iterdir())
-    stale = run_root / "trees" / ("0" * 64)
-    stale.mkdir()
-    (stale / "f").write_bytes(b"x" * 1000)
+    other = tmp_path / "other-store"
+    other.mkdir()
+
+    def tree(hexchar: str, users: list[Path]) -> Path:
+        t = run_root / "trees" / (hexchar * 64)
+        t.mkdir()
+        (t / "f").write_bytes(b"x" * 1000)
+        (t / ".snapbuild-complete").write_text("".join(f"{u}\n" for u in users))
+        return t
+
+    stale = tree("0", [node.home])  # written out for this store, used by no pin
+    foreign = tree("1", [other])  # another store's: not this store's to remove
+    shared = tree("2", [node.home, other])
     r = node_gc(node)
     assert r["trees_removed"] == 1 and not stale.exists()
-    assert sorted(p.name for p in (run_root / "trees").iterdir()) == kept
+    assert r["tree_bytes_freed"] == 1000 + len(f"{node.home}\n"), "the file and the marker"
+    assert foreign.exists() and shared.exists()
+    assert (shared / ".snapbuild-complete").read_text() == f"{other}\n", "this store let go of the shared tree"
+    assert sorted(p.name for p in (run_root / "trees").iterdir()) == sorted(kept + ["1" * 64, "2" * 64])
     assert any((images / "trees").iterdir()), "the pinned checkpoint's images stay"
     out = run("counter:v1", registry=reg, store=node)  # still restorable, nothing refetched
     try:
         assert out["mode"] == "restore"
     finally:
         stop(out["pid"])
+
+
+def test_doctor_reports_criu_and_fails_without_it(run_cli):
+    r = run_cli("doctor", "--json")
+    assert r.code == 0, r
+    criu = next(c for c in r.json()["checks"] if c["name"] == "criu")
+    assert criu["works"] and criu["version"] >= "4.2"
+    r = run_cli("doctor", env={"SNAPBUILD_CRIU": "/nonexistent/criu"})
+    assert r.code == 1, r
+    line = next(ln for ln in r.out.splitlines() if ln[5:].startswith("criu "))
+    assert line.startswith("--") and "SNAPBUILD_CRIU=/nonexistent/criu" in line, r.out
+    assert "ci/install-criu.sh" in r.out

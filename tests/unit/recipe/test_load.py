@@ -264,3 +264,25 @@ def test_friendly_messages_for_empty_step_and_bad_output(recipe):
     assert "a step must be a mapping" in e.message and e.line == 3
     e = load_error(recipe("name: demo\nsteps:\n  s: {kind: command, run: a, outputs: [../x]}\n"))
     assert e.message == "output '../x' must be a path inside the work folder"
+
+
+WARM = ("name: demo\n"
+        "steps:\n"
+        "  server: {kind: warmup, run: serve, ready: {tcp: \"127.0.0.1:8000\"}}\n")
+
+
+@pytest.mark.parametrize("rest, where, message", [
+    ("  snap: {kind: checkpoint, process: other}\n  other: {kind: command, run: x}\n",
+     "steps -> snap -> process:", "`process: other` must name a warmup step, not a command step"),
+    ("  snap: {kind: checkpoint, process: server}\n  use: {kind: command, needs: [server], run: x}\n",
+     "steps -> use -> needs -> 0:", "step 'server' is a live warmup process, not a file tree"),
+    ("  snap: {kind: checkpoint, process: server}\npublish: {steps: [snap, server]}\n",
+     "publish -> steps -> 1:", "step 'server' is a live warmup process: nothing checkpoints it"),
+    ("", "steps -> server:", "step 'server' is a live warmup process: nothing checkpoints it"),
+    ("  other: {kind: command, run: x}\npublish: {steps: [other]}\n",
+     "steps -> server:", "step 'server' is a live warmup process that nothing checkpoints"),
+])
+def test_live_processes_are_only_taken_by_checkpoints(recipe, rest, where, message):
+    e = load_error(recipe(WARM + rest))
+    assert message in e.message, e.message
+    assert where in str(e), str(e)
