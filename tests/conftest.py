@@ -16,15 +16,6 @@ from snapbuild.store import Store
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _adopt_restored_servers():
-    """Restored servers become children of the test process, so stopping one frees its
-    PIDs at once (some inits are slow to reap orphans; a restore needs the PIDs)."""
-    from snapbuild.runtime.process import become_subreaper
-
-    become_subreaper()
-
-
 @pytest.fixture(autouse=True)
 def _machine_dirs(tmp_path, monkeypatch):
     """Servers' run root and the node's image cache go to temp folders, never to the
