@@ -11,6 +11,7 @@ _KINDS: dict[str, str] = {
     "command": "snapbuild.steps.command:CommandStep",
     "warmup": "snapbuild.steps.warmup:WarmupStep",
     "checkpoint": "snapbuild.steps.checkpoint:CheckpointStep",
+    "image": "snapbuild.steps.image:ImageStep",
 }
 _loaded: dict[str, StepKind] = {}
 

@@ -17,6 +17,7 @@ same chunks, and a snapshot that changes one file re-stores only that file's chu
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import threading
 from pathlib import Path
@@ -110,3 +111,24 @@ def chunk_digests(chunks: list[dict]) -> Iterator[str]:
     for ref in chunks:
         if "digest" in ref:
             yield ref["digest"]
+
+
+class ChunkReader(io.RawIOBase):
+    """A file's content read from its chunks, one verified chunk at a time."""
+
+    def __init__(self, blobs: BlobStore, chunks: list[dict]) -> None:
+        self._blobs, self._chunks, self._i, self._buf = blobs, list(chunks), 0, memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            if self._i >= len(self._chunks):
+                return 0
+            self._buf = memoryview(get_chunk(self._blobs, self._chunks[self._i]))
+            self._i += 1
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
