@@ -11,6 +11,8 @@ from typing import Protocol
 
 _ENGINES = {
     "host": "snapbuild.engines.host:HostEngine",
+    "runc": "snapbuild.engines.oci:OciEngine",
+    "runsc": "snapbuild.engines.oci:RunscEngine",
 }
 
 
@@ -28,6 +30,8 @@ class Engine(Protocol):
 
     def restore(self, images: Path, work: Path) -> int:
         """Bring the process tree back, detached; returns its root PID."""
+
+CONTAINER_ENGINES = ("runc", "runsc")
 
 
 def engine_names() -> list[str]:

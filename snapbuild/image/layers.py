@@ -44,6 +44,7 @@ class Layer:
     digest: str  # sha256 of the uncompressed, normalized tar (the OCI diff_id)
     size: int
     path: Path
+    dropped_devices: int = 0
 
 
 def _open_maybe_compressed(f: BinaryIO) -> BinaryIO:
@@ -62,6 +63,8 @@ def normalize(src: BinaryIO, dest: Path, *, epoch: int | None, what: str = "laye
     """Rewrite the tar in ``src`` (gzip or zstd allowed) as a normalized layer at ``dest``.
 
     ``epoch``: modification times later than it are set to it (``None`` keeps them).
+    Device nodes are left out (counted in ``dropped_devices``): a container gets its
+    ``/dev`` from the runtime, and the unpacker refuses layers that carry devices.
     """
     with tempfile.TemporaryFile() as spool:
         shutil.copyfileobj(_open_maybe_compressed(src), spool, 1 << 20)
@@ -83,8 +86,12 @@ def _norm_name(name: str) -> str:
 def _write_normalized(tar: tarfile.TarFile, members: list[tarfile.TarInfo], dest: Path,
                       epoch: int | None) -> Layer:
     by_name: dict[str, tarfile.TarInfo] = {}
+    dropped = 0
     for m in members:  # a later entry of the same name replaces an earlier one
         name = _norm_name(m.name)
+        if m.ischr() or m.isblk():
+            dropped += 1
+            continue
         if name:
             by_name[name] = m
     # Hard-link groups: whichever name sorts first holds the data, the others link to it.
@@ -150,7 +157,7 @@ def _write_normalized(tar: tarfile.TarFile, members: list[tarfile.TarInfo], dest
                     info.linkname = src.linkname
                     info.devmajor, info.devminor = src.devmajor, src.devminor
                     out.addfile(info)
-    return Layer(digest="sha256:" + h.hexdigest(), size=sink.n, path=dest)
+    return Layer(digest="sha256:" + h.hexdigest(), size=sink.n, path=dest, dropped_devices=dropped)
 
 
 def newest_mtime(layer: Path) -> int:

@@ -187,6 +187,12 @@ def _check_processes(steps: dict[str, Step], graph: nx.DiGraph, publish_steps: l
                                 f"step {dep!r} is a live {steps[dep].kind.name} process, not a file tree: "
                                 "it cannot be an input",
                                 hint=f"checkpoint it with `kind: checkpoint, process: {dep}` and use that step")
+    for name, step in steps.items():
+        check = getattr(step.kind, "check_links", None)
+        problem = check(step.spec, steps) if check else None
+        if problem:
+            keypath, message, hint = problem
+            raise src.error(("steps", name) + tuple(keypath), message, hint=hint)
     for i, n in enumerate(publish_steps):
         if steps[n].kind.ephemeral:
             where = ("publish", "steps", i) if explicit else ("steps", n)

@@ -17,7 +17,7 @@ import shutil
 import time
 from typing import Literal
 
-from ..engines import get_engine
+from ..engines import CONTAINER_ENGINES, get_engine
 from ..errors import SnapbuildError, StepError
 from ..runtime import probe as probes
 from ..runtime import process, server
@@ -32,7 +32,7 @@ ANON_TIP_BYTES = 256 << 20  # above this, suggest mapping weights instead
 
 class CheckpointSpec(StepSpec):
     process: str
-    engine: Literal["host"] = "host"
+    engine: Literal["host", "runc", "runsc"] = "host"
     gpu: Literal["none"] = "none"
 
 
@@ -44,6 +44,22 @@ class CheckpointStep:
 
     def references(self, spec: CheckpointSpec):
         return [(spec.process, ("process",))]
+
+    def check_links(self, spec: CheckpointSpec, steps: dict) -> tuple[tuple, str, str] | None:
+        """Engine and warm-up must agree: containers need an image, host processes none."""
+        warm = steps[spec.process]
+        image = getattr(warm.spec, "image", None)
+        if spec.engine in CONTAINER_ENGINES and not image:
+            return (("engine",), f"engine {spec.engine} runs the server in a container, but warm-up "
+                    f"{spec.process!r} has no `image:`", f"add `image: STEP` (an image step) to {spec.process}, "
+                    "or use engine: host")
+        if spec.engine not in CONTAINER_ENGINES and image:
+            return (("engine",), f"warm-up {spec.process!r} runs in image {image!r}, which needs a container "
+                    f"engine, not {spec.engine}", "use engine: runc (or runsc)")
+        if image and steps[image].kind.name != "image":
+            return (("process",), f"warm-up {spec.process!r}: `image: {image}` names a "
+                    f"{steps[image].kind.name} step, not an image step", "point `image:` at a `kind: image` step")
+        return None
 
     def pins(self, spec: CheckpointSpec, ctx: PinContext) -> dict:
         engine = get_engine(spec.engine)
@@ -58,6 +74,7 @@ class CheckpointStep:
         warm = recipe.steps[spec.process]  # a warmup step: the recipe loader checked
         wspec = warm.spec
         server_spec = {
+            "name": recipe.name,
             "argv": wspec.argv(),
             "env": dict(wspec.env),
             "cwd": wspec.cwd,
@@ -65,8 +82,14 @@ class CheckpointStep:
             "run_root": str(run_root()),
             # One run folder per warm-up definition: the same on the build machine and nodes.
             "run_dir": str(run_root() / "run" / f"{recipe.name}-{ctx.input_keys[spec.process][:16]}"),
-            "inputs": {d: ctx.artifacts[d] for d in warm.deps},
+            "inputs": {d: ctx.artifacts[d] for d in warm.deps if d != wspec.image},
         }
+        if spec.engine in CONTAINER_ENGINES:
+            from .image import read_image
+
+            server_spec.update(image=ctx.artifacts[wspec.image], image_step=wspec.image, mounts=dict(wspec.mounts),
+                               image_config=read_image(ctx.store, ctx.artifacts[wspec.image])["config"]["config"])
+            return self._build_container(spec, ctx, server_spec, wspec)
         engine = get_engine(spec.engine)
         log = ctx.log
         say = lambda msg: (log.write(msg + "\n"), log.flush())  # noqa: E731
@@ -132,6 +155,60 @@ class CheckpointStep:
                 process.stop(started.pid)  # no orphan server after success or failure
             shutil.rmtree(scratch, ignore_errors=True)
 
+    def _build_container(self, spec: CheckpointSpec, ctx: BuildContext, server_spec: dict, wspec) -> str:
+        from ..runtime import container
+
+        engine = get_engine(spec.engine)
+        say = lambda msg: (ctx.log.write(msg + "\n"), ctx.log.flush())  # noqa: E731
+        scratch = ctx.store.scratch(f"ckpt-{ctx.name}")
+        inst = None
+        try:
+            t0 = time.monotonic()
+            try:
+                inst = container.start(server_spec, ctx.store.blobs, engine, host_port=0)
+            except SnapbuildError as e:
+                raise StepError(f"warmup {spec.process}: {e.message}", step=spec.process, hint=e.hint) from None
+            say(f"started container {inst.id} ({spec.engine}), init pid {inst.pid}; port {inst.container_port} "
+                f"published on 127.0.0.1:{inst.host_port}; log {inst.log_path}")
+            ready = container.host_probe(server_spec, inst)
+            try:
+                ready_s = probes.wait_ready(ready, log_path=inst.log_path, alive=lambda: container.alive(inst))
+                say(f"ready after {ready_s:.2f}s ({probes.describe(ready)})")
+                probes.run_exercise([e.model_dump(exclude_none=True) for e in wspec.exercise],
+                                    base=probes.base_url(ready), log=say)
+            except probes.ProbeFailed as e:
+                raise StepError(f"warmup {spec.process}: {e}", step=spec.process,
+                                log_tail=process.tail(inst.log_path),
+                                hint="the server's log is above; `ready:` sets the probe and its timeout") from None
+            warm_s = time.monotonic() - t0
+            mem = process.memory(process.tree(inst.pid))
+            images = scratch / "images"
+            t1 = time.monotonic()
+            try:
+                container.checkpoint(inst, engine, images, scratch / "work")
+            except SnapbuildError as e:
+                raise StepError(e.message, hint=e.hint) from None
+            dump_s = time.monotonic() - t1
+            pages = sum(p.stat().st_size for p in images.glob("pages-*.img"))
+            say(f"checkpointed in {dump_s:.2f}s: {pages / 2**20:.1f} MiB of memory pages")
+            say(f"--- server log (last 40 lines of {inst.log_path}) ---\n"
+                + process.tail(inst.log_path, 40).rstrip() + "\n---")
+            manifest = {
+                "format": FORMAT, "engine": spec.engine, "process": spec.process, "server": server_spec,
+                "pids": [], "fingerprint": ctx.pins["fingerprint"],
+                "stats": {"warm_s": round(warm_s, 3), "dump_s": round(dump_s, 3), "pages_bytes": pages, **mem,
+                          "images_bytes": sum(p.stat().st_size for p in images.iterdir())},
+            }
+            (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            items = [(MANIFEST, scratch / MANIFEST), ("images", images)]
+            items += [(f"images/{rel}", p) for rel, p in walk(images)]
+            digest, _ = build_tree(ctx.store.blobs, items)
+            return digest
+        finally:
+            if inst is not None:
+                container.destroy(inst)  # no container, mount, netns or forwarder left behind
+            shutil.rmtree(scratch, ignore_errors=True)
+
     def snapshot_extras(self, store, artifact: str) -> tuple[dict, dict[str, str]]:
         """What a snapshot of this step carries besides the artifact itself: the runtime
         section of its config, and the input trees the server needs."""
@@ -142,7 +219,10 @@ class CheckpointStep:
         from ..store.chunks import get_chunk
 
         manifest = json.loads(b"".join(get_chunk(store.blobs, c) for c in entry["chunks"]))
-        return manifest, dict(manifest["server"]["inputs"])
+        trees = dict(manifest["server"]["inputs"])
+        if manifest["server"].get("image"):  # a container's image travels with it too
+            trees[manifest["server"]["image_step"]] = manifest["server"]["image"]
+        return manifest, trees
 
 
 

@@ -89,7 +89,7 @@ class ImageSpec(StepSpec):
 
 class ImageStep:
     name = "image"
-    version = 1
+    version = 2  # 2: device nodes left out of layers
     Spec = ImageSpec
     ephemeral = False
 
@@ -136,6 +136,8 @@ class ImageStep:
             say(f"base: root filesystem {path}")
             with open(path, "rb") as f:
                 layer = _normalized(f, out, spec.epoch, f"rootfs {ref}")
+            if layer.dropped_devices:
+                say(f"left out {layer.dropped_devices} device node(s) (the container runtime provides /dev)")
             return {"config": {"Env": [f"PATH={DEFAULT_PATH}"]}}, [layer]
         if kind == "docker":
             from ..image import docker

@@ -71,6 +71,10 @@ class WarmupSpec(StepSpec):
     cwd: str | None = None
     ready: Probe
     exercise: list[Exercise] = Field(default_factory=list)
+    # Containers (checkpoint engine runc/runsc): the image step to run in, and input
+    # steps mounted read-only at paths of the container (besides $SNAPBUILD_INPUTS/<step>).
+    image: str | None = None
+    mounts: dict[str, str] = Field(default_factory=dict)
 
     # Everything here is in the key, the probe's timeout too: the probe travels in the
     # snapshot (the runner's cold boot uses it), so it is part of the output.
@@ -82,6 +86,11 @@ class WarmupSpec(StepSpec):
             raise ValueError("give exactly one of `command:` (a list) or `run:` (a shell line)")
         if self.command is not None and not self.command:
             raise ValueError("`command:` is empty")
+        if self.mounts and not self.image:
+            raise ValueError("`mounts:` places inputs inside a container: give `image:` too")
+        for dest in self.mounts:
+            if not dest.startswith("/") or ".." in dest.split("/"):
+                raise ValueError(f"mount point {dest!r} must be an absolute path inside the container")
         return self
 
     def argv(self) -> list[str]:
@@ -95,7 +104,8 @@ class WarmupStep:
     ephemeral = True
 
     def references(self, spec):
-        return []
+        refs = [(spec.image, ("image",))] if spec.image else []
+        return refs + [(name, ("mounts", dest)) for dest, name in spec.mounts.items()]
 
     def pins(self, spec, ctx):
         return {}

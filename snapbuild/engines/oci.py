@@ -1,0 +1,103 @@
+"""``runc`` and ``runsc``: OCI runtimes with the same run / checkpoint / restore shape.
+
+Everything is shared; an engine is the binary's name, the flags its subcommands take,
+and how to read its version. runsc (gVisor) checkpoints with its own machinery instead
+of CRIU; runc drives CRIU.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from ..errors import SnapbuildError
+from . import criu
+from .fingerprint import host_fingerprint
+
+
+class OciRuntimeError(SnapbuildError):
+    exit_code = 8
+
+
+class OciEngine:
+    name = "runc"
+    binary = "runc"
+    needs_criu = True
+    install_hint = "install it with: apt-get install runc (part of ci/setup.sh)"
+    global_flags: list[str] = []
+
+    def path(self) -> str:
+        found = shutil.which(self.binary)
+        if not found:
+            raise SnapbuildError(f"{self.binary} is not installed", hint=self.install_hint)
+        return found
+
+    def check(self) -> None:
+        self.path()
+        if self.needs_criu:
+            criu.binary()
+            criu.check_version()
+
+    def version(self) -> str:
+        out = subprocess.run([self.path(), "--version"], capture_output=True, text=True).stdout
+        m = re.search(r"version\s+(\S+)", out)
+        return m.group(1) if m else out.strip().splitlines()[0] if out.strip() else "unknown"
+
+    def fingerprint(self) -> dict:
+        fp = host_fingerprint(criu.version() if self.needs_criu else None)
+        fp["oci_runtime"] = f"{self.binary} {self.version()}"
+        return fp
+
+    # --- commands -----------------------------------------------------------------------
+
+    def _run(self, args: list[str], what: str, log: Path | None = None) -> None:
+        r = subprocess.run([self.path(), *self.global_flags, *args], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            excerpt = (criu.errors_from_log(log) if log and log.exists() else "") or r.stderr.strip()[-1500:]
+            raise OciRuntimeError(f"{self.binary} {what} failed (exit {r.returncode}):\n{excerpt}",
+                                hint=f"full log: {log}" if log and log.exists() else None)
+
+    def run(self, bundle: Path, cid: str) -> None:
+        self._run(["run", "--detach", "--bundle", str(bundle), cid], "run")
+
+    def checkpoint(self, cid: str, images: Path, work: Path) -> None:
+        images.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
+        self._run(["checkpoint", "--image-path", str(images), "--work-path", str(work), cid], "checkpoint",
+                  log=work / "dump.log")
+
+    def restore(self, bundle: Path, cid: str, images: Path, work: Path) -> None:
+        work.mkdir(parents=True, exist_ok=True)
+        self._run(["restore", "--detach", "--image-path", str(images), "--work-path", str(work),
+                   "--bundle", str(bundle), cid], "restore", log=work / "restore.log")
+
+    def state(self, cid: str) -> dict | None:
+        import json
+
+        r = subprocess.run([self.path(), *self.global_flags, "state", cid], capture_output=True, text=True)
+        return json.loads(r.stdout) if r.returncode == 0 else None
+
+    def delete(self, cid: str) -> None:
+        subprocess.run([self.path(), *self.global_flags, "delete", "--force", cid], capture_output=True)
+
+
+class RunscEngine(OciEngine):
+    """gVisor: the same bundle and commands; checkpoints are gVisor's own (no CRIU)."""
+
+    name = "runsc"
+    binary = "runsc"
+    needs_criu = False
+    install_hint = ("gVisor's runsc is not packaged for this machine: install it from gVisor's releases "
+                    "and put it on PATH")
+    global_flags: list[str] = []
+
+    def checkpoint(self, cid: str, images: Path, work: Path) -> None:
+        images.mkdir(parents=True, exist_ok=True)
+        self._run(["checkpoint", f"--image-path={images}", "--compression=none", cid], "checkpoint")
+
+    def restore(self, bundle: Path, cid: str, images: Path, work: Path) -> None:
+        self._run(["restore", f"--image-path={images}", "--detach", "--background", "--bundle", str(bundle),
+                   cid], "restore")

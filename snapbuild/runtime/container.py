@@ -1,0 +1,333 @@
+"""Servers in OCI containers (engines ``runc`` and ``runsc``), shared by the warm-up on
+the build machine and the runner on nodes.
+
+An *instance* is one container: a bundle folder (``config.json`` and ``rootfs/``, an
+overlay of the image's layers, each unpacked once per machine), a network namespace
+of its own with ``lo`` up (created here and handed to the runtime by path, so the
+runtime leaves it out of the checkpoint and a restore joins a fresh one), and a port
+forwarder from a host port into that namespace. Inside the container:
+
+    /snapbuild/inputs/<step>   each input tree, read-only ($SNAPBUILD_INPUTS)
+    /snapbuild/run             this instance's run folder, with server.log ($SNAPBUILD_RUN)
+    /tmp                       a tmpfs (its content is part of a checkpoint)
+
+The root filesystem is read-only. The server's stdout and stderr go to
+``/snapbuild/run/server.log``, opened by the server itself (through ``/bin/sh``), so
+they are files inside the container that a checkpoint can carry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .. import rootfs
+from ..errors import SnapbuildError
+from ..store.blobs import BlobStore
+from ..store.chunks import ChunkReader
+from ..store.tree import load_tree
+from . import probe as probes
+from . import process
+from .trees import ensure_tree
+
+INPUTS = "/snapbuild/inputs"
+RUN = "/snapbuild/run"
+LOG_NAME = "server.log"
+IMAGE_JSON = "image.json"
+
+
+@dataclass
+class Instance:
+    id: str
+    engine: str
+    bundle: str
+    netns: str
+    run_dir: str
+    host_port: int | None
+    container_port: int | None
+    forwarder_pid: int | None = None
+    pid: int | None = None  # the container's init, as this machine sees it
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.run_dir) / LOG_NAME
+
+    def record_path(self) -> Path:
+        return records_dir(Path(self.bundle).parent.parent) / f"{self.id}.json"
+
+
+def records_dir(run_root: Path) -> Path:
+    return run_root / "containers"
+
+
+# --- the image --------------------------------------------------------------------------
+
+def read_image(blobs: BlobStore, artifact: str) -> tuple[dict, dict]:
+    """(image.json, {path: tree entry}) of an image artifact."""
+    tree = load_tree(blobs, artifact)
+    entries = {e["path"]: e for e in tree["entries"]}
+    if IMAGE_JSON not in entries:
+        raise SnapbuildError(f"{artifact} is not an image (it has no {IMAGE_JSON})")
+    return json.loads(ChunkReader(blobs, entries[IMAGE_JSON]["chunks"]).read()), entries
+
+
+def layer_dirs(blobs: BlobStore, artifact: str, cache: Path) -> list[Path]:
+    """The image's layers, each unpacked (once per machine, verified while read) in ``cache``."""
+    meta, entries = read_image(blobs, artifact)
+    out = []
+    for layer in meta["layers"]:
+        entry = entries[f"layers/{layer['digest'].split(':')[1]}.tar"]
+        out.append(rootfs.cached_layer(layer["digest"], lambda e=entry: ChunkReader(blobs, e["chunks"]), cache))
+    return out
+
+
+# --- the bundle ---------------------------------------------------------------------------
+
+def container_env(spec: dict) -> dict:
+    env = {}
+    for item in spec["image_config"].get("Env") or []:
+        k, _, v = item.partition("=")
+        env[k] = v
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    env.setdefault("HOME", "/root")
+    env.update({"SNAPBUILD_INPUTS": INPUTS, "SNAPBUILD_RUN": RUN, "LANG": env.get("LANG", "C.UTF-8")})
+    base = dict(env)
+    from .server import _expand
+
+    for k, v in spec.get("env", {}).items():
+        env[k] = _expand(v, base)
+    return env
+
+
+def config_json(spec: dict, input_paths: dict[str, Path], run_dir: Path, netns: str) -> dict:
+    from .server import _expand
+
+    env = container_env(spec)
+    argv = [_expand(a, env) for a in spec["argv"]]
+    cwd = _expand(spec["cwd"], env) if spec.get("cwd") else (spec["image_config"].get("WorkingDir") or "/")
+    wrapper = f'exec "$@" </dev/null >>{RUN}/{LOG_NAME} 2>&1'
+    caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime",
+                                                                                "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777"]},
+        {"destination": RUN, "type": "bind", "source": str(run_dir), "options": ["rbind", "rw"]},
+    ]
+    for name, path in sorted(input_paths.items()):
+        mounts.append({"destination": f"{INPUTS}/{name}", "type": "bind", "source": str(path),
+                       "options": ["rbind", "ro"]})
+    for dest, name in sorted((spec.get("mounts") or {}).items()):
+        mounts.append({"destination": dest, "type": "bind", "source": str(input_paths[name]),
+                       "options": ["rbind", "ro"]})
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False, "user": {"uid": 0, "gid": 0},
+            "args": ["/bin/sh", "-c", wrapper, "sh", *argv],
+            "env": [f"{k}={v}" for k, v in env.items()],
+            "cwd": cwd,
+            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": True},
+        "hostname": "snapbuild",
+        "mounts": mounts,
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+                           {"type": "network", "path": netns}],
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+        },
+    }
+
+
+def _netns_create(name: str) -> str:
+    for cmd in (["ip", "netns", "add", name], ["ip", "-n", name, "link", "set", "lo", "up"]):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SnapbuildError(f"cannot set up the container's network namespace ({' '.join(cmd)}): "
+                                 f"{r.stderr.strip()}", hint="containers need root and iproute2 (`ip`)")
+    return f"/run/netns/{name}"
+
+
+def _netns_delete(name: str) -> None:
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def _forward(host_port: int, netns: str, container_port: int, host: str = "127.0.0.1") -> tuple[int, int]:
+    """Start a forwarder; returns (its pid, the host port, which may have been 0)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, host_port))
+    except OSError as e:
+        listener.close()
+        raise SnapbuildError(f"host port {host_port} on {host} is already taken ({e.strerror})",
+                             hint="publish on another port: --publish HOST:CONTAINER") from None
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "snapbuild.runtime.portfwd", "--fd", str(listener.fileno()),
+                             "--netns", netns, "--port", str(container_port)],
+                            pass_fds=[listener.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    listener.close()
+    return proc.pid, port
+
+
+def _new_instance(spec: dict, engine: str, host_port: int | None) -> Instance:
+    cid = f"sb-{spec['name']}-{secrets.token_hex(4)}"[:60]
+    root = Path(spec["run_root"])
+    bundle = root / "bundles" / cid
+    run_dir = Path(spec["run_dir"]) / cid
+    addr = probes.address(spec.get("ready"))
+    return Instance(id=cid, engine=engine, bundle=str(bundle), netns="", run_dir=str(run_dir),
+                    host_port=host_port if host_port is not None else (addr[1] if addr else None),
+                    container_port=addr[1] if addr else None)
+
+
+def prepare(spec: dict, blobs: BlobStore, engine: str, host_port: int | None = None,
+            layer_cache: Path | None = None) -> Instance:
+    """Everything but the process: layers, rootfs, inputs, run folder, netns, config.json."""
+    inst = _new_instance(spec, engine, host_port)
+    root = Path(spec["run_root"])
+    bundle = Path(inst.bundle)
+    try:
+        layers = layer_dirs(blobs, spec["image"], layer_cache or root / "layers")
+        inputs = {name: ensure_tree(blobs, d, root)[0] for name, d in spec["inputs"].items()}
+        Path(inst.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(inst.run_dir) / LOG_NAME).touch()
+        bundle.mkdir(parents=True, exist_ok=True)
+        rootfs.assemble(layers, bundle / "rootfs", work=bundle / "overlay")
+        inst.netns = _netns_create(inst.id)
+        (bundle / "config.json").write_text(json.dumps(config_json(spec, inputs, Path(inst.run_dir), inst.netns),
+                                                       indent=1))
+        save(inst)
+    except BaseException:
+        destroy(inst)
+        raise
+    return inst
+
+
+def publish(inst: Instance) -> None:
+    """Forward the host port into the container (after the server is up, or restored)."""
+    if inst.container_port is None:
+        return
+    inst.forwarder_pid, inst.host_port = _forward(inst.host_port or 0, inst.netns, inst.container_port)
+    save(inst)
+
+
+def host_probe(spec: dict, inst: Instance) -> dict:
+    """The recipe's probe, pointed at the instance's host port."""
+    ready = dict(spec["ready"])
+    addr = probes.address(ready)
+    if addr and inst.host_port:
+        for k in ("http", "tcp"):
+            if k in ready:
+                ready[k] = ready[k].replace(f":{addr[1]}", f":{inst.host_port}", 1)
+    return ready
+
+
+def start(spec: dict, blobs: BlobStore, engine, host_port: int | None = None) -> Instance:
+    inst = prepare(spec, blobs, engine.name, host_port)
+    try:
+        engine.run(Path(inst.bundle), inst.id)
+        inst.pid = _init_pid(engine, inst.id)
+        publish(inst)
+        save(inst)
+    except BaseException:
+        destroy(inst)
+        raise
+    return inst
+
+
+def restore(spec: dict, blobs: BlobStore, engine, images: Path, work: Path,
+            host_port: int | None = None) -> Instance:
+    inst = prepare(spec, blobs, engine.name, host_port)
+    try:
+        engine.restore(Path(inst.bundle), inst.id, images, work)
+        inst.pid = _init_pid(engine, inst.id)
+        publish(inst)
+        save(inst)
+    except BaseException:
+        destroy(inst)
+        raise
+    return inst
+
+
+def checkpoint(inst: Instance, engine, images: Path, work: Path) -> None:
+    """Dump the container (it stops); the forwarder goes first, so no connection is open."""
+    _stop_forwarder(inst)
+    engine.checkpoint(inst.id, images, work)
+
+
+def alive(inst: Instance) -> bool:
+    return inst.pid is not None and process.alive(inst.pid)
+
+
+def _init_pid(engine, cid: str) -> int:
+    st = engine.state(cid)
+    if not st or not st.get("pid"):
+        raise SnapbuildError(f"container {cid} is not running after start")
+    return int(st["pid"])
+
+
+def _stop_forwarder(inst: Instance) -> None:
+    if inst.forwarder_pid:
+        process.stop(inst.forwarder_pid, timeout=2)
+        inst.forwarder_pid = None
+
+
+def destroy(inst: Instance) -> None:
+    """Stop and remove everything of the instance: forwarder, container, mounts, netns,
+    bundle, record. The run folder (its log) stays."""
+    from ..engines import get_engine
+
+    _stop_forwarder(inst)
+    try:
+        get_engine(inst.engine).delete(inst.id)
+    except SnapbuildError:
+        pass
+    if inst.pid:
+        process.wait_gone([inst.pid], timeout=5)
+    bundle = Path(inst.bundle)
+    rootfs_dir = bundle / "rootfs"
+    if os.path.ismount(rootfs_dir):
+        subprocess.run(["umount", "-l", str(rootfs_dir)], capture_output=True)
+    if inst.netns:
+        _netns_delete(inst.id)
+    shutil.rmtree(bundle, ignore_errors=True)
+    inst.record_path().unlink(missing_ok=True)
+
+
+def save(inst: Instance) -> None:
+    path = inst.record_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(inst), indent=1))
+
+
+def find(run_root: Path, key: str) -> Instance | None:
+    """The instance with this container id or init PID, from the records under ``run_root``."""
+    d = records_dir(run_root)
+    for path in sorted(d.glob("*.json")) if d.is_dir() else []:
+        try:
+            inst = Instance(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        if key in (inst.id, str(inst.pid)):
+            return inst
+    return None
