@@ -175,8 +175,11 @@ def inspect(ref, registry, as_json):
 @registry_option
 @click.option("--fallback", type=click.Choice(["cold", "fail"]), default="cold", show_default=True,
               help="When restoring is impossible: boot the server cold, or fail (exit 9).")
+@click.option("--publish", metavar="HOST[:CONTAINER]",
+              help="Container snapshots: the host port that reaches the server (default: its container port; "
+                   "0 picks a free one).")
 @json_option
-def run_snapshot(ref, registry, fallback, as_json):
+def run_snapshot(ref, registry, fallback, publish, as_json):
     """Start a snapshot's server here: restore it warm, or boot it cold and say why.
 
     The same as `snapbuild-runner restore`. The server keeps running; stop it with
@@ -185,7 +188,7 @@ def run_snapshot(ref, registry, fallback, as_json):
     from ..runner.cli import print_restore
     from ..runner.restore import run
 
-    print_restore(run(ref, registry=registry, fallback=fallback), as_json)
+    print_restore(run(ref, registry=registry, fallback=fallback, publish=publish), as_json)
 
 
 @cli.command(name="bench")

@@ -44,8 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
     gc.add_argument("--json", action="store_true", help="print the result as JSON")
     st = sub.add_parser("stop", help="stop a server started by restore", description="Stop a server (and "
-                        "everything in its session): SIGTERM, then SIGKILL after 10 s.")
-    st.add_argument("pid", type=int)
+                        "everything in its session): SIGTERM, then SIGKILL after 10 s. A container is "
+                        "removed with its port forwarder, mounts and network namespace.")
+    st.add_argument("pid", metavar="PID|CONTAINER",
+                    help="the pid that restore printed, or a container's id")
     return p
 
 
@@ -54,6 +56,9 @@ def add_restore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", metavar="URL", help="registry URL (default: file://$SNAPBUILD_HOME/registry)")
     p.add_argument("--fallback", choices=["cold", "fail"], default="cold",
                    help="when restoring is impossible: boot cold (default) or fail (exit 9)")
+    p.add_argument("--publish", metavar="HOST[:CONTAINER]",
+                   help="container snapshots: the host port that reaches the server (default: the same "
+                        "number as its port in the container; 0 picks a free one)")
     p.add_argument("--json", action="store_true",
                    help='print {"mode", "reason", "pid", "timings": {...}} as JSON')
 
@@ -72,8 +77,10 @@ def print_restore(result: dict, as_json: bool) -> None:
     for m in result.get("mismatches", []):
         if not m["fatal"]:
             print(f"  note: {m['message']}")
+    if result.get("container"):
+        print(f"  container: {result['container']}, reachable at {result.get('address')}")
     print(f"  log: {result['log']}")
-    print(f"  stop it with: snapbuild-runner stop {result['pid']}")
+    print(f"  stop it with: snapbuild-runner stop {result.get('container') or result['pid']}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "restore":
             from .restore import run
 
-            print_restore(run(args.ref, registry=args.registry, fallback=args.fallback), args.json)
+            print_restore(run(args.ref, registry=args.registry, fallback=args.fallback, publish=args.publish),
+                          args.json)
         elif args.command == "logs":
             from .restore import server_log
 

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..engines import get_engine
+from ..engines import CONTAINER_ENGINES, get_engine
 from ..engines.fingerprint import compare
 from ..errors import IntegrityError, NotFound, SnapbuildError, UsageError
 from ..runtime import probe as probes
@@ -34,11 +34,13 @@ class RestoreFailed(SnapbuildError):
 
 
 def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: str = "auto",
-        store: Store | None = None, jobs: int = 4) -> dict:
+        store: Store | None = None, jobs: int = 4, publish: str | None = None) -> dict:
     """Start the server of snapshot ``ref`` and return what happened, with timings.
 
     ``mode``: ``auto`` (restore, else fall back), ``restore`` (never boot cold), or
-    ``cold`` (always boot cold; for comparisons).
+    ``cold`` (always boot cold; for comparisons). ``publish``: for containers, the host
+    port (``HOST`` or ``HOST:CONTAINER``; ``0`` picks a free one) that reaches the
+    server; the default is the container's own port number.
     """
     if fallback not in ("cold", "fail") or mode not in ("auto", "restore", "cold"):
         raise UsageError(f"fallback must be cold|fail and mode auto|restore|cold, not {fallback}/{mode}")
@@ -60,11 +62,19 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
     timings = {"fetch_s": fetched["timings"]["total_s"]}
     out = {"ref": fetched["ref"], "digest": fetched["digest"], "mode": None, "reason": None, "pid": None,
            "log": str(Path(spec["run_dir"]) / server.LOG_NAME), "mismatches": [], "timings": timings}
+    in_container = runtime["engine"] in CONTAINER_ENGINES
+    host_port = _host_port(publish, spec) if in_container else None
+    if publish is not None and not in_container:
+        raise UsageError("--publish is for container snapshots; a host process listens on the port it was "
+                         "built with")
 
     reason = "cold boot requested" if mode == "cold" else _why_not_restorable(runtime, out)
     if reason is None:
         try:
-            out["pid"] = _restore(runtime, store, timings)
+            if in_container:
+                _describe(out, _restore_container(runtime, store, timings, host_port))
+            else:
+                out["pid"] = _restore(runtime, store, timings)
             out["mode"] = "restore"
         except _NoRestore as e:
             reason = str(e)
@@ -72,7 +82,10 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
         if fallback == "fail" and mode != "cold":
             raise RestoreFailed(f"cannot restore {fetched['ref']}: {reason}",
                                 hint="run with --fallback cold to boot the server cold instead")
-        out["pid"] = _cold(spec, store, timings)
+        if in_container:
+            _describe(out, _cold_container(runtime, store, timings, host_port))
+        else:
+            out["pid"] = _cold(spec, store, timings)
         out["mode"] = "cold"
         out["reason"] = reason
     timings["total_s"] = round(time.monotonic() - t0, 4)
@@ -155,6 +168,88 @@ def _cold(spec: dict, store: Store, timings: dict) -> int:
     return started.pid
 
 
+def _host_port(publish: str | None, spec: dict) -> int | None:
+    addr = probes.address(spec.get("ready"))
+    if publish is None:
+        port = addr[1] if addr else None
+    else:
+        host, _, container_port = str(publish).partition(":")
+        if not host.isdigit() or (container_port and not container_port.isdigit()):
+            raise UsageError(f"--publish {publish!r}: expected HOST or HOST:CONTAINER, port numbers")
+        if container_port and (not addr or int(container_port) != addr[1]):
+            raise UsageError(f"--publish {publish}: the server listens on container port "
+                             f"{addr[1] if addr else '(none: its probe names no port)'}")
+        port = int(host)
+    if port and probes.port_in_use(("127.0.0.1", port)):
+        raise UsageError(f"host port {port} is already taken: another server is listening there",
+                         hint="publish this one on another port: --publish PORT (0 picks a free one)")
+    return port
+
+
+def _describe(out: dict, inst) -> None:
+    out.update(pid=inst.pid, container=inst.id, log=str(inst.log_path),
+               address=f"127.0.0.1:{inst.host_port}" if inst.host_port else None)
+
+
+def _restore_container(runtime: dict, store: Store, timings: dict, host_port: int | None):
+    from ..runtime import container
+
+    spec = runtime["server"]
+    engine = get_engine(runtime["engine"])
+    t = time.monotonic()
+    ckpt, _ = ensure_tree(store.blobs, runtime["artifact"], _images_root(spec))
+    work = Path(tempfile.mkdtemp(prefix="snapbuild-restore-"))
+    try:
+        try:
+            inst = container.prepare(spec, store.blobs, engine.name, host_port)
+        except SnapbuildError as e:
+            raise _NoRestore(f"cannot set up the container: {e.message}") from None
+        timings["materialize_s"] = round(time.monotonic() - t, 4)
+        t = time.monotonic()
+        try:
+            engine.restore(Path(inst.bundle), inst.id, ckpt / "images", work)
+            inst.pid = container._init_pid(engine, inst.id)
+            container.publish(inst)
+        except SnapbuildError as e:
+            container.destroy(inst)
+            raise _NoRestore(f"restore failed: {e.message}") from None
+        timings["restore_s"] = round(time.monotonic() - t, 4)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    t = time.monotonic()
+    try:
+        ready = container.host_probe(spec, inst)
+        if probes.probe_kind(ready) in probes.STARTUP_EVENT_KINDS:
+            if not container.alive(inst):
+                raise probes.ProbeFailed("the restored server exited")
+        else:
+            probes.wait_ready(ready, log_path=inst.log_path, alive=lambda: container.alive(inst), timeout=30)
+    except probes.ProbeFailed as e:
+        container.destroy(inst)
+        raise _NoRestore(f"the restored server did not get ready: {e}") from None
+    timings["ready_s"] = round(time.monotonic() - t, 4)
+    return inst
+
+
+def _cold_container(runtime: dict, store: Store, timings: dict, host_port: int | None):
+    from ..runtime import container
+
+    spec = runtime["server"]
+    t = time.monotonic()
+    inst = container.start(spec, store.blobs, get_engine(runtime["engine"]), host_port)
+    timings["materialize_s"] = round(timings.get("materialize_s", 0) + time.monotonic() - t, 4)
+    t = time.monotonic()
+    try:
+        probes.wait_ready(container.host_probe(spec, inst), log_path=inst.log_path,
+                          alive=lambda: container.alive(inst))
+    except probes.ProbeFailed as e:
+        tail = process.tail(inst.log_path, 10)
+        container.destroy(inst)
+        raise RestoreFailed(f"cold boot failed too: {e}\n{tail}") from None
+    timings["ready_s"] = round(time.monotonic() - t, 4)
+    return inst
+
+
 def _images_root(spec: dict) -> Path:
     """Where checkpoint images are written out: $SNAPBUILD_IMAGE_CACHE, else tmpfs when
     there is one (restore reads every page image), else the run root."""
@@ -171,7 +266,11 @@ def server_log(ref: str, *, registry: str | None = None, lines: int = 50, store:
     config = pull(ref, registry=registry, store=store or Store())["config"]
     if not config.get("runtime"):
         raise NotFound(f"snapshot {ref} holds no checkpoint: it has no server log")
-    path = Path(config["runtime"]["server"]["run_dir"]) / server.LOG_NAME
+    run_dir = Path(config["runtime"]["server"]["run_dir"])
+    path = run_dir / server.LOG_NAME
+    if config["runtime"]["engine"] in CONTAINER_ENGINES:  # one run folder per container: the newest
+        logs = sorted(run_dir.glob(f"*/{server.LOG_NAME}"), key=lambda p: p.stat().st_mtime)
+        path = logs[-1] if logs else path
     if not path.exists():
         raise NotFound(f"no server log at {path}: this snapshot has not run on this node",
                        hint=f"start it with: snapbuild-runner restore {ref}")
@@ -217,5 +316,16 @@ def node_gc(store: Store | None = None, *, dry_run: bool = False) -> dict:
             "blob_bytes_freed": rep.bytes_freed, "dry_run": dry_run}
 
 
-def stop(pid: int) -> bool:
-    return process.stop(pid)
+def stop(target: int | str) -> bool:
+    """Stop a server by PID, or a container by its id or init PID: the container, its
+    port forwarder, mounts and network namespace go too. True if it was running."""
+    from ..runtime import container
+    from ..runtime.process import run_root
+
+    inst = container.find(run_root(), str(target))
+    if inst is not None:
+        container.destroy(inst)
+        return True
+    if not str(target).isdigit():
+        return False
+    return process.stop(int(target))
