@@ -31,7 +31,13 @@ fi
 
 # System packages the tests use for real (not mocks). Root only; elsewhere say what
 # is missing and carry on, so `make test` still explains what to install.
-SYSTEM_PACKAGES=(skopeo)
+#   docker.io   image steps (the Docker engine; tests start a private dockerd)
+#   runc        container checkpoints (engine runc)
+#   mmdebstrap  base root filesystems for the container examples (ci/make-rootfs.sh)
+#   iproute2    network namespaces for containers
+#   podman      the peer that the container benchmark compares against
+#   skopeo      OCI interoperability checks
+SYSTEM_PACKAGES=(skopeo docker.io runc mmdebstrap iproute2 podman)
 missing=()
 for p in "${SYSTEM_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -75,20 +75,23 @@ def normalize(src: BinaryIO, dest: Path, *, epoch: int | None, what: str = "laye
         except (tarfile.TarError, EOFError) as e:
             raise ImageError(f"{what} is not a readable tar archive: {e}") from None
         with tar:
-            return _write_normalized(tar, members, dest, epoch)
+            return _write_normalized(tar, members, dest, epoch, what)
 
 
-def _norm_name(name: str) -> str:
+def _norm_name(name: str, what: str = "layer") -> str:
     parts = [p for p in PurePosixPath(name).parts if p not in (".", "/")]
+    if ".." in parts:
+        raise ImageError(f"{what}: entry {name!r} points outside the root filesystem",
+                         hint="the archive is malformed or malicious; rebuild it from a trusted source")
     return "/".join(parts)
 
 
 def _write_normalized(tar: tarfile.TarFile, members: list[tarfile.TarInfo], dest: Path,
-                      epoch: int | None) -> Layer:
+                      epoch: int | None, what: str) -> Layer:
     by_name: dict[str, tarfile.TarInfo] = {}
     dropped = 0
     for m in members:  # a later entry of the same name replaces an earlier one
-        name = _norm_name(m.name)
+        name = _norm_name(m.name, what)
         if m.ischr() or m.isblk():
             dropped += 1
             continue
@@ -98,9 +101,10 @@ def _write_normalized(tar: tarfile.TarFile, members: list[tarfile.TarInfo], dest
     data_of: dict[str, str] = {}  # link name -> name of the member whose data it shares
     for name, m in by_name.items():
         if m.islnk():
-            target = _norm_name(m.linkname)
-            while target in by_name and by_name[target].islnk():
-                target = _norm_name(by_name[target].linkname)
+            target, seen = _norm_name(m.linkname, what), {name}
+            while target in by_name and by_name[target].islnk() and target not in seen:
+                seen.add(target)
+                target = _norm_name(by_name[target].linkname, what)
             data_of[name] = target
     groups: dict[str, list[str]] = {}
     for name, target in data_of.items():

@@ -232,6 +232,10 @@ def _pin_external(ref: str, base_dir: Path) -> dict:
     kind, _, rest = ref.partition(":")
     if kind == "docker":
         return _pin_registry(rest.removeprefix("//"))
+    if not rest:
+        raise StepError(f"base {ref!r} names no file",
+                        hint="give the path after the colon (relative to the recipe's folder); if the recipe "
+                             "takes it as a variable, pass it with --set, e.g. --set rootfs=PATH")
     path = (base_dir / rest).resolve()
     if not path.is_file():
         raise StepError(f"base {ref!r}: {path} does not exist" if not path.exists() else

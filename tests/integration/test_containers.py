@@ -1,0 +1,228 @@
+"""Containers with the real Docker engine, runc and CRIU: image layers, a container
+checkpoint, restores on a clean node, side by side, and the faults around them.
+
+Needs root, dockerd, runc and CRIU >= 4.2 (ci/setup.sh installs them); the base root
+filesystem comes from ci/make-rootfs.sh (cached on disk by its package list).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tarfile
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from snapbuild.build import build
+from snapbuild.runner.restore import run, stop
+from snapbuild.store import Store
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "recipes" / "examples"
+COUNTER = Path(__file__).parent / "data" / "counter_server.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port: int, path: str) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"{}", method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def leftovers(prefix: str) -> list[str]:
+    """Containers and network namespaces with this name prefix still on the machine."""
+    runc = subprocess.run(["runc", "list", "-q"], capture_output=True, text=True).stdout.split()
+    netns = [ln.split()[0] for ln in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                   text=True).stdout.splitlines() if ln.strip()]
+    return [n for n in runc + netns if n.startswith(prefix)]
+
+
+def test_container_numpy_restores_on_a_clean_node_side_by_side(base_rootfs, dockerd, project, tmp_path, run_cli):
+    shutil.copy(EXAMPLES / "container-numpy.yaml", project)
+    shutil.copytree(EXAMPLES / "numpy-server", project / "numpy-server")
+    port = free_port()
+    r = run_cli("build", project / "container-numpy.yaml", "--set", f"rootfs={base_rootfs}", "--set",
+                f"port={port}", "--progress", "plain", timeout=600)
+    assert r.code == 0, r
+    assert leftovers("sb-container-numpy") == [], "the warm-up container is gone after the checkpoint"
+
+    # A clean node: only the registry is left of the build machine; no store, no caches.
+    home = Path(os.environ["SNAPBUILD_HOME"])
+    registry = tmp_path / "registry"
+    shutil.move(str(home / "registry"), registry)
+    shutil.rmtree(home)
+    for var in ("SNAPBUILD_RUN_ROOT", "SNAPBUILD_IMAGE_CACHE"):
+        shutil.rmtree(os.environ[var], ignore_errors=True)
+    node = {"SNAPBUILD_HOME": str(tmp_path / "node")}
+    reg = f"file://{registry}"
+
+    p1, p2 = free_port(), free_port()
+    started = []
+    try:
+        for p in (p1, p2):
+            r = run_cli("restore", "container-numpy:dev", "--registry", reg, "--publish", str(p), "--json",
+                        tool="snapbuild-runner", env=node)
+            assert r.code == 0, r
+            started.append(r.json())
+        assert [s["mode"] for s in started] == ["restore", "restore"], started
+        a, b = post(p1, "/infer"), post(p2, "/infer")
+        assert a["calls"] == b["calls"] == 4, "the warm-up's 3 calls, then this one: warm state came back"
+        assert a["digest"] == b["digest"]
+    finally:
+        for s in started:
+            assert run_cli("stop", s["container"], tool="snapbuild-runner", env=node).code == 0
+    assert leftovers("sb-container-numpy") == []
+
+    os.environ["SNAPBUILD_HOME"] = node["SNAPBUILD_HOME"]  # the fallback path on the same node
+    cold = run("container-numpy:dev", registry=reg, mode="cold", publish=str(p1))
+    try:
+        answer = post(p1, "/infer")
+        assert answer["calls"] == 1 and answer["digest"] == a["digest"], "a cold boot computes the same"
+    finally:
+        stop(cold["container"])
+    assert leftovers("sb-container-numpy") == []
+
+
+def image_recipe(recipe, base_rootfs: Path, run: str = "mkdir -p /data && echo hi > /data/x") -> Path:
+    return recipe(f"""
+        name: img
+        steps:
+          base: {{kind: image, from: "rootfs:{base_rootfs}"}}
+          app:
+            kind: image
+            from: base
+            copy: {{"srv/": /srv/}}
+            env: {{GREETING: hello}}
+            workdir: /srv
+            run: ["{run}"]
+    """)
+
+
+def test_two_builds_of_one_recipe_give_identical_image_digests(base_rootfs, dockerd, recipe, project, tmp_path):
+    (project / "srv").mkdir()
+    (project / "srv" / "app.py").write_text("print('hi')\n")
+    path = image_recipe(recipe, base_rootfs)
+    [one] = build(path, store=Store(tmp_path / "a"))
+    [two] = build(path, store=Store(tmp_path / "b"))
+    assert one.ok and two.ok, {n: r.error for n, r in one.steps.items()}
+    assert one.steps["app"].artifact == two.steps["app"].artifact
+    assert one.steps["base"].artifact == two.steps["base"].artifact
+
+
+def test_a_failing_dockerfile_shows_its_output(base_rootfs, dockerd, recipe, project, store):
+    (project / "srv").mkdir()
+    [res] = build(image_recipe(recipe, base_rootfs, run="echo boom-from-run >&2; exit 3"), store=store)
+    app = res.steps["app"]
+    assert app.status == "failed" and "the Dockerfile failed" in app.error, app.error
+    assert "boom-from-run" in app.log_tail
+
+
+def test_image_step_errors_are_clear(recipe, project, store, run_cli, tmp_path, monkeypatch):
+    path = recipe("""
+        name: img
+        steps:
+          base: {kind: image, from: "rootfs:missing.tar"}
+    """)
+    r = run_cli("plan", path)
+    assert r.code == 3 and "missing.tar does not exist" in r.err and "mmdebstrap" in r.err, r
+
+    # An archive whose layer writes outside the root is refused while it is read.
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w") as t:
+        info = tarfile.TarInfo("../../etc/cron.d/evil")
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"x"))
+    archive = project / "evil.tar"
+    with tarfile.open(archive, "w") as t:
+        for name, data in (("layer.tar", evil.getvalue()),
+                           ("config.json", b'{"config": {}}'),
+                           ("manifest.json", b'[{"Config": "config.json", "Layers": ["layer.tar"]}]')):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    path = recipe("""
+        name: img
+        steps:
+          base: {kind: image, from: "docker-archive:evil.tar"}
+    """)
+    [res] = build(path, store=store)
+    assert res.steps["base"].status == "failed"
+    assert "'../../etc/cron.d/evil' points outside the root filesystem" in res.steps["base"].error
+
+    # Instructions need the Docker engine; when it is not there, say how to start it.
+    (project / "root.tar").write_bytes(evil.getvalue()[:0] + _tiny_rootfs())
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    path = recipe("""
+        name: img
+        steps:
+          base: {kind: image, from: "rootfs:root.tar"}
+          app: {kind: image, from: base, run: ["true"]}
+    """)
+    [res] = build(path, store=store)
+    app = res.steps["app"]
+    assert app.status == "failed" and "is not running or not reachable" in app.error
+    assert "dockerd --bridge=none --iptables=false" in (app.hint or "")
+
+
+def _tiny_rootfs() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        info = tarfile.TarInfo("etc")
+        info.type = tarfile.DIRTYPE
+        t.addfile(info)
+    return buf.getvalue()
+
+
+def test_restore_with_a_file_missing_from_the_rootfs_boots_cold_and_says_why(base_rootfs, dockerd, recipe,
+                                                                              project, store):
+    (project / "app").mkdir()
+    shutil.copy(COUNTER, project / "app" / "counter_server.py")
+    (project / "app" / "held.txt").write_text("the server keeps this open\n")
+    port = free_port()
+    hold = ("import os, runpy, sys; held = [open(p) for p in ['/app/held.txt'] if os.path.exists(p)]; "
+            f"sys.argv = ['counter_server.py', '--port', '{port}']; "
+            "runpy.run_path('/app/counter_server.py', run_name='__main__')")
+    path = recipe(f"""
+        name: held
+        steps:
+          base: {{kind: image, from: "rootfs:{base_rootfs}"}}
+          app: {{kind: image, from: base, copy: {{"app/": /app/}}}}
+          server:
+            kind: warmup
+            image: app
+            command: [python3, -c, "{hold}"]
+            ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 60}}
+            exercise: [{{http: "POST /count", repeat: 2}}]
+          snap: {{kind: checkpoint, process: server, engine: runc}}
+        publish: {{tag: "held:v1"}}
+    """)
+    [res] = build(path, store=store)
+    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    # Take the file out of this node's unpacked copy of the app layer.
+    layers = Path(os.environ["SNAPBUILD_RUN_ROOT"]) / "layers"
+    held = [p for p in layers.glob("*/app/held.txt")]
+    assert held, "the app layer is unpacked on this machine"
+    for p in held:
+        p.unlink()
+    out = run("held:v1", store=store)
+    try:
+        assert out["mode"] == "cold"
+        assert out["reason"].startswith("restore failed: runc restore failed"), out["reason"]
+        assert "held.txt" in out["reason"], "the reason names the missing file"
+        assert post(port, "/count")["count"] == 1
+    finally:
+        stop(out["container"])
+    assert leftovers("sb-held") == []
