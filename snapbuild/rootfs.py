@@ -29,7 +29,7 @@ from .store.fsutil import flock
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
-MARKER = ".snapbuild-layer-complete"
+MARKER = ".snapbuild-layer-complete-v2"  # v2: modification times kept
 
 
 class UnsafeLayer(IntegrityError):
@@ -70,6 +70,7 @@ def unpack(stream: BinaryIO, dest: Path, *, layer: str = "layer") -> None:
     """Unpack one uncompressed tar layer into ``dest`` (overlay form), refusing unsafe entries."""
     dest.mkdir(parents=True, exist_ok=True)
     known_dirs: set[str] = set()
+    dir_times: list[tuple[Path, int]] = []
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for m in tar:
             rel = _clean(m.name, layer)
@@ -115,6 +116,13 @@ def unpack(stream: BinaryIO, dest: Path, *, layer: str = "layer") -> None:
                 continue
             if not m.issym() and os.geteuid() == 0:
                 os.lchown(target, m.uid, m.gid)
+            # Times matter: Python trusts a .pyc only when its source's mtime matches.
+            if m.isdir():
+                dir_times.append((target, int(m.mtime)))
+            elif not m.islnk():
+                os.utime(target, (int(m.mtime), int(m.mtime)), follow_symlinks=False)
+    for path, mtime in reversed(dir_times):  # after their content: writing a child changes them
+        os.utime(path, (mtime, mtime))
 
 
 def _remove(path: Path) -> None:

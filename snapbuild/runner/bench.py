@@ -35,14 +35,17 @@ def drop_caches() -> None:
 
 def _once(ref: str, mode: str, store: Store, registry: str | None, spec: dict) -> tuple[float, dict, str]:
     out = run(ref, registry=registry, mode=mode, store=store)
+    # A container is reached through its published host port, a host process directly.
+    base = f"http://{out['address']}" if out.get("address") else probes.base_url(spec["ready"])
     try:
-        status, body = probes.http_call({"http": "POST /infer", "body": "{}"}, probes.base_url(spec["ready"]))
+        status, body = probes.http_call({"http": "POST /infer", "body": "{}"}, base)
         answer = body.decode(errors="replace") if status == 200 else f"HTTP {status}"
     except probes.ProbeFailed as e:
         answer = f"no answer: {e}"
     finally:
-        stop(out["pid"])
-    addr = probes.address(spec["ready"])
+        stop(out.get("container") or out["pid"])
+    host, _, port = (out.get("address") or "").rpartition(":")
+    addr = (host, int(port)) if port else probes.address(spec["ready"])
     for _ in range(100):  # the next run needs the port (and, to restore, the PIDs) back
         if not probes.port_in_use(addr):
             break

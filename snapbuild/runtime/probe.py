@@ -94,7 +94,7 @@ def wait_ready(probe: dict, *, log_path: Path | None = None, log_offset: int = 0
         if time.monotonic() - t0 > timeout:
             raise ProbeFailed(f"not ready after {timeout:g} s ({describe(probe)}: last saw {last})")
         time.sleep(interval)
-        interval = min(interval * 1.5, 0.5)
+        interval = min(interval * 1.5, 0.1)
 
 
 def clear_stale(probe: dict) -> None:
