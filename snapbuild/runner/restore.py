@@ -207,9 +207,9 @@ def _restore_container(runtime: dict, store: Store, timings: dict, host_port: in
         timings["materialize_s"] = round(time.monotonic() - t, 4)
         t = time.monotonic()
         try:
+            container.publish(inst)  # its start-up overlaps the restore
             engine.restore(Path(inst.bundle), inst.id, ckpt / "images", work)
-            inst.pid = container._init_pid(engine, inst.id)
-            container.publish(inst)
+            inst.pid = container.init_pid(engine, inst.id)
         except SnapbuildError as e:
             container.destroy(inst)
             raise _NoRestore(f"restore failed: {e.message}") from None

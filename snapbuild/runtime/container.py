@@ -224,7 +224,8 @@ def prepare(spec: dict, blobs: BlobStore, engine: str, host_port: int | None = N
 
 
 def publish(inst: Instance) -> None:
-    """Forward the host port into the container (after the server is up, or restored)."""
+    """Forward the host port into the container's network namespace. Connections made
+    before the server listens are closed at once, which probes see as not ready yet."""
     if inst.container_port is None:
         return
     inst.forwarder_pid, inst.host_port = _forward(inst.host_port or 0, inst.netns, inst.container_port)
@@ -245,9 +246,9 @@ def host_probe(spec: dict, inst: Instance) -> dict:
 def start(spec: dict, blobs: BlobStore, engine, host_port: int | None = None) -> Instance:
     inst = prepare(spec, blobs, engine.name, host_port)
     try:
+        publish(inst)  # first: the forwarder's start-up overlaps the container's
         engine.run(Path(inst.bundle), inst.id)
-        inst.pid = _init_pid(engine, inst.id)
-        publish(inst)
+        inst.pid = init_pid(engine, inst.id)
         save(inst)
     except BaseException:
         destroy(inst)
@@ -259,9 +260,9 @@ def restore(spec: dict, blobs: BlobStore, engine, images: Path, work: Path,
             host_port: int | None = None) -> Instance:
     inst = prepare(spec, blobs, engine.name, host_port)
     try:
-        engine.restore(Path(inst.bundle), inst.id, images, work)
-        inst.pid = _init_pid(engine, inst.id)
         publish(inst)
+        engine.restore(Path(inst.bundle), inst.id, images, work)
+        inst.pid = init_pid(engine, inst.id)
         save(inst)
     except BaseException:
         destroy(inst)
@@ -279,7 +280,7 @@ def alive(inst: Instance) -> bool:
     return inst.pid is not None and process.alive(inst.pid)
 
 
-def _init_pid(engine, cid: str) -> int:
+def init_pid(engine, cid: str) -> int:
     st = engine.state(cid)
     if not st or not st.get("pid"):
         raise SnapbuildError(f"container {cid} is not running after start")
@@ -303,7 +304,7 @@ def destroy(inst: Instance) -> None:
     except SnapbuildError:
         pass
     if inst.pid:
-        process.wait_gone([inst.pid], timeout=5)
+        process.reap([inst.pid])  # collect it when it is our child (bench adopts restored ones)
     bundle = Path(inst.bundle)
     rootfs_dir = bundle / "rootfs"
     if os.path.ismount(rootfs_dir):

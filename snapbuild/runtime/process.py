@@ -62,13 +62,13 @@ def stop(pid: int, *, timeout: float = 10.0) -> bool:
         _signal(p, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(alive(p) for p in targets):
-        _reap(targets)
+        reap(targets)
         time.sleep(0.05)
     for p in targets:
         _signal(p, signal.SIGKILL)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and not all(pid_gone(p) for p in targets):
-        _reap(targets)  # the PIDs are free once the exit is collected, by us or by init
+        reap(targets)  # the PIDs are free once the exit is collected, by us or by init
         time.sleep(0.01)
     return True
 
@@ -118,7 +118,7 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _reap(pids: list[int]) -> None:
+def reap(pids: list[int]) -> None:
     """Collect the exit status of those that are our children (else init does)."""
     for pid in pids:
         try:
