@@ -3,7 +3,9 @@
 #  1. the generic pipeline, built twice (the second time entirely from the cache)
 #  2. torch-mlp: torch 2.13 CPU serving a ~400 MB MLP, warmed up and checkpointed with
 #     CRIU, restored by the runner, queried, then cold boot vs restore benchmarked
-# Needs root (CRIU); ci/setup.sh (run by `make demo`) installs what is missing.
+#  3. the same server in a runc container (image layers built by the Docker engine on a
+#     Debian base from mmdebstrap), restored twice side by side, then benchmarked
+# Needs root (CRIU, runc, dockerd); ci/setup.sh (run by `make demo`) installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export SNAPBUILD_HOME=${SNAPBUILD_DEMO_HOME:-$PWD/.snapbuild/demo}
@@ -31,3 +33,36 @@ $runner stop "$pid"
 
 step "cold boot vs restore (medians of 3, alternated)"
 $sb bench torch-mlp:dev --runs 3
+
+step "containers: torch-mlp in a runc container, from a Debian base image"
+# The Docker engine builds image layers. Use the running one, or start a private one
+# (no bridge network) for the demo and stop it at the end.
+if ! .venv/bin/python -c 'from snapbuild.image.docker import client; client()' 2>/dev/null; then
+    droot=$PWD/.snapbuild/dockerd
+    mkdir -p "$droot"
+    echo "starting a private dockerd (state in $droot)"
+    dockerd --bridge=none --iptables=false --data-root "$droot/data" --exec-root "$droot/exec" \
+        --pidfile "$droot/dockerd.pid" -H "unix://$droot/docker.sock" >"$droot/dockerd.log" 2>&1 &
+    dpid=$!
+    export DOCKER_HOST="unix://$droot/docker.sock"
+    trap 'kill $dpid 2>/dev/null; wait $dpid 2>/dev/null; umount -l "$droot/exec/netns/default" 2>/dev/null || true' EXIT
+    for _ in $(seq 100); do
+        .venv/bin/python -c 'from snapbuild.image.docker import client; client()' 2>/dev/null && break
+        sleep 0.3
+    done
+fi
+rootfs=$(ci/make-rootfs.sh bookworm python3,python3-numpy)
+$sb build recipes/examples/container-torch.yaml --set "rootfs=$rootfs" --progress plain
+
+step "two restores of the same container snapshot, side by side, on host ports 8716 and 8717"
+ids=()
+for p in 8716 8717; do
+    out=$($runner restore container-torch:dev --publish $p --json)
+    python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["container"], r["mode"], "at", r["address"], "| timings:", r["timings"])' <<<"$out"
+    ids+=("$(python3 -c 'import json,sys; print(json.load(sys.stdin)["container"])' <<<"$out")")
+    curl -s -X POST "http://127.0.0.1:$p/infer" -d '{}'; echo
+done
+for c in "${ids[@]}"; do $runner stop "$c"; done
+
+step "container: cold boot vs restore (medians of 3, alternated)"
+$sb bench container-torch:dev --runs 3

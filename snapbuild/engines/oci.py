@@ -52,27 +52,31 @@ class OciEngine:
 
     # --- commands -----------------------------------------------------------------------
 
-    def _run(self, args: list[str], what: str, log: Path | None = None) -> None:
-        r = subprocess.run([self.path(), *self.global_flags, *args], stdin=subprocess.DEVNULL,
-                           capture_output=True, text=True)
+    def _run(self, args: list[str], what: str, log: Path | None = None, options: dict | None = None) -> None:
+        argv = [self.path(), *self.global_flags, *self.option_flags(options or {}), *args]
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if r.returncode != 0:
             excerpt = (criu.errors_from_log(log) if log and log.exists() else "") or r.stderr.strip()[-1500:]
             raise OciRuntimeError(f"{self.binary} {what} failed (exit {r.returncode}):\n{excerpt}",
-                                hint=f"full log: {log}" if log and log.exists() else None)
+                                  hint=f"full log: {log}" if log and log.exists() else None)
 
-    def run(self, bundle: Path, cid: str) -> None:
-        self._run(["run", "--detach", "--bundle", str(bundle), cid], "run")
+    def option_flags(self, options: dict) -> list[str]:
+        """Global flags from the recipe's engine options (none for runc)."""
+        return []
 
-    def checkpoint(self, cid: str, images: Path, work: Path) -> None:
+    def run(self, bundle: Path, cid: str, options: dict | None = None) -> None:
+        self._run(["run", "--detach", "--bundle", str(bundle), cid], "run", options=options)
+
+    def checkpoint(self, cid: str, images: Path, work: Path, options: dict | None = None) -> None:
         images.mkdir(parents=True, exist_ok=True)
         work.mkdir(parents=True, exist_ok=True)
         self._run(["checkpoint", "--image-path", str(images), "--work-path", str(work), cid], "checkpoint",
-                  log=work / "dump.log")
+                  log=work / "dump.log", options=options)
 
-    def restore(self, bundle: Path, cid: str, images: Path, work: Path) -> None:
+    def restore(self, bundle: Path, cid: str, images: Path, work: Path, options: dict | None = None) -> None:
         work.mkdir(parents=True, exist_ok=True)
         self._run(["restore", "--detach", "--image-path", str(images), "--work-path", str(work),
-                   "--bundle", str(bundle), cid], "restore", log=work / "restore.log")
+                   "--bundle", str(bundle), cid], "restore", log=work / "restore.log", options=options)
 
     def state(self, cid: str) -> dict | None:
         import json
@@ -85,19 +89,33 @@ class OciEngine:
 
 
 class RunscEngine(OciEngine):
-    """gVisor: the same bundle and commands; checkpoints are gVisor's own (no CRIU)."""
+    """gVisor: the same bundle and commands; checkpoints are gVisor's own (no CRIU).
+
+    Recipe options (``checkpoint: {engine: runsc, runsc: {...}}``): ``compression``
+    (``none`` or ``flate-best-speed``, for ``checkpoint``), ``direct`` (O_DIRECT image
+    files), ``background`` (restore memory in the background: the server answers
+    before every page is back), ``nvproxy`` (GPU access through gVisor's nvproxy).
+    """
 
     name = "runsc"
     binary = "runsc"
     needs_criu = False
     install_hint = ("gVisor's runsc is not packaged for this machine: install it from gVisor's releases "
                     "and put it on PATH")
-    global_flags: list[str] = []
 
-    def checkpoint(self, cid: str, images: Path, work: Path) -> None:
+    def option_flags(self, options: dict) -> list[str]:
+        return ["--nvproxy=true"] if options.get("nvproxy") else []
+
+    def checkpoint(self, cid: str, images: Path, work: Path, options: dict | None = None) -> None:
+        options = options or {}
         images.mkdir(parents=True, exist_ok=True)
-        self._run(["checkpoint", f"--image-path={images}", "--compression=none", cid], "checkpoint")
+        flags = [f"--image-path={images}", f"--compression={options.get('compression') or 'none'}"]
+        flags += ["--direct=true"] if options.get("direct") else []
+        self._run(["checkpoint", *flags, cid], "checkpoint", options=options)
 
-    def restore(self, bundle: Path, cid: str, images: Path, work: Path) -> None:
-        self._run(["restore", f"--image-path={images}", "--detach", "--background", "--bundle", str(bundle),
-                   cid], "restore")
+    def restore(self, bundle: Path, cid: str, images: Path, work: Path, options: dict | None = None) -> None:
+        options = options or {}
+        flags = [f"--image-path={images}", "--detach"]
+        flags += ["--direct=true"] if options.get("direct") else []
+        flags += ["--background=true"] if options.get("background") else []
+        self._run(["restore", *flags, "--bundle", str(bundle), cid], "restore", options=options)

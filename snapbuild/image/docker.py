@@ -127,10 +127,19 @@ def start_daemon(root: Path, *, timeout: float = 60) -> tuple[subprocess.Popen, 
     raise DockerUnavailable(f"dockerd did not answer within {timeout:g} s; see {root / 'dockerd.log'}")
 
 
-def stop_daemon(proc: subprocess.Popen) -> None:
+def stop_daemon(proc: subprocess.Popen, root: Path | None = None) -> None:
+    """Stop a daemon from :func:`start_daemon`, and unmount what it left under ``root``
+    (its network namespace file and storage mounts outlive it)."""
     proc.terminate()
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    if root is None:
+        return
+    prefix = str(root.resolve()) + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)

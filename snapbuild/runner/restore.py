@@ -208,7 +208,7 @@ def _restore_container(runtime: dict, store: Store, timings: dict, host_port: in
         t = time.monotonic()
         try:
             container.publish(inst)  # its start-up overlaps the restore
-            engine.restore(Path(inst.bundle), inst.id, ckpt / "images", work)
+            engine.restore(Path(inst.bundle), inst.id, ckpt / "images", work, options=spec.get("engine_options"))
             inst.pid = container.init_pid(engine, inst.id)
         except SnapbuildError as e:
             container.destroy(inst)

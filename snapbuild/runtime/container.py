@@ -247,7 +247,7 @@ def start(spec: dict, blobs: BlobStore, engine, host_port: int | None = None) ->
     inst = prepare(spec, blobs, engine.name, host_port)
     try:
         publish(inst)  # first: the forwarder's start-up overlaps the container's
-        engine.run(Path(inst.bundle), inst.id)
+        engine.run(Path(inst.bundle), inst.id, options=spec.get("engine_options"))
         inst.pid = init_pid(engine, inst.id)
         save(inst)
     except BaseException:
@@ -261,7 +261,7 @@ def restore(spec: dict, blobs: BlobStore, engine, images: Path, work: Path,
     inst = prepare(spec, blobs, engine.name, host_port)
     try:
         publish(inst)
-        engine.restore(Path(inst.bundle), inst.id, images, work)
+        engine.restore(Path(inst.bundle), inst.id, images, work, options=spec.get("engine_options"))
         inst.pid = init_pid(engine, inst.id)
         save(inst)
     except BaseException:
@@ -270,10 +270,10 @@ def restore(spec: dict, blobs: BlobStore, engine, images: Path, work: Path,
     return inst
 
 
-def checkpoint(inst: Instance, engine, images: Path, work: Path) -> None:
+def checkpoint(inst: Instance, engine, images: Path, work: Path, options: dict | None = None) -> None:
     """Dump the container (it stops); the forwarder goes first, so no connection is open."""
     _stop_forwarder(inst)
-    engine.checkpoint(inst.id, images, work)
+    engine.checkpoint(inst.id, images, work, options=options)
 
 
 def alive(inst: Instance) -> bool:

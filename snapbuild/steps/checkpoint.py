@@ -17,6 +17,8 @@ import shutil
 import time
 from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, model_validator
+
 from ..engines import CONTAINER_ENGINES, get_engine
 from ..errors import SnapbuildError, StepError
 from ..runtime import probe as probes
@@ -30,10 +32,25 @@ MANIFEST = "checkpoint.json"
 ANON_TIP_BYTES = 256 << 20  # above this, suggest mapping weights instead
 
 
+class RunscOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    compression: Literal["none", "flate-best-speed"] = "none"
+    direct: bool = False
+    background: bool = False
+    nvproxy: bool = False
+
+
 class CheckpointSpec(StepSpec):
     process: str
     engine: Literal["host", "runc", "runsc"] = "host"
     gpu: Literal["none"] = "none"
+    runsc: RunscOptions | None = None  # gVisor's own checkpoint and restore options
+
+    @model_validator(mode="after")
+    def _options_match_engine(self):
+        if self.runsc is not None and self.engine != "runsc":
+            raise ValueError(f"`runsc:` options need engine: runsc (this checkpoint uses {self.engine})")
+        return self
 
 
 class CheckpointStep:
@@ -88,6 +105,7 @@ class CheckpointStep:
             from .image import read_image
 
             server_spec.update(image=ctx.artifacts[wspec.image], image_step=wspec.image, mounts=dict(wspec.mounts),
+                               engine_options=spec.runsc.model_dump() if spec.runsc else {},
                                image_config=read_image(ctx.store, ctx.artifacts[wspec.image])["config"]["config"])
             return self._build_container(spec, ctx, server_spec, wspec)
         engine = get_engine(spec.engine)
@@ -185,7 +203,7 @@ class CheckpointStep:
             images = scratch / "images"
             t1 = time.monotonic()
             try:
-                container.checkpoint(inst, engine, images, scratch / "work")
+                container.checkpoint(inst, engine, images, scratch / "work", server_spec["engine_options"])
             except SnapbuildError as e:
                 raise StepError(e.message, hint=e.hint) from None
             dump_s = time.monotonic() - t1

@@ -26,12 +26,13 @@ def dockerd(tmp_path_factory):
             return
         except engine.DockerUnavailable:
             pass
-    proc, host = engine.start_daemon(tmp_path_factory.mktemp("dockerd"))
+    root = tmp_path_factory.mktemp("dockerd")
+    proc, host = engine.start_daemon(root)
     os.environ["DOCKER_HOST"] = host
     try:
         yield host
     finally:
-        engine.stop_daemon(proc)
+        engine.stop_daemon(proc, root)
         if old is None:
             os.environ.pop("DOCKER_HOST", None)
         else:

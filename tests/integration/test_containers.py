@@ -226,3 +226,32 @@ def test_restore_with_a_file_missing_from_the_rootfs_boots_cold_and_says_why(bas
     finally:
         stop(out["container"])
     assert leftovers("sb-held") == []
+
+
+@pytest.mark.skipif(shutil.which("runsc") is None,
+                    reason="gVisor's runsc is not installed; it cannot be installed on these machines")
+def test_runsc_container_restores_with_its_state(base_rootfs, dockerd, recipe, project, store):
+    (project / "app").mkdir()
+    shutil.copy(COUNTER, project / "app" / "counter_server.py")
+    port = free_port()
+    path = recipe(f"""
+        name: gv
+        steps:
+          base: {{kind: image, from: "rootfs:{base_rootfs}"}}
+          app: {{kind: image, from: base, copy: {{"app/": /app/}}}}
+          server:
+            kind: warmup
+            image: app
+            command: [python3, /app/counter_server.py, --port, "{port}"]
+            ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 60}}
+            exercise: [{{http: "POST /count", repeat: 2}}]
+          snap: {{kind: checkpoint, process: server, engine: runsc}}
+        publish: {{tag: "gv:v1"}}
+    """)
+    [res] = build(path, store=store)
+    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    out = run("gv:v1", store=store, fallback="fail", publish=str(free_port()))
+    try:
+        assert post(int(out["address"].rsplit(":", 1)[1]), "/count")["count"] == 3
+    finally:
+        stop(out["container"])

@@ -286,3 +286,22 @@ def test_live_processes_are_only_taken_by_checkpoints(recipe, rest, where, messa
     e = load_error(recipe(WARM + rest))
     assert message in e.message, e.message
     assert where in str(e), str(e)
+
+
+@pytest.mark.parametrize("server, snap, where, message", [
+    ("{kind: warmup, run: serve, ready: {tcp: \"127.0.0.1:1\"}}", "{kind: checkpoint, process: server, engine: runc}",
+     "steps -> snap -> engine:", "engine runc runs the server in a container, but warm-up 'server' has no `image:`"),
+    ("{kind: warmup, image: img, run: serve, ready: {tcp: \"127.0.0.1:1\"}}", "{kind: checkpoint, process: server}",
+     "steps -> snap -> engine:", "warm-up 'server' runs in image 'img', which needs a container engine, not host"),
+    ("{kind: warmup, run: serve, ready: {tcp: \"127.0.0.1:1\"}}",
+     "{kind: checkpoint, process: server, runsc: {direct: true}}",
+     "steps -> snap:", "`runsc:` options need engine: runsc (this checkpoint uses host)"),
+    ("{kind: warmup, mounts: {/w: img}, run: serve, ready: {tcp: \"127.0.0.1:1\"}}",
+     "{kind: checkpoint, process: server}",
+     "steps -> server:", "`mounts:` places inputs inside a container: give `image:` too"),
+])
+def test_engines_and_warmups_must_agree(recipe, server, snap, where, message):
+    e = load_error(recipe("name: demo\nsteps:\n  img: {kind: image, from: \"rootfs:x.tar\"}\n"
+                          f"  server: {server}\n  snap: {snap}\npublish: {{steps: [snap, img]}}\n"))
+    assert message in e.message, e.message
+    assert where in str(e), str(e)
