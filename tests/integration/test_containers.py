@@ -255,3 +255,49 @@ def test_runsc_container_restores_with_its_state(base_rootfs, dockerd, recipe, p
         assert post(int(out["address"].rsplit(":", 1)[1]), "/count")["count"] == 3
     finally:
         stop(out["container"])
+
+
+def test_bases_from_archives_and_the_engine_keep_the_layers(base_rootfs, dockerd, recipe, project, store,
+                                                            tmp_path, run_cli):
+    """An image exported as a docker archive, converted to an OCI archive by skopeo, and
+    loaded into the Docker engine comes back with the same layer digests from each."""
+    from snapbuild.image import docker as engine
+    from snapbuild.image.layers import Layer, write_docker_archive
+    from snapbuild.runtime.container import read_image
+    from snapbuild.store.chunks import write_chunks
+
+    (project / "srv").mkdir()
+    (project / "srv" / "app.py").write_text("print('hi')\n")
+    [res] = build(image_recipe(recipe, base_rootfs), store=store)
+    meta, entries = read_image(store.blobs, res.steps["app"].artifact)
+    layers = []
+    for x in meta["layers"]:
+        path = tmp_path / f"{x['digest'].split(':')[1]}.tar"
+        write_chunks(store.blobs, entries[f"layers/{path.name}"]["chunks"], path)
+        layers.append(Layer(x["digest"], x["size"], path))
+    with open(project / "app-docker.tar", "wb") as f:
+        write_docker_archive(f, meta["config"], layers, "localtest/app:1")
+    subprocess.run(["skopeo", "copy", "--quiet", "docker-archive:app-docker.tar", "oci-archive:app-oci.tar"],
+                   cwd=project, check=True)
+    engine.load(engine.client(), project / "app-docker.tar")
+
+    path = recipe("""
+        name: bases
+        steps:
+          from-docker-archive: {kind: image, from: "docker-archive:app-docker.tar"}
+          from-oci-archive: {kind: image, from: "oci-archive:app-oci.tar"}
+          from-engine: {kind: image, from: "docker://localtest/app:1"}
+    """)
+    [got] = build(path, store=store)
+    assert got.ok, {n: r.error for n, r in got.steps.items()}
+    want = [x["digest"] for x in meta["layers"]]
+    for step in ("from-docker-archive", "from-oci-archive", "from-engine"):
+        assert [x["digest"] for x in read_image(store.blobs, got.steps[step].artifact)[0]["layers"]] == want, step
+
+    missing = recipe("""
+        name: bases
+        steps:
+          base: {kind: image, from: "docker://localtest/no-such-image:1"}
+    """)
+    r = run_cli("plan", missing)
+    assert r.code == 3 and "no such image, and it could not be pulled" in r.err, r
