@@ -132,14 +132,23 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def cached_layer(digest: str, open_layer, cache: Path) -> Path:
-    """The layer's folder in ``cache``, unpacked (once) from ``open_layer()`` if needed."""
+def cached_layer(digest: str, open_layer, cache: Path, *, user: str | None = None) -> Path:
+    """The layer's folder in ``cache``, unpacked (once) from ``open_layer()`` if needed.
+    ``user`` (a store's path) is recorded in the layer's marker, for :func:`release_layer`."""
     hexpart = digest.split(":", 1)[1]
     final = cache / hexpart
-    if (cache / f"{hexpart}{MARKER}").exists():
-        return final
+    marker = cache / f"{hexpart}{MARKER}"
+    line = f"{user}\n" if user else ""
+    try:
+        if not line or line in marker.read_text().splitlines(keepends=True):
+            return final
+    except FileNotFoundError:
+        pass
     with flock(cache / ".locks" / f"{hexpart}.lock"):
-        if (cache / f"{hexpart}{MARKER}").exists():
+        if marker.exists():
+            if line and line not in marker.read_text().splitlines(keepends=True):
+                with open(marker, "a") as f:
+                    f.write(line)
             return final
         tmp = cache / f"{hexpart}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -147,8 +156,30 @@ def cached_layer(digest: str, open_layer, cache: Path) -> Path:
         with open_layer() as stream:
             unpack(stream, tmp, layer=digest)
         os.rename(tmp, final)
-        (cache / f"{hexpart}{MARKER}").touch()  # beside it: the layer's own root stays untouched
+        marker.write_text(line)  # beside it: the layer's own root stays untouched
     return final
+
+
+def release_layer(cache: Path, hexpart: str, user: str, *, dry_run: bool = False) -> bool | None:
+    """Drop ``user`` from a cached layer's users and remove the layer when no user that
+    still exists is left. True when removed, False when kept, None when not ``user``'s."""
+    marker = cache / f"{hexpart}{MARKER}"
+    with flock(cache / ".locks" / f"{hexpart}.lock"):
+        try:
+            users = marker.read_text().splitlines()
+        except FileNotFoundError:
+            return None
+        if user not in users:
+            return None
+        others = [u for u in users if u != user and os.path.isdir(u)]
+        if dry_run:
+            return not others
+        if others:
+            marker.write_text("".join(u + "\n" for u in others))
+            return False
+        marker.unlink()
+        shutil.rmtree(cache / hexpart, ignore_errors=True)
+        return True
 
 
 def _is_whiteout(st: os.stat_result) -> bool:

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps(r, indent=2))
             else:
                 verb = "would free" if args.dry_run else "freed"
-                print(f"{verb} {r['trees_removed']} written-out trees ({r['tree_bytes_freed'] / 2**20:.1f} MiB) "
+                print(f"{verb} {r['trees_removed']} written-out trees and layers ({r['tree_bytes_freed'] / 2**20:.1f} MiB) "
                       f"and {r['blobs_removed']} blobs ({r['blob_bytes_freed'] / 2**20:.1f} MiB)")
         elif args.command == "stop":
             from .restore import stop

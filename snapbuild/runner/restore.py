@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -302,18 +303,52 @@ def node_gc(store: Store | None = None, *, dry_run: bool = False) -> dict:
         roots |= {root, images}
         keep |= {tree_dir(root, d) for d in runtime["server"]["inputs"].values()}
         keep.add(tree_dir(images, runtime["artifact"]))
+        if runtime["server"].get("image"):  # a container's layers, unpacked under the run root
+            from ..runtime.container import read_image
+
+            try:
+                layers = read_image(store.blobs, runtime["server"]["image"])[0]["layers"]
+            except (SnapbuildError, OSError, ValueError, KeyError):
+                layers = []
+            keep |= {root / "layers" / x["digest"].split(":", 1)[1] for x in layers}
     removed, freed = 0, 0
     for root in roots:
         for p in sorted((root / "trees").glob("*")) if (root / "trees").is_dir() else []:
             if p in keep or p.name.endswith(".partial"):
                 continue
-            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+            size = _du(p)
             if release(p, store.home, dry_run=dry_run):
+                removed += 1
+                freed += size
+    from ..rootfs import MARKER as LAYER_MARKER
+    from ..rootfs import release_layer
+
+    for root in roots:
+        cache = root / "layers"
+        for marker in sorted(cache.glob(f"*{LAYER_MARKER}")) if cache.is_dir() else []:
+            p = cache / marker.name[: -len(LAYER_MARKER)]
+            if p in keep:
+                continue
+            size = _du(p)
+            if release_layer(cache, p.name, str(store.home), dry_run=dry_run):
                 removed += 1
                 freed += size
     rep = store.gc(dry_run=dry_run)
     return {"trees_removed": removed, "tree_bytes_freed": freed, "blobs_removed": rep.blobs_removed,
             "blob_bytes_freed": rep.bytes_freed, "dry_run": dry_run}
+
+
+def _du(path: Path) -> int:
+    """Bytes of the regular files under ``path``; symbolic links are not followed."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
 
 
 def stop(target: int | str) -> bool:

@@ -84,7 +84,8 @@ def layer_dirs(blobs: BlobStore, artifact: str, cache: Path) -> list[Path]:
     out = []
     for layer in meta["layers"]:
         entry = entries[f"layers/{layer['digest'].split(':')[1]}.tar"]
-        out.append(rootfs.cached_layer(layer["digest"], lambda e=entry: ChunkReader(blobs, e["chunks"]), cache))
+        out.append(rootfs.cached_layer(layer["digest"], lambda e=entry: ChunkReader(blobs, e["chunks"]), cache,
+                                       user=str(blobs.root)))
     return out
 
 

@@ -301,3 +301,39 @@ def test_bases_from_archives_and_the_engine_keep_the_layers(base_rootfs, dockerd
     """)
     r = run_cli("plan", missing)
     assert r.code == 3 and "no such image, and it could not be pulled" in r.err, r
+
+
+def test_node_gc_lets_go_of_unpacked_layers_no_pin_uses(base_rootfs, dockerd, recipe, project, store, tmp_path):
+    from snapbuild.runner.restore import node_gc
+
+    (project / "app").mkdir()
+    shutil.copy(COUNTER, project / "app" / "counter_server.py")
+    port = free_port()
+    path = recipe(f"""
+        name: gc
+        steps:
+          base: {{kind: image, from: "rootfs:{base_rootfs}"}}
+          app: {{kind: image, from: base, copy: {{"app/": /app/}}}}
+          server:
+            kind: warmup
+            image: app
+            command: [python3, /app/counter_server.py, --port, "{port}"]
+            ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 60}}
+          snap: {{kind: checkpoint, process: server, engine: runc}}
+        publish: {{tag: "gc:v1"}}
+    """)
+    [res] = build(path, store=store)
+    assert res.ok, {n: r.error for n, r in res.steps.items()}
+    node = Store(tmp_path / "node")
+    stop(run("gc:v1", registry=f"file://{store.home / 'registry'}", store=node, fallback="fail")["container"])
+    layers = Path(os.environ["SNAPBUILD_RUN_ROOT"]) / "layers"
+    kept = sorted(p.name for p in layers.iterdir() if p.is_dir() and len(p.name) == 64)
+    assert len(kept) == 2, "the base and the app layer"
+    stale = layers / ("f" * 64)
+    stale.mkdir()
+    (stale / "x").write_bytes(b"y" * 100)
+    (layers / ("f" * 64 + ".snapbuild-layer-complete-v2")).write_text(f"{node.home}\n")
+    r = node_gc(node)
+    assert not stale.exists() and r["trees_removed"] >= 1
+    assert sorted(p.name for p in layers.iterdir() if p.is_dir() and len(p.name) == 64) == kept, \
+        "the pinned snapshot's layers stay"
