@@ -38,9 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     lg.add_argument("--registry", metavar="URL", help="registry URL (default: file://$SNAPBUILD_HOME/registry)")
     lg.add_argument("-n", "--lines", type=int, default=50, help="how many lines from the end (default: 50)")
     gc = sub.add_parser("gc", help="free node caches that no pulled snapshot uses",
-                        description="Remove written-out input trees and checkpoint images that no snapshot "
-                                    "pinned on this node (the last pull of each name) uses, and blobs "
-                                    "nothing references. Running servers belong to pinned snapshots.")
+                        description="Let go of the written-out input trees, checkpoint images and unpacked "
+                                    "container layers that this store used and that no snapshot pinned in "
+                                    "it (the last pull of each name) uses; remove them when no other store "
+                                    "uses them either; then remove blobs nothing references. Running "
+                                    "servers belong to pinned snapshots.")
     gc.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
     gc.add_argument("--json", action="store_true", help="print the result as JSON")
     st = sub.add_parser("stop", help="stop a server started by restore", description="Stop a server (and "
