@@ -140,7 +140,8 @@ def cached_layer(digest: str, open_layer, cache: Path, *, user: str | None = Non
     marker = cache / f"{hexpart}{MARKER}"
     line = f"{user}\n" if user else ""
     try:
-        if not line or line in marker.read_text().splitlines(keepends=True):
+        users = marker.read_text().splitlines(keepends=True)
+        if not line or line in users:
             return final
     except FileNotFoundError:
         pass

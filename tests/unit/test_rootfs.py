@@ -107,3 +107,18 @@ def test_layers_are_unpacked_once(tmp_path):
     a = cached_layer("sha256:" + "a" * 64, opener, tmp_path / "cache")
     b = cached_layer("sha256:" + "a" * 64, opener, tmp_path / "cache")
     assert a == b and len(calls) == 1 and (a / "f").read_bytes() == b"1"
+
+
+def test_cached_layers_record_their_users_and_go_with_the_last(tmp_path):
+    from snapbuild.rootfs import release_layer
+
+    cache, hexpart = tmp_path / "cache", "b" * 64
+    one, two = tmp_path / "store-1", tmp_path / "store-2"
+    one.mkdir()
+    two.mkdir()
+    cached_layer("sha256:" + hexpart, lambda: layer(("f", "file", b"1")), cache, user=str(one))
+    cached_layer("sha256:" + hexpart, lambda: pytest.fail("unpacked twice"), cache, user=str(two))
+    assert release_layer(cache, hexpart, str(tmp_path / "stranger")) is None
+    assert release_layer(cache, hexpart, str(one)) is False and (cache / hexpart / "f").exists()
+    assert release_layer(cache, hexpart, str(two), dry_run=True) is True and (cache / hexpart).exists()
+    assert release_layer(cache, hexpart, str(two)) is True and not (cache / hexpart).exists()
