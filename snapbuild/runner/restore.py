@@ -141,18 +141,22 @@ def _restore(runtime: dict, store: Store, timings: dict) -> int:
         shutil.rmtree(work, ignore_errors=True)
     t = time.monotonic()
     try:
-        if probes.probe_kind(spec["ready"]) in probes.STARTUP_EVENT_KINDS:
-            # It printed its ready line (or wrote its file) before the checkpoint and
-            # will not do it again: ready is being alive after the restore.
-            if not process.alive(pid):
-                raise probes.ProbeFailed("the restored server exited")
-        else:
-            probes.wait_ready(spec["ready"], log_path=log, alive=lambda: process.alive(pid), timeout=30)
+        _wait_restored(spec["ready"], log, lambda: process.alive(pid))
     except probes.ProbeFailed as e:
         process.stop(pid)
         raise _NoRestore(f"the restored server did not get ready: {e}") from None
     timings["ready_s"] = round(time.monotonic() - t, 4)
     return pid
+
+
+def _wait_restored(ready: dict, log: Path, alive) -> None:
+    """Probe a restored server. A log line or a file marks a start-up event that it went
+    through before its checkpoint and will not repeat: then ready is being alive."""
+    if probes.probe_kind(ready) in probes.STARTUP_EVENT_KINDS:
+        if not alive():
+            raise probes.ProbeFailed("the restored server exited")
+    else:
+        probes.wait_ready(ready, log_path=log, alive=alive, timeout=30)
 
 
 def _cold(spec: dict, store: Store, timings: dict) -> int:
@@ -208,23 +212,16 @@ def _restore_container(runtime: dict, store: Store, timings: dict, host_port: in
         timings["materialize_s"] = round(time.monotonic() - t, 4)
         t = time.monotonic()
         try:
-            container.publish(inst)  # its start-up overlaps the restore
-            engine.restore(Path(inst.bundle), inst.id, ckpt / "images", work, options=spec.get("engine_options"))
-            inst.pid = container.init_pid(engine, inst.id)
+            container.launch(inst, engine, lambda: engine.restore(Path(inst.bundle), inst.id, ckpt / "images", work,
+                                                                  options=spec.get("engine_options")))
         except SnapbuildError as e:
-            container.destroy(inst)
             raise _NoRestore(f"restore failed: {e.message}") from None
         timings["restore_s"] = round(time.monotonic() - t, 4)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     t = time.monotonic()
     try:
-        ready = container.host_probe(spec, inst)
-        if probes.probe_kind(ready) in probes.STARTUP_EVENT_KINDS:
-            if not container.alive(inst):
-                raise probes.ProbeFailed("the restored server exited")
-        else:
-            probes.wait_ready(ready, log_path=inst.log_path, alive=lambda: container.alive(inst), timeout=30)
+        _wait_restored(container.host_probe(spec, inst), inst.log_path, lambda: container.alive(inst))
     except probes.ProbeFailed as e:
         container.destroy(inst)
         raise _NoRestore(f"the restored server did not get ready: {e}") from None

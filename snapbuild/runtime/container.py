@@ -245,24 +245,17 @@ def host_probe(spec: dict, inst: Instance) -> dict:
 
 
 def start(spec: dict, blobs: BlobStore, engine, host_port: int | None = None) -> Instance:
+    """A new container from the image, running the server from scratch."""
     inst = prepare(spec, blobs, engine.name, host_port)
+    return launch(inst, engine, lambda: engine.run(Path(inst.bundle), inst.id, options=spec.get("engine_options")))
+
+
+def launch(inst: Instance, engine, begin) -> Instance:
+    """Publish the port, then ``begin()`` (run or restore) the prepared instance; on any
+    failure everything of it is removed again."""
     try:
         publish(inst)  # first: the forwarder's start-up overlaps the container's
-        engine.run(Path(inst.bundle), inst.id, options=spec.get("engine_options"))
-        inst.pid = init_pid(engine, inst.id)
-        save(inst)
-    except BaseException:
-        destroy(inst)
-        raise
-    return inst
-
-
-def restore(spec: dict, blobs: BlobStore, engine, images: Path, work: Path,
-            host_port: int | None = None) -> Instance:
-    inst = prepare(spec, blobs, engine.name, host_port)
-    try:
-        publish(inst)
-        engine.restore(Path(inst.bundle), inst.id, images, work, options=spec.get("engine_options"))
+        begin()
         inst.pid = init_pid(engine, inst.id)
         save(inst)
     except BaseException:

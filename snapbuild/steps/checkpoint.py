@@ -153,21 +153,8 @@ class CheckpointStep:
                 say(f"tip: {mem['anonymous_bytes'] / 2**20:.0f} MiB of the checkpoint is anonymous memory; if it "
                     "holds model weights, memory-map them from a weights input (e.g. torch.load(mmap=True)) "
                     "to leave them out: smaller snapshots restore faster")
-            manifest = {
-                "format": FORMAT,
-                "engine": spec.engine,
-                "process": spec.process,
-                "server": server_spec,
-                "pids": pids,
-                "fingerprint": ctx.pins["fingerprint"],
-                "stats": {"warm_s": round(warm_s, 3), "dump_s": round(dump_s, 3), "pages_bytes": pages, **mem,
-                          "images_bytes": sum(p.stat().st_size for p in images.iterdir())},
-            }
-            (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            items = [(MANIFEST, scratch / MANIFEST), ("images", images)]
-            items += [(f"images/{rel}", p) for rel, p in walk(images)]
-            digest, _ = build_tree(ctx.store.blobs, items)
-            return digest
+            stats = {"warm_s": round(warm_s, 3), "dump_s": round(dump_s, 3), "pages_bytes": pages, **mem}
+            return _store(spec, ctx, scratch, server_spec, pids, stats)
         finally:
             if started is not None:
                 process.stop(started.pid)  # no orphan server after success or failure
@@ -211,17 +198,8 @@ class CheckpointStep:
             say(f"checkpointed in {dump_s:.2f}s: {pages / 2**20:.1f} MiB of memory pages")
             say(f"--- server log (last 40 lines of {inst.log_path}) ---\n"
                 + process.tail(inst.log_path, 40).rstrip() + "\n---")
-            manifest = {
-                "format": FORMAT, "engine": spec.engine, "process": spec.process, "server": server_spec,
-                "pids": [], "fingerprint": ctx.pins["fingerprint"],
-                "stats": {"warm_s": round(warm_s, 3), "dump_s": round(dump_s, 3), "pages_bytes": pages, **mem,
-                          "images_bytes": sum(p.stat().st_size for p in images.iterdir())},
-            }
-            (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            items = [(MANIFEST, scratch / MANIFEST), ("images", images)]
-            items += [(f"images/{rel}", p) for rel, p in walk(images)]
-            digest, _ = build_tree(ctx.store.blobs, items)
-            return digest
+            stats = {"warm_s": round(warm_s, 3), "dump_s": round(dump_s, 3), "pages_bytes": pages, **mem}
+            return _store(spec, ctx, scratch, server_spec, [], stats)  # a container's PIDs are its own
         finally:
             if inst is not None:
                 container.destroy(inst)  # no container, mount, netns or forwarder left behind
@@ -243,4 +221,17 @@ class CheckpointStep:
         return manifest, trees
 
 
-
+def _store(spec: CheckpointSpec, ctx: BuildContext, scratch, server_spec: dict, pids: list[int],
+           stats: dict) -> str:
+    """``checkpoint.json`` and the engine's images (in ``scratch/images``) as the artifact."""
+    images = scratch / "images"
+    manifest = {
+        "format": FORMAT, "engine": spec.engine, "process": spec.process, "server": server_spec,
+        "pids": pids, "fingerprint": ctx.pins["fingerprint"],
+        "stats": {**stats, "images_bytes": sum(p.stat().st_size for p in images.iterdir())},
+    }
+    (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    items = [(MANIFEST, scratch / MANIFEST), ("images", images)]
+    items += [(f"images/{rel}", p) for rel, p in walk(images)]
+    digest, _ = build_tree(ctx.store.blobs, items)
+    return digest

@@ -8,13 +8,10 @@ filesystem comes from ci/make-rootfs.sh (cached on disk by its package list).
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
-import socket
 import subprocess
 import tarfile
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,6 +20,8 @@ from snapbuild.build import build
 from snapbuild.runner.restore import run, stop
 from snapbuild.store import Store
 
+from testkit import free_port, post  # tests/integration/testkit.py
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,16 +29,6 @@ EXAMPLES = REPO / "recipes" / "examples"
 COUNTER = Path(__file__).parent / "data" / "counter_server.py"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(port: int, path: str) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"{}", method="POST")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
 
 
 def leftovers(prefix: str) -> list[str]:
@@ -186,29 +175,37 @@ def _tiny_rootfs() -> bytes:
     return buf.getvalue()
 
 
-def test_restore_with_a_file_missing_from_the_rootfs_boots_cold_and_says_why(base_rootfs, dockerd, recipe,
-                                                                              project, store):
-    (project / "app").mkdir()
+def counter_container(recipe, project: Path, base_rootfs: Path, name: str, port: int, *,
+                      command: str | None = None, engine: str = "runc", exercise: bool = True) -> Path:
+    """A recipe: the counter server in a container on the Debian base, checkpointed."""
+    (project / "app").mkdir(exist_ok=True)
     shutil.copy(COUNTER, project / "app" / "counter_server.py")
-    (project / "app" / "held.txt").write_text("the server keeps this open\n")
-    port = free_port()
-    hold = ("import os, runpy, sys; held = [open(p) for p in ['/app/held.txt'] if os.path.exists(p)]; "
-            f"sys.argv = ['counter_server.py', '--port', '{port}']; "
-            "runpy.run_path('/app/counter_server.py', run_name='__main__')")
-    path = recipe(f"""
-        name: held
+    command = command or f'[python3, /app/counter_server.py, --port, "{port}"]'
+    return recipe(f"""
+        name: {name}
         steps:
           base: {{kind: image, from: "rootfs:{base_rootfs}"}}
           app: {{kind: image, from: base, copy: {{"app/": /app/}}}}
           server:
             kind: warmup
             image: app
-            command: [python3, -c, "{hold}"]
+            command: {command}
             ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 60}}
-            exercise: [{{http: "POST /count", repeat: 2}}]
-          snap: {{kind: checkpoint, process: server, engine: runc}}
-        publish: {{tag: "held:v1"}}
+            exercise: [{'{http: "POST /count", repeat: 2}' if exercise else ''}]
+          snap: {{kind: checkpoint, process: server, engine: {engine}}}
+        publish: {{tag: "{name}:v1"}}
     """)
+
+
+def test_restore_with_a_file_missing_from_the_rootfs_boots_cold_and_says_why(base_rootfs, dockerd, recipe,
+                                                                              project, store):
+    port = free_port()
+    hold = ("import os, runpy, sys; held = [open(p) for p in ['/app/held.txt'] if os.path.exists(p)]; "
+            f"sys.argv = ['counter_server.py', '--port', '{port}']; "
+            "runpy.run_path('/app/counter_server.py', run_name='__main__')")
+    (project / "app").mkdir()
+    (project / "app" / "held.txt").write_text("the server keeps this open\n")
+    path = counter_container(recipe, project, base_rootfs, "held", port, command=f'[python3, -c, "{hold}"]')
     [res] = build(path, store=store)
     assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
     # Take the file out of this node's unpacked copy of the app layer.
@@ -231,23 +228,8 @@ def test_restore_with_a_file_missing_from_the_rootfs_boots_cold_and_says_why(bas
 @pytest.mark.skipif(shutil.which("runsc") is None,
                     reason="gVisor's runsc is not installed; it cannot be installed on these machines")
 def test_runsc_container_restores_with_its_state(base_rootfs, dockerd, recipe, project, store):
-    (project / "app").mkdir()
-    shutil.copy(COUNTER, project / "app" / "counter_server.py")
     port = free_port()
-    path = recipe(f"""
-        name: gv
-        steps:
-          base: {{kind: image, from: "rootfs:{base_rootfs}"}}
-          app: {{kind: image, from: base, copy: {{"app/": /app/}}}}
-          server:
-            kind: warmup
-            image: app
-            command: [python3, /app/counter_server.py, --port, "{port}"]
-            ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 60}}
-            exercise: [{{http: "POST /count", repeat: 2}}]
-          snap: {{kind: checkpoint, process: server, engine: runsc}}
-        publish: {{tag: "gv:v1"}}
-    """)
+    path = counter_container(recipe, project, base_rootfs, "gv", port, engine="runsc")
     [res] = build(path, store=store)
     assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
     out = run("gv:v1", store=store, fallback="fail", publish=str(free_port()))
@@ -306,22 +288,7 @@ def test_bases_from_archives_and_the_engine_keep_the_layers(base_rootfs, dockerd
 def test_node_gc_lets_go_of_unpacked_layers_no_pin_uses(base_rootfs, dockerd, recipe, project, store, tmp_path):
     from snapbuild.runner.restore import node_gc
 
-    (project / "app").mkdir()
-    shutil.copy(COUNTER, project / "app" / "counter_server.py")
-    port = free_port()
-    path = recipe(f"""
-        name: gc
-        steps:
-          base: {{kind: image, from: "rootfs:{base_rootfs}"}}
-          app: {{kind: image, from: base, copy: {{"app/": /app/}}}}
-          server:
-            kind: warmup
-            image: app
-            command: [python3, /app/counter_server.py, --port, "{port}"]
-            ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 60}}
-          snap: {{kind: checkpoint, process: server, engine: runc}}
-        publish: {{tag: "gc:v1"}}
-    """)
+    path = counter_container(recipe, project, base_rootfs, "gc", free_port(), exercise=False)
     [res] = build(path, store=store)
     assert res.ok, {n: r.error for n, r in res.steps.items()}
     node = Store(tmp_path / "node")

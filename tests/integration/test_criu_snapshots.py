@@ -5,7 +5,6 @@ Needs root and a CRIU >= 4.2 (ci/setup.sh installs one). Servers listen on 127.0
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -13,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,27 +24,15 @@ from snapbuild.store import Store
 from snapbuild.store.fsutil import canonical_json
 from snapbuild.store.snapshot import load_config, parse_manifest
 
+from testkit import free_port, port_free, post  # tests/integration/testkit.py
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 COUNTER = Path(__file__).parent / "data" / "counter_server.py"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def post(port: int, path: str) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"{}", method="POST")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
 
 
 def counter_recipe(recipe, port: int, extra_args: str = "", run: str | None = None, timeout: int = 30,
