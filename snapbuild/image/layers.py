@@ -59,10 +59,12 @@ def _open_maybe_compressed(f: BinaryIO) -> BinaryIO:
     return f
 
 
-def normalize(src: BinaryIO, dest: Path, *, epoch: int | None, what: str = "layer") -> Layer:
+def normalize(src: BinaryIO, dest: Path, *, epoch: int | None, what: str = "layer",
+              set_times: bool = False) -> Layer:
     """Rewrite the tar in ``src`` (gzip or zstd allowed) as a normalized layer at ``dest``.
 
-    ``epoch``: modification times later than it are set to it (``None`` keeps them).
+    ``epoch``: modification times later than it are set to it (``None`` keeps them);
+    with ``set_times``, every time is set to it.
     Device nodes are left out (counted in ``dropped_devices``): a container gets its
     ``/dev`` from the runtime, and the unpacker refuses layers that carry devices.
     """
@@ -75,7 +77,7 @@ def normalize(src: BinaryIO, dest: Path, *, epoch: int | None, what: str = "laye
         except (tarfile.TarError, EOFError) as e:
             raise ImageError(f"{what} is not a readable tar archive: {e}") from None
         with tar:
-            return _write_normalized(tar, members, dest, epoch, what)
+            return _write_normalized(tar, members, dest, epoch, what, set_times)
 
 
 def _norm_name(name: str, what: str = "layer") -> str:
@@ -87,7 +89,7 @@ def _norm_name(name: str, what: str = "layer") -> str:
 
 
 def _write_normalized(tar: tarfile.TarFile, members: list[tarfile.TarInfo], dest: Path,
-                      epoch: int | None, what: str) -> Layer:
+                      epoch: int | None, what: str, set_times: bool = False) -> Layer:
     by_name: dict[str, tarfile.TarInfo] = {}
     dropped = 0
     for m in members:  # a later entry of the same name replaces an earlier one
@@ -146,7 +148,7 @@ def _write_normalized(tar: tarfile.TarFile, members: list[tarfile.TarInfo], dest
                 info.mode = src.mode
                 info.uid, info.gid = src.uid, src.gid
                 info.uname = info.gname = ""
-                info.mtime = int(src.mtime if epoch is None else min(int(src.mtime), epoch))
+                info.mtime = int(src.mtime if epoch is None else epoch if set_times else min(int(src.mtime), epoch))
                 info.pax_headers = {k: v for k, v in src.pax_headers.items() if k.startswith(_KEEP_PAX_PREFIXES)}
                 if name in holder and holder[name] != name:
                     info.type = tarfile.LNKTYPE

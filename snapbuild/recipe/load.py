@@ -196,8 +196,9 @@ def _check_processes(steps: dict[str, Step], graph: nx.DiGraph, publish_steps: l
     for i, n in enumerate(publish_steps):
         if steps[n].kind.ephemeral:
             where = ("publish", "steps", i) if explicit else ("steps", n)
-            raise src.error(where, f"step {n!r} is a live {steps[n].kind.name} process: nothing checkpoints it, "
-                                   "and a process cannot be published", key=not explicit,
+            raise src.error(where, f"step {n!r} is a live {steps[n].kind.name} process: a process cannot be "
+                                   "published" + ("" if explicit else ", and nothing checkpoints it"),
+                            key=not explicit,
                             hint=f"add a step `snap: {{kind: checkpoint, process: {n}}}` and publish that")
     for name, step in steps.items():
         if step.kind.ephemeral and not any(True for _ in graph.successors(name)):

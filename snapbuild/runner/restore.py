@@ -352,12 +352,13 @@ def stop(target: int | str) -> bool:
     """Stop a server by PID, or a container by its id or init PID: the container, its
     port forwarder, mounts and network namespace go too. True if it was running."""
     from ..runtime import container
-    from ..runtime.process import run_root
+    from ..runtime.process import DEFAULT_RUN_ROOT, run_root
 
-    inst = container.find(run_root(), str(target))
-    if inst is not None:
-        container.destroy(inst)
-        return True
+    for root in dict.fromkeys([run_root(), Path(DEFAULT_RUN_ROOT)]):
+        inst = container.find(root, str(target))
+        if inst is not None:
+            container.destroy(inst)
+            return True
     if not str(target).isdigit():
         return False
     return process.stop(int(target))

@@ -35,7 +35,7 @@ from ..store.chunks import ChunkReader
 from ..store.tree import load_tree
 from . import probe as probes
 from . import process
-from .trees import ensure_tree
+from .trees import ensure_tree, secure_dir
 
 INPUTS = "/snapbuild/inputs"
 RUN = "/snapbuild/run"
@@ -81,6 +81,8 @@ def read_image(blobs: BlobStore, artifact: str) -> tuple[dict, dict]:
 def layer_dirs(blobs: BlobStore, artifact: str, cache: Path) -> list[Path]:
     """The image's layers, each unpacked (once per machine, verified while read) in ``cache``."""
     meta, entries = read_image(blobs, artifact)
+    secure_dir(cache.parent)
+    secure_dir(cache)  # unpacked layers are trusted once complete: nobody else may write here
     out = []
     for layer in meta["layers"]:
         entry = entries[f"layers/{layer['digest'].split(':')[1]}.tar"]

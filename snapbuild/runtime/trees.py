@@ -31,19 +31,24 @@ def secure_root(root: Path) -> None:
     """Create ``root`` (and ``root/trees``) for this user, and refuse one that another
     user owns or may write to: the runner trusts complete trees there without reading
     them again, so nobody else may be able to put one there (``/dev/shm`` is shared)."""
-    for d in (root, root / "trees"):
-        try:
-            d.mkdir(mode=0o755, parents=True, exist_ok=True)
-            st = os.lstat(d)
-        except OSError as e:
-            raise SnapbuildError(f"cannot create {d}: {e.strerror}") from None
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o002:
-            why = ("is not a folder" if not stat.S_ISDIR(st.st_mode)
-                   else f"belongs to uid {st.st_uid}" if st.st_uid != os.geteuid()
-                   else "can be written by other users")
-            raise SnapbuildError(f"refusing to use {d} for snapshot files: it {why}",
-                                 hint="remove it, or point SNAPBUILD_RUN_ROOT / SNAPBUILD_IMAGE_CACHE at a folder "
-                                      "that only this user can write")
+    secure_dir(root)
+    secure_dir(root / "trees")
+
+
+def secure_dir(d: Path) -> None:
+    """Create ``d`` for this user; refuse it when another user owns it or everyone may write to it."""
+    try:
+        d.mkdir(mode=0o755, parents=True, exist_ok=True)
+        st = os.lstat(d)
+    except OSError as e:
+        raise SnapbuildError(f"cannot create {d}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o002:
+        why = ("is not a folder" if not stat.S_ISDIR(st.st_mode)
+               else f"belongs to uid {st.st_uid}" if st.st_uid != os.geteuid()
+               else "can be written by other users")
+        raise SnapbuildError(f"refusing to use {d} for snapshot files: it {why}",
+                             hint="remove it, or point SNAPBUILD_RUN_ROOT / SNAPBUILD_IMAGE_CACHE at a folder "
+                                  "that only this user can write")
 
 
 def ensure_tree(blobs: BlobStore, digest: str, root: Path) -> tuple[Path, bool]:

@@ -69,6 +69,15 @@ class ImageSpec(StepSpec):
             raise ValueError("`dockerfile:` starts after FROM: the base comes from `from:`")
         return self
 
+    def key_fields(self) -> dict:
+        """The spec as written (``from``, ``copy``), except a base file's path: its
+        content digest is pinned instead, so moving the tarball changes nothing."""
+        out = self.model_dump(mode="json", by_alias=True, exclude=set(self.KEYLESS))
+        kind, sep, _ = self.from_.partition(":")
+        if sep and kind in ("rootfs", "docker-archive", "oci-archive"):
+            out["from"] = kind + ":"
+        return out
+
     def has_instructions(self) -> bool:
         return bool(self.dockerfile or self.copy_ or self.env or self.workdir or self.run)
 
@@ -89,13 +98,20 @@ class ImageSpec(StepSpec):
 
 class ImageStep:
     name = "image"
-    version = 2  # 2: device nodes left out of layers
+    version = 3  # 2: device nodes left out of layers; 3: times in built layers set to the epoch
     Spec = ImageSpec
     ephemeral = False
 
     def references(self, spec: ImageSpec):
         base = spec.base_step()
         return [(base, ("from",))] if base else []
+
+    def check_links(self, spec: ImageSpec, steps: dict) -> tuple[tuple, str, str] | None:
+        base = spec.base_step()
+        if base and steps[base].kind.name != "image":
+            return (("from",), f"`from: {base}` names a {steps[base].kind.name} step, not an image step",
+                    "use another image step, or rootfs:FILE, docker-archive:FILE, oci-archive:FILE, docker://REF")
+        return None
 
     def pins(self, spec: ImageSpec, ctx: PinContext) -> dict:
         pins: dict = {}
@@ -163,19 +179,19 @@ class ImageStep:
         context = scratch / "context"
         _copy_context(spec, ctx.base_dir, context)
         (context / ".snapbuild.Dockerfile").write_text(spec.dockerfile_text(base_id))
-        say("--- Dockerfile ---\n" + spec.dockerfile_text(tag).rstrip() + "\n---")
+        say("--- Dockerfile ---\n" + spec.dockerfile_text(base_id).rstrip() + "\n---")
         image_id = None
         try:
             image_id = docker.build(c, context, ".snapbuild.Dockerfile", say, cancel=ctx.cancel)
             saved = scratch / "built.tar"
             docker.save(c, image_id, saved)
             shutil.rmtree(context)
-            # New layers get their times clamped to the base's newest (default): files
-            # that RUN wrote then do not carry the build's clock.
+            # Every time in the new layers is set to the epoch (default: the base's newest
+            # time): neither the build's clock nor the checkout's reaches the digests.
             epoch = spec.epoch if spec.epoch is not None else max(L.newest_mtime(x.path) for x in layers)
             # The base's layers come back unchanged (the engine keeps their exact bytes): skip them.
             built_config, new = _read_archive(saved, "docker-archive", scratch / "layers", epoch,
-                                              skip=len(layers))
+                                              skip=len(layers), set_times=True)
         finally:
             for i in (image_id, base_id):
                 if i:
@@ -183,9 +199,9 @@ class ImageStep:
         return built_config, layers + new
 
 
-def _normalized(f, out: Path, epoch: int | None, what: str) -> L.Layer:
+def _normalized(f, out: Path, epoch: int | None, what: str, set_times: bool = False) -> L.Layer:
     tmp = out / ".incoming.tar"
-    layer = L.normalize(f, tmp, epoch=epoch, what=what)
+    layer = L.normalize(f, tmp, epoch=epoch, what=what, set_times=set_times)
     final = out / f"{layer.digest.split(':')[1]}.tar"
     os.replace(tmp, final)
     layer.path = final
@@ -193,7 +209,7 @@ def _normalized(f, out: Path, epoch: int | None, what: str) -> L.Layer:
 
 
 def _read_archive(path: Path, kind: str, out: Path, epoch: int | None, *,
-                  skip: int = 0) -> tuple[dict, list[L.Layer]]:
+                  skip: int = 0, set_times: bool = False) -> tuple[dict, list[L.Layer]]:
     """The config and the layers of an archive, normalized, but for the first ``skip``."""
     out.mkdir(parents=True, exist_ok=True)
     result = []
@@ -201,7 +217,7 @@ def _read_archive(path: Path, kind: str, out: Path, epoch: int | None, *,
         if len(streams) < skip:
             raise StepError(f"the built image has {len(streams)} layers, fewer than its base's {skip}")
         for name, stream in streams[skip:]:
-            result.append(_normalized(stream, out, epoch, f"{kind}:{path.name} layer {name}"))
+            result.append(_normalized(stream, out, epoch, f"{kind}:{path.name} layer {name}", set_times))
     return config, result
 
 
@@ -252,7 +268,10 @@ def _pin_registry(ref: str) -> dict:
     reachable, else the local image of that name; its repo digest when it has one."""
     from ..image import docker
 
-    c = docker.client()
+    try:
+        c = docker.client()
+    except SnapbuildError as e:
+        raise StepError(f"base docker://{ref}: {e.message}", hint=e.hint) from None
     try:
         c.images.pull(ref)
     except Exception:

@@ -86,6 +86,9 @@ class WarmupSpec(StepSpec):
             raise ValueError("give exactly one of `command:` (a list) or `run:` (a shell line)")
         if self.command is not None and not self.command:
             raise ValueError("`command:` is empty")
+        if self.image and self.ready.file is not None:
+            raise ValueError("a `file` probe checks a path on this machine, not in the container: "
+                             "use an http, tcp or log probe")
         if self.mounts and not self.image:
             raise ValueError("`mounts:` places inputs inside a container: give `image:` too")
         for dest in self.mounts:

@@ -277,8 +277,9 @@ WARM = ("name: demo\n"
     ("  snap: {kind: checkpoint, process: server}\n  use: {kind: command, needs: [server], run: x}\n",
      "steps -> use -> needs -> 0:", "step 'server' is a live warmup process, not a file tree"),
     ("  snap: {kind: checkpoint, process: server}\npublish: {steps: [snap, server]}\n",
-     "publish -> steps -> 1:", "step 'server' is a live warmup process: nothing checkpoints it"),
-    ("", "steps -> server:", "step 'server' is a live warmup process: nothing checkpoints it"),
+     "publish -> steps -> 1:", "step 'server' is a live warmup process: a process cannot be published"),
+    ("", "steps -> server:", "step 'server' is a live warmup process: a process cannot be published, and "
+     "nothing checkpoints it"),
     ("  other: {kind: command, run: x}\npublish: {steps: [other]}\n",
      "steps -> server:", "step 'server' is a live warmup process that nothing checkpoints"),
 ])
@@ -299,9 +300,37 @@ def test_live_processes_are_only_taken_by_checkpoints(recipe, rest, where, messa
     ("{kind: warmup, mounts: {/w: img}, run: serve, ready: {tcp: \"127.0.0.1:1\"}}",
      "{kind: checkpoint, process: server}",
      "steps -> server:", "`mounts:` places inputs inside a container: give `image:` too"),
+    ("{kind: warmup, image: img, run: serve, ready: {file: /ready}}", "{kind: checkpoint, process: server, engine: runc}",
+     "steps -> server:", "a `file` probe checks a path on this machine, not in the container"),
 ])
+
 def test_engines_and_warmups_must_agree(recipe, server, snap, where, message):
     e = load_error(recipe("name: demo\nsteps:\n  img: {kind: image, from: \"rootfs:x.tar\"}\n"
                           f"  server: {server}\n  snap: {snap}\npublish: {{steps: [snap, img]}}\n"))
     assert message in e.message, e.message
     assert where in str(e), str(e)
+
+
+def test_an_image_must_come_from_an_image_step(recipe):
+    e = load_error(recipe("name: demo\nsteps:\n  src: {kind: command, run: x}\n"
+                          "  img: {kind: image, from: src}\n"))
+    assert "`from: src` names a command step, not an image step" in e.message
+    assert "steps -> img -> from:" in str(e)
+
+
+def test_image_keys_use_the_keys_as_written_and_not_the_base_files_path():
+    from snapbuild.steps.image import ImageSpec
+
+    a = ImageSpec.model_validate({"kind": "image", "from": "rootfs:/one/place/base.tar", "copy": {"a": "/a"}})
+    b = ImageSpec.model_validate({"kind": "image", "from": "rootfs:../elsewhere/base.tar", "copy": {"a": "/a"}})
+    assert a.key_fields() == b.key_fields()
+    assert a.key_fields()["from"] == "rootfs:" and a.key_fields()["copy"] == {"a": "/a"}
+    c = ImageSpec.model_validate({"kind": "image", "from": "base"})
+    assert c.key_fields()["from"] == "base"
+
+
+def test_a_warmup_image_must_be_an_image_step(recipe):
+    e = load_error(recipe("name: demo\nsteps:\n  src: {kind: command, run: x}\n"
+                          "  server: {kind: warmup, image: src, run: serve, ready: {tcp: \"127.0.0.1:1\"}}\n"
+                          "  snap: {kind: checkpoint, process: server, engine: runc}\n"))
+    assert "warm-up 'server': `image: src` names a command step, not an image step" in e.message
