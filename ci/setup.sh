@@ -37,7 +37,8 @@ fi
 #   iproute2    network namespaces for containers
 #   podman      the peer that the container benchmark compares against
 #   skopeo      OCI interoperability checks
-SYSTEM_PACKAGES=(skopeo docker.io runc mmdebstrap iproute2 podman)
+#   docker-registry  a real OCI registry on 127.0.0.1 for the tests
+SYSTEM_PACKAGES=(skopeo docker.io runc mmdebstrap iproute2 podman docker-registry)
 missing=()
 for p in "${SYSTEM_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -47,3 +47,40 @@ def base_rootfs() -> Path:
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, f"ci/make-rootfs.sh failed:\n{out.stderr}"
     return Path(out.stdout.strip())
+
+
+@pytest.fixture(scope="session")
+def oci_registry(tmp_path_factory):
+    """A real OCI registry (CNCF distribution, Debian's docker-registry) on 127.0.0.1,
+    with filesystem storage in a temporary folder; yields its host:port."""
+    import shutil
+    import socket
+    import time
+    import urllib.request
+
+    binary = shutil.which("docker-registry")
+    assert binary, "docker-registry is not installed (run ci/setup.sh as root)"
+    root = tmp_path_factory.mktemp("registry")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (root / "config.yml").write_text(
+        "version: 0.1\n"
+        "log: {level: warn}\n"
+        f"storage: {{filesystem: {{rootdirectory: {root / 'data'}}}, delete: {{enabled: true}}}}\n"
+        f"http: {{addr: 127.0.0.1:{port}}}\n")
+    proc = subprocess.Popen([binary, "serve", str(root / "config.yml")], stdout=open(root / "log", "wb"),
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (root / "log").read_text()
+                time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

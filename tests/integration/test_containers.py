@@ -304,3 +304,45 @@ def test_node_gc_lets_go_of_unpacked_layers_no_pin_uses(base_rootfs, dockerd, re
     assert not stale.exists() and r["trees_removed"] >= 1
     assert sorted(p.name for p in layers.iterdir() if p.is_dir() and len(p.name) == 64) == kept, \
         "the pinned snapshot's layers stay"
+
+
+def test_a_registry_base_is_pulled_and_pinned_to_its_digest(base_rootfs, dockerd, oci_registry, recipe, project,
+                                                             store, tmp_path):
+    """docker://REF from a real registry on 127.0.0.1: pulled at plan time, pinned to its
+    repository digest, and its layers come back as pushed."""
+    from snapbuild.image import docker as engine
+    from snapbuild.image.layers import Layer, write_docker_archive
+    from snapbuild.runtime.container import read_image
+    from snapbuild.store.chunks import write_chunks
+
+    [res] = build(recipe(f"""
+        name: base
+        steps:
+          base: {{kind: image, from: "rootfs:{base_rootfs}"}}
+    """), store=store)
+    meta, entries = read_image(store.blobs, res.steps["base"].artifact)
+    [x] = meta["layers"]
+    path = tmp_path / "layer.tar"
+    write_chunks(store.blobs, entries[f"layers/{x['digest'].split(':')[1]}.tar"]["chunks"], path)
+    ref = f"{oci_registry}/snapbuild/base:1"
+    with open(tmp_path / "image.tar", "wb") as f:
+        write_docker_archive(f, meta["config"], [Layer(x["digest"], x["size"], path)], ref)
+    c = engine.client()
+    engine.load(c, tmp_path / "image.tar")
+    for line in c.api.push(ref, stream=True, decode=True):
+        assert "error" not in line, line
+    c.api.remove_image(ref, force=True)  # only the registry has it now
+
+    path = recipe(f"""
+        name: pulled
+        steps:
+          base: {{kind: image, from: "docker://{ref}"}}
+    """)
+    from snapbuild.build import plan
+
+    [p] = plan(path, store=store)
+    pin = p.steps["base"].material["pins"]["from"]
+    assert pin["repo_digest"].startswith(f"{oci_registry}/snapbuild/base@sha256:"), pin
+    [got] = build(path, store=store)
+    assert got.ok, got.steps["base"].error
+    assert [y["digest"] for y in read_image(store.blobs, got.steps["base"].artifact)[0]["layers"]] == [x["digest"]]
