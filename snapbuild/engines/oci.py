@@ -78,6 +78,11 @@ class OciEngine:
         self._run(["restore", "--detach", "--image-path", str(images), "--work-path", str(work),
                    "--bundle", str(bundle), cid], "restore", log=work / "restore.log", options=options)
 
+    def exec(self, cid: str, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+        """Run a command inside the running container (its environment and namespaces)."""
+        return subprocess.run([self.path(), *self.global_flags, "exec", cid, *argv], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
+
     def state(self, cid: str) -> dict | None:
         import json
 

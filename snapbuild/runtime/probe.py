@@ -163,15 +163,19 @@ def http_call(spec: dict, base: str | None, timeout: float = 60) -> tuple[int, b
 
 
 def run_exercise(items: list[dict], *, base: str | None, log: Callable[[str], None], env: dict | None = None,
-                 timeout: float = 300) -> None:
+                 timeout: float = 300, shell: Callable[[str, float], subprocess.CompletedProcess] | None = None) -> None:
+    """Run the exercises in order. ``run`` items go through ``shell(line, timeout)``
+    (default: ``bash -c`` here, with ``env``; a container's runs them inside it)."""
+    if shell is None:
+        def shell(line: str, t: float) -> subprocess.CompletedProcess:
+            return subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=t, env=env)
     for i, item in enumerate(items):
         repeat = int(item.get("repeat", 1))
         if "run" in item:
             expect = int(item.get("expect", 0))
             for _ in range(repeat):
                 try:
-                    r = subprocess.run(["bash", "-c", item["run"]], capture_output=True, text=True,
-                                       timeout=timeout, env=env)
+                    r = shell(item["run"], timeout)
                 except subprocess.TimeoutExpired:
                     raise ProbeFailed(f"exercise {i} ({item['run']!r}) ran past {timeout:g} s") from None
                 if r.returncode != expect:

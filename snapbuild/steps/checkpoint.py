@@ -180,7 +180,8 @@ class CheckpointStep:
                 ready_s = probes.wait_ready(ready, log_path=inst.log_path, alive=lambda: container.alive(inst))
                 say(f"ready after {ready_s:.2f}s ({probes.describe(ready)})")
                 probes.run_exercise([e.model_dump(exclude_none=True) for e in wspec.exercise],
-                                    base=probes.base_url(ready), log=say)
+                                    base=probes.base_url(ready), log=say,
+                                    shell=lambda line, t: engine.exec(inst.id, ["/bin/sh", "-c", line], t))
             except probes.ProbeFailed as e:
                 raise StepError(f"warmup {spec.process}: {e}", step=spec.process,
                                 log_tail=process.tail(inst.log_path),

@@ -176,7 +176,7 @@ def _tiny_rootfs() -> bytes:
 
 
 def counter_container(recipe, project: Path, base_rootfs: Path, name: str, port: int, *,
-                      command: str | None = None, engine: str = "runc", exercise: bool = True) -> Path:
+                      command: str | None = None, engine: str = "runc", exercise: str | None = None) -> Path:
     """A recipe: the counter server in a container on the Debian base, checkpointed."""
     (project / "app").mkdir(exist_ok=True)
     shutil.copy(COUNTER, project / "app" / "counter_server.py")
@@ -191,7 +191,7 @@ def counter_container(recipe, project: Path, base_rootfs: Path, name: str, port:
             image: app
             command: {command}
             ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 60}}
-            exercise: [{'{http: "POST /count", repeat: 2}' if exercise else ''}]
+            exercise: [{exercise if exercise is not None else '{http: "POST /count", repeat: 2}'}]
           snap: {{kind: checkpoint, process: server, engine: {engine}}}
         publish: {{tag: "{name}:v1"}}
     """)
@@ -288,7 +288,7 @@ def test_bases_from_archives_and_the_engine_keep_the_layers(base_rootfs, dockerd
 def test_node_gc_lets_go_of_unpacked_layers_no_pin_uses(base_rootfs, dockerd, recipe, project, store, tmp_path):
     from snapbuild.runner.restore import node_gc
 
-    path = counter_container(recipe, project, base_rootfs, "gc", free_port(), exercise=False)
+    path = counter_container(recipe, project, base_rootfs, "gc", free_port(), exercise="")
     [res] = build(path, store=store)
     assert res.ok, {n: r.error for n, r in res.steps.items()}
     node = Store(tmp_path / "node")
@@ -346,3 +346,17 @@ def test_a_registry_base_is_pulled_and_pinned_to_its_digest(base_rootfs, dockerd
     [got] = build(path, store=store)
     assert got.ok, got.steps["base"].error
     assert [y["digest"] for y in read_image(store.blobs, got.steps["base"].artifact)[0]["layers"]] == [x["digest"]]
+
+
+def test_run_exercises_run_inside_the_container(base_rootfs, dockerd, recipe, project, store):
+    port = free_port()
+    # /snapbuild/run exists only in the container, and the counter only counts there.
+    line = f"python3 -c \\\"import urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:{port}/count', data=b'x'))\\\" && echo ran > /snapbuild/run/exercised"
+    path = counter_container(recipe, project, base_rootfs, "ex", port, exercise=f'{{run: "{line}", repeat: 2}}')
+    [res] = build(path, store=store)
+    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    out = run("ex:v1", store=store, fallback="fail", publish=str(free_port()))
+    try:
+        assert post(int(out["address"].rsplit(":", 1)[1]), "/count")["count"] == 3
+    finally:
+        stop(out["container"])
