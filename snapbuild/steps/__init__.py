@@ -12,6 +12,7 @@ _KINDS: dict[str, str] = {
     "warmup": "snapbuild.steps.warmup:WarmupStep",
     "checkpoint": "snapbuild.steps.checkpoint:CheckpointStep",
     "image": "snapbuild.steps.image:ImageStep",
+    "weights": "snapbuild.steps.weights:WeightsStep",
 }
 _loaded: dict[str, StepKind] = {}
 

@@ -1,0 +1,145 @@
+"""``weights``: model files from the Hugging Face Hub, S3 or a local folder, pinned.
+
+```yaml
+model:   {kind: weights, source: "hf://sentence-transformers/all-MiniLM-L6-v2@main",
+          include: ["*.safetensors", "*.json", "*.txt"]}
+shards:  {kind: weights, source: "s3://models/llama/7b/", endpoint_url: "http://127.0.0.1:9000"}
+local:   {kind: weights, source: "file://../checkpoints/run-42"}
+```
+
+Floating references are resolved when the recipe is planned, and the resolution is
+the step's pins (so part of its key): a Hub branch or tag becomes its commit sha and
+each file's size and content hash; an S3 prefix becomes each object's version id
+(versioned buckets) or its ETag, size and time; a local folder becomes each file's
+content digest. The output is a tree of the selected files (path -> content), stored
+in chunks: a file that two models or two revisions share is stored once.
+
+Credentials come from where their libraries look (``HF_TOKEN`` or huggingface_hub's
+login; boto3's credential chain) and never reach keys, logs or snapshots.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+import stat
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from ..errors import StepError
+from ..store.tree import build_tree
+from .base import BuildContext, PinContext, StepSpec
+from .files import _file_digest
+
+SCHEMES = ("hf://", "s3://", "file://")
+
+
+class WeightsSpec(StepSpec):
+    source: str
+    include: list[str] = Field(default_factory=list)  # fnmatch patterns on paths relative to the source
+    exclude: list[str] = Field(default_factory=list)
+    repo_type: Literal["model", "dataset", "space"] = "model"  # hf://
+    endpoint: str | None = None  # hf://: another Hub (default $HF_ENDPOINT, else huggingface.co)
+    endpoint_url: str | None = None  # s3://: an S3-compatible server
+    region: str | None = None  # s3://
+
+    @field_validator("source")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not v.startswith(SCHEMES):
+            raise ValueError(f"source {v!r} must start with one of {', '.join(SCHEMES)}")
+        return v
+
+    def key_fields(self) -> dict:
+        """A local folder counts by its content (pinned), not by where it is."""
+        out = super().key_fields()
+        if self.source.startswith("file://"):
+            out["source"] = "file://"
+        return out
+
+    def selected(self, rel: str) -> bool:
+        inc = not self.include or any(fnmatch.fnmatch(rel, p) for p in self.include)
+        return inc and not any(fnmatch.fnmatch(rel, p) for p in self.exclude)
+
+
+class WeightsStep:
+    name = "weights"
+    version = 1
+    Spec = WeightsSpec
+    ephemeral = False
+
+    def references(self, spec):
+        return []
+
+    def pins(self, spec: WeightsSpec, ctx: PinContext) -> dict:
+        source = _source(spec)
+        pins = source.resolve(spec, ctx.base_dir)
+        if not pins["files"]:
+            raise StepError(f"no file of {spec.source} matches include {spec.include} (exclude {spec.exclude})",
+                            hint="patterns are shell-style (fnmatch) on paths relative to the source")
+        return pins
+
+    def build(self, spec: WeightsSpec, ctx: BuildContext) -> str:
+        scratch = ctx.store.scratch(f"weights-{ctx.name}")
+        try:
+            files = _source(spec).fetch(spec, ctx, scratch)
+            items = sorted(files.items())
+            ctx.log.write(f"storing {len(items)} files, {sum(p.stat().st_size for _, p in items) / 2**20:.1f} MiB\n")
+            digest, tree = build_tree(ctx.store.blobs, items)
+            _check_against_pins(spec, tree, ctx.pins)
+            return digest
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _source(spec: WeightsSpec):
+    from ..weights import FileSource, HubSource, S3Source
+
+    return {"hf": HubSource, "s3": S3Source, "file": FileSource}[spec.source.split("://", 1)[0]]()
+
+
+def _check_against_pins(spec: WeightsSpec, tree: dict, pins: dict) -> None:
+    """What was fetched must be what was planned: the same files, and where the pins
+    know a content digest, the same content."""
+    got = {e["path"]: e for e in tree["entries"] if e["type"] == "file"}
+    want = pins["files"]
+    if set(got) != set(want):
+        diff = sorted(set(got) ^ set(want))
+        raise StepError(f"{spec.source} changed while the build was running: {', '.join(diff[:5])}",
+                        hint="build again to pick up the new state")
+    for path, meta in want.items():
+        sha = meta.get("sha256")
+        if sha and got[path]["digest"] != f"sha256:{sha}":
+            raise StepError(f"{spec.source}: {path} does not have the content its source announced "
+                            f"(sha256 {sha[:12]}..., got {got[path]['digest'][7:19]}...)",
+                            hint="the source is corrupt or changed; build again")
+        if "size" in meta and got[path]["size"] != meta["size"]:
+            raise StepError(f"{spec.source}: {path} is {got[path]['size']} bytes, expected {meta['size']}")
+
+
+def walk_folder(root: Path, spec: WeightsSpec) -> dict[str, Path]:
+    """The selected regular files under ``root``; a link that leads outside it is an error."""
+    out = {}
+    real_root = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            path = Path(dirpath, name)
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                target = path.resolve()
+                if target != real_root and real_root not in target.parents:
+                    raise StepError(f"{spec.source}: {rel} is a link to {os.readlink(path)}, outside the folder",
+                                    hint="weights are copied by content; a link out of the folder is refused")
+            st = os.stat(path) if path.exists() else None
+            if st is None or not stat.S_ISREG(st.st_mode):
+                continue
+            if spec.selected(rel):
+                out[rel] = path
+    return out
+
+
+__all__ = ["WeightsSpec", "WeightsStep", "walk_folder", "_file_digest"]

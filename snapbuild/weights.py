@@ -1,0 +1,164 @@
+"""Where ``weights`` steps get their files: the Hugging Face Hub, S3, a local folder.
+
+Each source resolves a spec to pins (``{"files": {path: {...}}, ...}``: what exactly
+will be fetched) at plan time, and fetches exactly that at build time into a scratch
+folder, returning ``{path: local file}``. Build-side only (huggingface_hub, boto3).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import StepError
+from .steps.files import _file_digest
+from .steps.weights import WeightsSpec, walk_folder
+
+
+def _rest(source: str) -> str:
+    return source.split("://", 1)[1]
+
+
+class FileSource:
+    """``file://PATH``: a local folder (relative to the recipe's folder), by content."""
+
+    def folder(self, spec: WeightsSpec, base_dir: Path) -> Path:
+        root = (base_dir / _rest(spec.source)).resolve()
+        if not root.is_dir():
+            raise StepError(f"{spec.source}: {root} is not a folder",
+                            hint="file:// names a folder, relative to the recipe's folder (file:///abs for absolute)")
+        return root
+
+    def resolve(self, spec: WeightsSpec, base_dir: Path) -> dict:
+        files = walk_folder(self.folder(spec, base_dir), spec)
+        return {"files": {rel: {"sha256": _file_digest(p).split(":", 1)[1], "size": p.stat().st_size}
+                          for rel, p in files.items()}}
+
+    def fetch(self, spec: WeightsSpec, ctx, scratch: Path) -> dict[str, Path]:
+        return walk_folder(self.folder(spec, ctx.base_dir), spec)
+
+
+class HubSource:
+    """``hf://ORG/REPO[@REVISION]`` through huggingface_hub: a branch or tag is pinned to
+    its commit, files by size and (for LFS files) sha256."""
+
+    def parse(self, spec: WeightsSpec) -> tuple[str, str]:
+        repo, _, revision = _rest(spec.source).partition("@")
+        if repo.count("/") > 1 or not repo.strip("/"):
+            raise StepError(f"{spec.source}: expected hf://ORG/REPO or hf://ORG/REPO@REVISION")
+        return repo, revision or "main"
+
+    def endpoint(self, spec: WeightsSpec) -> str | None:
+        return spec.endpoint or os.environ.get("HF_ENDPOINT") or None
+
+    def resolve(self, spec: WeightsSpec, base_dir: Path) -> dict:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+        repo, revision = self.parse(spec)
+        api = HfApi(endpoint=self.endpoint(spec))
+        try:
+            info = api.repo_info(repo, repo_type=spec.repo_type, revision=revision, files_metadata=True)
+        except RevisionNotFoundError:
+            raise StepError(f"{spec.source}: revision {revision!r} does not exist in {repo}",
+                            hint="use a branch, a tag or a commit sha of the repository") from None
+        except RepositoryNotFoundError:
+            raise StepError(f"{spec.source}: no {spec.repo_type} repository {repo!r} (or no access to it)",
+                            hint="check the name; for a private repository set HF_TOKEN or run `hf auth login`") \
+                from None
+        except (HfHubHTTPError, OSError) as e:
+            raise StepError(f"{spec.source}: the Hub cannot be reached ({str(e).splitlines()[0][:200]})") from None
+        files = {}
+        for s in info.siblings or []:
+            if spec.selected(s.rfilename):
+                meta = {"size": s.size} if s.size is not None else {}
+                if getattr(s, "lfs", None) and getattr(s.lfs, "sha256", None):
+                    meta["sha256"] = s.lfs.sha256
+                files[s.rfilename] = meta
+        return {"commit": info.sha, "files": files}
+
+    def fetch(self, spec: WeightsSpec, ctx, scratch: Path) -> dict[str, Path]:
+        from huggingface_hub import hf_hub_download
+
+        repo, _ = self.parse(spec)
+        commit = ctx.pins["commit"]
+        out = {}
+        for name in sorted(ctx.pins["files"]):
+            if ctx.cancel.is_set():
+                raise StepError("interrupted")
+            path = hf_hub_download(repo, name, revision=commit, repo_type=spec.repo_type,
+                                   endpoint=self.endpoint(spec), cache_dir=scratch / "hub")
+            out[name] = Path(path).resolve()
+            ctx.log.write(f"fetched {name}\n")
+        return out
+
+
+class S3Source:
+    """``s3://BUCKET/PREFIX`` through boto3: each object pinned by version id (versioned
+    buckets) or by ETag, size and modification time."""
+
+    def parse(self, spec: WeightsSpec) -> tuple[str, str]:
+        bucket, _, prefix = _rest(spec.source).partition("/")
+        if not bucket:
+            raise StepError(f"{spec.source}: expected s3://BUCKET/PREFIX")
+        return bucket, prefix
+
+    def client(self, spec: WeightsSpec):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=spec.endpoint_url, region_name=spec.region)
+
+    def resolve(self, spec: WeightsSpec, base_dir: Path) -> dict:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, prefix = self.parse(spec)
+        s3 = self.client(spec)
+        files = {}
+        try:
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    rel = obj["Key"][len(prefix):].lstrip("/") if prefix else obj["Key"]
+                    if not rel or rel.endswith("/") or not spec.selected(rel):
+                        continue
+                    head = s3.head_object(Bucket=bucket, Key=obj["Key"])
+                    meta = {"key": obj["Key"], "size": obj["Size"], "etag": obj["ETag"].strip('"')}
+                    version = head.get("VersionId")
+                    if version and version != "null":
+                        meta["version"] = version
+                    else:
+                        meta["modified"] = obj["LastModified"].isoformat()
+                    files[rel] = meta
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            what = {"NoSuchBucket": "the bucket does not exist", "AccessDenied": "access is denied",
+                    "403": "access is denied", "404": "not found"}.get(code, code or "error")
+            raise StepError(f"{spec.source}: {what}",
+                            hint="check the bucket and prefix, and the credentials boto3 finds "
+                                 "(AWS_PROFILE, AWS_ACCESS_KEY_ID, ...)") from None
+        except BotoCoreError as e:
+            raise StepError(f"{spec.source}: S3 cannot be reached ({e})") from None
+        return {"files": files}
+
+    def fetch(self, spec: WeightsSpec, ctx, scratch: Path) -> dict[str, Path]:
+        from boto3.s3.transfer import TransferConfig
+        from botocore.exceptions import ClientError
+
+        bucket, prefix = self.parse(spec)
+        s3 = self.client(spec)
+        config = TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20, max_concurrency=4)
+        out = {}
+        for rel, meta in sorted(ctx.pins["files"].items()):
+            if ctx.cancel.is_set():
+                raise StepError("interrupted")
+            key = meta["key"]
+            dest = scratch / "s3" / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            extra = {"VersionId": meta["version"]} if "version" in meta else None
+            try:
+                s3.download_file(bucket, key, str(dest), ExtraArgs=extra, Config=config)
+            except ClientError as e:
+                raise StepError(f"{spec.source}: cannot download {rel}: "
+                                f"{e.response.get('Error', {}).get('Code', e)}") from None
+            out[rel] = dest
+            ctx.log.write(f"fetched {rel} ({meta['size']} bytes)\n")
+        return out

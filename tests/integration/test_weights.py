@@ -1,0 +1,185 @@
+"""weights steps against real parts: S3 (moto's standalone server on 127.0.0.1), the
+real huggingface_hub client, and local folders.
+
+The Hugging Face Hub cannot be reached from these machines: the hf:// tests run the
+real huggingface_hub client against tests/integration/fakehub.py, a small local
+server that stands in for the Hub and speaks the part of its API the client calls.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from snapbuild.build import build, plan
+from snapbuild.store.chunks import ChunkReader
+from snapbuild.store.tree import load_tree
+
+from fakehub import FakeHub  # tests/integration/fakehub.py
+
+pytestmark = pytest.mark.integration
+
+
+def files_of(store, artifact: str) -> dict[str, bytes]:
+    tree = load_tree(store.blobs, artifact)
+    return {e["path"]: ChunkReader(store.blobs, e["chunks"]).read() for e in tree["entries"] if e["type"] == "file"}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server on 127.0.0.1, for the session."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    import boto3
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    return boto3.client("s3", endpoint_url=s3_server)
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    h = FakeHub()
+    monkeypatch.setenv("HF_ENDPOINT", h.url)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    yield h
+    h.close()
+
+
+def test_s3_objects_are_pinned_fetched_and_refetched_when_they_change(s3, s3_server, recipe, store, run_cli):
+    bucket = f"models-{os.getpid()}-{time.monotonic_ns()}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="mlp/v1/weights.bin", Body=b"w" * 100_000)
+    s3.put_object(Bucket=bucket, Key="mlp/v1/config.json", Body=b'{"width": 8}')
+    s3.put_object(Bucket=bucket, Key="mlp/v1/notes.md", Body=b"not selected")
+    path = recipe(f"""
+        name: s3w
+        steps:
+          w: {{kind: weights, source: "s3://{bucket}/mlp/v1/", endpoint_url: "{s3_server}",
+               include: ["*.bin", "*.json"]}}
+    """)
+    [res] = build(path, store=store)
+    assert res.ok, res.steps["w"].error
+    assert files_of(store, res.steps["w"].artifact) == {"weights.bin": b"w" * 100_000, "config.json": b'{"width": 8}'}
+    [again] = plan(path, store=store)
+    assert again.steps["w"].action == "cached"
+    s3.put_object(Bucket=bucket, Key="mlp/v1/config.json", Body=b'{"width": 16}')
+    [changed] = plan(path, store=store)
+    assert (changed.steps["w"].action, changed.steps["w"].reason) == ("run", "files changed: config.json")
+    log = (Path(store.home) / "logs").glob("*.log")
+    assert not any("testing-secret" in p.read_text() for p in log), "credentials never reach logs"
+
+    missing = recipe(f"""
+        name: s3w
+        steps:
+          w: {{kind: weights, source: "s3://no-such-bucket-{os.getpid()}/x/", endpoint_url: "{s3_server}"}}
+    """, name="missing.yaml")
+    r = run_cli("plan", missing)
+    assert r.code == 3 and "the bucket does not exist" in r.err, r
+
+
+def test_versioned_s3_objects_are_pinned_by_version(s3, s3_server, recipe, store):
+    bucket = f"versioned-{os.getpid()}-{time.monotonic_ns()}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    v1 = s3.put_object(Bucket=bucket, Key="m/a.bin", Body=b"one")["VersionId"]
+    path = recipe(f"""
+        name: s3v
+        steps:
+          w: {{kind: weights, source: "s3://{bucket}/m/", endpoint_url: "{s3_server}"}}
+    """)
+    [p] = plan(path, store=store)
+    assert p.steps["w"].material["pins"]["files"]["a.bin"]["version"] == v1
+    [res] = build(path, store=store)
+    assert files_of(store, res.steps["w"].artifact) == {"a.bin": b"one"}
+
+
+def test_hub_revisions_are_pinned_to_commits_and_files_fetched(hub, recipe, store, run_cli, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token_1234")
+    first = hub.publish("acme/tiny", {"model.safetensors": b"\x01" * 5000, "config.json": b"{}",
+                                      "README.md": b"hello"})
+    path = recipe("""
+        name: hfw
+        steps:
+          w: {kind: weights, source: "hf://acme/tiny@main", include: ["*.safetensors", "*.json"]}
+    """)
+    [p] = plan(path, store=store)
+    assert p.steps["w"].material["pins"]["commit"] == first
+    [res] = build(path, store=store)
+    assert res.ok, (res.steps["w"].error, res.steps["w"].log_tail)
+    assert files_of(store, res.steps["w"].artifact) == {"model.safetensors": b"\x01" * 5000, "config.json": b"{}"}
+    assert "Authorization: (given)" in hub.requests, "the token from HF_TOKEN was used"
+    leaked = [p for p in store.home.rglob("*") if p.is_file() and b"hf_not_a_real_token" in p.read_bytes()]
+    assert leaked == [], "the token never reaches keys, logs or snapshots"
+
+    second = hub.publish("acme/tiny", {"model.safetensors": b"\x02" * 5000, "config.json": b"{}"})
+    [p2] = plan(path, store=store)
+    assert p2.steps["w"].material["pins"]["commit"] == second and p2.steps["w"].action == "run"
+
+    for source, message in (("hf://acme/tiny@no-such-branch", "revision 'no-such-branch' does not exist"),
+                            ("hf://acme/nothing", "no model repository 'acme/nothing'")):
+        bad = recipe(f"name: hfw\nsteps:\n  w: {{kind: weights, source: \"{source}\"}}\n", name="bad.yaml")
+        r = run_cli("plan", bad)
+        assert r.code == 3 and message in r.err, r
+    nothing = recipe('name: hfw\nsteps:\n  w: {kind: weights, source: "hf://acme/tiny", include: ["*.gguf"]}\n',
+                     name="nothing.yaml")
+    r = run_cli("plan", nothing)
+    assert r.code == 3 and "no file of hf://acme/tiny matches include ['*.gguf']" in r.err, r
+
+
+def test_local_folders_by_content_shared_files_stored_once(recipe, project, store, run_cli):
+    for d in ("a", "b"):
+        (project / d).mkdir()
+    blob = os.urandom(6 << 20)  # random: it does not compress, two 4 MiB chunks
+    (project / "a" / "shared.bin").write_bytes(blob)
+    (project / "b" / "shared.bin").write_bytes(blob)
+    (project / "b" / "extra.txt").write_text("only in b")
+    path = recipe("""
+        name: local
+        steps:
+          a: {kind: weights, source: "file://a"}
+    """)
+    [res] = build(path, store=store)
+    before = {p.name for p in (store.home / "blobs").rglob("*") if p.is_file()}
+    path_b = recipe("""
+        name: local
+        steps:
+          b: {kind: weights, source: "file://b"}
+    """, name="b.yaml")
+    [res_b] = build(path_b, store=store)
+    assert files_of(store, res_b.steps["b"].artifact)["shared.bin"] == blob
+    entry = next(e for e in load_tree(store.blobs, res_b.steps["b"].artifact)["entries"] if e["path"] == "shared.bin")
+    chunks = {c["digest"].split(":")[1] for c in entry["chunks"]}
+    assert len(chunks) == 2 and chunks <= before, "the shared file's chunks were stored once, by step a"
+
+    (project / "b" / "escape").symlink_to("/etc/passwd")
+    r = run_cli("plan", path_b)
+    assert r.code == 3 and "escape is a link to /etc/passwd, outside the folder" in r.err, r
