@@ -22,12 +22,17 @@ def plan(recipe_path: str | Path, *, sets: dict | None = None, store: Store | No
 
 def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | None = None,
           jobs: int = 1, keep_going: bool = False, tag: str | None = None,
-          registry: str | None = None, reporter: Reporter | None = None) -> list[BuildResult]:
+          registry: str | None = None, reporter: Reporter | None = None,
+          locked: bool = False) -> list[BuildResult]:
     """Build every matrix combination of a recipe; publish each that succeeds and has a tag.
 
     Returns one :class:`BuildResult` per combination; a failed one has ``ok == False`` and
-    ``snapshot is None``. Recipe errors raise before anything runs.
+    ``snapshot is None``. Recipe errors raise before anything runs. Floating references
+    are recorded in the lock file after a successful build; with ``locked`` the build
+    refuses to start when they resolve differently from it.
     """
+    from . import lock
+
     store = store or Store()
     reporter = reporter or NullReporter()
     recipes = load_recipe(recipe_path, sets)
@@ -40,11 +45,15 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
         raise UsageError(f"--tag names one snapshot but the recipe's matrix makes {len(recipes)}",
                          hint="set `publish: {tag: ...}` with a matrix variable in the recipe instead")
     results = []
+    resolved: dict[str, dict] = {}
     try:
         with store.using():
             for recipe in recipes:
                 t0 = time.monotonic()
                 p = make_plan(recipe, store)
+                resolved[recipe.build_id] = lock.entries(p)
+                if locked:
+                    lock.check(recipe_path, recipe.build_id, resolved[recipe.build_id])
                 reporter.plan(p)
                 result = execute(p, store, jobs=jobs, keep_going=keep_going, reporter=reporter)
                 if result.ok:
@@ -54,6 +63,8 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
                 results.append(result)
                 if not result.ok and not keep_going:
                     break
+        if not locked and results and all(r.ok for r in results):
+            lock.write(recipe_path, resolved)
     finally:
         reporter.close()
     return results

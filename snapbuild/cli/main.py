@@ -72,8 +72,11 @@ def plan(recipe, sets, as_json):
 @click.option("-k", "--keep-going", is_flag=True, help="After a failure, finish the steps that do not depend on it.")
 @click.option("--progress", type=click.Choice(["auto", "tty", "plain", "none"]), default="auto", show_default=True,
               help="Progress display on stderr: live on a terminal, one line per event otherwise.")
+@click.option("--locked", is_flag=True,
+              help="Refuse to build when a floating reference (Hub revision, S3 object, image tag) resolves "
+                   "differently from RECIPE.lock.")
 @json_option
-def build(recipe, sets, tag, registry, jobs, keep_going, progress, as_json):
+def build(recipe, sets, tag, registry, jobs, keep_going, progress, locked, as_json):
     """Build a recipe: run what is not cached, then assemble and publish the snapshot.
 
     \b
@@ -87,7 +90,7 @@ def build(recipe, sets, tag, registry, jobs, keep_going, progress, as_json):
     from ..recipe import parse_sets
 
     results = run_build(recipe, sets=parse_sets(sets), jobs=jobs, keep_going=keep_going, tag=tag,
-                        registry=registry, reporter=make_reporter(progress))
+                        registry=registry, reporter=make_reporter(progress), locked=locked)
     if as_json:
         if len(results) == 1:
             emit_json(results[0].to_json())
@@ -168,6 +171,40 @@ def inspect(ref, registry, as_json):
     click.echo("  steps:")
     for s in info["steps"]:
         click.echo(f"    {s['name']:<16} {s['kind']:<10} {s['key'][:12]}")
+
+
+@cli.command(name="lock")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--update", is_flag=True, help="Write what the references resolve to now into RECIPE.lock.")
+@json_option
+def lock_cmd(recipe, sets, update, as_json):
+    """Check RECIPE.lock against what the recipe's floating references (Hub revisions,
+    S3 objects, image tags) resolve to now; with --update, refresh it.
+
+    Exits 1 when the lock file is out of date (without --update). `build` writes the
+    lock file after every successful build; `build --locked` refuses to start on drift.
+    """
+    from .. import lock
+    from ..build import plan as make_plans
+    from ..recipe import parse_sets
+
+    plans = make_plans(recipe, sets=parse_sets(sets))
+    current = {p.recipe.build_id: lock.entries(p) for p in plans}
+    drift = {b: lock.drift(recipe, b, e) for b, e in current.items()}
+    changed = lock.write(recipe, current) if update else False
+    if as_json:
+        emit_json({"lock_file": str(lock.lock_path(recipe)), "drift": drift, "updated": changed})
+    else:
+        for b, lines in drift.items():
+            for line in lines:
+                click.echo(f"{b}: {line}")
+        if update:
+            click.echo(f"{'updated' if changed else 'up to date:'} {lock.lock_path(recipe)}")
+        elif not any(drift.values()):
+            click.echo(f"up to date: {lock.lock_path(recipe)}")
+    if not update and any(drift.values()):
+        sys.exit(1)
 
 
 @cli.command(name="run")

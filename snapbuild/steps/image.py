@@ -106,6 +106,12 @@ class ImageStep:
         base = spec.base_step()
         return [(base, ("from",))] if base else []
 
+    def lock_entry(self, spec: ImageSpec, pins: dict) -> dict | None:
+        """A registry tag floats; files and other steps are pinned by content."""
+        if spec.from_.startswith("docker://"):
+            return {"source": spec.from_, "resolved": pins["from"]}
+        return None
+
     def check_links(self, spec: ImageSpec, steps: dict) -> tuple[tuple, str, str] | None:
         base = spec.base_step()
         if base and steps[base].kind.name != "image":

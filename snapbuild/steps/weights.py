@@ -74,6 +74,13 @@ class WeightsStep:
     def references(self, spec):
         return []
 
+    def lock_entry(self, spec: WeightsSpec, pins: dict) -> dict | None:
+        """Hub and S3 sources float (a branch moves, an object is replaced); a local
+        folder is its content, already in the key."""
+        if spec.source.startswith("file://"):
+            return None
+        return {"source": spec.source, "resolved": pins}
+
     def pins(self, spec: WeightsSpec, ctx: PinContext) -> dict:
         source = _source(spec)
         pins = source.resolve(spec, ctx.base_dir)

@@ -8,6 +8,7 @@ server that stands in for the Hub and speaks the part of its API the client call
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -183,3 +184,30 @@ def test_local_folders_by_content_shared_files_stored_once(recipe, project, stor
     (project / "b" / "escape").symlink_to("/etc/passwd")
     r = run_cli("plan", path_b)
     assert r.code == 3 and "escape is a link to /etc/passwd, outside the folder" in r.err, r
+
+
+def test_the_lock_file_records_resolutions_and_locked_builds_refuse_drift(hub, recipe, store, run_cli):
+    first = hub.publish("acme/locked", {"w.bin": b"1" * 1000})
+    path = recipe("""
+        name: lk
+        steps:
+          w: {kind: weights, source: "hf://acme/locked@main"}
+    """)
+    r = run_cli("build", path, "--locked")
+    assert r.code == 3 and "lk: not in recipe.lock" in r.err, r
+    assert run_cli("build", path).code == 0
+    lock = json.loads((path.parent / "recipe.lock").read_text())
+    assert lock["builds"]["lk"]["w"]["resolved"]["commit"] == first
+    assert run_cli("build", path, "--locked").code == 0
+    assert run_cli("lock", path).code == 0
+
+    second = hub.publish("acme/locked", {"w.bin": b"2" * 1000})  # the branch moves
+    r = run_cli("build", path, "--locked")
+    assert r.code == 3, r
+    assert f"w: hf://acme/locked@main resolves to commit {second[:12]}, locked {first[:12]}" in r.err
+    r = run_cli("lock", path)
+    assert r.code == 1 and "resolves to commit" in r.out, r
+    r = run_cli("lock", path, "--update")
+    assert r.code == 0 and "updated" in r.out
+    assert json.loads((path.parent / "recipe.lock").read_text())["builds"]["lk"]["w"]["resolved"]["commit"] == second
+    assert run_cli("build", path, "--locked").code == 0
