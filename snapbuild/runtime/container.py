@@ -78,6 +78,22 @@ def read_image(blobs: BlobStore, artifact: str) -> tuple[dict, dict]:
     return json.loads(ChunkReader(blobs, entries[IMAGE_JSON]["chunks"]).read()), entries
 
 
+def write_layers(blobs: BlobStore, artifact: str, out: Path) -> tuple[dict, list]:
+    """The image's OCI config, and its layers written out (verified) as tar files in
+    ``out``, lowest first (for a ``docker load`` archive, or a build on top of them)."""
+    from ..image.layers import Layer
+    from ..store.chunks import write_chunks
+
+    meta, entries = read_image(blobs, artifact)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = []
+    for x in meta["layers"]:
+        path = out / f"{x['digest'].split(':')[1]}.tar"
+        write_chunks(blobs, entries[f"layers/{path.name}"]["chunks"], path)
+        layers.append(Layer(digest=x["digest"], size=x["size"], path=path))
+    return meta["config"], layers
+
+
 def layer_dirs(blobs: BlobStore, artifact: str, cache: Path) -> list[Path]:
     """The image's layers, each unpacked (once per machine, verified while read) in ``cache``."""
     meta, entries = read_image(blobs, artifact)

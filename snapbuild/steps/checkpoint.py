@@ -102,11 +102,11 @@ class CheckpointStep:
             "inputs": {d: ctx.artifacts[d] for d in warm.deps if d != wspec.image},
         }
         if spec.engine in CONTAINER_ENGINES:
-            from .image import read_image
+            from ..runtime.container import read_image
 
             server_spec.update(image=ctx.artifacts[wspec.image], image_step=wspec.image, mounts=dict(wspec.mounts),
                                engine_options=spec.runsc.model_dump() if spec.runsc else {},
-                               image_config=read_image(ctx.store, ctx.artifacts[wspec.image])["config"]["config"])
+                               image_config=read_image(ctx.store.blobs, ctx.artifacts[wspec.image])[0]["config"]["config"])
             return self._build_container(spec, ctx, server_spec, wspec)
         engine = get_engine(spec.engine)
         log = ctx.log

@@ -47,6 +47,14 @@ def _file_digest(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def file_pin(path: Path) -> str:
+    """A local file's identity in a key: ``MODE:sha256:...``, or ``symlink:TARGET``."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return "symlink:" + os.readlink(path)
+    return f"{stat.S_IMODE(st.st_mode):o}:{_file_digest(path)}"
+
+
 def select(spec: FilesSpec, base_dir: Path) -> tuple[Path, list[tuple[str, Path]]]:
     root = (base_dir / spec.root).resolve()
     if not root.is_dir():
@@ -87,14 +95,7 @@ class FilesStep:
             raise StepError(f"no file under {spec.root!r} matches include {spec.include} "
                             f"(exclude {spec.exclude})",
                             hint="check the patterns: they are gitignore-style, relative to `root:`")
-        files = {}
-        for rel, path in items:
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                files[rel] = "symlink:" + os.readlink(path)
-            else:
-                files[rel] = f"{stat.S_IMODE(st.st_mode):o}:{_file_digest(path)}"
-        return {"files": files}
+        return {"files": {rel: file_pin(path) for rel, path in items}}
 
     def build(self, spec: FilesSpec, ctx: BuildContext) -> str:
         _, items = select(spec, ctx.base_dir)

@@ -35,12 +35,12 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ..errors import SnapbuildError, StepError
 from ..image import layers as L
-from ..store.tree import build_tree, load_tree
+from ..runtime.container import IMAGE_JSON
+from ..store.tree import build_tree
 from .base import BuildContext, PinContext, StepSpec
-from .files import _file_digest
+from .files import _file_digest, file_pin
 
 EXTERNAL_PREFIXES = ("rootfs:", "docker-archive:", "oci-archive:", "docker://")
-IMAGE_JSON = "image.json"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -151,7 +151,9 @@ class ImageStep:
         out.mkdir(parents=True, exist_ok=True)
         base = spec.base_step()
         if base:
-            return _stored_image(ctx, ctx.inputs[base], out)
+            from ..runtime.container import write_layers
+
+            return write_layers(ctx.store.blobs, ctx.inputs[base], out)
         kind, _, ref = spec.from_.partition(":")
         if kind == "rootfs":
             path = (ctx.base_dir / ref).resolve()
@@ -227,20 +229,6 @@ def _read_archive(path: Path, kind: str, out: Path, epoch: int | None, *,
     return config, result
 
 
-def _stored_image(ctx: BuildContext, artifact: str, out: Path) -> tuple[dict, list[L.Layer]]:
-    from ..store.chunks import ChunkReader, write_chunks
-
-    tree = load_tree(ctx.store.blobs, artifact)
-    entries = {e["path"]: e for e in tree["entries"]}
-    meta = json.loads(ChunkReader(ctx.store.blobs, entries[IMAGE_JSON]["chunks"]).read())
-    layers = []
-    for x in meta["layers"]:
-        path = out / f"{x['digest'].split(':')[1]}.tar"
-        write_chunks(ctx.store.blobs, entries[f"layers/{path.name}"]["chunks"], path)
-        layers.append(L.Layer(digest=x["digest"], size=x["size"], path=path))
-    return meta["config"], layers
-
-
 def _oci_config(config: dict, layers: list[L.Layer]) -> dict:
     """An OCI image config without times or history: the same image, the same bytes."""
     inner = config.get("config") or config.get("Config") or {}
@@ -306,10 +294,8 @@ def _context_digests(spec: ImageSpec, base_dir: Path) -> dict:
         for path in [src] if src.is_file() else sorted(p for p in src.rglob("*")):
             st = os.lstat(path)
             rel = os.path.relpath(path, root)
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = "symlink:" + os.readlink(path)
-            elif stat.S_ISREG(st.st_mode):
-                out[rel] = f"{stat.S_IMODE(st.st_mode):o}:{_file_digest(path)}"
+            if stat.S_ISLNK(st.st_mode) or stat.S_ISREG(st.st_mode):
+                out[rel] = file_pin(path)
     return out
 
 
@@ -334,15 +320,3 @@ def _link_or_copy(src, dst) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-def read_image(store, artifact: str) -> dict:
-    """``image.json`` of an image artifact: ``{"config": ..., "layers": [{"digest", "size"}]}``."""
-    from ..store.chunks import ChunkReader
-
-    tree = load_tree(store.blobs, artifact)
-    entry = next((e for e in tree["entries"] if e["path"] == IMAGE_JSON), None)
-    if entry is None:
-        raise SnapbuildError(f"{artifact} is not an image artifact (no {IMAGE_JSON})")
-    return json.loads(ChunkReader(store.blobs, entry["chunks"]).read())
-

@@ -34,14 +34,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-from snapbuild.image.layers import Layer, write_docker_archive
+from snapbuild.image.layers import write_docker_archive
 from snapbuild.runner.bench import _digest_only, _once
 from snapbuild.runner.pull import pull
 from snapbuild.runtime import container, probe as probes
 from snapbuild.runtime.server import _expand
 from snapbuild.runtime.trees import ensure_tree
 from snapbuild.store import Store
-from snapbuild.store.chunks import write_chunks
 
 PODMAN_LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
 
@@ -74,15 +73,10 @@ def infer(port: int) -> str:
 
 def podman_image(store: Store, spec: dict, work: Path) -> str:
     """Load the snapshot's image into Podman, from the store's layers."""
-    meta, entries = container.read_image(store.blobs, spec["image"])
-    layers = []
-    for x in meta["layers"]:
-        path = work / f"{x['digest'].split(':')[1]}.tar"
-        write_chunks(store.blobs, entries[f"layers/{path.name}"]["chunks"], path)
-        layers.append(Layer(x["digest"], x["size"], path))
+    config, layers = container.write_layers(store.blobs, spec["image"], work / "layers")
     tag = f"localhost/snapbuild-bench:{spec['image'].split(':')[1][:12]}"
     with open(work / "image.tar", "wb") as f:
-        write_docker_archive(f, meta["config"], layers, tag)
+        write_docker_archive(f, config, layers, tag)
     sh("podman", "load", "-q", "-i", str(work / "image.tar"))
     return tag
 

@@ -244,21 +244,16 @@ def test_bases_from_archives_and_the_engine_keep_the_layers(base_rootfs, dockerd
     """An image exported as a docker archive, converted to an OCI archive by skopeo, and
     loaded into the Docker engine comes back with the same layer digests from each."""
     from snapbuild.image import docker as engine
-    from snapbuild.image.layers import Layer, write_docker_archive
-    from snapbuild.runtime.container import read_image
-    from snapbuild.store.chunks import write_chunks
+    from snapbuild.image.layers import write_docker_archive
+    from snapbuild.runtime.container import read_image, write_layers
 
     (project / "srv").mkdir()
     (project / "srv" / "app.py").write_text("print('hi')\n")
     [res] = build(image_recipe(recipe, base_rootfs), store=store)
-    meta, entries = read_image(store.blobs, res.steps["app"].artifact)
-    layers = []
-    for x in meta["layers"]:
-        path = tmp_path / f"{x['digest'].split(':')[1]}.tar"
-        write_chunks(store.blobs, entries[f"layers/{path.name}"]["chunks"], path)
-        layers.append(Layer(x["digest"], x["size"], path))
+    meta = read_image(store.blobs, res.steps["app"].artifact)[0]
+    config, layers = write_layers(store.blobs, res.steps["app"].artifact, tmp_path / "layers")
     with open(project / "app-docker.tar", "wb") as f:
-        write_docker_archive(f, meta["config"], layers, "localtest/app:1")
+        write_docker_archive(f, config, layers, "localtest/app:1")
     subprocess.run(["skopeo", "copy", "--quiet", "docker-archive:app-docker.tar", "oci-archive:app-oci.tar"],
                    cwd=project, check=True)
     engine.load(engine.client(), project / "app-docker.tar")
@@ -311,22 +306,18 @@ def test_a_registry_base_is_pulled_and_pinned_to_its_digest(base_rootfs, dockerd
     """docker://REF from a real registry on 127.0.0.1: pulled at plan time, pinned to its
     repository digest, and its layers come back as pushed."""
     from snapbuild.image import docker as engine
-    from snapbuild.image.layers import Layer, write_docker_archive
-    from snapbuild.runtime.container import read_image
-    from snapbuild.store.chunks import write_chunks
+    from snapbuild.image.layers import write_docker_archive
+    from snapbuild.runtime.container import read_image, write_layers
 
     [res] = build(recipe(f"""
         name: base
         steps:
           base: {{kind: image, from: "rootfs:{base_rootfs}"}}
     """), store=store)
-    meta, entries = read_image(store.blobs, res.steps["base"].artifact)
-    [x] = meta["layers"]
-    path = tmp_path / "layer.tar"
-    write_chunks(store.blobs, entries[f"layers/{x['digest'].split(':')[1]}.tar"]["chunks"], path)
+    config, [x] = write_layers(store.blobs, res.steps["base"].artifact, tmp_path / "layers")
     ref = f"{oci_registry}/snapbuild/base:1"
     with open(tmp_path / "image.tar", "wb") as f:
-        write_docker_archive(f, meta["config"], [Layer(x["digest"], x["size"], path)], ref)
+        write_docker_archive(f, config, [x], ref)
     c = engine.client()
     engine.load(c, tmp_path / "image.tar")
     for line in c.api.push(ref, stream=True, decode=True):
@@ -345,7 +336,7 @@ def test_a_registry_base_is_pulled_and_pinned_to_its_digest(base_rootfs, dockerd
     assert pin["repo_digest"].startswith(f"{oci_registry}/snapbuild/base@sha256:"), pin
     [got] = build(path, store=store)
     assert got.ok, got.steps["base"].error
-    assert [y["digest"] for y in read_image(store.blobs, got.steps["base"].artifact)[0]["layers"]] == [x["digest"]]
+    assert [y["digest"] for y in read_image(store.blobs, got.steps["base"].artifact)[0]["layers"]] == [x.digest]
 
 
 def test_run_exercises_run_inside_the_container(base_rootfs, dockerd, recipe, project, store):
