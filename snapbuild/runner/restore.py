@@ -116,7 +116,7 @@ def _restore(runtime: dict, store: Store, timings: dict) -> int:
     engine = get_engine(runtime["engine"])
     t = time.monotonic()
     server.check_port_free(spec)
-    run_dir, _env = server.prepare(spec, store.blobs)
+    run_dir, _env, _mounted = server.prepare(spec, store.blobs)  # mounts stay for the server
     log = run_dir / server.LOG_NAME
     log.touch()  # CRIU reopens the server's log by path
     # The images are written out (verified) once per node, on tmpfs when there is
@@ -314,7 +314,7 @@ def node_gc(store: Store | None = None, *, dry_run: bool = False) -> dict:
             if p in keep or p.name.endswith(".partial"):
                 continue
             size = _du(p)
-            if release(p, store.home, dry_run=dry_run):
+            if release(p, store.home, dry_run=dry_run, before=_unmount_views):
                 removed += 1
                 freed += size
     from ..rootfs import MARKER as LAYER_MARKER
@@ -333,6 +333,14 @@ def node_gc(store: Store | None = None, *, dry_run: bool = False) -> dict:
     rep = store.gc(dry_run=dry_run)
     return {"trees_removed": removed, "tree_bytes_freed": freed, "blobs_removed": rep.blobs_removed,
             "blob_bytes_freed": rep.bytes_freed, "dry_run": dry_run}
+
+
+def _unmount_views(tree: Path) -> None:
+    """A host server's `mounts:` show trees at fixed paths: they go with the tree."""
+    from ..runtime import mounts
+
+    for point in mounts.mount_points_of(tree):
+        mounts.unmount(point)
 
 
 def _du(path: Path) -> int:

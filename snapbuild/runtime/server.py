@@ -4,7 +4,12 @@
 A *server spec* is a plain dict, stored in the snapshot as part of checkpoint.json::
 
     {"argv": [...], "env": {...}, "cwd": "$SNAPBUILD_RUN" | null, "ready": {probe},
-     "run_dir": "/var/lib/snapbuild/run/<id>", "inputs": {"app": "sha256:..."}}
+     "run_dir": "/var/lib/snapbuild/run/<id>", "inputs": {"app": "sha256:..."},
+     "mounts": {"/models/minilm": "model"}}
+
+``mounts`` (optional) shows input trees read-only at fixed paths: for a host process
+they are bind mounts of this machine (:mod:`.mounts`), made before the server starts
+or is restored; for containers, mounts of the container.
 """
 
 from __future__ import annotations
@@ -12,11 +17,12 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import SnapbuildError, UsageError
 from ..store.blobs import BlobStore
+from . import mounts
 from . import probe as probes
 from . import process
 from .trees import ensure_tree, link_inputs
@@ -31,6 +37,7 @@ class Started:
     log_path: Path
     env: dict
     log_offset: int = 0  # where this run's output starts in the log
+    mounted: list[Path] = field(default_factory=list)  # mounts made for this start: unmount() them
 
     def wait_ready(self, probe: dict, timeout: float | None = None) -> float:
         return probes.wait_ready(probe, log_path=self.log_path, log_offset=self.log_offset,
@@ -41,13 +48,22 @@ class Started:
         return self.proc.pid
 
 
-def prepare(spec: dict, blobs: BlobStore) -> tuple[Path, dict]:
-    """Materialize the inputs (once per machine) and link them under the run folder.
-    Returns the run folder and the server's environment."""
+def prepare(spec: dict, blobs: BlobStore) -> tuple[Path, dict, list[Path]]:
+    """Materialize the inputs (once per machine), link them under the run folder and
+    mount those that ``mounts`` names. Returns the run folder, the server's environment
+    and the mount points mounted now (those already in place are not theirs to undo)."""
     run_dir = Path(spec["run_dir"])
     root = Path(spec["run_root"])
     paths = {name: ensure_tree(blobs, digest, root)[0] for name, digest in spec["inputs"].items()}
     link_inputs(paths, run_dir / "inputs")
+    mounted: list[Path] = []
+    try:
+        for dest, name in sorted((spec.get("mounts") or {}).items() if not spec.get("image") else ()):
+            if mounts.bind_ro(paths[name], Path(dest)):
+                mounted.append(Path(dest))
+    except SnapbuildError:
+        unmount(mounted)
+        raise
     (run_dir / "home").mkdir(parents=True, exist_ok=True)
     env = {
         "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
@@ -59,7 +75,12 @@ def prepare(spec: dict, blobs: BlobStore) -> tuple[Path, dict]:
     base = dict(env)
     for k, v in spec.get("env", {}).items():  # from the variables above: independent of order
         env[k] = _expand(v, base)
-    return run_dir, env
+    return run_dir, env, mounted
+
+
+def unmount(points: list[Path]) -> None:
+    for p in reversed(points):
+        mounts.unmount(p)
 
 
 def check_port_free(spec: dict) -> None:
@@ -75,7 +96,7 @@ def start(spec: dict, blobs: BlobStore, *, fresh_log: bool = True) -> Started:
     """Start the server as the spec says. The port must be free; a stale ready file is
     removed first. ``fresh_log`` starts an empty log, else this run's output is appended."""
     check_port_free(spec)
-    run_dir, env = prepare(spec, blobs)
+    run_dir, env, mounted = prepare(spec, blobs)
     argv = [_expand(a, env) for a in spec["argv"]]
     cwd = Path(_expand(spec["cwd"], env)) if spec.get("cwd") else run_dir
     log_path = run_dir / LOG_NAME
@@ -86,8 +107,9 @@ def start(spec: dict, blobs: BlobStore, *, fresh_log: bool = True) -> Started:
     try:
         proc = process.start(argv, env=env, cwd=cwd, log_path=log_path)
     except OSError as e:
+        unmount(mounted)
         raise FileNotFoundError(f"cannot start {argv[0]!r}: {e.strerror}") from None
-    return Started(proc=proc, log_path=log_path, env=env, log_offset=offset)
+    return Started(proc=proc, log_path=log_path, env=env, log_offset=offset, mounted=mounted)
 
 
 _VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")

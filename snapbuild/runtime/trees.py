@@ -76,10 +76,10 @@ def ensure_tree(blobs: BlobStore, digest: str, root: Path) -> tuple[Path, bool]:
     return final, True
 
 
-def release(path: Path, store_root: Path, *, dry_run: bool = False) -> bool | None:
+def release(path: Path, store_root: Path, *, dry_run: bool = False, before=None) -> bool | None:
     """Drop ``store_root`` from the tree's users; remove the tree when no store that
-    still exists uses it. True when removed, False when kept for other users, None
-    when the tree is not this store's to release."""
+    still exists uses it (calling ``before(path)`` first). True when removed, False
+    when kept for other users, None when the tree is not this store's to release."""
     root = path.parent.parent
     with flock(root / "locks" / f"tree-{path.name}.lock"):
         text = _users_text(path)
@@ -92,6 +92,8 @@ def release(path: Path, store_root: Path, *, dry_run: bool = False) -> bool | No
         if others:
             fsutil.atomic_write(path / MARKER, "".join(u + "\n" for u in others).encode())
             return False
+        if before is not None:
+            before(path)
         discard(path)
         return True
 

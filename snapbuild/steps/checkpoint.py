@@ -100,11 +100,12 @@ class CheckpointStep:
             # One run folder per warm-up definition: the same on the build machine and nodes.
             "run_dir": str(run_root() / "run" / f"{recipe.name}-{ctx.input_keys[spec.process][:16]}"),
             "inputs": {d: ctx.artifacts[d] for d in warm.deps if d != wspec.image},
+            "mounts": dict(wspec.mounts),
         }
         if spec.engine in CONTAINER_ENGINES:
             from ..runtime.container import read_image
 
-            server_spec.update(image=ctx.artifacts[wspec.image], image_step=wspec.image, mounts=dict(wspec.mounts),
+            server_spec.update(image=ctx.artifacts[wspec.image], image_step=wspec.image,
                                engine_options=spec.runsc.model_dump() if spec.runsc else {},
                                image_config=read_image(ctx.store.blobs, ctx.artifacts[wspec.image])[0]["config"]["config"])
             return self._build_container(spec, ctx, server_spec, wspec)
@@ -158,6 +159,7 @@ class CheckpointStep:
         finally:
             if started is not None:
                 process.stop(started.pid)  # no orphan server after success or failure
+                server.unmount(started.mounted)
             shutil.rmtree(scratch, ignore_errors=True)
 
     def _build_container(self, spec: CheckpointSpec, ctx: BuildContext, server_spec: dict, wspec) -> str:

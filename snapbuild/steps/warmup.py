@@ -3,7 +3,8 @@
 ```yaml
 server:
   kind: warmup
-  needs: [pydeps, app, weights]          # materialized under $SNAPBUILD_INPUTS/<step>/
+  needs: [pydeps, app]                   # materialized under $SNAPBUILD_INPUTS/<step>/
+  mounts: {/models/mlp: weights}         # and read-only at a fixed path (needs root)
   command: [python3, "$SNAPBUILD_INPUTS/app/serve.py", --port, "{{ port }}"]
   env: {PYTHONPATH: "$SNAPBUILD_INPUTS/pydeps/site"}
   ready: {http: "http://127.0.0.1:{{ port }}/healthz", timeout: 300}
@@ -24,6 +25,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import StepError
+from ..runtime.mounts import check_destination
 from .base import StepSpec
 
 
@@ -71,9 +73,10 @@ class WarmupSpec(StepSpec):
     cwd: str | None = None
     ready: Probe
     exercise: list[Exercise] = Field(default_factory=list)
-    # Containers (checkpoint engine runc/runsc): the image step to run in, and input
-    # steps mounted read-only at paths of the container (besides $SNAPBUILD_INPUTS/<step>).
+    # Containers (checkpoint engine runc/runsc): the image step to run in.
     image: str | None = None
+    # Input steps shown read-only at fixed paths (besides $SNAPBUILD_INPUTS/<step>): paths
+    # of the container, or for a host process bind mounts of the machine (needs root).
     mounts: dict[str, str] = Field(default_factory=dict)
 
     # Everything here is in the key, the probe's timeout too: the probe travels in the
@@ -89,11 +92,10 @@ class WarmupSpec(StepSpec):
         if self.image and self.ready.file is not None:
             raise ValueError("a `file` probe checks a path on this machine, not in the container: "
                              "use an http, tcp or log probe")
-        if self.mounts and not self.image:
-            raise ValueError("`mounts:` places inputs inside a container: give `image:` too")
         for dest in self.mounts:
-            if not dest.startswith("/") or ".." in dest.split("/"):
-                raise ValueError(f"mount point {dest!r} must be an absolute path inside the container")
+            why = check_destination(dest)
+            if why:
+                raise ValueError(why)
         return self
 
     def argv(self) -> list[str]:
@@ -109,6 +111,15 @@ class WarmupStep:
     def references(self, spec):
         refs = [(spec.image, ("image",))] if spec.image else []
         return refs + [(name, ("mounts", dest)) for dest, name in spec.mounts.items()]
+
+    def check_links(self, spec, steps: dict):
+        """A mount shows a folder: the output of a files, command or weights step."""
+        for dest, name in spec.mounts.items():
+            kind = steps[name].kind
+            if kind.ephemeral or kind.name in ("image", "checkpoint"):
+                return (("mounts", dest), f"`{name}` (kind: {kind.name}) is not a folder: only the output of a "
+                        "files, command or weights step can be mounted", "mount a step whose output is a file tree")
+        return None
 
     def pins(self, spec, ctx):
         return {}

@@ -1,0 +1,109 @@
+"""Read-only bind mounts of input trees for host processes (warm-up ``mounts:``).
+
+A host process shares the machine's mount namespace, so its mounts are the node's:
+``/models/minilm`` is bind-mounted read-only from the tree's content-addressed folder
+before the server starts (build) or is restored (runner), and CRIU finds the weights
+it mapped at the same path, with the same bytes, on every node.
+
+One path holds one tree at a time. A path that already shows the tree wanted is
+reused as it is (a second restore of the same snapshot, a build beside a running
+server); a path that shows anything else is refused, never hidden.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from ..errors import SnapbuildError
+
+# Paths that a mount must never cover: the system itself.
+_SYSTEM = {"/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run", "/sbin", "/sys",
+           "/tmp", "/usr", "/var"}
+
+
+class MountError(SnapbuildError):
+    exit_code = 4
+
+
+def check_destination(dest: str) -> str | None:
+    """Why ``dest`` cannot be a mount point, or None. Pure: used at recipe load too."""
+    if not dest.startswith("/") or ".." in dest.split("/"):
+        return f"mount point {dest!r} must be an absolute path without '..'"
+    norm = os.path.normpath(dest)
+    if norm in _SYSTEM or norm.startswith(("/proc/", "/sys/", "/dev/")):
+        return f"mount point {dest!r} would cover a system path"
+    return None
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def bind_ro(source: Path, dest: Path) -> bool:
+    """Show ``source`` read-only at ``dest``. True if mounted now, False if ``dest``
+    already showed ``source`` (then whoever mounted it unmounts it)."""
+    why = check_destination(str(dest))
+    if why:
+        raise MountError(why)
+    if is_mount_point(dest):
+        if same_file(dest, source):
+            return False
+        raise MountError(f"{dest} is already a mount point, of other content than this snapshot's input",
+                         hint=f"another snapshot's server may be using it: stop that server and `umount {dest}`, "
+                              "or mount this input at another path")
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise MountError(f"cannot mount an input at {dest}: a file or link is there",
+                         hint="mount the input at a path that is free, or an empty folder")
+    if dest.is_dir() and any(dest.iterdir()):
+        raise MountError(f"cannot mount an input at {dest}: the folder is not empty and the mount would hide "
+                         "its files", hint="mount the input at a path that is free, or an empty folder")
+    if os.geteuid() != 0:
+        raise MountError(f"mounting an input at {dest} needs root (a bind mount in this machine's mount "
+                         "namespace)", hint="run as root, or read the input from $SNAPBUILD_INPUTS/<step> "
+                                            "instead of `mounts:`")
+    dest.mkdir(parents=True, exist_ok=True)
+    _mount(["--bind", str(source), str(dest)], dest)
+    try:  # a bind mount takes its own flags only on a remount
+        _mount(["-o", "remount,bind,ro", str(dest)], dest)
+    except MountError:
+        unmount(dest)
+        raise
+    return True
+
+
+def unmount(dest: Path) -> None:
+    """Take a mount away; one still in use goes lazily (when its last user closes it)."""
+    if subprocess.run(["umount", str(dest)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(dest)], capture_output=True)
+
+
+def _mount_points() -> list[Path]:
+    """This namespace's mount points (os.path.ismount misses a bind mount from the same
+    file system: it compares devices)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    fields = (line.split(" ") for line in lines)
+    return [Path(f[4].encode().decode("unicode_escape")) for f in fields if len(f) > 4]
+
+
+def is_mount_point(path: Path) -> bool:
+    return Path(os.path.realpath(path)) in _mount_points()
+
+
+def mount_points_of(source: Path) -> list[Path]:
+    """Every mount point of this namespace that shows the folder ``source``."""
+    return [p for p in dict.fromkeys(_mount_points()) if p != source and same_file(p, source)]
+
+
+def _mount(args: list[str], dest: Path) -> None:
+    r = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise MountError(f"cannot mount an input at {dest}: {r.stderr.strip() or 'mount failed'}")
