@@ -7,7 +7,8 @@ it mapped at the same path, with the same bytes, on every node.
 
 One path holds one tree at a time. A path that already shows the tree wanted is
 reused as it is (a second restore of the same snapshot, a build beside a running
-server); a path that shows anything else is refused, never hidden.
+server); another input tree left there is replaced when no process uses it any more;
+anything else is refused, never hidden.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 from ..errors import SnapbuildError
+from .trees import MARKER as TREE_MARKER
 
 # Paths that a mount must never cover: the system itself.
 _SYSTEM = {"/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run", "/sbin", "/sys",
@@ -54,9 +56,13 @@ def bind_ro(source: Path, dest: Path) -> bool:
     if is_mount_point(dest):
         if same_file(dest, source):
             return False
-        raise MountError(f"{dest} is already a mount point, of other content than this snapshot's input",
-                         hint=f"another snapshot's server may be using it: stop that server and `umount {dest}`, "
-                              "or mount this input at another path")
+        # An input tree that an earlier build or restore left mounted there goes if nothing
+        # uses it any more: a plain umount fails (EBUSY) while a process maps or opens a file.
+        if not ((dest / TREE_MARKER).is_file() and _umount(dest)):
+            raise MountError(f"{dest} is already a mount point, of other content than this snapshot's input",
+                             hint="a server that another snapshot started may be using it: stop that server "
+                                  f"(then this replaces the mount), or `umount {dest}`, or mount this input at "
+                                  "another path")
     if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
         raise MountError(f"cannot mount an input at {dest}: a file or link is there",
                          hint="mount the input at a path that is free, or an empty folder")
@@ -79,8 +85,12 @@ def bind_ro(source: Path, dest: Path) -> bool:
 
 def unmount(dest: Path) -> None:
     """Take a mount away; one still in use goes lazily (when its last user closes it)."""
-    if subprocess.run(["umount", str(dest)], capture_output=True).returncode != 0:
+    if not _umount(dest):
         subprocess.run(["umount", "-l", str(dest)], capture_output=True)
+
+
+def _umount(dest: Path) -> bool:
+    return subprocess.run(["umount", str(dest)], capture_output=True).returncode == 0
 
 
 def _mount_points() -> list[Path]:

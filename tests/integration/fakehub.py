@@ -4,6 +4,11 @@ It speaks the small part of the Hub's HTTP API that the real huggingface_hub cli
 calls for ``repo_info`` and ``hf_hub_download``: repository info at a revision (with
 file sizes and LFS hashes), and ``resolve`` for HEAD and GET of one file at a revision.
 Repositories live in memory: ``{repo_id: {revision_or_sha: (commit_sha, {path: bytes})}}``.
+
+Faults, for download tests: a file named in ``stall`` is sent half way, then the
+connection hangs (``stalled`` is set) until the test lets go (``release``); one named
+in ``cut`` is sent half way and the connection closed, once. GET honours ``Range``
+(the client resumes with it), like the Hub's storage.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import re
 import threading
 from urllib.parse import unquote, urlparse
 
@@ -19,6 +25,10 @@ class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[str, dict[str, tuple[str, dict[str, bytes]]]] = {}
         self.requests: list[str] = []
+        self.stall: set[str] = set()
+        self.cut: set[str] = set()
+        self.stalled = threading.Event()
+        self.release = threading.Event()
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -64,10 +74,36 @@ class FakeHub:
                         return self._not_found(repo, rev, head, entry=name)
                     sha, files = found
                     data = files[name]
-                    return self._send(200, data, {"X-Repo-Commit": sha,
-                                                  "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
-                                                  "Content-Type": "application/octet-stream"}, head)
+                    headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+                               "Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
+                    code, start, end = 200, 0, len(data)
+                    rng = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+                    if rng and not head:
+                        hub.requests.append(f"Range: {rng.group(0)}")
+                        start, end = int(rng.group(1)), int(rng.group(2) or len(data) - 1) + 1
+                        code = 206
+                        headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+                    if not head and start == 0 and name in hub.stall | hub.cut:
+                        return self._half(data, headers, name)
+                    return self._send(code, data[start:end], headers, head)
                 return self._send(404, b"{}", {"X-Error-Code": "RepoNotFound"}, head)
+
+            def _half(self, data: bytes, headers: dict, name: str):
+                """Announce the whole file, send half of it, then hang or hang up."""
+                self.send_response(200)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                if name in hub.cut:
+                    hub.cut.discard(name)
+                else:
+                    hub.stalled.set()
+                    hub.release.wait(60)
+                self.close_connection = True
+                self.connection.shutdown(2)
 
             def _not_found(self, repo, rev, head, entry=None):
                 known = repo in hub.repos

@@ -18,6 +18,7 @@ import pytest
 from snapbuild.build import build
 from snapbuild.runner.restore import node_gc, run, stop
 from snapbuild.runtime import mounts
+from snapbuild.runtime.trees import MARKER as TREE_MARKER
 from snapbuild.store import Store
 
 from test_criu_snapshots import load_runtime
@@ -106,6 +107,20 @@ def test_a_mount_never_hides_files_or_another_mount(tmp_path, mount_point):
     assert (mount_point / "f").read_text() == "a" and mounts.mount_points_of(a) == [mount_point]
     with pytest.raises(OSError, match="Read-only file system"):
         (mount_point / "new").write_text("x")
+
+
+def test_an_input_tree_left_mounted_is_replaced_once_unused(tmp_path, mount_point):
+    old, new = tmp_path / "old", tmp_path / "new"
+    for d in (old, new):
+        d.mkdir()
+        (d / "w.bin").write_text(d.name)
+        (d / TREE_MARKER).write_text("/some/store\n")  # input trees carry their marker
+    mounts.bind_ro(old, mount_point)
+    with open(mount_point / "w.bin"):  # a server still reads the old weights
+        with pytest.raises(mounts.MountError, match="already a mount point"):
+            mounts.bind_ro(new, mount_point)
+    assert mounts.bind_ro(new, mount_point) is True, "unused now: replaced"
+    assert (mount_point / "w.bin").read_text() == "new" and mounts.mount_points_of(old) == []
 
 
 def test_node_gc_takes_away_the_mounts_of_the_trees_it_removes(store, mount_point):

@@ -1,8 +1,11 @@
-"""The reference workloads (recipes/examples/numpy-server.yaml and torch-mlp.yaml),
-built for real and restored with the real CRIU: the restored server answers exactly
-what the warm server would, with its warm state, and the cold boot answers the same.
+"""The reference workloads (recipes/examples/numpy-server.yaml, torch-mlp.yaml,
+torch-mlp-mmap.yaml and minilm-embedder.yaml), built for real and restored with the
+real CRIU: the restored server answers exactly what the warm server would, with its
+warm state, and the cold boot answers the same.
 
-The builds are shared by the tests of this module (one store, built once).
+The builds are shared by the tests of this module (one store, built once). The mmap
+and MiniLM examples mount their weights at fixed paths (/models/...), which needs root;
+what these tests mounted is taken away at the end.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import pytest
 
 from snapbuild.build import build
 from snapbuild.runner.restore import run, stop
+from snapbuild.runtime import mounts
 from snapbuild.store import Store
 
 pytestmark = pytest.mark.integration
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "recipes" / "examples"
+WORKLOADS = ("numpy-server", "torch-mlp", "torch-mlp-mmap", "minilm-embedder")
 
 
 def free_port() -> int:
@@ -47,12 +52,15 @@ def built(tmp_path_factory):
     store = Store(home)
     ports = {}
     try:
-        for name in ("numpy-server", "torch-mlp"):
+        for name in WORKLOADS:
             ports[name] = free_port()
             [res] = build(EXAMPLES / f"{name}.yaml", store=store, sets={"port": ports[name]}, jobs=2)
             assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items() if r.error}
         yield store, ports
     finally:
+        for point in ("/models/torch-mlp", "/models/minilm"):
+            while mounts.is_mount_point(Path(point)):
+                mounts.unmount(Path(point))
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -60,7 +68,7 @@ def built(tmp_path_factory):
                 os.environ[k] = v
 
 
-@pytest.mark.parametrize("name", ["numpy-server", "torch-mlp"])
+@pytest.mark.parametrize("name", ["numpy-server", "torch-mlp", "torch-mlp-mmap"])
 def test_restored_server_answers_like_the_warm_one(built, name):
     store, ports = built
     port = ports[name]
@@ -80,19 +88,52 @@ def test_restored_server_answers_like_the_warm_one(built, name):
     assert cold_answer["digest"] == warm_answer["digest"], "restore and cold boot must compute the same"
 
 
-def test_torch_checkpoint_leaves_mapped_weights_out(built):
+def test_mapped_weights_stay_out_of_the_checkpoint(built):
     store, _ = built
     from snapbuild.inspect import inspect_snapshot
 
-    info = inspect_snapshot("torch-mlp:dev", store=store)
-    sizes = {o["step"]: o["bytes"] for o in info["outputs"]}
+    copy, mapped = (inspect_snapshot(f"{n}:dev", store=store) for n in ("torch-mlp", "torch-mlp-mmap"))
+    sizes = {o["step"]: o["bytes"] for o in copy["outputs"]}
     assert sizes["weights"] > 380 * 2**20
-    # The weights are mapped from their read-only folder, so the dump holds far less
-    # than the model: the process's own memory only.
-    assert sizes["snap"] < sizes["weights"] * 0.6
-    ck = info["checkpoint"]
+    assert copy["checkpoint"]["anonymous_bytes"] > sizes["weights"], "loaded the usual way, the weights are anonymous"
+    # Mapped from the read-only mount, the weights stay file-backed: the dump holds
+    # the process's own memory only.
+    ck = mapped["checkpoint"]
     assert ck["file_backed_bytes"] > 300 * 2**20, "the mapped weights are resident but file-backed"
-    assert abs(ck["anonymous_bytes"] - ck["pages_bytes"]) < 16 * 2**20, "the dump holds the anonymous memory"
+    assert ck["pages_bytes"] < sizes["weights"] * 0.6
+    assert ck["pages_bytes"] < copy["checkpoint"]["pages_bytes"] - 300 * 2**20
+    for info in (copy, mapped):
+        ck = info["checkpoint"]
+        assert abs(ck["anonymous_bytes"] - ck["pages_bytes"]) < 16 * 2**20, "the dump holds the anonymous memory"
+
+
+def embed(port: int, sentences: list[str]) -> dict:
+    body = json.dumps({"sentences": sentences}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/embed", data=body, method="POST")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def test_minilm_gives_the_same_embeddings_restored_and_cold(built):
+    store, ports = built
+    port, sentences = ports["minilm-embedder"], ["A cat sits on the mat.", "A kitten rests on a rug.", "Stock markets fell."]
+    restored = run("minilm-embedder:dev", store=store)
+    try:
+        assert restored["mode"] == "restore", restored["reason"]
+        warm = embed(port, sentences)
+        assert warm["calls"] == 4, "3 warm-up calls were made before the checkpoint"
+    finally:
+        stop(restored["pid"])
+    cold = run("minilm-embedder:dev", store=store, mode="cold")
+    try:
+        fresh = embed(port, sentences)
+    finally:
+        stop(cold["pid"])
+    assert fresh["calls"] == 1 and fresh["digest"] == warm["digest"], "same model, same numbers"
+    a, b, c = warm["embeddings"]
+    assert len(a) == 384 and abs(sum(x * x for x in a) - 1) < 1e-4, "unit-length 384-dim embeddings"
+    dot = lambda u, v: sum(x * y for x, y in zip(u, v))  # noqa: E731
+    assert dot(a, b) > dot(a, c) + 0.3, "a real sentence model: the cat is nearer the kitten than the stocks"
 
 
 def test_bench_reports_medians_and_speedup(built, run_cli):

@@ -210,3 +210,46 @@ def test_the_lock_file_records_resolutions_and_locked_builds_refuse_drift(hub, r
     assert r.code == 0 and "updated" in r.out
     assert json.loads((path.parent / "recipe.lock").read_text())["builds"]["lk"]["w"]["resolved"]["commit"] == second
     assert run_cli("build", path, "--locked").code == 0
+
+
+def test_a_download_cut_half_way_is_tried_again_and_checked(hub, recipe, store):
+    data = os.urandom(3 << 20)
+    hub.publish("acme/cut", {"model.safetensors": data})
+    hub.cut.add("model.safetensors")
+    path = recipe('name: cut\nsteps:\n  w: {kind: weights, source: "hf://acme/cut"}\n')
+    [res] = build(path, store=store)
+    assert res.ok, (res.steps["w"].error, res.steps["w"].log_tail)
+    assert files_of(store, res.steps["w"].artifact) == {"model.safetensors": data}
+    gets = [r for r in hub.requests if r.startswith("GET") and r.endswith("/model.safetensors")]
+    assert len(gets) == 2, f"the client tried again after the cut (resuming, or from the start): {hub.requests}"
+
+
+def test_a_build_killed_mid_download_leaves_no_half_file(hub, recipe, store, run_cli):
+    import signal
+
+    data = os.urandom(3 << 20)
+    hub.publish("acme/big", {"model.safetensors": data, "config.json": b"{}"})
+    hub.stall.add("model.safetensors")
+    path = recipe('name: big\nsteps:\n  w: {kind: weights, source: "hf://acme/big"}\n')
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "snapbuild"), "build", str(path), "--progress", "none"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert hub.stalled.wait(60), "the download should have started"
+        os.killpg(proc.pid, signal.SIGKILL)  # a crash half way through the file
+        proc.wait(timeout=30)
+    finally:
+        hub.release.set()
+    hub.stall.clear()
+    [p] = plan(path, store=store)
+    assert p.steps["w"].action == "run", "nothing of the killed download counts as built"
+    half = data[: len(data) // 2]
+    assert not any(f.is_file() and f.read_bytes() == half for f in (store.home / "blobs").rglob("*")), \
+        "no half file is a blob"
+    v = run_cli("cache", "verify", "--json")
+    assert v.code == 0 and json.loads(v.out)["ok"], v
+
+    [res] = build(path, store=store)  # the next run starts the download over and completes
+    assert res.ok, (res.steps["w"].error, res.steps["w"].log_tail)
+    assert files_of(store, res.steps["w"].artifact) == {"model.safetensors": data, "config.json": b"{}"}
+    assert run_cli("cache", "gc").code == 0
+    assert not any((store.home / "work").iterdir()), "gc clears what the killed build left in its work folder"

@@ -1,8 +1,12 @@
 """An inference server for the reference MLP (torch CPU).
 
-The weights are memory-mapped from the read-only weights folder (torch.load(mmap=True)
+--load copy (the usual way): torch.load the state dict into a model with real
+parameters. The weights are then anonymous memory, and a CRIU checkpoint of the warm
+server carries all of them.
+
+--load mmap: the weights are memory-mapped from their read-only file (torch.load(mmap=True)
 into a meta-device model, then load_state_dict(assign=True)): their pages stay
-file-backed, so a CRIU checkpoint of the warm server leaves them out and stays small.
+file-backed, so a CRIU checkpoint leaves them out and stays small.
 
 GET  /healthz -> 200 when the model is loaded and has run once
 POST /infer   -> {"digest": sha256 of the output for a fixed input, "calls": n}
@@ -23,6 +27,7 @@ import torch  # noqa: E402
 p = argparse.ArgumentParser()
 p.add_argument("--port", type=int, default=8000)
 p.add_argument("--weights", required=True)
+p.add_argument("--load", choices=["copy", "mmap"], default="copy")
 p.add_argument("--threads", type=int, default=2)
 args = p.parse_args()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -30,16 +35,20 @@ from model import WIDTH, build  # noqa: E402
 
 torch.set_num_threads(args.threads)
 t_import = time.time() - t0
-with torch.device("meta"):
-    model = build(device="meta")
-state = torch.load(args.weights, mmap=True, weights_only=True)
-model.load_state_dict(state, assign=True)
+if args.load == "mmap":
+    with torch.device("meta"):
+        model = build(device="meta")
+    model.load_state_dict(torch.load(args.weights, mmap=True, weights_only=True), assign=True)
+else:
+    model = build(device="meta").to_empty(device="cpu")  # no random init: the weights overwrite it
+    model.load_state_dict(torch.load(args.weights, weights_only=True))
 model.eval()
 gen = torch.Generator().manual_seed(42)
 X = torch.randn(8, WIDTH, generator=gen)
 with torch.inference_mode():
     model(X)  # first pass: allocator, kernels
-print(f"import torch {t_import:.2f}s, ready in {time.time() - t0:.2f}s", flush=True)
+print(f"import torch {t_import:.2f}s, weights loaded ({args.load}) and ready in {time.time() - t0:.2f}s",
+      flush=True)
 calls = {"n": 0}
 
 
