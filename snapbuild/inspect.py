@@ -39,7 +39,7 @@ def inspect_snapshot(text: str, registry: str | None = None, store: Store | None
         "blobs": 1 + len(manifest["layers"]),
         "stored_bytes": manifest["config"]["size"] + sum(layer["size"] for layer in manifest["layers"]),
         "content_bytes": content, "manifest": manifest,
-        "checkpoint": (config.get("runtime") or {}).get("stats"),
+        "checkpoint": _checkpoint_stats((config.get("runtime") or {}).get("stats")),
     }
 
 
@@ -58,3 +58,12 @@ def cache_entries(store: Store | None = None) -> list[dict]:
 
 
 __all__ = ["cache_entries", "inspect_snapshot", "list_registry"]
+
+
+def _checkpoint_stats(stats: dict | None) -> dict | None:
+    """The checkpoint's figures, with the share of the server's resident memory that was
+    anonymous (dumped) rather than file-backed (left out, mapped again on restore)."""
+    if not stats:
+        return None
+    anon, files = stats.get("anonymous_bytes", 0), stats.get("file_backed_bytes", 0)
+    return {**stats, "anonymous_share": round(anon / (anon + files), 4) if anon + files else None}

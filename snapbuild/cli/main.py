@@ -162,9 +162,17 @@ def inspect(ref, registry, as_json):
                f"{_size(info['content_bytes'])} of content")
     ck = info.get("checkpoint")
     if ck:
-        click.echo(f"  checkpoint: {_size(ck.get('pages_bytes', 0))} of memory pages; at the dump "
-                   f"{_size(ck.get('anonymous_bytes', 0))} anonymous, "
-                   f"{_size(ck.get('file_backed_bytes', 0))} file-backed (left out)")
+        from ..steps.checkpoint import ANON_TIP_BYTES
+
+        anon = ck.get("anonymous_bytes", 0)
+        share = f" ({ck['anonymous_share']:.0%} of its resident memory)" if ck.get("anonymous_share") is not None else ""
+        click.echo(f"  checkpoint: {_size(ck.get('pages_bytes', 0))} of memory pages")
+        click.echo(f"    anonymous memory {_size(anon):>10}  in the checkpoint{share}")
+        click.echo(f"    file-backed      {_size(ck.get('file_backed_bytes', 0)):>10}  left out: mapped files, "
+                   "mapped again from the same paths on restore")
+        if anon > ANON_TIP_BYTES:
+            click.echo("    tip: if weights are in the anonymous memory, memory-map them from a mounted input "
+                       "(docs/recipes.md, \"Small checkpoints\")")
     click.echo("  outputs:")
     for o in info["outputs"]:
         click.echo(f"    {o['step']:<16} {o['files']:>5} files {_size(o['bytes']):>10}  {o['tree'][:19]}")

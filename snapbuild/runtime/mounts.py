@@ -26,7 +26,9 @@ _SYSTEM = {"/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/ru
 
 
 class MountError(SnapbuildError):
-    exit_code = 4
+    """A mount point that is taken or unusable: like a taken port, nothing starts."""
+
+    exit_code = 2
 
 
 def check_destination(dest: str) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import urllib.request
 from pathlib import Path
@@ -105,6 +106,17 @@ def test_mapped_weights_stay_out_of_the_checkpoint(built):
     for info in (copy, mapped):
         ck = info["checkpoint"]
         assert abs(ck["anonymous_bytes"] - ck["pages_bytes"]) < 16 * 2**20, "the dump holds the anonymous memory"
+    assert copy["checkpoint"]["anonymous_share"] > 0.7 and mapped["checkpoint"]["anonymous_share"] < 0.4
+
+
+def test_inspect_says_how_much_of_a_checkpoint_is_anonymous_memory(built, run_cli):
+    store, _ = built
+    env = {"SNAPBUILD_HOME": str(store.home)}
+    copy, mapped = (run_cli("inspect", f"{n}:dev", env=env) for n in ("torch-mlp", "torch-mlp-mmap"))
+    assert copy.code == 0 and mapped.code == 0, (copy, mapped)
+    assert re.search(r"anonymous memory +[\d.]+ MiB +in the checkpoint \(\d+% of its resident memory\)", copy.out)
+    assert "tip: if weights are in the anonymous memory, memory-map them" in copy.out
+    assert "tip:" not in mapped.out, "a small checkpoint needs no tip"
 
 
 def embed(port: int, sentences: list[str]) -> dict:
