@@ -26,7 +26,7 @@ from testkit import free_port, post
 
 pytestmark = pytest.mark.integration
 
-SERVER = Path(__file__).parent / "data" / "mapped_server.py"
+SERVER = Path(__file__).parent / "data" / "counter_server.py"
 
 
 @pytest.fixture
@@ -47,15 +47,15 @@ def mapped_recipe(recipe, port: int, point: Path) -> tuple[Path, bytes]:
             kind: warmup
             needs: [app]
             mounts: {{"{point}": model}}
-            run: "{sys.executable} $SNAPBUILD_INPUTS/app/mapped_server.py --port {port} --weights {point}/w.bin"
+            run: "{sys.executable} $SNAPBUILD_INPUTS/app/counter_server.py --port {port} --weights {point}/w.bin"
             ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 30}}
-            exercise: [{{http: "POST /info", repeat: 2}}]
+            exercise: [{{http: "POST /count", repeat: 2}}]
           snap: {{kind: checkpoint, process: server}}
         publish: {{tag: "mapped:v1"}}
     """)
     for d in ("app", "model"):
         (path.parent / d).mkdir(exist_ok=True)
-    shutil.copy(SERVER, path.parent / "app" / "mapped_server.py")
+    shutil.copy(SERVER, path.parent / "app" / "counter_server.py")
     weights = os.urandom(3 << 20)
     (path.parent / "model" / "w.bin").write_bytes(weights)
     return path, weights
@@ -76,7 +76,7 @@ def test_a_mounted_input_is_read_only_and_follows_the_snapshot(recipe, store, mo
     try:
         assert out["mode"] == "restore", out
         assert mounts.is_mount_point(mount_point)
-        info = post(port, "/info")
+        info = post(port, "/count")
         assert info["digest"] == hashlib.sha256(weights).hexdigest()
         assert info["count"] == 3, "two warm-up calls happened before the checkpoint"
         assert info["read_only"] is True, "a mounted input cannot be written"
@@ -84,7 +84,7 @@ def test_a_mounted_input_is_read_only_and_follows_the_snapshot(recipe, store, mo
         stop(out["pid"])
     cold = run("mapped:v1", registry=reg, store=node, mode="cold")  # the mount is reused as it is
     try:
-        assert cold["mode"] == "cold" and post(port, "/info")["count"] == 1
+        assert cold["mode"] == "cold" and post(port, "/count")["count"] == 1
     finally:
         stop(cold["pid"])
     assert mounts.is_mount_point(mount_point), "the node keeps the mount for the next restore"
