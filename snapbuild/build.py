@@ -11,6 +11,7 @@ from .plan import Plan, make_plan
 from .recipe import Recipe, load_recipe
 from .errors import UsageError
 from .registry import default_registry_url, open_registry, snapshot_ref
+from .registry.transfer import push
 from .store import Store
 from .store.snapshot import assemble
 
@@ -89,6 +90,6 @@ def _publish(recipe: Recipe, result: BuildResult, store: Store, tag: str | None,
     if tag:
         ref = snapshot_ref(tag, recipe.name)
         reg = open_registry(registry or default_registry_url(store.home))
-        reg.push(ref, digest, blobs, store.blobs)
+        push(reg, ref, digest, blobs, store.blobs)
         result.tag = str(ref)
         result.registry = reg.url

@@ -1,6 +1,5 @@
-"""Registries that hold snapshots, behind one small interface, chosen by URL scheme.
-
-Only ``file://`` exists so far; ``s3://`` and ``oci://`` plug in here.
+"""Registries that hold snapshots, behind one interface (:class:`.base.Registry`),
+chosen by URL scheme: ``file:///PATH``, ``s3://BUCKET/PREFIX``, ``oci://HOST[:PORT]/REPO``.
 """
 
 from __future__ import annotations
@@ -9,14 +8,17 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import UsageError
+from .base import Registry
 from .ref import Ref, parse_ref, snapshot_ref
+
+SCHEMES = ("file", "s3", "oci")
 
 
 def default_registry_url(home: Path) -> str:
     return f"file://{home / 'registry'}"
 
 
-def open_registry(url: str):
+def open_registry(url: str, *, s3_endpoint: str | None = None) -> Registry:
     parsed = urlparse(url)
     if parsed.scheme == "file" or (not parsed.scheme and url.startswith("/")):
         if parsed.netloc not in ("", "localhost"):
@@ -24,8 +26,16 @@ def open_registry(url: str):
         from .file import FileRegistry
 
         return FileRegistry(Path(parsed.path if parsed.scheme else url))
+    if parsed.scheme == "s3":
+        from .s3 import S3Registry, parse_url
+
+        return S3Registry(*parse_url(url), endpoint_url=s3_endpoint)
+    if parsed.scheme == "oci":
+        from .oci import OciRegistry, parse_url
+
+        return OciRegistry(*parse_url(url))
     raise UsageError(f"registry URL {url!r}: scheme {parsed.scheme!r} is not supported",
-                     hint="use file:///absolute/path")
+                     hint="use file:///absolute/path, s3://BUCKET/PREFIX or oci://HOST[:PORT]/REPO")
 
 
-__all__ = ["Ref", "default_registry_url", "open_registry", "parse_ref", "snapshot_ref"]
+__all__ = ["Ref", "Registry", "SCHEMES", "default_registry_url", "open_registry", "parse_ref", "snapshot_ref"]

@@ -5,9 +5,10 @@
     ROOT/<name>/blobs/sha256/<hex>
 
 This is the standard OCI layout: ``skopeo inspect --raw oci:ROOT/<name>:<tag>`` reads it
-and ``skopeo copy`` copies it with the digest unchanged (tested; oras is untested). Blobs are hard-linked from the source store when both sit on
-one filesystem, else copied and verified. The index is replaced atomically under a
-lock, after every blob it names is in place: a crash mid-push leaves the old tags.
+and ``skopeo copy`` copies it with the digest unchanged (tested). Blobs are hard-linked
+from the source store when both sit on one filesystem, else copied and verified. The
+index is replaced atomically under a lock, after every blob it names is in place: a
+crash mid-push leaves the old tags.
 """
 
 from __future__ import annotations
@@ -48,52 +49,64 @@ class FileRegistry:
             raise RegistryError(f"{self._repo(name) / 'index.json'} is not valid JSON: {e}") from None
 
     # -- write -------------------------------------------------------------------------
-    def push(self, ref: Ref, manifest_digest: str, blobs: list[str], source: BlobStore) -> None:
-        """Copy ``blobs`` and the manifest from ``source``, then point ``ref.tag`` at it."""
-        repo = self._repo(ref.name)
-        dest = self._blobs(ref.name)
+    def has_blob(self, name: str, digest: str) -> bool:
+        return self._blobs(name).has(digest)
+
+    def put_blob(self, name: str, digest: str, path: Path) -> None:
+        """Hard-link the blob when the source sits on the same filesystem (blobs are
+        immutable and never written in place), else copy it, verified."""
+        repo = self._repo(name)
+        dest = self._blobs(name)
         try:
-            repo.mkdir(parents=True, exist_ok=True)
             if not (repo / "oci-layout").exists():
+                repo.mkdir(parents=True, exist_ok=True)
                 atomic_write(repo / "oci-layout", b'{"imageLayoutVersion":"1.0.0"}\n')
-            for digest in [*blobs, manifest_digest]:
-                self._copy_blob(source, dest, digest)
+            if dest.has(digest):
+                return
+            final = dest.path(digest)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, final)
+                return
+            except FileExistsError:
+                return
+            except OSError:
+                pass
+            dest.put_file(Path(path), digest)
         except OSError as e:
             raise RegistryError(f"cannot write to registry {self.url}: {e}") from None
-        if ref.tag:
-            size = source.size(manifest_digest)
-            with flock(repo / ".index.lock"):
-                index = self._index(ref.name)
-                if any(m["digest"] == manifest_digest and m.get("annotations", {}).get(REF_NAME) == ref.tag
-                       for m in index["manifests"]):
-                    return  # already tagged: a no-op rebuild writes nothing
-                manifests = [m for m in index["manifests"]
-                             if m.get("annotations", {}).get(REF_NAME) != ref.tag]
-                manifests.append({"mediaType": MANIFEST_MEDIA_TYPE, "digest": manifest_digest,
-                                  "size": size, "artifactType": ARTIFACT_TYPE,
-                                  "annotations": {REF_NAME: ref.tag}})
-                index["manifests"] = sorted(manifests, key=lambda m: m["annotations"][REF_NAME])
-                atomic_write(repo / "index.json", json.dumps(index, indent=2).encode() + b"\n")
 
-    @staticmethod
-    def _copy_blob(source: BlobStore, dest: BlobStore, digest: str) -> None:
-        if dest.has(digest):
-            return
-        src = source.path(digest)
-        if not source.verify(digest):
-            raise IntegrityError(f"blob {digest} in {source.root} is corrupt; not publishing it",
-                                 hint="run `snapbuild cache verify --repair`, then build again")
-        final = dest.path(digest)
-        final.parent.mkdir(parents=True, exist_ok=True)
+    def put_manifest(self, name: str, digest: str, data: bytes, tag: str | None) -> None:
+        """The manifest as a blob, then the tag: the index is replaced atomically under a
+        lock, after every blob it names is in place."""
+        repo = self._repo(name)
         try:
-            # Same inode: no copy; blobs are immutable and never written in place.
-            os.link(src, final)
+            if not self._blobs(name).has(digest):
+                self._blobs(name).put(data)
+        except OSError as e:
+            raise RegistryError(f"cannot write to registry {self.url}: {e}") from None
+        if not tag:
             return
-        except FileExistsError:
-            return
-        except OSError:
-            pass
-        dest.put_file(src, digest)
+        with flock(repo / ".index.lock"):
+            index = self._index(name)
+            if any(m["digest"] == digest and m.get("annotations", {}).get(REF_NAME) == tag
+                   for m in index["manifests"]):
+                return  # already tagged: a no-op rebuild writes nothing
+            manifests = [m for m in index["manifests"] if m.get("annotations", {}).get(REF_NAME) != tag]
+            manifests.append({"mediaType": MANIFEST_MEDIA_TYPE, "digest": digest, "size": len(data),
+                              "artifactType": ARTIFACT_TYPE, "annotations": {REF_NAME: tag}})
+            index["manifests"] = sorted(manifests, key=lambda m: m["annotations"][REF_NAME])
+            atomic_write(repo / "index.json", json.dumps(index, indent=2).encode() + b"\n")
+
+    def delete(self, ref: Ref) -> None:
+        digest = self.resolve(ref)
+        repo = self._repo(ref.name)
+        with flock(repo / ".index.lock"):
+            index = self._index(ref.name)
+            index["manifests"] = [m for m in index["manifests"]
+                                  if not (m.get("annotations", {}).get(REF_NAME) == ref.tag if ref.tag
+                                          else m["digest"] == digest)]
+            atomic_write(repo / "index.json", json.dumps(index, indent=2).encode() + b"\n")
 
     # -- read --------------------------------------------------------------------------
     def resolve(self, ref: Ref) -> str:
@@ -120,6 +133,8 @@ class FileRegistry:
                                  hint=f"delete it (rm {self.blob_path(name, digest)}) and publish the "
                                       "snapshot again: snapbuild build RECIPE --tag ...") from None
 
+    get_manifest = get_blob
+
     def blob_path(self, name: str, digest: str) -> Path:
         return self._blobs(name).path(digest)
 
@@ -128,9 +143,8 @@ class FileRegistry:
             return []
         return sorted(str(p.parent.relative_to(self.root)) for p in self.root.rglob("oci-layout"))
 
-    def tags(self, name: str) -> list[tuple[str, str]] | list[str]:
-        return [m["annotations"][REF_NAME] for m in self._index(name)["manifests"]
-                if REF_NAME in m.get("annotations", {})]
+    def tags(self, name: str) -> list[str]:
+        return [t for t, _ in self.tagged(name)]
 
     def tagged(self, name: str) -> list[tuple[str, str]]:
         """(tag, manifest digest) pairs."""

@@ -6,13 +6,13 @@ Imports only the store and registry packages: this runs on inference nodes.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import UsageError
 from ..registry import default_registry_url, open_registry, parse_ref
 from ..store import Store
-from ..store.snapshot import load_config, parse_manifest, referenced_blobs
+from ..registry.transfer import fetch
+from ..store.snapshot import load_config
 from ..store.tree import load_tree, materialize
 
 
@@ -30,29 +30,17 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
     reg = open_registry(registry or default_registry_url(store.home))
     ref = parse_ref(text)
     digest = reg.resolve(ref)
-    manifest_bytes = reg.get_blob(ref.name, digest)
-    manifest = parse_manifest(manifest_bytes, digest)
     t_resolve = time.monotonic()
-
     # A snapshot this node already pulled whole needs no per-blob check (pins keep
     # its blobs from gc; every read is still verified).
     pin = f"pulled:{ref.name}"
     complete = store.pinned_manifest(pin) == digest and store.blobs.has(digest)
-    missing = [] if complete else [d for d in referenced_blobs(manifest) if not store.blobs.has(d)]
-    fetched = 0
-
-    def fetch(d: str) -> int:
-        data = reg.get_blob(ref.name, d)  # verified against its digest
-        store.blobs.put(data)
-        return len(data)
-
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        fetched = sum(pool.map(fetch, missing))
-    store.blobs.put(manifest_bytes)
+    got = fetch(reg, ref, store.blobs, jobs=jobs, digest=digest, skip_check=complete)
     # The node keeps the last pull of each name until a newer one replaces it.
     store.pin_snapshot(pin, digest)
-    config = load_config(store.blobs, manifest)
+    config = load_config(store.blobs, got["manifest"])
     t_fetch = time.monotonic()
+    missing, fetched = got["blobs_fetched"], got["bytes_fetched"]
 
     outputs = {}
     if dest is not None:
@@ -65,7 +53,7 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
     t_done = time.monotonic()
     return {
         "ref": str(ref), "digest": digest, "name": config["name"], "config": config,
-        "blobs_fetched": len(missing), "bytes_fetched": fetched, "outputs": outputs,
+        "blobs_fetched": missing, "bytes_fetched": fetched, "outputs": outputs,
         "timings": {"resolve_s": round(t_resolve - t0, 4), "fetch_s": round(t_fetch - t_resolve, 4),
                     "materialize_s": round(t_done - t_fetch, 4), "total_s": round(t_done - t0, 4)},
     }

@@ -1,4 +1,6 @@
-"""Real parts for the container tests: a private Docker engine and a base root filesystem."""
+"""Real parts for the integration tests, started on 127.0.0.1 and stopped by fixtures: a
+private Docker engine, a base root filesystem, OCI registries (with and without auth)
+and an S3 server."""
 
 from __future__ import annotations
 
@@ -49,38 +51,97 @@ def base_rootfs() -> Path:
     return Path(out.stdout.strip())
 
 
-@pytest.fixture(scope="session")
-def oci_registry(tmp_path_factory):
-    """A real OCI registry (CNCF distribution, Debian's docker-registry) on 127.0.0.1,
-    with filesystem storage in a temporary folder; yields its host:port."""
+def _serve_registry(root: Path, htpasswd: str | None = None):
+    """Start docker-registry (CNCF distribution) on a free port of 127.0.0.1 with storage
+    under ``root``; returns (process, host:port)."""
     import shutil
     import socket
     import time
+    import urllib.error
     import urllib.request
 
     binary = shutil.which("docker-registry")
     assert binary, "docker-registry is not installed (run ci/setup.sh as root)"
-    root = tmp_path_factory.mktemp("registry")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    auth = ""
+    if htpasswd:
+        (root / "htpasswd").write_text(htpasswd)
+        auth = f"auth: {{htpasswd: {{realm: snapbuild-test, path: {root / 'htpasswd'}}}}}\n"
     (root / "config.yml").write_text(
         "version: 0.1\n"
         "log: {level: warn}\n"
         f"storage: {{filesystem: {{rootdirectory: {root / 'data'}}}, delete: {{enabled: true}}}}\n"
-        f"http: {{addr: 127.0.0.1:{port}}}\n")
+        f"http: {{addr: 127.0.0.1:{port}, secret: snapbuild-test}}\n" + auth)
     proc = subprocess.Popen([binary, "serve", str(root / "config.yml")], stdout=open(root / "log", "wb"),
                             stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, (root / "log").read_text()
-                time.sleep(0.1)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1).close()
+            break
+        except urllib.error.HTTPError:  # 401: up, and asking for credentials
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, (root / "log").read_text()
+            time.sleep(0.1)
+    return proc, f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def oci_registry(tmp_path_factory):
+    """A real OCI registry (CNCF distribution, Debian's docker-registry) on 127.0.0.1,
+    with filesystem storage in a temporary folder; yields its host:port."""
+    proc, host = _serve_registry(tmp_path_factory.mktemp("registry"))
+    yield host
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def oci_registry_auth(tmp_path_factory):
+    """The same registry asking for Basic auth (htpasswd, bcrypt); yields
+    (host:port, username, password)."""
+    import bcrypt
+
+    user, password = "alice", "s3cret-registry-password"
+    line = f"{user}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode()}\n"
+    proc, host = _serve_registry(tmp_path_factory.mktemp("registry-auth"), line)
+    yield host, user, password
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server on 127.0.0.1, for the session."""
+    import socket
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def aws_env(monkeypatch):
+    """Credentials for moto (any will do; they must never show up anywhere)."""
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)

@@ -18,6 +18,7 @@ import pytest
 from snapbuild.build import build
 from snapbuild.errors import IntegrityError, UsageError
 from snapbuild.registry import open_registry, parse_ref
+from snapbuild.registry.transfer import push
 from snapbuild.runner.restore import RestoreFailed, run, stop
 from snapbuild.store import Store
 from snapbuild.store.fsutil import canonical_json
@@ -109,8 +110,8 @@ def retarget(store: Store, ref: str, new_tag: str, change, what: str = "fingerpr
     data = canonical_json(config)
     manifest["config"] = {**manifest["config"], "digest": store.blobs.put(data), "size": len(data)}
     new = store.blobs.put(canonical_json(manifest))
-    reg.push(parse_ref(new_tag), new, [manifest["config"]["digest"]] + [x["digest"] for x in manifest["layers"]],
-             store.blobs)
+    push(reg, parse_ref(new_tag), new, [manifest["config"]["digest"]] + [x["digest"] for x in manifest["layers"]],
+         store.blobs)
     return new_tag
 
 

@@ -1,0 +1,82 @@
+"""What every registry backend provides, and the checks they share.
+
+A backend stores content-addressed blobs and manifests per snapshot name, and tags
+that point at manifests. It knows nothing of snapshots: :mod:`.transfer` moves whole
+snapshots (only the blobs the other side lacks, in parallel, the manifest last).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from pathlib import Path
+from typing import Callable, Protocol, TypeVar, runtime_checkable
+
+from ..errors import IntegrityError, RegistryError
+from .ref import Ref
+
+T = TypeVar("T")
+
+
+@runtime_checkable
+class Registry(Protocol):
+    scheme: str
+    url: str
+
+    def has_blob(self, name: str, digest: str) -> bool:
+        """Whether the blob is there (for ``name``: OCI registries keep blobs per repository)."""
+
+    def get_blob(self, name: str, digest: str) -> bytes:
+        """The blob's bytes, verified against ``digest`` (fetched again once if they do not match)."""
+
+    def get_manifest(self, name: str, digest: str) -> bytes:
+        """A manifest's bytes, verified (OCI registries keep manifests apart from blobs)."""
+
+    def put_blob(self, name: str, digest: str, path: Path) -> None:
+        """Store the file at ``path``, whose content is ``digest``. Readers never see part of it."""
+
+    def put_manifest(self, name: str, digest: str, data: bytes, tag: str | None) -> None:
+        """Store a manifest whose blobs are all there, and point ``tag`` at it."""
+
+    def resolve(self, ref: Ref) -> str:
+        """The manifest digest that ``ref`` names (NotFound when there is none)."""
+
+    def names(self) -> list[str]:
+        """The snapshot names in the registry."""
+
+    def tagged(self, name: str) -> list[tuple[str, str]]:
+        """(tag, manifest digest) pairs of ``name``."""
+
+    def delete(self, ref: Ref) -> None:
+        """Remove a tag, or with a digest the manifest itself (blobs stay for the registry's own gc)."""
+
+
+def sha256_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def fetch_verified(fetch: Callable[[], bytes], digest: str, where: str) -> bytes:
+    """``fetch()`` the blob; bytes that do not hash to ``digest`` are fetched once more,
+    then refused: a registry never hands out unverified bytes."""
+    for attempt in (1, 2):
+        data = fetch()
+        if sha256_of(data) == digest:
+            return data
+    raise IntegrityError(f"blob {digest} in {where} is corrupt: its content hashes to {sha256_of(data)} "
+                         "(fetched twice)", hint="push the snapshot to the registry again to repair it")
+
+
+def retrying(call: Callable[[], T], what: str, *, attempts: int = 4, transient: tuple = (OSError,),
+             base_delay: float = 0.25) -> T:
+    """Run ``call``; on a transient error wait (exponential backoff with jitter) and try
+    again, ``attempts`` times in all, then fail with a RegistryError that says what."""
+    for i in range(attempts):
+        try:
+            return call()
+        except transient as e:
+            if i == attempts - 1:
+                raise RegistryError(f"{what}: {e} (tried {attempts} times)",
+                                    hint="check that the registry is up and reachable from here") from None
+            time.sleep(base_delay * (2 ** i) * (0.5 + random.random()))
+    raise AssertionError("unreachable")

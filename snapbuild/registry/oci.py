@@ -1,0 +1,282 @@
+"""``oci://HOST[:PORT]/REPO``: a registry that speaks the OCI distribution API.
+
+Snapshot ``NAME`` lives in repository ``REPO/NAME`` (``NAME`` alone without a REPO).
+Blobs are uploaded with POST then PUT (small ones in one request, large ones in
+chunks with PATCH), manifests with PUT by tag or digest; every blob read is checked
+against its digest. Loopback hosts are spoken to over plain HTTP, others over HTTPS
+(``SNAPBUILD_REGISTRY_PLAIN_HTTP=1`` forces HTTP, for a registry on a private network).
+
+Credentials, first found wins: ``SNAPBUILD_REGISTRY_USERNAME`` and
+``SNAPBUILD_REGISTRY_PASSWORD``; the containers auth file (``$REGISTRY_AUTH_FILE``,
+``$XDG_RUNTIME_DIR/containers/auth.json``); Docker's (``$DOCKER_CONFIG/config.json``,
+``~/.docker/config.json``). A registry that asks for Basic auth gets them; one that
+asks for a Bearer token gets them at its token service (or anonymously).
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import os
+import re
+import threading
+from pathlib import Path
+from urllib.parse import urljoin, urlparse
+
+from ..errors import NotFound, RegistryError, UsageError
+from ..store.snapshot import MANIFEST_MEDIA_TYPE
+from .base import fetch_verified, retrying
+from .ref import Ref
+
+CHUNK = 16 << 20  # blobs above this go up in chunks of this size
+MANIFEST_ACCEPT = f"{MANIFEST_MEDIA_TYPE}, application/vnd.oci.image.index.v1+json"
+
+
+class _Transient(Exception):
+    """A 5xx answer or a 429: worth another try."""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def credentials(host: str) -> tuple[str, str] | None:
+    """(username, password) for ``host`` from the environment or the standard auth files."""
+    user, password = os.environ.get("SNAPBUILD_REGISTRY_USERNAME"), os.environ.get("SNAPBUILD_REGISTRY_PASSWORD")
+    if user and password:
+        return user, password
+    files = []
+    if os.environ.get("REGISTRY_AUTH_FILE"):
+        files.append(Path(os.environ["REGISTRY_AUTH_FILE"]))
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        files.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
+    files.append(Path(os.environ.get("DOCKER_CONFIG", Path.home() / ".docker")) / "config.json")
+    for f in files:
+        try:
+            auths = json.loads(f.read_text()).get("auths", {})
+        except (OSError, ValueError):
+            continue
+        for key in (host, f"https://{host}", f"http://{host}"):
+            entry = auths.get(key) or {}
+            if entry.get("auth"):
+                user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+                return user, password
+    return None
+
+
+class OciRegistry:
+    scheme = "oci"
+
+    def __init__(self, host: str, repo: str = "", *, timeout: float = 60, jobs: int = 8) -> None:
+        import requests
+        from requests.adapters import HTTPAdapter
+
+        self.host, self.prefix = host, repo.strip("/")
+        self.url = f"oci://{host}/{self.prefix}".rstrip("/")
+        hostname = urlparse(f"//{host}").hostname or host
+        plain = _is_loopback(hostname) or os.environ.get("SNAPBUILD_REGISTRY_PLAIN_HTTP") == "1"
+        self.base = f"{'http' if plain else 'https'}://{host}"
+        self.timeout = timeout
+        self.session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(jobs, 8))
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self._auth: dict[str, str] = {}  # scope -> Authorization header value
+        self._lock = threading.Lock()
+        self._creds = credentials(host)
+
+    # -- HTTP ----------------------------------------------------------------------------
+    def _repo(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _request(self, method: str, path: str, *, scope: str, what: str, ok=(200,), **kw):
+        """One call, with auth (answering the registry's challenge once) and retries of
+        connection errors and 5xx answers."""
+        import requests
+
+        url = path if path.startswith("http") else self.base + path
+        base_headers = kw.pop("headers", None) or {}
+
+        def call():
+            headers = dict(base_headers)
+            auth = self._auth.get(scope)
+            if auth:
+                headers["Authorization"] = auth
+            r = self.session.request(method, url, headers=headers, timeout=self.timeout, **kw)
+            if r.status_code == 401 and self._authenticate(r, scope):
+                headers["Authorization"] = self._auth[scope]
+                r = self.session.request(method, url, headers=headers, timeout=self.timeout, **kw)
+            if r.status_code >= 500 or r.status_code == 429:
+                raise _Transient(f"{r.status_code} {r.reason}")
+            return r
+
+        r = retrying(call, f"{what} at {self.url}", transient=(requests.ConnectionError, requests.Timeout, _Transient))
+        if r.status_code in (401, 403):
+            raise RegistryError(f"{what} at {self.url}: {'not authorized' if r.status_code == 401 else 'forbidden'}"
+                                f" ({r.status_code}{': ' + _error_text(r) if _error_text(r) else ''})",
+                                hint="check the credentials: SNAPBUILD_REGISTRY_USERNAME and "
+                                     "SNAPBUILD_REGISTRY_PASSWORD, or `skopeo login` / `docker login`")
+        if r.status_code not in ok and r.status_code != 404:
+            raise RegistryError(f"{what} at {self.url}: {r.status_code} {r.reason} {_error_text(r)}".rstrip())
+        return r
+
+    def _authenticate(self, r, scope: str) -> bool:
+        """Answer a 401's WWW-Authenticate challenge: Basic with the credentials, or a
+        Bearer token from the registry's token service. False when there is no answer."""
+        challenge = r.headers.get("WWW-Authenticate", "")
+        kind, _, params = challenge.partition(" ")
+        if kind.lower() == "basic":
+            if not self._creds:
+                return False
+            token = base64.b64encode(f"{self._creds[0]}:{self._creds[1]}".encode()).decode()
+            with self._lock:
+                self._auth[scope] = f"Basic {token}"
+            return True
+        if kind.lower() == "bearer":
+            fields = dict(re.findall(r'(\w+)="([^"]*)"', params))
+            if "realm" not in fields:
+                return False
+            query = {"service": fields.get("service", ""), "scope": fields.get("scope", scope)}
+            t = self.session.get(fields["realm"], params=query, auth=self._creds, timeout=self.timeout)
+            if t.status_code != 200:
+                return False
+            body = t.json()
+            token = body.get("token") or body.get("access_token")
+            if not token:
+                return False
+            with self._lock:
+                self._auth[scope] = f"Bearer {token}"
+            return True
+        return False
+
+    # -- blobs ---------------------------------------------------------------------------
+    def has_blob(self, name: str, digest: str) -> bool:
+        r = self._request("HEAD", f"/v2/{self._repo(name)}/blobs/{digest}", scope=self._scope(name, "pull"),
+                          what=f"checking blob {digest[:19]}")
+        return r.status_code == 200
+
+    def get_blob(self, name: str, digest: str) -> bytes:
+        def fetch() -> bytes:
+            r = self._request("GET", f"/v2/{self._repo(name)}/blobs/{digest}", scope=self._scope(name, "pull"),
+                              what=f"fetching blob {digest[:19]} of {name}")
+            if r.status_code == 404:
+                raise NotFound(f"blob {digest} of {name} is not in {self.url}",
+                               hint="the snapshot is incomplete there: push it again")
+            return r.content
+
+        return fetch_verified(fetch, digest, f"{self.url}/{name}")
+
+    def put_blob(self, name: str, digest: str, path: Path) -> None:
+        repo, scope = self._repo(name), self._scope(name, "pull,push")
+        what = f"uploading blob {digest[:19]} to {name}"
+        r = self._request("POST", f"/v2/{repo}/blobs/uploads/", scope=scope, what=what, ok=(202, 201))
+        if r.status_code == 404:
+            raise RegistryError(f"{what}: the registry has no upload endpoint for {repo}")
+        location = urljoin(self.base + "/", r.headers["Location"])
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if size > CHUNK:  # in chunks: PATCH each, then PUT with the digest
+                start = 0
+                while start < size:
+                    data = f.read(CHUNK)
+                    end = start + len(data) - 1
+                    r = self._request("PATCH", location, scope=scope, what=what, ok=(202,), data=data,
+                                      headers={"Content-Type": "application/octet-stream",
+                                               "Content-Range": f"{start}-{end}"})
+                    location = urljoin(self.base + "/", r.headers["Location"])
+                    start = end + 1
+                body = b""
+            else:
+                body = f.read()
+        sep = "&" if "?" in location else "?"
+        self._request("PUT", f"{location}{sep}digest={digest}", scope=scope, what=what, ok=(201,), data=body,
+                      headers={"Content-Type": "application/octet-stream"})
+
+    # -- manifests and tags ----------------------------------------------------------------
+    def get_manifest(self, name: str, digest: str) -> bytes:
+        def fetch() -> bytes:
+            r = self._request("GET", f"/v2/{self._repo(name)}/manifests/{digest}", scope=self._scope(name, "pull"),
+                              what=f"fetching manifest {digest[:19]} of {name}",
+                              headers={"Accept": MANIFEST_ACCEPT})
+            if r.status_code == 404:
+                raise NotFound(f"manifest {digest} of {name} is not in {self.url}")
+            return r.content
+
+        return fetch_verified(fetch, digest, f"{self.url}/{name}")
+
+    def put_manifest(self, name: str, digest: str, data: bytes, tag: str | None) -> None:
+        self._request("PUT", f"/v2/{self._repo(name)}/manifests/{tag or digest}", scope=self._scope(name, "pull,push"),
+                      what=f"writing manifest of {name}", ok=(201,), data=data,
+                      headers={"Content-Type": MANIFEST_MEDIA_TYPE})
+
+    def resolve(self, ref: Ref) -> str:
+        target = ref.digest or ref.tag
+        r = self._request("HEAD", f"/v2/{self._repo(ref.name)}/manifests/{target}",
+                          scope=self._scope(ref.name, "pull"), what=f"resolving {ref}",
+                          headers={"Accept": MANIFEST_ACCEPT})
+        if r.status_code == 404:
+            tags = ", ".join(t for t, _ in self.tagged(ref.name)) if not ref.digest else ""
+            raise NotFound(f"{ref} is not in {self.url}" + (f" (tags: {tags or 'none'})" if not ref.digest else ""),
+                           hint=f"list what is there with: snapbuild ls --registry {self.url}")
+        digest = r.headers.get("Docker-Content-Digest")
+        if ref.digest:
+            return ref.digest
+        if not digest:
+            from .base import sha256_of
+
+            digest = sha256_of(self._request("GET", f"/v2/{self._repo(ref.name)}/manifests/{target}",
+                                             scope=self._scope(ref.name, "pull"), what=f"resolving {ref}",
+                                             headers={"Accept": MANIFEST_ACCEPT}).content)
+        return digest
+
+    def names(self) -> list[str]:
+        out, path = [], "/v2/_catalog?n=1000"
+        while path:
+            r = self._request("GET", path, scope="registry:catalog:*", what="listing repositories")
+            if r.status_code == 404:
+                break
+            out += r.json().get("repositories") or []
+            link = re.search(r"<([^>]+)>", r.headers.get("Link", ""))
+            path = link.group(1) if link else None
+        pre = f"{self.prefix}/" if self.prefix else ""
+        return sorted(n[len(pre):] for n in out if n.startswith(pre))
+
+    def tagged(self, name: str) -> list[tuple[str, str]]:
+        r = self._request("GET", f"/v2/{self._repo(name)}/tags/list", scope=self._scope(name, "pull"),
+                          what=f"listing tags of {name}")
+        if r.status_code == 404:
+            return []
+        tags = sorted(r.json().get("tags") or [])
+        return [(t, self.resolve(Ref(name=name, tag=t))) for t in tags]
+
+    def delete(self, ref: Ref) -> None:
+        """The OCI API deletes manifests by digest: every tag pointing at it goes too."""
+        digest = self.resolve(ref)
+        r = self._request("DELETE", f"/v2/{self._repo(ref.name)}/manifests/{digest}",
+                          scope=self._scope(ref.name, "pull,push,delete"), what=f"deleting {ref}", ok=(202, 200))
+        if r.status_code == 404:
+            raise NotFound(f"{ref} is not in {self.url}")
+
+    def _scope(self, name: str, actions: str) -> str:
+        return f"repository:{self._repo(name)}:{actions}"
+
+
+def _error_text(r) -> str:
+    try:
+        errors = r.json().get("errors") or []
+        return "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors)
+    except ValueError:
+        return ""
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    parsed = urlparse(url)
+    if not parsed.netloc:
+        raise UsageError(f"registry URL {url!r}: expected oci://HOST[:PORT]/REPO")
+    return parsed.netloc, parsed.path.strip("/")

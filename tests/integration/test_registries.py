@@ -1,0 +1,220 @@
+"""One contract, every registry backend, each against the real thing on 127.0.0.1:
+file:// (an OCI layout on disk), s3:// (moto's standalone S3 server) and oci:// (Debian's
+docker-registry, CNCF distribution 2.8, without and with Basic auth).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from snapbuild.build import build
+from snapbuild.errors import IntegrityError, NotFound, RegistryError
+from snapbuild.registry import open_registry, parse_ref
+from snapbuild.registry.transfer import fetch, push
+from snapbuild.store import Store
+from snapbuild.store.snapshot import load_config, parse_manifest, referenced_blobs
+
+from testkit import free_port
+
+pytestmark = pytest.mark.integration
+
+BACKENDS = ["file", "s3", "oci", "oci-auth"]
+
+
+@pytest.fixture(params=BACKENDS)
+def registry_url(request, tmp_path, monkeypatch):
+    """A fresh, empty registry of each kind; yields (url, corrupt) where corrupt(digest)
+    changes the bytes the registry holds for a blob."""
+    kind = request.param
+    if kind == "file":
+        root = tmp_path / "reg"
+
+        def corrupt(digest, name):
+            p = root / name / "blobs" / "sha256" / digest.split(":")[1]
+            data = p.read_bytes()
+            p.unlink()  # a new file: the store's copy is a hard link to the old one
+            p.write_bytes(b"rotten" + data[6:])
+
+        yield f"file://{root}", corrupt
+    elif kind == "s3":
+        import boto3
+
+        server = request.getfixturevalue("s3_server")
+        request.getfixturevalue("aws_env")
+        monkeypatch.setenv("SNAPBUILD_S3_ENDPOINT", server)
+        bucket = f"snaps-{os.getpid()}-{time.monotonic_ns()}"
+        s3 = boto3.client("s3", endpoint_url=server)
+        s3.create_bucket(Bucket=bucket)
+
+        def corrupt(digest, name):
+            key = f"team/blobs/sha256/{digest.split(':')[1]}"
+            s3.put_object(Bucket=bucket, Key=key, Body=b"rotten" + s3.get_object(Bucket=bucket, Key=key)["Body"].read()[6:])
+
+        yield f"s3://{bucket}/team", corrupt
+    else:
+        if kind == "oci":
+            host = request.getfixturevalue("oci_registry")
+        else:
+            host, user, password = request.getfixturevalue("oci_registry_auth")
+            monkeypatch.setenv("SNAPBUILD_REGISTRY_USERNAME", user)
+            monkeypatch.setenv("SNAPBUILD_REGISTRY_PASSWORD", password)
+        repo = f"t{time.monotonic_ns()}"  # a fresh repository prefix per test
+
+        def corrupt(digest, name):
+            hexd = digest.split(":")[1]
+            found = list(Path(request.getfixturevalue("tmp_path_factory").getbasetemp()).glob(
+                f"registry*/data/docker/registry/v2/blobs/sha256/{hexd[:2]}/{hexd}/data"))
+            assert found, "the blob's file in the registry's storage"
+            for p in found:
+                p.write_bytes(b"rotten" + p.read_bytes()[6:])
+
+        yield f"oci://{host}/{repo}", corrupt
+
+
+@pytest.fixture
+def built(recipe, project, store):
+    """A small snapshot in the local store: (store, manifest digest, blobs, app folder)."""
+    (project / "app").mkdir()
+    (project / "app" / "serve.py").write_text("print('v1')\n")
+    (project / "app" / "big.bin").write_bytes(os.urandom(6 << 20))  # two chunks
+    path = recipe("""
+        name: contract
+        steps:
+          app: {kind: files, root: app}
+          data: {kind: command, needs: [app], run: "cat $SNAPBUILD_INPUTS/app/serve.py > out.txt", outputs: [out.txt]}
+        publish: {tag: "contract:v1", steps: [app, data]}
+    """)
+    [res] = build(path, store=store)
+    assert res.ok
+    manifest = parse_manifest(store.blobs.get(res.snapshot), res.snapshot)
+    return store, res.snapshot, referenced_blobs(manifest), path
+
+
+def test_push_then_pull_round_trip(registry_url, built, tmp_path):
+    url, _ = registry_url
+    store, digest, blobs, _ = built
+    reg = open_registry(url)
+    first = push(reg, parse_ref("contract:v1"), digest, blobs, store.blobs)
+    assert first["blobs_sent"] == len(blobs) and first["bytes_sent"] > 6 << 20
+    assert reg.resolve(parse_ref("contract:v1")) == digest
+    assert reg.resolve(parse_ref(f"contract@{digest}")) == digest
+    assert reg.names() == ["contract"] and reg.tagged("contract") == [("v1", digest)]
+
+    again = push(reg, parse_ref("contract:v2"), digest, blobs, store.blobs)
+    assert again["blobs_sent"] == 0, "only missing blobs are sent"
+    assert sorted(reg.tagged("contract")) == [("v1", digest), ("v2", digest)]
+
+    node = Store(tmp_path / "node")
+    got = fetch(open_registry(url), parse_ref("contract:v1"), node.blobs)
+    assert got["digest"] == digest and got["blobs_fetched"] == len(blobs)
+    assert load_config(node.blobs, got["manifest"])["name"] == "contract"
+    assert all(node.blobs.verify(d) for d in blobs)
+
+
+def test_a_second_version_sends_only_what_changed(registry_url, built):
+    url, _ = registry_url
+    store, digest, blobs, path = built
+    reg = open_registry(url)
+    push(reg, parse_ref("contract:v1"), digest, blobs, store.blobs)
+    (path.parent / "app" / "serve.py").write_text("print('v2')\n")
+    [res] = build(path, store=store)
+    new_blobs = referenced_blobs(parse_manifest(store.blobs.get(res.snapshot), res.snapshot))
+    second = push(reg, parse_ref("contract:v2"), res.snapshot, new_blobs, store.blobs)
+    assert 0 < second["blobs_sent"] < len(new_blobs)
+    assert second["bytes_sent"] < 64 << 10, "the 6 MiB file is not sent again"
+
+
+def test_unknown_tags_and_names_are_not_found(registry_url, built):
+    url, _ = registry_url
+    store, digest, blobs, _ = built
+    reg = open_registry(url)
+    push(reg, parse_ref("contract:v1"), digest, blobs, store.blobs)
+    with pytest.raises(NotFound, match="v9"):
+        reg.resolve(parse_ref("contract:v9"))
+    with pytest.raises(NotFound):
+        reg.resolve(parse_ref("nothing:v1"))
+    with pytest.raises(NotFound):
+        reg.resolve(parse_ref("contract@sha256:" + "0" * 64))
+
+
+def test_a_corrupt_blob_is_refetched_once_then_refused(registry_url, built, tmp_path):
+    url, corrupt = registry_url
+    store, digest, blobs, _ = built
+    reg = open_registry(url)
+    push(reg, parse_ref("contract:v1"), digest, blobs, store.blobs)
+    victim = max(blobs, key=store.blobs.size)  # a chunk of the big file
+    corrupt(victim, "contract")
+    node = Store(tmp_path / "node")
+    with pytest.raises(IntegrityError, match=f"blob {victim}.* is corrupt"):
+        fetch(open_registry(url), parse_ref("contract:v1"), node.blobs)
+    assert not node.blobs.has(victim) and not node.blobs.has(digest), "nothing unverified, and no manifest"
+
+
+def test_an_interrupted_push_shows_no_tag_and_the_next_push_completes(registry_url, built):
+    url, _ = registry_url
+    store, digest, blobs, _ = built
+    reg = open_registry(url)
+    real_put, sent = reg.put_blob, []
+
+    def dying_put(name, d, path):
+        if len(sent) == 2:
+            raise RegistryError("connection lost (simulated)")
+        sent.append(d)
+        real_put(name, d, path)
+
+    reg.put_blob = dying_put
+    with pytest.raises(RegistryError, match="simulated"):
+        push(reg, parse_ref("contract:v1"), digest, blobs, store.blobs, jobs=1)
+    fresh = open_registry(url)
+    with pytest.raises(NotFound):
+        fresh.resolve(parse_ref("contract:v1"))
+    done = push(fresh, parse_ref("contract:v1"), digest, blobs, store.blobs)
+    assert done["blobs_sent"] == len(blobs) - 2, "the blobs that made it are not sent again"
+    assert fresh.resolve(parse_ref("contract:v1")) == digest
+
+
+def test_deleting_a_tag(registry_url, built):
+    url, _ = registry_url
+    store, digest, blobs, _ = built
+    reg = open_registry(url)
+    push(reg, parse_ref("contract:v1"), digest, blobs, store.blobs)
+    reg.delete(parse_ref("contract:v1"))
+    with pytest.raises(NotFound):
+        reg.resolve(parse_ref("contract:v1"))
+
+
+def test_wrong_credentials_and_no_credentials_are_refused(oci_registry_auth, monkeypatch):
+    host, user, _ = oci_registry_auth
+    monkeypatch.setenv("SNAPBUILD_REGISTRY_USERNAME", user)
+    monkeypatch.setenv("SNAPBUILD_REGISTRY_PASSWORD", "wrong")
+    with pytest.raises(RegistryError, match="not authorized"):
+        open_registry(f"oci://{host}/x").resolve(parse_ref("contract:v1"))
+    monkeypatch.delenv("SNAPBUILD_REGISTRY_USERNAME")
+    monkeypatch.delenv("SNAPBUILD_REGISTRY_PASSWORD")
+    monkeypatch.setenv("DOCKER_CONFIG", "/nonexistent")
+    with pytest.raises(RegistryError, match="not authorized"):
+        open_registry(f"oci://{host}/x").resolve(parse_ref("contract:v1"))
+
+
+def test_credentials_come_from_the_standard_auth_file(oci_registry_auth, monkeypatch, tmp_path):
+    import base64
+    import json
+
+    host, user, password = oci_registry_auth
+    auth = tmp_path / "auth.json"
+    auth.write_text(json.dumps({"auths": {host: {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}}}))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+    with pytest.raises(NotFound):  # authorized: the answer is about the snapshot, not the credentials
+        open_registry(f"oci://{host}/x").resolve(parse_ref("contract:v1"))
+
+
+def test_a_registry_that_is_down_fails_clearly_after_bounded_retries():
+    port = free_port()  # nothing listens there
+    t0 = time.monotonic()
+    with pytest.raises(RegistryError, match=r"resolving contract:v1 at oci://127.0.0.1:\d+/x: .*tried 4 times"):
+        open_registry(f"oci://127.0.0.1:{port}/x").resolve(parse_ref("contract:v1"))
+    assert time.monotonic() - t0 < 30, "retries are bounded"
