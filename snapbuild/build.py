@@ -24,13 +24,14 @@ def plan(recipe_path: str | Path, *, sets: dict | None = None, store: Store | No
 def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | None = None,
           jobs: int = 1, keep_going: bool = False, tag: str | None = None,
           registry: str | None = None, reporter: Reporter | None = None,
-          locked: bool = False) -> list[BuildResult]:
+          locked: bool = False, push: tuple[str, ...] | list[str] = ()) -> list[BuildResult]:
     """Build every matrix combination of a recipe; publish each that succeeds and has a tag.
 
     Returns one :class:`BuildResult` per combination; a failed one has ``ok == False`` and
     ``snapshot is None``. Recipe errors raise before anything runs. Floating references
     are recorded in the lock file after a successful build; with ``locked`` the build
-    refuses to start when they resolve differently from it.
+    refuses to start when they resolve differently from it. Each registry URL in
+    ``push`` gets the published snapshot too, after the local registry.
     """
     from . import lock
 
@@ -40,8 +41,11 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
     # Bad publishing options fail now, not after every step has run.
     if tag:
         snapshot_ref(tag, recipes[0].name)
-    if registry:
-        open_registry(registry)
+    for url in ([registry] if registry else []) + list(push):
+        open_registry(url)
+    if push and not (tag or all(r.tag for r in recipes)):
+        raise UsageError("--push sends the published snapshot, but this build publishes none",
+                         hint="give it a tag: --tag NAME:TAG, or `publish: {tag: ...}` in the recipe")
     if tag and len(recipes) > 1:
         raise UsageError(f"--tag names one snapshot but the recipe's matrix makes {len(recipes)}",
                          hint="set `publish: {tag: ...}` with a matrix variable in the recipe instead")
@@ -58,7 +62,7 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
                 reporter.plan(p)
                 result = execute(p, store, jobs=jobs, keep_going=keep_going, reporter=reporter)
                 if result.ok:
-                    _publish(recipe, result, store, tag or recipe.tag, registry)
+                    _publish(recipe, result, store, tag or recipe.tag, registry, push)
                 # The whole build (planning and publishing too), not just running steps.
                 result.duration_s = time.monotonic() - t0
                 results.append(result)
@@ -71,7 +75,8 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
     return results
 
 
-def _publish(recipe: Recipe, result: BuildResult, store: Store, tag: str | None, registry: str | None) -> None:
+def _publish(recipe: Recipe, result: BuildResult, store: Store, tag: str | None, registry: str | None,
+             push_to: tuple[str, ...] | list[str] = ()) -> None:
     steps = [{"name": r.name, "kind": r.kind, "key": r.key, "artifact": r.artifact} for r in result.steps.values()]
     outputs = {n: result.steps[n].artifact for n in recipe.publish_steps}
     runtime = None
@@ -93,3 +98,5 @@ def _publish(recipe: Recipe, result: BuildResult, store: Store, tag: str | None,
         push(reg, ref, digest, blobs, store.blobs)
         result.tag = str(ref)
         result.registry = reg.url
+        for url in push_to:
+            result.pushed.append(push(open_registry(url), ref, digest, blobs, store.blobs))

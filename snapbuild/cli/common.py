@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -62,5 +63,22 @@ set_option = click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
                           help="Set a template variable (overrides `vars:`; a matrix variable picks one combination). Repeatable.")
 json_option = click.option("--json", "as_json", is_flag=True, callback=_remember_json, is_eager=True,
                            help="Print machine-readable JSON on stdout (errors too).")
-registry_option = click.option("--registry", metavar="URL", default=None,
-                               help="Registry to use (default: file://$SNAPBUILD_HOME/registry).")
+REGISTRY_URLS = "file:///PATH, s3://BUCKET/PREFIX or oci://HOST[:PORT]/REPO"
+
+
+def _s3_endpoint(ctx, param, value):
+    if value:  # read where every s3:// registry is opened, however deep
+        os.environ["SNAPBUILD_S3_ENDPOINT"] = value
+    return value
+
+
+s3_endpoint_option = click.option("--s3-endpoint", metavar="URL", callback=_s3_endpoint, expose_value=False,
+                                  help="Endpoint of an S3-compatible store, for s3:// registries "
+                                       "(also SNAPBUILD_S3_ENDPOINT, or boto3's AWS_ENDPOINT_URL).")
+
+
+def registry_option(f):
+    """``--registry URL`` and ``--s3-endpoint URL``."""
+    f = s3_endpoint_option(f)
+    return click.option("--registry", metavar="URL", default=None,
+                        help=f"Registry to use: {REGISTRY_URLS} (default: file://$SNAPBUILD_HOME/registry).")(f)

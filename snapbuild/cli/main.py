@@ -72,11 +72,13 @@ def plan(recipe, sets, as_json):
 @click.option("-k", "--keep-going", is_flag=True, help="After a failure, finish the steps that do not depend on it.")
 @click.option("--progress", type=click.Choice(["auto", "tty", "plain", "none"]), default="auto", show_default=True,
               help="Progress display on stderr: live on a terminal, one line per event otherwise.")
+@click.option("--push", "push_to", metavar="URL", multiple=True,
+              help="After publishing, push the snapshot to this registry too (repeatable).")
 @click.option("--locked", is_flag=True,
               help="Refuse to build when a floating reference (Hub revision, S3 object, image tag) resolves "
                    "differently from RECIPE.lock.")
 @json_option
-def build(recipe, sets, tag, registry, jobs, keep_going, progress, locked, as_json):
+def build(recipe, sets, tag, registry, jobs, keep_going, progress, push_to, locked, as_json):
     """Build a recipe: run what is not cached, then assemble and publish the snapshot.
 
     \b
@@ -90,7 +92,7 @@ def build(recipe, sets, tag, registry, jobs, keep_going, progress, locked, as_js
     from ..recipe import parse_sets
 
     results = run_build(recipe, sets=parse_sets(sets), jobs=jobs, keep_going=keep_going, tag=tag,
-                        registry=registry, reporter=make_reporter(progress), locked=locked)
+                        registry=registry, reporter=make_reporter(progress), locked=locked, push=push_to)
     if as_json:
         if len(results) == 1:
             emit_json(results[0].to_json())
@@ -107,6 +109,9 @@ def build(recipe, sets, tag, registry, jobs, keep_going, progress, locked, as_js
                 click.echo(f"  snapshot {r.snapshot}")
             if r.tag:
                 click.echo(f"  published {r.tag} to {r.registry}")
+            for p in r.pushed:
+                click.echo(f"  pushed to {p['registry']}: {p['blobs_sent']} of {p['blobs']} blobs sent, "
+                           f"{_size(p['bytes_sent'])}")
     failed = [f"{r.build_id}/{n}" for r in results for n in r.failed]
     if failed or not all(r.ok for r in results):
         err = BuildFailed(f"build failed: {', '.join(failed) or 'steps were skipped'}",
@@ -179,6 +184,92 @@ def inspect(ref, registry, as_json):
     click.echo("  steps:")
     for s in info["steps"]:
         click.echo(f"    {s['name']:<16} {s['kind']:<10} {s['key'][:12]}")
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("dest", metavar="DEST_URL")
+@click.option("--as", "as_ref", metavar="NAME:TAG", help="Name and tag at the destination (default: the same as REF).")
+@registry_option
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Blobs in flight at once.")
+@json_option
+def push(ref, dest, as_ref, registry, jobs, as_json):
+    """Copy snapshot REF from the local registry (or --registry) to DEST_URL.
+
+    Only the blobs DEST_URL lacks are sent, in parallel, each checked against its
+    digest; the tag is written last, so a push that is interrupted shows nothing at
+    the destination, and running it again sends what is still missing.
+
+    \b
+      snapbuild push torch-mlp:dev oci://registry.example:5000/snapshots
+      snapbuild push torch-mlp:dev s3://my-bucket/snapshots --s3-endpoint http://127.0.0.1:9000
+    """
+    from ..registry import default_registry_url, open_registry, parse_ref
+    from ..registry.transfer import copy
+    from ..store import Store
+
+    store = Store()
+    src_ref = parse_ref(ref)
+    with store.using():
+        out = copy(open_registry(registry or default_registry_url(store.home)), src_ref, open_registry(dest),
+                   parse_ref(as_ref) if as_ref else src_ref, store.blobs, jobs=jobs)
+    if as_json:
+        emit_json(out)
+        return
+    click.echo(f"pushed {out['ref']} ({out['digest'][:19]}) to {out['registry']}: {out['blobs_sent']} of "
+               f"{out['blobs']} blobs sent, {_size(out['bytes_sent'])}, in {out['seconds']:.2f}s")
+
+
+@cli.command()
+@click.argument("ref")
+@registry_option
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Blobs in flight at once.")
+@json_option
+def pull(ref, registry, jobs, as_json):
+    """Fetch snapshot REF from --registry into the local store and tag it in the local
+    registry, so that `snapbuild run REF` and `inspect REF` work here without --registry.
+
+    Every blob is checked against its digest; what the store already holds is not
+    fetched again.
+    """
+    from ..registry import default_registry_url, open_registry, parse_ref
+    from ..registry.transfer import copy
+    from ..store import Store
+
+    store = Store()
+    r = parse_ref(ref)
+    local = default_registry_url(store.home)
+    with store.using():
+        out = copy(open_registry(registry or local), r, open_registry(local), r, store.blobs, jobs=jobs)
+    if as_json:
+        emit_json(out)
+        return
+    click.echo(f"pulled {out['ref']} ({out['digest'][:19]}): {out['blobs_fetched']} blobs fetched, "
+               f"{_size(out['bytes_fetched'])}")
+
+
+@cli.command(name="rm")
+@click.argument("ref")
+@registry_option
+@json_option
+def remove(ref, registry, as_json):
+    """Remove tag NAME:TAG (or with NAME@sha256:..., the tags of that manifest) from a
+    registry. On oci:// the manifest itself is deleted, with every tag that names it
+    (the distribution API deletes by digest). Blobs stay until the registry's own
+    garbage collection (`snapbuild cache gc` for the local one)."""
+    from ..registry import default_registry_url, open_registry, parse_ref
+    from ..store import Store
+
+    reg = open_registry(registry or default_registry_url(Store().home))
+    r = parse_ref(ref)
+    digest = reg.resolve(r)
+    reg.delete(r)
+    if as_json:
+        emit_json({"removed": str(r), "digest": digest, "registry": reg.url})
+        return
+    click.echo(f"removed {r} ({digest[:19]}) from {reg.url}")
 
 
 @cli.command(name="lock")

@@ -54,6 +54,7 @@ class BuildResult:
     snapshot: str | None = None
     tag: str | None = None
     registry: str | None = None
+    pushed: list[dict] = field(default_factory=list)  # one report per --push registry
     duration_s: float = 0.0
 
     @property
@@ -68,6 +69,8 @@ class BuildResult:
         out = {"steps": [r.to_json() for r in self.steps.values()], "snapshot": self.snapshot}
         if self.tag:
             out["tag"] = self.tag
+        if self.pushed:
+            out["pushed"] = self.pushed
         return out
 
 

@@ -66,3 +66,12 @@ def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: st
     dest.put(manifest_bytes)  # last: a manifest in the store means its blobs are there
     return {"digest": digest, "manifest": manifest, "blobs_fetched": len(missing), "bytes_fetched": fetched,
             "resolve_s": round(t_resolve - t0, 4), "fetch_s": round(time.monotonic() - t_resolve, 4)}
+
+
+def copy(src: Registry, ref: Ref, dst: Registry, dst_ref: Ref, store: BlobStore, *, jobs: int = 8) -> dict:
+    """Snapshot ``ref`` of ``src`` to ``dst`` as ``dst_ref``, through the local store
+    (what it already holds is not fetched; everything is verified on the way in)."""
+    got = fetch(src, ref, store, jobs=jobs)
+    out = push(dst, dst_ref, got["digest"], referenced_blobs(got["manifest"]), store, jobs=jobs)
+    return {**out, "source": f"{src.url} {ref}", "blobs_fetched": got["blobs_fetched"],
+            "bytes_fetched": got["bytes_fetched"]}

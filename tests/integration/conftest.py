@@ -141,7 +141,9 @@ def s3_server():
 
 @pytest.fixture
 def aws_env(monkeypatch):
-    """Credentials for moto (any will do; they must never show up anywhere)."""
+    """Credentials for moto (any will do; they must never show up anywhere), and a dead
+    default endpoint, so that a call that forgets the test server fails here instead of
+    going out to AWS."""
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}.items():
         monkeypatch.setenv(k, v)

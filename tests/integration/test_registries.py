@@ -218,3 +218,61 @@ def test_a_registry_that_is_down_fails_clearly_after_bounded_retries():
     with pytest.raises(RegistryError, match=r"resolving contract:v1 at oci://127.0.0.1:\d+/x: .*tried 4 times"):
         open_registry(f"oci://127.0.0.1:{port}/x").resolve(parse_ref("contract:v1"))
     assert time.monotonic() - t0 < 30, "retries are bounded"
+
+
+def test_commands_push_pull_ls_rm_and_build_push(oci_registry, s3_server, aws_env, built, run_cli, tmp_path):
+    store, digest, _, path = built
+    bucket = f"ci-{time.monotonic_ns()}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    oci, s3 = f"oci://{oci_registry}/ci{time.monotonic_ns()}", f"s3://{bucket}/snaps"
+    r = run_cli("build", path, "--push", oci, "--push", s3, "--s3-endpoint", s3_server, "--json")
+    assert r.code == 0, r
+    pushed = r.json()["pushed"]
+    assert [p["registry"] for p in pushed] == [oci, s3] and all(p["digest"] == digest for p in pushed)
+    r = run_cli("ls", "--registry", oci, "--json")
+    assert r.json()["snapshots"] == [{"name": "contract", "tag": "v1", "digest": digest}], r
+
+    node = {"SNAPBUILD_HOME": str(tmp_path / "node-home"), "SNAPBUILD_S3_ENDPOINT": s3_server}
+    r = run_cli("pull", "contract:v1", "--registry", s3, "--json", env=node)
+    assert r.code == 0 and r.json()["blobs_fetched"] > 0, r
+    r = run_cli("inspect", "contract:v1", "--json", env=node)  # now in the node's own registry
+    assert r.code == 0 and r.json()["digest"] == digest, r
+    r = run_cli("pull", "contract:v1", "--registry", s3, "--json", env=node)
+    assert r.json()["blobs_fetched"] == 0, "nothing fetched twice"
+
+    out = tmp_path / "out"
+    r = run_cli("pull", "contract:v1", "--registry", oci, "--dest", out, tool="snapbuild-runner",
+                env={"SNAPBUILD_HOME": str(tmp_path / "runner-home")})
+    assert r.code == 0, r
+    assert (out / "data" / "out.txt").read_text() == "print('v1')\n"
+
+    r = run_cli("push", "contract:v1", oci, "--as", "contract:copy", "--json")
+    assert r.code == 0 and r.json()["blobs_sent"] == 0, r
+    r = run_cli("rm", "contract:v1", "--registry", s3, "--s3-endpoint", s3_server)
+    assert r.code == 0 and "removed contract:v1" in r.out, r
+    r = run_cli("inspect", "contract:v1", "--registry", s3, env={"SNAPBUILD_S3_ENDPOINT": s3_server})
+    assert r.code == 6 and "no tag 'v1'" in r.err, r
+    r = run_cli("push", "contract:v1", "ftp://example/x")
+    assert r.code == 2 and "scheme 'ftp' is not supported" in r.err, r
+
+
+def test_a_process_snapshot_restores_from_an_oci_registry(oci_registry, recipe, store, tmp_path):
+    from test_criu_snapshots import counter_recipe
+    from snapbuild.runner.restore import run, stop
+    from testkit import post
+
+    port = free_port()
+    url = f"oci://{oci_registry}/nodes{time.monotonic_ns()}"
+    [res] = build(counter_recipe(recipe, port), store=store)
+    assert res.ok
+    manifest = parse_manifest(store.blobs.get(res.snapshot), res.snapshot)
+    push(open_registry(url), parse_ref("counter:v1"), res.snapshot, referenced_blobs(manifest), store.blobs)
+    node = Store(tmp_path / "node")
+    out = run("counter:v1", registry=url, store=node)
+    try:
+        assert out["mode"] == "restore", out
+        assert post(port, "/count")["count"] == 3
+    finally:
+        stop(out["pid"])
