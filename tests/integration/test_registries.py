@@ -276,3 +276,41 @@ def test_a_process_snapshot_restores_from_an_oci_registry(oci_registry, recipe, 
         assert post(port, "/count")["count"] == 3
     finally:
         stop(out["pid"])
+
+
+def test_registry_garbage_collection_keeps_every_chunk_of_a_snapshot(built, tmp_path):
+    """Every chunk is a layer of the manifest, so the registry's own gc (`docker-registry
+    garbage-collect`) keeps them all, while it does remove a blob nothing references."""
+    import subprocess
+
+    from conftest import _serve_registry
+
+    store, digest, blobs, _ = built
+    root = tmp_path / "gc-registry"
+    root.mkdir()
+    proc, host = _serve_registry(root)
+    try:
+        reg = open_registry(f"oci://{host}/gc")
+        push(reg, parse_ref("contract:v1"), digest, blobs, store.blobs)
+        orphan = tmp_path / "orphan"
+        orphan.write_bytes(b"referenced by no manifest")
+        from snapbuild.registry.base import sha256_of
+
+        orphan_digest = sha256_of(orphan.read_bytes())
+        reg.put_blob("contract", orphan_digest, orphan)
+        assert reg.has_blob("contract", orphan_digest)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    gc = subprocess.run(["docker-registry", "garbage-collect", str(root / "config.yml")], capture_output=True,
+                        text=True, timeout=120)
+    assert gc.returncode == 0, gc.stderr
+    proc, host2 = _serve_registry(root)
+    try:
+        reg = open_registry(f"oci://{host2}/gc")
+        assert not reg.has_blob("contract", orphan_digest), "gc ran and removed what no manifest names"
+        got = fetch(reg, parse_ref("contract:v1"), Store(tmp_path / "node").blobs)
+        assert got["digest"] == digest and got["blobs_fetched"] == len(blobs)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
