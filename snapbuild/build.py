@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .exec import BuildResult, execute
+from .exec import BUILT, CACHED, BuildResult, execute
 from .exec.report import NullReporter, Reporter
 from .plan import Plan, make_plan
 from .recipe import Recipe, load_recipe
 from .errors import UsageError
 from .registry import default_registry_url, open_registry, snapshot_ref
+from . import remote_cache
 from .registry.transfer import push
 from .store import Store
 from .store.snapshot import assemble
@@ -24,14 +25,17 @@ def plan(recipe_path: str | Path, *, sets: dict | None = None, store: Store | No
 def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | None = None,
           jobs: int = 1, keep_going: bool = False, tag: str | None = None,
           registry: str | None = None, reporter: Reporter | None = None,
-          locked: bool = False, push: tuple[str, ...] | list[str] = ()) -> list[BuildResult]:
+          locked: bool = False, push: tuple[str, ...] | list[str] = (),
+          cache_from: tuple[str, ...] | list[str] = (), cache_to: tuple[str, ...] | list[str] = ()) -> list[BuildResult]:
     """Build every matrix combination of a recipe; publish each that succeeds and has a tag.
 
     Returns one :class:`BuildResult` per combination; a failed one has ``ok == False`` and
     ``snapshot is None``. Recipe errors raise before anything runs. Floating references
     are recorded in the lock file after a successful build; with ``locked`` the build
     refuses to start when they resolve differently from it. Each registry URL in
-    ``push`` gets the published snapshot too, after the local registry.
+    ``push`` gets the published snapshot too, after the local registry. Step results
+    are looked up in the ``cache_from`` registries before running (see
+    :mod:`.remote_cache`) and sent to the ``cache_to`` ones after.
     """
     from . import lock
 
@@ -41,7 +45,7 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
     # Bad publishing options fail now, not after every step has run.
     if tag:
         snapshot_ref(tag, recipes[0].name)
-    for url in ([registry] if registry else []) + list(push):
+    for url in ([registry] if registry else []) + list(push) + list(cache_from) + list(cache_to):
         open_registry(url)
     if push and not (tag or all(r.tag for r in recipes)):
         raise UsageError("--push sends the published snapshot, but this build publishes none",
@@ -59,8 +63,13 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
                 resolved[recipe.build_id] = lock.entries(p)
                 if locked:
                     lock.check(recipe_path, recipe.build_id, resolved[recipe.build_id])
+                if cache_from:
+                    for name, url in remote_cache.apply(p, store, list(cache_from), say=reporter.note).items():
+                        p.steps[name].reason = f"in remote cache {url}"
                 reporter.plan(p)
                 result = execute(p, store, jobs=jobs, keep_going=keep_going, reporter=reporter)
+                for url in cache_to:
+                    _share(result, store, url, reporter)
                 if result.ok:
                     _publish(recipe, result, store, tag or recipe.tag, registry, push)
                 # The whole build (planning and publishing too), not just running steps.
@@ -73,6 +82,21 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
     finally:
         reporter.close()
     return results
+
+
+def _share(result: BuildResult, store: Store, url: str, reporter: Reporter) -> None:
+    """Send the step results this store holds to the remote cache at ``url``."""
+    reg = open_registry(url)
+    sent = 0
+    for r in result.steps.values():
+        if r.status not in (BUILT, CACHED) or not r.artifact:
+            continue
+        ref = store.get_ref(r.key)
+        if ref is None or not store.is_complete(ref):
+            continue  # a remote hit this build did not need to download
+        if remote_cache.upload(reg, store, ref) is not None:
+            sent += 1
+    reporter.note(f"remote cache: {sent} step result(s) sent to {reg.url}")
 
 
 def _publish(recipe: Recipe, result: BuildResult, store: Store, tag: str | None, registry: str | None,

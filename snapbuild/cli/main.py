@@ -74,11 +74,16 @@ def plan(recipe, sets, as_json):
               help="Progress display on stderr: live on a terminal, one line per event otherwise.")
 @click.option("--push", "push_to", metavar="URL", multiple=True,
               help="After publishing, push the snapshot to this registry too (repeatable).")
+@click.option("--cache-from", metavar="URL", multiple=True,
+              help="Look up step results in this registry before running a step (repeatable; first hit wins).")
+@click.option("--cache-to", metavar="URL", multiple=True,
+              help="Send the step results of this build to this registry's cache (repeatable).")
 @click.option("--locked", is_flag=True,
               help="Refuse to build when a floating reference (Hub revision, S3 object, image tag) resolves "
                    "differently from RECIPE.lock.")
 @json_option
-def build(recipe, sets, tag, registry, jobs, keep_going, progress, push_to, locked, as_json):
+def build(recipe, sets, tag, registry, jobs, keep_going, progress, push_to, cache_from, cache_to, locked,
+          as_json):
     """Build a recipe: run what is not cached, then assemble and publish the snapshot.
 
     \b
@@ -92,7 +97,8 @@ def build(recipe, sets, tag, registry, jobs, keep_going, progress, push_to, lock
     from ..recipe import parse_sets
 
     results = run_build(recipe, sets=parse_sets(sets), jobs=jobs, keep_going=keep_going, tag=tag,
-                        registry=registry, reporter=make_reporter(progress), locked=locked, push=push_to)
+                        registry=registry, reporter=make_reporter(progress), locked=locked, push=push_to,
+                        cache_from=cache_from, cache_to=cache_to)
     if as_json:
         if len(results) == 1:
             emit_json(results[0].to_json())

@@ -86,7 +86,7 @@ def execute(plan: Plan, store: Store, *, jobs: int = 1, keep_going: bool = False
         if ps.action == "cached" and recipe.steps[name].kind.ephemeral:
             statuses[name] = StepResult(name, ps.kind, ps.key, CACHED)
         elif ps.action == "cached":
-            statuses[name] = StepResult(name, ps.kind, ps.key, CACHED, artifact=ps.artifact)
+            statuses[name] = StepResult(name, ps.kind, ps.key, CACHED, artifact=ps.artifact, reason=ps.reason or None)
             store.touch_ref(ps.key)
             _record_state(store, recipe.build_id, ps, CACHED)
 

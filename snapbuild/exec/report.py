@@ -19,6 +19,7 @@ class Reporter(Protocol):
     def plan(self, plan: Plan) -> None: ...
     def step_started(self, step: PlannedStep) -> None: ...
     def step_done(self, result) -> None: ...
+    def note(self, text: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -26,6 +27,7 @@ class NullReporter:
     def plan(self, plan): pass
     def step_started(self, step): pass
     def step_done(self, result): pass
+    def note(self, text): pass
     def close(self): pass
 
 
@@ -69,6 +71,9 @@ class PlainReporter(NullReporter):
 
     def step_started(self, step):
         self._line(f"start   {step.name} [{step.kind} {step.short_key}]")
+
+    def note(self, text):
+        self._line(text)
 
     def step_done(self, result):
         self._line(_describe(result))
@@ -115,6 +120,9 @@ class RichReporter(NullReporter):
             self.console.print(f"tip: {result.hint}", style="cyan", markup=False, highlight=False)
         self.progress.advance(self.task)
         self._describe_running()
+
+    def note(self, text):
+        self.console.print(text, style="dim", markup=False, highlight=False)
 
     def close(self):
         self.progress.stop()

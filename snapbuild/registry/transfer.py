@@ -45,14 +45,15 @@ def push(reg: Registry, ref: Ref, manifest_digest: str, blobs: list[str], source
 
 
 def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: str | None = None,
-          skip_check: bool = False) -> dict:
+          skip_check: bool = False, parse=parse_manifest) -> dict:
     """Bring snapshot ``ref`` (resolved to ``digest`` when given) from ``reg`` into the
     store of ``dest``: the blobs it lacks, verified. ``skip_check`` trusts that the
-    store holds them all. Returns the manifest, its digest, counts and timings."""
+    store holds them all; ``parse`` checks the manifest (a snapshot's by default).
+    Returns the manifest, its digest, counts and timings."""
     t0 = time.monotonic()
     digest = digest or reg.resolve(ref)
     manifest_bytes = reg.get_manifest(ref.name, digest) if not dest.has(digest) else dest.get(digest)
-    manifest = parse_manifest(manifest_bytes, digest)
+    manifest = parse(manifest_bytes, digest)
     t_resolve = time.monotonic()
     missing = [] if skip_check else [d for d in referenced_blobs(manifest) if not dest.has(d)]
 

@@ -52,10 +52,34 @@ def assemble(blobs: BlobStore, *, name: str, variant: dict, steps: list[dict],
     config_bytes = canonical_json(config)
     config_digest = blobs.put(config_bytes)
 
-    layers = []
-    seen: set[str] = set()
-    chunk_layers = []
-    for step_name, tree_digest in sorted(outputs.items()):
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_MEDIA_TYPE,
+        "artifactType": ARTIFACT_TYPE,
+        "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": config_digest, "size": len(config_bytes)},
+        "layers": chunk_layers(blobs, outputs),
+        "annotations": {TITLE: name, **(annotations or {})},
+    }
+    digest = blobs.put(canonical_json(manifest))
+    return digest, [config_digest] + [layer["digest"] for layer in manifest["layers"]]
+
+
+def parse_manifest(data: bytes, digest: str, artifact_type: str = ARTIFACT_TYPE,
+                   config_type: str = CONFIG_MEDIA_TYPE) -> dict:
+    try:
+        manifest = json.loads(data)
+    except ValueError:
+        raise IntegrityError(f"manifest {digest} is not JSON") from None
+    if manifest.get("artifactType") != artifact_type or manifest.get("config", {}).get("mediaType") != config_type:
+        what = "a snapbuild snapshot" if artifact_type == ARTIFACT_TYPE else f"a {artifact_type}"
+        raise IntegrityError(f"{digest} is not {what} (artifactType {manifest.get('artifactType')!r})")
+    return manifest
+
+
+def chunk_layers(blobs: BlobStore, tree_digests: dict[str, str]) -> list[dict]:
+    """Layer descriptors for trees (titled by step name), then every chunk they name, once."""
+    layers, chunks, seen = [], [], set()
+    for step_name, tree_digest in sorted(tree_digests.items()):
         layers.append({"mediaType": TREE_MEDIA_TYPE, "digest": tree_digest,
                        "size": blobs.size(tree_digest), "annotations": {TITLE: step_name}})
         seen.add(tree_digest)
@@ -64,29 +88,8 @@ def assemble(blobs: BlobStore, *, name: str, variant: dict, steps: list[dict],
                 d = ref.get("digest")
                 if d and d not in seen:
                     seen.add(d)
-                    chunk_layers.append({"mediaType": CHUNK_MEDIA_TYPES[ref["enc"]], "digest": d,
-                                         "size": blobs.size(d)})
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": MANIFEST_MEDIA_TYPE,
-        "artifactType": ARTIFACT_TYPE,
-        "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": config_digest, "size": len(config_bytes)},
-        "layers": layers + chunk_layers,
-        "annotations": {TITLE: name, **(annotations or {})},
-    }
-    digest = blobs.put(canonical_json(manifest))
-    return digest, [config_digest] + [layer["digest"] for layer in manifest["layers"]]
-
-
-def parse_manifest(data: bytes, digest: str) -> dict:
-    try:
-        manifest = json.loads(data)
-    except ValueError:
-        raise IntegrityError(f"manifest {digest} is not JSON") from None
-    if manifest.get("artifactType") != ARTIFACT_TYPE or manifest.get("config", {}).get("mediaType") != CONFIG_MEDIA_TYPE:
-        raise IntegrityError(f"{digest} is not a snapbuild snapshot (artifactType "
-                             f"{manifest.get('artifactType')!r})")
-    return manifest
+                    chunks.append({"mediaType": CHUNK_MEDIA_TYPES[ref["enc"]], "digest": d, "size": blobs.size(d)})
+    return layers + chunks
 
 
 def referenced_blobs(manifest: dict) -> list[str]:

@@ -361,3 +361,27 @@ def test_a_push_killed_at_random_moments_shows_nothing_partial_and_completes_on_
     assert r.code == 0, r
     got = fetch(open_registry(url), parse_ref("big:v1"), Store(tmp_path / "node").blobs)
     assert got["digest"] == res.snapshot
+
+
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_a_tag_that_names_a_missing_manifest_is_reported(kind, request, built, tmp_path, monkeypatch):
+    """(An OCI registry keeps tags and manifests together: deleting one deletes both.)"""
+    store, digest, blobs, _ = built
+    if kind == "file":
+        url = f"file://{tmp_path / 'reg'}"
+        lose = lambda: (tmp_path / "reg" / "contract" / "blobs" / "sha256" / digest.split(":")[1]).unlink()  # noqa: E731
+    else:
+        import boto3
+
+        server = request.getfixturevalue("s3_server")
+        request.getfixturevalue("aws_env")
+        monkeypatch.setenv("SNAPBUILD_S3_ENDPOINT", server)
+        bucket = f"lost-{time.monotonic_ns()}"
+        s3 = boto3.client("s3", endpoint_url=server)
+        s3.create_bucket(Bucket=bucket)
+        url = f"s3://{bucket}/p"
+        lose = lambda: s3.delete_object(Bucket=bucket, Key=f"p/blobs/sha256/{digest.split(':')[1]}")  # noqa: E731
+    push(open_registry(url), parse_ref("contract:v1"), digest, blobs, store.blobs)
+    lose()
+    with pytest.raises(NotFound, match=f"{digest}.*not in"):
+        fetch(open_registry(url), parse_ref("contract:v1"), Store(tmp_path / "node").blobs)
