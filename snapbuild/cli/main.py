@@ -4,6 +4,7 @@ function, and renders its result; all the work lives in the library."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -276,6 +277,55 @@ def remove(ref, registry, as_json):
         emit_json({"removed": str(r), "digest": digest, "registry": reg.url})
         return
     click.echo(f"removed {r} ({digest[:19]}) from {reg.url}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+@json_option
+def keygen(path, as_json):
+    """Make an ed25519 key pair for signing snapshots: PATH (private, mode 0600) and
+    PATH.pub (public, for trust policies). Keep the private key in your CI's secrets."""
+    from ..signing import key_id, keygen as make, load_public_key
+
+    private, public = make(path)
+    kid = key_id(load_public_key(public))
+    if as_json:
+        emit_json({"private_key": str(private), "public_key": str(public), "key_id": kid})
+        return
+    click.echo(f"wrote {private} (private) and {public} (public), key id {kid}")
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--key", "key_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The private key (from `snapbuild keygen`).")
+@registry_option
+@json_option
+def sign(ref, key_path, registry, as_json):
+    """Sign snapshot REF in a registry with an ed25519 key.
+
+    The signature is stored beside the snapshot, as an OCI referrer of its manifest
+    (with the OCI 1.1 fallback tag `sha256-<hex>` for registries without the referrers
+    API). Nodes check it with `snapbuild-runner restore --trust-policy FILE`.
+    """
+    from ..registry import default_registry_url, open_registry, parse_ref
+    from ..signing import sign as do_sign
+    from ..store import Store
+
+    store = Store()
+    scratch = store.scratch("sign")
+    try:
+        out = do_sign(open_registry(registry or default_registry_url(store.home)), parse_ref(ref), Path(key_path),
+                      scratch)
+    finally:
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+    if as_json:
+        emit_json(out)
+        return
+    click.echo(f"signed {out['ref']} ({out['digest'][:19]}) with key {out['key_id'][:19]}: signature "
+               f"{out['signature'][:19]} in {out['registry']}")
 
 
 @cli.command(name="lock")

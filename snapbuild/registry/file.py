@@ -20,7 +20,7 @@ from pathlib import Path
 from ..errors import IntegrityError, NotFound, RegistryError
 from ..store.blobs import BlobStore
 from ..store.fsutil import atomic_write, flock, read_json
-from ..store.snapshot import ARTIFACT_TYPE, MANIFEST_MEDIA_TYPE
+from ..store.snapshot import MANIFEST_MEDIA_TYPE
 from .ref import Ref
 
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -93,8 +93,12 @@ class FileRegistry:
                    for m in index["manifests"]):
                 return  # already tagged: a no-op rebuild writes nothing
             manifests = [m for m in index["manifests"] if m.get("annotations", {}).get(REF_NAME) != tag]
-            manifests.append({"mediaType": MANIFEST_MEDIA_TYPE, "digest": digest, "size": len(data),
-                              "artifactType": ARTIFACT_TYPE, "annotations": {REF_NAME: tag}})
+            doc = json.loads(data)
+            entry = {"mediaType": doc.get("mediaType", MANIFEST_MEDIA_TYPE), "digest": digest, "size": len(data),
+                     "annotations": {REF_NAME: tag}}
+            if doc.get("artifactType"):
+                entry["artifactType"] = doc["artifactType"]
+            manifests.append(entry)
             index["manifests"] = sorted(manifests, key=lambda m: m["annotations"][REF_NAME])
             atomic_write(repo / "index.json", json.dumps(index, indent=2).encode() + b"\n")
 

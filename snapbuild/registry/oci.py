@@ -213,7 +213,7 @@ class OciRegistry:
     def put_manifest(self, name: str, digest: str, data: bytes, tag: str | None) -> None:
         self._request("PUT", f"/v2/{self._repo(name)}/manifests/{tag or digest}", scope=self._scope(name, "pull,push"),
                       what=f"writing manifest of {name}", ok=(201,), data=data,
-                      headers={"Content-Type": MANIFEST_MEDIA_TYPE})
+                      headers={"Content-Type": json.loads(data).get("mediaType", MANIFEST_MEDIA_TYPE)})
 
     def resolve(self, ref: Ref) -> str:
         target = ref.digest or ref.tag

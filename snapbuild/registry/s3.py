@@ -15,6 +15,7 @@ instance roles, ...); the endpoint of an S3-compatible store from ``--s3-endpoin
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -105,7 +106,7 @@ class S3Registry:
     # -- manifests and tags ----------------------------------------------------------------
     def put_manifest(self, name: str, digest: str, data: bytes, tag: str | None) -> None:
         self._call("writing a manifest", self.client.put_object, Bucket=self.bucket, Key=self._blob_key(digest),
-                   Body=data, ContentType="application/vnd.oci.image.manifest.v1+json")
+                   Body=data, ContentType=json.loads(data).get("mediaType", "application/json"))
         if tag:
             self._call(f"tagging {name}:{tag}", self.client.put_object, Bucket=self.bucket,
                        Key=self._tag_key(name, tag), Body=digest.encode())

@@ -20,9 +20,10 @@ def _parser() -> argparse.ArgumentParser:
                           description="Fetch the blobs of a snapshot that this node lacks, verifying each "
                                       "against its digest; with --dest, write every output to DEST/<step>/.")
     pull.add_argument("ref", help="NAME:TAG or NAME@sha256:...")
-    pull.add_argument("--registry", metavar="URL", help="registry URL (default: file://$SNAPBUILD_HOME/registry)")
+    pull.add_argument("--registry", metavar="URL", help=REGISTRY_HELP)
     pull.add_argument("--dest", metavar="DIR", type=Path, help="write the snapshot's outputs here")
     pull.add_argument("--jobs", type=int, default=4, help="parallel blob fetches (default: 4)")
+    pull.add_argument("--trust-policy", metavar="FILE", type=Path, help=TRUST_HELP)
     pull.add_argument("--json", action="store_true", help="print the result as JSON")
 
     rs = sub.add_parser("restore", help="start a snapshot's server: restored warm, or booted cold",
@@ -35,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
                         description="Print the end of the server log of a snapshot started here (restored "
                                     "or cold): the same file before and after a restore.")
     lg.add_argument("ref", help="NAME:TAG or NAME@sha256:...")
-    lg.add_argument("--registry", metavar="URL", help="registry URL (default: file://$SNAPBUILD_HOME/registry)")
+    lg.add_argument("--registry", metavar="URL", help=REGISTRY_HELP)
     lg.add_argument("-n", "--lines", type=int, default=50, help="how many lines from the end (default: 50)")
     gc = sub.add_parser("gc", help="free node caches that no pulled snapshot uses",
                         description="Let go of the written-out input trees, checkpoint images and unpacked "
@@ -53,9 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+REGISTRY_HELP = ("registry URL: file:///PATH, s3://BUCKET/PREFIX or oci://HOST[:PORT]/REPO (default: "
+                 "file://$SNAPBUILD_HOME/registry; s3:// takes its endpoint from SNAPBUILD_S3_ENDPOINT or "
+                 "AWS_ENDPOINT_URL)")
+TRUST_HELP = ("a trust policy (JSON) naming the public keys that may sign each snapshot name: a snapshot it "
+              "does not accept is refused before it is fetched (exit 8)")
+
+
 def add_restore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ref", help="NAME:TAG or NAME@sha256:...")
-    p.add_argument("--registry", metavar="URL", help="registry URL (default: file://$SNAPBUILD_HOME/registry)")
+    p.add_argument("--registry", metavar="URL", help=REGISTRY_HELP)
+    p.add_argument("--trust-policy", metavar="FILE", type=Path, help=TRUST_HELP)
     p.add_argument("--fallback", choices=["cold", "fail"], default="cold",
                    help="when restoring is impossible: boot cold (default) or fail (exit 9)")
     p.add_argument("--publish", metavar="HOST[:CONTAINER]",
@@ -91,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "pull":
             from .pull import pull
 
-            result = pull(args.ref, registry=args.registry, dest=args.dest, jobs=args.jobs)
+            result = pull(args.ref, registry=args.registry, dest=args.dest, jobs=args.jobs,
+                          trust_policy=args.trust_policy)
             result.pop("config")
             if args.json:
                 print(json.dumps(result, indent=2))
@@ -104,8 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "restore":
             from .restore import run
 
-            print_restore(run(args.ref, registry=args.registry, fallback=args.fallback, publish=args.publish),
-                          args.json)
+            print_restore(run(args.ref, registry=args.registry, fallback=args.fallback, publish=args.publish,
+                              trust_policy=args.trust_policy), args.json)
         elif args.command == "logs":
             from .restore import server_log
 

@@ -17,19 +17,27 @@ from ..store.tree import load_tree, materialize
 
 
 def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
-         store: Store | None = None, jobs: int = 4) -> dict:
+         store: Store | None = None, jobs: int = 4, trust_policy: Path | None = None) -> dict:
     """Fetch the blobs of snapshot ``text`` that the node lacks (verified), and, with
-    ``dest``, write each output to ``dest/<step>/``. Returns what happened, with timings."""
+    ``dest``, write each output to ``dest/<step>/``. With ``trust_policy``, the snapshot
+    must carry a signature the policy accepts, checked before anything else is fetched.
+    Returns what happened, with timings."""
     store = store or Store()
     with store.using():  # keeps `cache gc` from running under a pull
-        return _pull(text, registry, dest, store, jobs)
+        return _pull(text, registry, dest, store, jobs, trust_policy)
 
 
-def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs: int) -> dict:
+def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs: int,
+          trust_policy: Path | None = None) -> dict:
     t0 = time.monotonic()
     reg = open_registry(registry or default_registry_url(store.home))
     ref = parse_ref(text)
     digest = reg.resolve(ref)
+    trust = None
+    if trust_policy is not None:
+        from ..signing import Policy, verify
+
+        trust = verify(reg, ref, digest, Policy.load(trust_policy))
     t_resolve = time.monotonic()
     # A snapshot this node already pulled whole needs no per-blob check (pins keep
     # its blobs from gc; every read is still verified).
@@ -53,7 +61,7 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
     t_done = time.monotonic()
     return {
         "ref": str(ref), "digest": digest, "name": config["name"], "config": config,
-        "blobs_fetched": missing, "bytes_fetched": fetched, "outputs": outputs,
+        "blobs_fetched": missing, "bytes_fetched": fetched, "outputs": outputs, "trust": trust,
         "timings": {"resolve_s": round(t_resolve - t0, 4), "fetch_s": round(t_fetch - t_resolve, 4),
                     "materialize_s": round(t_done - t_fetch, 4), "total_s": round(t_done - t0, 4)},
     }

@@ -35,13 +35,15 @@ class RestoreFailed(SnapbuildError):
 
 
 def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: str = "auto",
-        store: Store | None = None, jobs: int = 4, publish: str | None = None) -> dict:
+        store: Store | None = None, jobs: int = 4, publish: str | None = None,
+        trust_policy: Path | None = None) -> dict:
     """Start the server of snapshot ``ref`` and return what happened, with timings.
 
     ``mode``: ``auto`` (restore, else fall back), ``restore`` (never boot cold), or
     ``cold`` (always boot cold; for comparisons). ``publish``: for containers, the host
     port (``HOST`` or ``HOST:CONTAINER``; ``0`` picks a free one) that reaches the
-    server; the default is the container's own port number.
+    server; the default is the container's own port number. ``trust_policy``: a
+    snapshot the policy does not accept is refused before it is fetched (exit 8).
     """
     if fallback not in ("cold", "fail") or mode not in ("auto", "restore", "cold"):
         raise UsageError(f"fallback must be cold|fail and mode auto|restore|cold, not {fallback}/{mode}")
@@ -49,7 +51,7 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
         fallback = "fail"
     store = store or Store()
     t0 = time.monotonic()
-    fetched = pull(ref, registry=registry, store=store, jobs=jobs)
+    fetched = pull(ref, registry=registry, store=store, jobs=jobs, trust_policy=trust_policy)
     config = fetched["config"]
     runtime = config.get("runtime")
     if not runtime:
