@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--dest", metavar="DIR", type=Path, help="write the snapshot's outputs here")
     pull.add_argument("--jobs", type=int, default=4, help="parallel blob fetches (default: 4)")
     pull.add_argument("--trust-policy", metavar="FILE", type=Path, help=TRUST_HELP)
+    pull.add_argument("--cache-max", metavar="SIZE", help=CACHE_HELP)
     pull.add_argument("--json", action="store_true", help="print the result as JSON")
 
     rs = sub.add_parser("restore", help="start a snapshot's server: restored warm, or booted cold",
@@ -57,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
 REGISTRY_HELP = ("registry URL: file:///PATH, s3://BUCKET/PREFIX or oci://HOST[:PORT]/REPO (default: "
                  "file://$SNAPBUILD_HOME/registry; s3:// takes its endpoint from SNAPBUILD_S3_ENDPOINT or "
                  "AWS_ENDPOINT_URL)")
+CACHE_HELP = ("bound the node's store (e.g. 50G; default $SNAPBUILD_NODE_CACHE_MAX, else unbounded): after the "
+              "pull, the least recently used other snapshots are let go until it fits")
 TRUST_HELP = ("a trust policy (JSON) naming the public keys that may sign each snapshot name: a snapshot it "
               "does not accept is refused before it is fetched (exit 8)")
 
@@ -65,6 +68,7 @@ def add_restore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ref", help="NAME:TAG or NAME@sha256:...")
     p.add_argument("--registry", metavar="URL", help=REGISTRY_HELP)
     p.add_argument("--trust-policy", metavar="FILE", type=Path, help=TRUST_HELP)
+    p.add_argument("--cache-max", metavar="SIZE", help=CACHE_HELP)
     p.add_argument("--fallback", choices=["cold", "fail"], default="cold",
                    help="when restoring is impossible: boot cold (default) or fail (exit 9)")
     p.add_argument("--publish", metavar="HOST[:CONTAINER]",
@@ -72,6 +76,12 @@ def add_restore_args(p: argparse.ArgumentParser) -> None:
                         "number as its port in the container; 0 picks a free one)")
     p.add_argument("--json", action="store_true",
                    help='print {"mode", "reason", "pid", "timings": {...}} as JSON')
+
+
+def _size_arg(text: str | None) -> int | None:
+    from .node_cache import parse_size
+
+    return parse_size(text) if text else None
 
 
 def print_restore(result: dict, as_json: bool) -> None:
@@ -101,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
             from .pull import pull
 
             result = pull(args.ref, registry=args.registry, dest=args.dest, jobs=args.jobs,
-                          trust_policy=args.trust_policy)
+                          trust_policy=args.trust_policy, cache_max=_size_arg(args.cache_max))
             result.pop("config")
             if args.json:
                 print(json.dumps(result, indent=2))
@@ -111,11 +121,15 @@ def main(argv: list[str] | None = None) -> None:
                       f"{result['bytes_fetched']} bytes in {t['total_s']:.2f}s")
                 for step, path in result["outputs"].items():
                     print(f"  {step} -> {path}")
+                if result.get("cache", {}).get("evicted"):
+                    c = result["cache"]
+                    print(f"  node cache over {c['max_bytes']} bytes: let go of {', '.join(c['evicted'])} "
+                          f"({c['bytes_freed']} bytes)")
         elif args.command == "restore":
             from .restore import run
 
             print_restore(run(args.ref, registry=args.registry, fallback=args.fallback, publish=args.publish,
-                              trust_policy=args.trust_policy), args.json)
+                              trust_policy=args.trust_policy, cache_max=_size_arg(args.cache_max)), args.json)
         elif args.command == "logs":
             from .restore import server_log
 

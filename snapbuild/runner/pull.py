@@ -17,14 +17,23 @@ from ..store.tree import load_tree, materialize
 
 
 def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
-         store: Store | None = None, jobs: int = 4, trust_policy: Path | None = None) -> dict:
+         store: Store | None = None, jobs: int = 4, trust_policy: Path | None = None,
+         cache_max: int | None = None) -> dict:
     """Fetch the blobs of snapshot ``text`` that the node lacks (verified), and, with
     ``dest``, write each output to ``dest/<step>/``. With ``trust_policy``, the snapshot
     must carry a signature the policy accepts, checked before anything else is fetched.
+    ``cache_max`` (default ``$SNAPBUILD_NODE_CACHE_MAX``) bounds the store: the least
+    recently used other snapshots are let go to fit (:mod:`.node_cache`).
     Returns what happened, with timings."""
+    from .node_cache import evict, limit_from_env
+
     store = store or Store()
     with store.using():  # keeps `cache gc` from running under a pull
-        return _pull(text, registry, dest, store, jobs, trust_policy)
+        out = _pull(text, registry, dest, store, jobs, trust_policy)
+    limit = cache_max if cache_max is not None else limit_from_env()
+    if limit is not None:
+        out["cache"] = evict(store, limit, keep=f"pulled:{parse_ref(text).name}")
+    return out
 
 
 def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs: int,

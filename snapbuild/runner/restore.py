@@ -36,7 +36,7 @@ class RestoreFailed(SnapbuildError):
 
 def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: str = "auto",
         store: Store | None = None, jobs: int = 4, publish: str | None = None,
-        trust_policy: Path | None = None) -> dict:
+        trust_policy: Path | None = None, cache_max: int | None = None) -> dict:
     """Start the server of snapshot ``ref`` and return what happened, with timings.
 
     ``mode``: ``auto`` (restore, else fall back), ``restore`` (never boot cold), or
@@ -51,7 +51,7 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
         fallback = "fail"
     store = store or Store()
     t0 = time.monotonic()
-    fetched = pull(ref, registry=registry, store=store, jobs=jobs, trust_policy=trust_policy)
+    fetched = pull(ref, registry=registry, store=store, jobs=jobs, trust_policy=trust_policy, cache_max=cache_max)
     config = fetched["config"]
     runtime = config.get("runtime")
     if not runtime:

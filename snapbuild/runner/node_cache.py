@@ -1,0 +1,58 @@
+"""A node's store, bounded: least-recently-used snapshots make room for new ones.
+
+Every snapshot pulled on a node shares the node's one store, so a chunk that two
+snapshots have is fetched and kept once. With a bound (``--cache-max SIZE`` or
+``SNAPBUILD_NODE_CACHE_MAX``), each pull ends by letting go of the snapshots used least
+recently (their ``pulled:`` pins, touched by every pull and restore) until the blobs
+fit; the snapshot just pulled is always kept. What a let-go snapshot shares with a kept
+one stays. Servers already running are not affected: their files are written out
+under the run root, which `snapbuild-runner gc` looks after.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from ..errors import UsageError
+from ..store import Store
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise UsageError(f"size {text!r}: expected a number of bytes, or with K, M, G or T (e.g. 50G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def limit_from_env() -> int | None:
+    value = os.environ.get("SNAPBUILD_NODE_CACHE_MAX")
+    return parse_size(value) if value else None
+
+
+def stored_bytes(store: Store) -> int:
+    return sum(store.blobs.size(d) for d in store.blobs.digests())
+
+
+def evict(store: Store, max_bytes: int, keep: str | None = None) -> dict:
+    """Let go of the least recently used pulled snapshots (never ``keep``, a pin name
+    such as ``pulled:torch-mlp``) until the store's blobs fit in ``max_bytes``."""
+    size = stored_bytes(store)
+    evicted, freed = [], 0
+    if size > max_bytes:
+        pins = sorted((p for p in store.pin_files() if p.parent.name == "pulled"), key=lambda p: p.stat().st_mtime)
+        for pin in pins:
+            name = "pulled:" + pin.stem
+            if name == keep:
+                continue
+            pin.unlink(missing_ok=True)
+            report = store.gc()
+            evicted.append(pin.stem)
+            freed += report.bytes_freed
+            size -= report.bytes_freed
+            if size <= max_bytes:
+                break
+    return {"max_bytes": max_bytes, "stored_bytes": size, "evicted": evicted, "bytes_freed": freed,
+            "fits": size <= max_bytes}

@@ -1,0 +1,60 @@
+"""The node's store as a bounded, shared cache: a chunk two snapshots share is fetched
+once, and least recently used snapshots are let go to stay under the bound."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from snapbuild.build import build
+from snapbuild.errors import UsageError
+from snapbuild.runner.node_cache import parse_size, stored_bytes
+from snapbuild.runner.pull import pull
+from snapbuild.store import Store
+
+pytestmark = pytest.mark.integration
+
+MiB = 1 << 20
+
+
+def test_sizes_parse():
+    assert parse_size("50G") == 50 << 30 and parse_size("512m") == 512 << 20 and parse_size("1.5GiB") == 3 << 29
+    assert parse_size("4096") == 4096
+    with pytest.raises(UsageError, match="expected a number of bytes"):
+        parse_size("lots")
+
+
+def test_shared_chunks_are_fetched_once_and_old_snapshots_make_room(recipe, project, store, tmp_path, run_cli):
+    (project / "shared").mkdir()
+    (project / "shared" / "base.bin").write_bytes(os.urandom(8 * MiB))  # two chunks every snapshot has
+    for name in ("a", "b", "c"):
+        (project / name).mkdir()
+        (project / name / "own.bin").write_bytes(os.urandom(8 * MiB))
+        path = recipe(f"name: {name}\nsteps:\n  base: {{kind: files, root: shared}}\n"
+                      f"  own: {{kind: files, root: {name}}}\npublish: {{tag: \"{name}:v1\", steps: [base, own]}}\n",
+                      name=f"{name}.yaml")
+        [res] = build(path, store=store)
+        assert res.ok
+    reg = f"file://{store.home / 'registry'}"
+    node = Store(tmp_path / "node")
+    first = pull("a:v1", registry=reg, store=node)
+    second = pull("b:v1", registry=reg, store=node)
+    assert first["bytes_fetched"] > 16 * MiB and 8 * MiB < second["bytes_fetched"] < 9 * MiB, \
+        "b fetched only its own chunks: the shared ones were there"
+    time.sleep(0.05)
+    pull("a:v1", registry=reg, store=node)  # a used again: b is now the least recently used
+    time.sleep(0.05)
+    third = pull("c:v1", registry=reg, store=node, cache_max=30 * MiB)
+    assert third["cache"]["evicted"] == ["b"] and third["cache"]["fits"], third["cache"]
+    assert stored_bytes(node) <= 30 * MiB
+    assert pull("a:v1", registry=reg, store=node)["bytes_fetched"] == 0, "a stayed, with the shared chunks"
+    again = pull("b:v1", registry=reg, store=node)
+    assert 8 * MiB < again["bytes_fetched"] < 9 * MiB, "b comes back for its own chunks only"
+
+    r = run_cli("pull", "c:v1", "--registry", reg, "--cache-max", "1M", "--json", tool="snapbuild-runner",
+                env={"SNAPBUILD_HOME": str(node.home)})
+    assert r.code == 0, r
+    assert r.json()["cache"]["fits"] is False and sorted(r.json()["cache"]["evicted"]) == ["a", "b"], \
+        "the snapshot just pulled always stays, even over the bound"
