@@ -49,7 +49,7 @@ KEY_ANNOTATION = "dev.snapbuild.key-id"
 class UntrustedSnapshot(SnapbuildError):
     """The trust policy refuses the snapshot: unsigned, or signed by no accepted key."""
 
-    exit_code = 8
+    exit_code = 10
 
 
 def _crypto():

@@ -61,7 +61,7 @@ REGISTRY_HELP = ("registry URL: file:///PATH, s3://BUCKET/PREFIX or oci://HOST[:
 CACHE_HELP = ("bound the node's store (e.g. 50G; default $SNAPBUILD_NODE_CACHE_MAX, else unbounded): after the "
               "pull, the least recently used other snapshots are let go until it fits")
 TRUST_HELP = ("a trust policy (JSON) naming the public keys that may sign each snapshot name: a snapshot it "
-              "does not accept is refused before it is fetched (exit 8)")
+              "does not accept is refused before it is fetched (exit 10)")
 
 
 def add_restore_args(p: argparse.ArgumentParser) -> None:

@@ -43,7 +43,7 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
     ``cold`` (always boot cold; for comparisons). ``publish``: for containers, the host
     port (``HOST`` or ``HOST:CONTAINER``; ``0`` picks a free one) that reaches the
     server; the default is the container's own port number. ``trust_policy``: a
-    snapshot the policy does not accept is refused before it is fetched (exit 8).
+    snapshot the policy does not accept is refused before it is fetched (exit 10).
     """
     if fallback not in ("cold", "fail") or mode not in ("auto", "restore", "cold"):
         raise UsageError(f"fallback must be cold|fail and mode auto|restore|cold, not {fallback}/{mode}")

@@ -75,15 +75,15 @@ def test_a_trust_policy_accepts_a_signed_snapshot_and_refuses_others(remote, run
     assert r.json()["trust"]["trusted"] is True and r.json()["blobs_fetched"] > 0
 
     r = run_cli("pull", "demo:v2", "--registry", remote, "--trust-policy", trusted, tool="snapbuild-runner", env=node)
-    assert r.code == 8 and "demo:v2" in r.err and "is not signed" in r.err, r
+    assert r.code == 10 and "demo:v2" in r.err and "is not signed" in r.err, r
 
     wrong = policy(tmp_path, {"demo": [str(tmp_path / "other.key.pub")]})
     r = run_cli("restore", "demo:v1", "--registry", remote, "--trust-policy", wrong, tool="snapbuild-runner", env=node)
-    assert r.code == 8 and "signed only by keys" in r.err and "does not accept" in r.err, r
+    assert r.code == 10 and "signed only by keys" in r.err and "does not accept" in r.err, r
 
     unnamed = policy(tmp_path, {"team/*": [str(tmp_path / "ci.key.pub")]})
     r = run_cli("pull", "demo:v1", "--registry", remote, "--trust-policy", unnamed, tool="snapbuild-runner", env=node)
-    assert r.code == 8 and "has no rule for 'demo'" in r.err, r
+    assert r.code == 10 and "has no rule for 'demo'" in r.err, r
     r = run_cli("pull", "demo:v2", "--registry", remote, "--trust-policy",
                 policy(tmp_path, {}, default="accept"), tool="snapbuild-runner", env=node)
     assert r.code == 0, "default accept takes a name no rule names, unsigned"
