@@ -2,7 +2,7 @@
 """Container start-up: snapbuild's runc restore against a cold boot, and against Podman
 checkpointing and restoring the same container, side by side in one process tree.
 
-    python tests/bench/bench_containers.py [--ref container-torch:dev] [--runs 5] [--json]
+    python tests/bench/bench_containers.py [--ref container-torch:dev] [--runs 5] [--empty-node] [--json]
 
 The snapshot must be built first (see recipes/examples/container-torch.yaml). Podman
 gets the very same image (its layers exported from the store as a docker archive),
@@ -17,6 +17,13 @@ before its export. Each figure is the time from the command's start to a passing
 readiness probe (snapbuild's own probe; for Podman an HTTP GET polled every 10 ms),
 median of --runs, with the page cache warm; the modes
 alternate within each round so that drift in the machine's load hits all alike.
+With --empty-node, one more mode: ``snapbuild restore, empty node``. The snapshot is
+pushed once to an OCI registry on 127.0.0.1 (Debian's docker-registry, started here),
+and before each run the node is emptied: a new store, and the written-out layers,
+input trees and checkpoint images of this snapshot deleted; the run then pulls the
+whole snapshot from the registry (verified), writes it out and restores. Podman's
+figure has its image already in its storage and the export on local disk: the
+comparison favours Podman.
 Needs root, runc, CRIU and podman (ci/setup.sh installs them).
 """
 
@@ -98,6 +105,27 @@ def podman_run_args(store: Store, spec: dict, image: str, run_dir: Path, name: s
     return args + ["-w", _expand(cwd, env), image, "/bin/sh", "-c", wrapper, "sh", *argv]
 
 
+def empty_node(runtime: dict, store: Store, work: Path) -> Store:
+    """A node that has never seen the snapshot: a new store, and this snapshot's
+    written-out layers, input trees and checkpoint images gone."""
+    from snapbuild.rootfs import MARKER as LAYER_MARKER
+    from snapbuild.runner.restore import _images_root
+    from snapbuild.runtime.container import read_image
+    from snapbuild.runtime.trees import tree_dir
+
+    spec = runtime["server"]
+    root = Path(spec["run_root"])
+    for digest in spec["inputs"].values():
+        shutil.rmtree(tree_dir(root, digest), ignore_errors=True)
+    shutil.rmtree(tree_dir(_images_root(spec), runtime["artifact"]), ignore_errors=True)
+    for layer in read_image(store.blobs, spec["image"])[0]["layers"]:
+        hexd = layer["digest"].split(":", 1)[1]
+        (root / "layers" / f"{hexd}{LAYER_MARKER}").unlink(missing_ok=True)
+        shutil.rmtree(root / "layers" / hexd, ignore_errors=True)
+    fresh = work / f"node-{time.monotonic_ns()}"
+    return Store(fresh)
+
+
 def summary(values: list[float]) -> dict:
     return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
             "max": round(max(values), 4), "runs": [round(v, 4) for v in values]}
@@ -107,6 +135,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ref", default="container-torch:dev")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--empty-node", action="store_true",
+                    help="also restore on an empty node, pulling the snapshot from an OCI registry")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     for tool in ("podman", "runc"):
@@ -125,6 +155,20 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in ("snapbuild cold", "snapbuild restore", "podman cold",
                                                        "podman restore --import")}
     answers: set[str] = set()
+    registry_proc = registry_url = None
+    if a.empty_node:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+        from conftest import _serve_registry
+
+        from snapbuild.registry import default_registry_url, open_registry, parse_ref
+        from snapbuild.registry.transfer import copy
+
+        (work / "registry").mkdir()
+        registry_proc, host = _serve_registry(work / "registry")
+        registry_url = f"oci://{host}/bench"
+        copy(open_registry(default_registry_url(store.home)), parse_ref(a.ref), open_registry(registry_url),
+             parse_ref(a.ref), store.blobs)
+        times["snapbuild restore, empty node"] = []
     sh("podman", "rm", "-f", name, check=False)
     image = podman_image(store, spec, work)
     try:
@@ -144,7 +188,13 @@ def main() -> None:
         for i in range(a.runs):
             for mode in times:
                 t0 = time.monotonic()
-                if mode.startswith("snapbuild"):
+                if mode == "snapbuild restore, empty node":
+                    node = empty_node(runtime, store, work)
+                    total, out, answer = _once(a.ref, "restore", node, registry_url, spec)
+                    times[mode].append(total)
+                    answers.add(_digest_only(answer))
+                    shutil.rmtree(node.home, ignore_errors=True)
+                elif mode.startswith("snapbuild"):
                     total, out, answer = _once(a.ref, mode.split()[1], store, None, spec)
                     if out["mode"] != mode.split()[1]:
                         print(f"note: {mode} fell back: {out['reason']}", file=sys.stderr)
@@ -161,6 +211,8 @@ def main() -> None:
                     sh("podman", "rm", "-f", "-t", "0", name)
                 print(f"run {i + 1}/{a.runs} {mode:<24} {times[mode][-1]:.3f}s", file=sys.stderr)
     finally:
+        if registry_proc is not None:
+            registry_proc.terminate()
         sh("podman", "rm", "-f", "-t", "0", name, check=False)
         sh("podman", "rmi", "-f", image, check=False)
         shutil.rmtree(work, ignore_errors=True)
@@ -175,6 +227,9 @@ def main() -> None:
         "podman restore vs podman cold": round(med["podman cold"] / med["podman restore --import"], 2),
         "snapbuild restore vs podman restore": round(med["podman restore --import"] / med["snapbuild restore"], 2),
     }
+    if "snapbuild restore, empty node" in med:
+        result["ratios"]["snapbuild restore on an empty node vs podman restore"] = round(
+            med["podman restore --import"] / med["snapbuild restore, empty node"], 2)
     if a.json:
         print(json.dumps(result, indent=2))
         return
@@ -184,7 +239,7 @@ def main() -> None:
     for k, v in result["modes"].items():
         print(f"  {k:<26}{v['median']:>8.3f}{v['min']:>8.3f}{v['max']:>8.3f}")
     for k, v in result["ratios"].items():
-        print(f"  {k}: {v}x faster")
+        print(f"  {k}: " + (f"{v}x faster" if v >= 1 else f"{1 / v:.2f}x slower"))
     print(f"  podman checkpoint --export: {result['podman_export_s']:.2f}s, "
           f"{(result['podman_export_bytes'] or 0) / 2**20:.1f} MiB; snapbuild checkpoint images: "
           f"{(result['snapbuild_checkpoint_images_bytes'] or 0) / 2**20:.1f} MiB")

@@ -147,3 +147,18 @@ def aws_env(monkeypatch):
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}.items():
         monkeypatch.setenv(k, v)
+
+
+@pytest.fixture
+def s3_bucket(s3_server, aws_env, monkeypatch):
+    """A new, empty bucket on the test S3 server, with SNAPBUILD_S3_ENDPOINT pointing
+    there (for the code under test): (boto3 client, bucket name)."""
+    import time
+
+    import boto3
+
+    monkeypatch.setenv("SNAPBUILD_S3_ENDPOINT", s3_server)
+    client = boto3.client("s3", endpoint_url=s3_server)
+    name = f"b{time.monotonic_ns()}"
+    client.create_bucket(Bucket=name)
+    return client, name

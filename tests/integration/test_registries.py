@@ -41,14 +41,7 @@ def registry_url(request, tmp_path, monkeypatch):
 
         yield f"file://{root}", corrupt
     elif kind == "s3":
-        import boto3
-
-        server = request.getfixturevalue("s3_server")
-        request.getfixturevalue("aws_env")
-        monkeypatch.setenv("SNAPBUILD_S3_ENDPOINT", server)
-        bucket = f"snaps-{os.getpid()}-{time.monotonic_ns()}"
-        s3 = boto3.client("s3", endpoint_url=server)
-        s3.create_bucket(Bucket=bucket)
+        s3, bucket = request.getfixturevalue("s3_bucket")
 
         def corrupt(digest, name):
             key = f"team/blobs/sha256/{digest.split(':')[1]}"
@@ -331,15 +324,8 @@ def test_a_push_killed_at_random_moments_shows_nothing_partial_and_completes_on_
     if kind == "file":
         url = f"file://{tmp_path / 'dest'}"
     elif kind == "s3":
-        import boto3
-
-        server = request.getfixturevalue("s3_server")
-        request.getfixturevalue("aws_env")
-        bucket = f"kill-{time.monotonic_ns()}"
-        boto3.client("s3", endpoint_url=server, aws_access_key_id="testing", aws_secret_access_key="testing-secret",
-                     region_name="us-east-1").create_bucket(Bucket=bucket)
+        _, bucket = request.getfixturevalue("s3_bucket")
         url = f"s3://{bucket}/p"
-        monkeypatch.setenv("SNAPBUILD_S3_ENDPOINT", server)
     else:
         url = f"oci://{request.getfixturevalue('oci_registry')}/kill{time.monotonic_ns()}"
     exe = str(Path(sys.executable).parent / "snapbuild")
@@ -371,14 +357,7 @@ def test_a_tag_that_names_a_missing_manifest_is_reported(kind, request, built, t
         url = f"file://{tmp_path / 'reg'}"
         lose = lambda: (tmp_path / "reg" / "contract" / "blobs" / "sha256" / digest.split(":")[1]).unlink()  # noqa: E731
     else:
-        import boto3
-
-        server = request.getfixturevalue("s3_server")
-        request.getfixturevalue("aws_env")
-        monkeypatch.setenv("SNAPBUILD_S3_ENDPOINT", server)
-        bucket = f"lost-{time.monotonic_ns()}"
-        s3 = boto3.client("s3", endpoint_url=server)
-        s3.create_bucket(Bucket=bucket)
+        s3, bucket = request.getfixturevalue("s3_bucket")
         url = f"s3://{bucket}/p"
         lose = lambda: s3.delete_object(Bucket=bucket, Key=f"p/blobs/sha256/{digest.split(':')[1]}")  # noqa: E731
     push(open_registry(url), parse_ref("contract:v1"), digest, blobs, store.blobs)

@@ -32,13 +32,7 @@ publish: {tag: "cached:v1", steps: [final]}
 def cache_url(request, monkeypatch):
     if request.param == "oci":
         return f"oci://{request.getfixturevalue('oci_registry')}/ci{time.monotonic_ns()}"
-    import boto3
-
-    server = request.getfixturevalue("s3_server")
-    request.getfixturevalue("aws_env")
-    monkeypatch.setenv("SNAPBUILD_S3_ENDPOINT", server)
-    bucket = f"cache-{time.monotonic_ns()}"
-    boto3.client("s3", endpoint_url=server).create_bucket(Bucket=bucket)
+    _, bucket = request.getfixturevalue("s3_bucket")
     return f"s3://{bucket}/ci"
 
 

@@ -28,13 +28,7 @@ def remote(request, monkeypatch, store, recipe, project, run_cli):
     elif request.param == "oci":
         url = f"oci://{request.getfixturevalue('oci_registry')}/sig{time.monotonic_ns()}"
     else:
-        import boto3
-
-        server = request.getfixturevalue("s3_server")
-        request.getfixturevalue("aws_env")
-        monkeypatch.setenv("SNAPBUILD_S3_ENDPOINT", server)
-        bucket = f"sig-{time.monotonic_ns()}"
-        boto3.client("s3", endpoint_url=server).create_bucket(Bucket=bucket)
+        _, bucket = request.getfixturevalue("s3_bucket")
         url = f"s3://{bucket}/p"
     for tag in ("v1", "v2"):
         path = recipe(f'name: demo\nsteps:\n  a: {{kind: command, run: "echo {tag} > a.txt", outputs: [a.txt]}}\n'
