@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .. import __version__
-from .common import Group, emit_json, json_option, registry_option, render_error, set_option
+from .common import Group, TransferProgress, emit_json, json_option, registry_option, render_error, set_option
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -220,7 +220,8 @@ def push(ref, dest, as_ref, registry, jobs, as_json):
     src_ref = parse_ref(ref)
     with store.using():
         out = copy(open_registry(registry or default_registry_url(store.home)), src_ref, open_registry(dest),
-                   parse_ref(as_ref) if as_ref else src_ref, store.blobs, jobs=jobs)
+                   parse_ref(as_ref) if as_ref else src_ref, store.blobs, jobs=jobs,
+                   progress=TransferProgress(as_json))
     if as_json:
         emit_json(out)
         return
@@ -249,7 +250,8 @@ def pull(ref, registry, jobs, as_json):
     r = parse_ref(ref)
     local = default_registry_url(store.home)
     with store.using():
-        out = copy(open_registry(registry or local), r, open_registry(local), r, store.blobs, jobs=jobs)
+        out = copy(open_registry(registry or local), r, open_registry(local), r, store.blobs, jobs=jobs,
+                   progress=TransferProgress(as_json))
     if as_json:
         emit_json(out)
         return

@@ -22,7 +22,8 @@ from .ref import Ref
 def push(reg: Registry, ref: Ref, manifest_digest: str, blobs: list[str], source: BlobStore, *,
          jobs: int = 8, progress=None) -> dict:
     """Send snapshot ``manifest_digest`` (with ``blobs``, all in ``source``) to ``reg``
-    as ``ref``. Returns counts and timings."""
+    as ``ref``. ``progress(verb, blobs to move, bytes of this one)`` is called per blob
+    moved (from worker threads). Returns counts and timings."""
     t0 = time.monotonic()
     blobs = list(dict.fromkeys(blobs))
     with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -35,7 +36,7 @@ def push(reg: Registry, ref: Ref, manifest_digest: str, blobs: list[str], source
                                      hint="run `snapbuild cache verify --repair`, then build again")
             reg.put_blob(ref.name, d, Path(source.path(d)))
             if progress:
-                progress(d)
+                progress("sent", len(missing), source.size(d))
             return source.size(d)
 
         sent = sum(pool.map(send, missing))
@@ -45,7 +46,7 @@ def push(reg: Registry, ref: Ref, manifest_digest: str, blobs: list[str], source
 
 
 def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: str | None = None,
-          skip_check: bool = False, parse=parse_manifest) -> dict:
+          skip_check: bool = False, parse=parse_manifest, progress=None) -> dict:
     """Bring snapshot ``ref`` (resolved to ``digest`` when given) from ``reg`` into the
     store of ``dest``: the blobs it lacks, verified. ``skip_check`` trusts that the
     store holds them all; ``parse`` checks the manifest (a snapshot's by default).
@@ -60,6 +61,8 @@ def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: st
     def get(d: str) -> int:
         data = reg.get_blob(ref.name, d)  # verified against its digest
         dest.put(data)
+        if progress:
+            progress("fetched", len(missing), len(data))
         return len(data)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -69,10 +72,11 @@ def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: st
             "resolve_s": round(t_resolve - t0, 4), "fetch_s": round(time.monotonic() - t_resolve, 4)}
 
 
-def copy(src: Registry, ref: Ref, dst: Registry, dst_ref: Ref, store: BlobStore, *, jobs: int = 8) -> dict:
+def copy(src: Registry, ref: Ref, dst: Registry, dst_ref: Ref, store: BlobStore, *, jobs: int = 8,
+         progress=None) -> dict:
     """Snapshot ``ref`` of ``src`` to ``dst`` as ``dst_ref``, through the local store
     (what it already holds is not fetched; everything is verified on the way in)."""
-    got = fetch(src, ref, store, jobs=jobs)
-    out = push(dst, dst_ref, got["digest"], referenced_blobs(got["manifest"]), store, jobs=jobs)
+    got = fetch(src, ref, store, jobs=jobs, progress=progress)
+    out = push(dst, dst_ref, got["digest"], referenced_blobs(got["manifest"]), store, jobs=jobs, progress=progress)
     return {**out, "source": f"{src.url} {ref}", "blobs_fetched": got["blobs_fetched"],
             "bytes_fetched": got["bytes_fetched"]}
