@@ -225,8 +225,9 @@ def push(ref, dest, as_ref, registry, jobs, as_json):
     if as_json:
         emit_json(out)
         return
+    mounted = f" ({out['blobs_mounted']} mounted from other repositories)" if out["blobs_mounted"] else ""
     click.echo(f"pushed {out['ref']} ({out['digest'][:19]}) to {out['registry']}: {out['blobs_sent']} of "
-               f"{out['blobs']} blobs sent, {_size(out['bytes_sent'])}, in {out['seconds']:.2f}s")
+               f"{out['blobs']} blobs sent{mounted}, {_size(out['bytes_sent'])}, in {out['seconds']:.2f}s")
 
 
 @cli.command()

@@ -33,8 +33,9 @@ class Registry(Protocol):
     def get_manifest(self, name: str, digest: str) -> bytes:
         """A manifest's bytes, verified (OCI registries keep manifests apart from blobs)."""
 
-    def put_blob(self, name: str, digest: str, path: Path) -> None:
-        """Store the file at ``path``, whose content is ``digest``. Readers never see part of it."""
+    def put_blob(self, name: str, digest: str, path: Path) -> bool | None:
+        """Store the file at ``path``, whose content is ``digest``. Readers never see part of
+        it. False when no bytes had to move (an OCI cross-repository mount)."""
 
     def put_manifest(self, name: str, digest: str, data: bytes, tag: str | None) -> None:
         """Store a manifest whose blobs are all there, and point ``tag`` at it."""

@@ -2,8 +2,9 @@
 
 Snapshot ``NAME`` lives in repository ``REPO/NAME`` (``NAME`` alone without a REPO).
 Blobs are uploaded with POST then PUT (small ones in one request, large ones in
-chunks with PATCH), manifests with PUT by tag or digest; every blob read is checked
-against its digest. Loopback hosts are spoken to over plain HTTP, others over HTTPS
+chunks with PATCH), or mounted from another repository of the registry where this
+process saw them (a second snapshot name, the remote cache); manifests go up with PUT
+by tag or digest; every blob read is checked against its digest. Loopback hosts are spoken to over plain HTTP, others over HTTPS
 (``SNAPBUILD_REGISTRY_PLAIN_HTTP=1`` forces HTTP, for a registry on a private network).
 
 Credentials, first found wins: ``SNAPBUILD_REGISTRY_USERNAME`` and
@@ -30,6 +31,9 @@ from .base import fetch_verified, retrying
 from .ref import Ref
 
 CHUNK = 16 << 20  # blobs above this go up in chunks of this size
+# Where blobs were last seen on each registry host (digest -> repository), for this
+# process: an upload of a blob another repository has is a cross-repository mount.
+_SEEN: dict[str, dict[str, str]] = {}
 MANIFEST_ACCEPT = f"{MANIFEST_MEDIA_TYPE}, application/vnd.oci.image.index.v1+json"
 
 
@@ -90,6 +94,8 @@ class OciRegistry:
         self._auth: dict[str, str] = {}  # scope -> Authorization header value
         self._lock = threading.Lock()
         self._creds = credentials(host)
+        self._seen = _SEEN.setdefault(host, {})
+        self.mounted = 0  # blobs this object mounted from another repository instead of uploading
 
     # -- HTTP ----------------------------------------------------------------------------
     def _repo(self, name: str) -> str:
@@ -159,6 +165,8 @@ class OciRegistry:
     def has_blob(self, name: str, digest: str) -> bool:
         r = self._request("HEAD", f"/v2/{self._repo(name)}/blobs/{digest}", scope=self._scope(name, "pull"),
                           what=f"checking blob {digest[:19]}")
+        if r.status_code == 200:
+            self._seen[digest] = self._repo(name)
         return r.status_code == 200
 
     def get_blob(self, name: str, digest: str) -> bytes:
@@ -172,12 +180,21 @@ class OciRegistry:
 
         return fetch_verified(fetch, digest, f"{self.url}/{name}")
 
-    def put_blob(self, name: str, digest: str, path: Path) -> None:
+    def put_blob(self, name: str, digest: str, path: Path) -> bool:
+        """Upload the blob; False when it was mounted from another repository instead."""
         repo, scope = self._repo(name), self._scope(name, "pull,push")
         what = f"uploading blob {digest[:19]} to {name}"
-        r = self._request("POST", f"/v2/{repo}/blobs/uploads/", scope=scope, what=what, ok=(202, 201))
+        source = self._seen.get(digest)
+        # A blob another repository of this registry has is mounted, not sent; when the
+        # registry cannot mount it, the same request opens an ordinary upload (202).
+        query = f"?mount={digest}&from={source}" if source and source != repo else ""
+        r = self._request("POST", f"/v2/{repo}/blobs/uploads/{query}", scope=scope, what=what, ok=(202, 201))
         if r.status_code == 404:
             raise RegistryError(f"{what}: the registry has no upload endpoint for {repo}")
+        if r.status_code == 201:
+            self.mounted += 1
+            self._seen[digest] = repo
+            return False
         location = urljoin(self.base + "/", r.headers["Location"])
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -197,6 +214,8 @@ class OciRegistry:
         sep = "&" if "?" in location else "?"
         self._request("PUT", f"{location}{sep}digest={digest}", scope=scope, what=what, ok=(201,), data=body,
                       headers={"Content-Type": "application/octet-stream"})
+        self._seen[digest] = repo
+        return True
 
     # -- manifests and tags ----------------------------------------------------------------
     def get_manifest(self, name: str, digest: str) -> bytes:

@@ -34,15 +34,17 @@ def push(reg: Registry, ref: Ref, manifest_digest: str, blobs: list[str], source
             if not source.verify(d):
                 raise IntegrityError(f"blob {d} in {source.root} is corrupt; not publishing it",
                                      hint="run `snapbuild cache verify --repair`, then build again")
-            reg.put_blob(ref.name, d, Path(source.path(d)))
+            moved = reg.put_blob(ref.name, d, Path(source.path(d))) is not False
             if progress:
                 progress("sent", len(missing), source.size(d))
-            return source.size(d)
+            return source.size(d) if moved else -1  # -1: mounted from another repository
 
-        sent = sum(pool.map(send, missing))
+        sizes = list(pool.map(send, missing))
+        sent = sum(n for n in sizes if n > 0)
     reg.put_manifest(ref.name, manifest_digest, source.get(manifest_digest), ref.tag)
     return {"ref": str(ref), "digest": manifest_digest, "registry": reg.url, "blobs": len(blobs),
-            "blobs_sent": len(missing), "bytes_sent": sent, "seconds": round(time.monotonic() - t0, 3)}
+            "blobs_sent": len(missing) - sizes.count(-1), "blobs_mounted": sizes.count(-1), "bytes_sent": sent,
+            "seconds": round(time.monotonic() - t0, 3)}
 
 
 def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: str | None = None,

@@ -92,7 +92,7 @@ def test_push_then_pull_round_trip(registry_url, built, tmp_path):
     store, digest, blobs, _ = built
     reg = open_registry(url)
     first = push(reg, parse_ref("contract:v1"), digest, blobs, store.blobs)
-    assert first["blobs_sent"] == len(blobs) and first["bytes_sent"] > 6 << 20
+    assert first["blobs_sent"] + first["blobs_mounted"] == len(blobs) and first["bytes_sent"] > 6 << 20
     assert reg.resolve(parse_ref("contract:v1")) == digest
     assert reg.resolve(parse_ref(f"contract@{digest}")) == digest
     assert reg.names() == ["contract"] and reg.tagged("contract") == [("v1", digest)]
@@ -166,7 +166,7 @@ def test_an_interrupted_push_shows_no_tag_and_the_next_push_completes(registry_u
     with pytest.raises(NotFound):
         fresh.resolve(parse_ref("contract:v1"))
     done = push(fresh, parse_ref("contract:v1"), digest, blobs, store.blobs)
-    assert done["blobs_sent"] == len(blobs) - 2, "the blobs that made it are not sent again"
+    assert done["blobs_sent"] + done["blobs_mounted"] == len(blobs) - 2, "the blobs that made it are not sent again"
     assert fresh.resolve(parse_ref("contract:v1")) == digest
 
 
@@ -364,3 +364,16 @@ def test_a_tag_that_names_a_missing_manifest_is_reported(kind, request, built, t
     lose()
     with pytest.raises(NotFound, match=f"{digest}.*not in"):
         fetch(open_registry(url), parse_ref("contract:v1"), Store(tmp_path / "node").blobs)
+
+
+def test_blobs_another_repository_has_are_mounted_not_sent(oci_registry, built, tmp_path):
+    store, digest, blobs, _ = built
+    url = f"oci://{oci_registry}/mount{time.monotonic_ns()}"
+    push(open_registry(url), parse_ref("contract:v1"), digest, blobs, store.blobs)
+    other = open_registry(url)
+    out = push(other, parse_ref("copy/contract:v1"), digest, blobs, store.blobs)
+    assert out["blobs_mounted"] == len(blobs) == other.mounted and out["blobs_sent"] == 0, \
+        "every blob mounted from the repository of contract, none sent"
+    assert out["bytes_sent"] == 0
+    got = fetch(open_registry(url), parse_ref("copy/contract:v1"), Store(tmp_path / "node").blobs)
+    assert got["digest"] == digest and got["blobs_fetched"] == len(blobs)
