@@ -233,7 +233,7 @@ def push(ref, dest, as_ref, registry, jobs, as_json):
 @cli.command()
 @click.argument("ref")
 @registry_option
-@click.option("-j", "--jobs", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=16, show_default=True,
               help="Blobs in flight at once.")
 @json_option
 def pull(ref, registry, jobs, as_json):

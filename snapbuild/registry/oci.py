@@ -77,7 +77,7 @@ def credentials(host: str) -> tuple[str, str] | None:
 class OciRegistry:
     scheme = "oci"
 
-    def __init__(self, host: str, repo: str = "", *, timeout: float = 60, jobs: int = 8) -> None:
+    def __init__(self, host: str, repo: str = "", *, timeout: float = 60, jobs: int = 32) -> None:
         import requests
         from requests.adapters import HTTPAdapter
 

@@ -28,7 +28,7 @@ from .ref import Ref
 class S3Registry:
     scheme = "s3"
 
-    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, jobs: int = 8) -> None:
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, jobs: int = 32) -> None:
         try:
             import boto3
             from botocore.config import Config

@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("ref", help="NAME:TAG or NAME@sha256:...")
     pull.add_argument("--registry", metavar="URL", help=REGISTRY_HELP)
     pull.add_argument("--dest", metavar="DIR", type=Path, help="write the snapshot's outputs here")
-    pull.add_argument("--jobs", type=int, default=4, help="parallel blob fetches (default: 4)")
+    pull.add_argument("--jobs", type=int, default=16, help="parallel blob fetches (default: 16)")
     pull.add_argument("--trust-policy", metavar="FILE", type=Path, help=TRUST_HELP)
     pull.add_argument("--cache-max", metavar="SIZE", help=CACHE_HELP)
     pull.add_argument("--json", action="store_true", help="print the result as JSON")

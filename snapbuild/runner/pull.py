@@ -17,7 +17,7 @@ from ..store.tree import load_tree, materialize
 
 
 def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
-         store: Store | None = None, jobs: int = 4, trust_policy: Path | None = None,
+         store: Store | None = None, jobs: int = 16, trust_policy: Path | None = None,
          cache_max: int | None = None) -> dict:
     """Fetch the blobs of snapshot ``text`` that the node lacks (verified), and, with
     ``dest``, write each output to ``dest/<step>/``. With ``trust_policy``, the snapshot

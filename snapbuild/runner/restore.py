@@ -35,7 +35,7 @@ class RestoreFailed(SnapbuildError):
 
 
 def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: str = "auto",
-        store: Store | None = None, jobs: int = 4, publish: str | None = None,
+        store: Store | None = None, jobs: int = 16, publish: str | None = None,
         trust_policy: Path | None = None, cache_max: int | None = None) -> dict:
     """Start the server of snapshot ``ref`` and return what happened, with timings.
 
