@@ -64,8 +64,7 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
                 if locked:
                     lock.check(recipe_path, recipe.build_id, resolved[recipe.build_id])
                 if cache_from:
-                    for name, url in remote_cache.apply(p, store, list(cache_from), say=reporter.note).items():
-                        p.steps[name].reason = f"in remote cache {url}"
+                    remote_cache.apply(p, store, list(cache_from), say=reporter.note)
                 reporter.plan(p)
                 result = execute(p, store, jobs=jobs, keep_going=keep_going, reporter=reporter)
                 for url in cache_to:

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-import re
 
 from .registry import default_registry_url, open_registry, parse_ref
+from .signing import is_referrers_tag
 from .store import Store
 from .store.snapshot import parse_manifest
 from .store.tree import load_tree, tree_size
-
-
-_REFERRERS_TAG = re.compile(r"^sha256-[0-9a-f]{64}$")  # signatures' index (OCI referrers fallback)
 
 
 def list_registry(registry: str | None = None, store: Store | None = None) -> list[dict]:
     store = store or Store()
     reg = open_registry(registry or default_registry_url(store.home))
     return [{"name": name, "tag": tag, "digest": digest}
-            for name in reg.names() for tag, digest in reg.tagged(name) if not _REFERRERS_TAG.match(tag)]
+            for name in reg.names() for tag, digest in reg.tagged(name) if not is_referrers_tag(tag)]
 
 
 def inspect_snapshot(text: str, registry: str | None = None, store: Store | None = None) -> dict:

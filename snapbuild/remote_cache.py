@@ -117,8 +117,8 @@ def _inputs(recipe, name: str) -> set[str]:
 
 
 def apply(plan: Plan, store: Store, urls: list[str], say=lambda msg: None) -> dict:
-    """Turn the plan's steps that ``urls`` hold into cache hits, downloading what the
-    build needs here. Returns {step: registry url} for the hits."""
+    """Turn the plan's steps that ``urls`` hold into cache hits (their reason says
+    where), downloading what the build needs here. Returns {step: registry url}."""
     regs = [open_registry(u) for u in urls]
     hits: dict[str, Hit] = {}
     for name, ps in plan.steps.items():
@@ -131,7 +131,7 @@ def apply(plan: Plan, store: Store, urls: list[str], say=lambda msg: None) -> di
             continue
         if hit is not None:
             hits[name] = hit
-            ps.action, ps.artifact, ps.reason = "cached", hit.entry["artifact"], ""
+            ps.action, ps.artifact, ps.reason = "cached", hit.entry["artifact"], f"in remote cache {hit.registry.url}"
     # Warm-ups are cached when their checkpoint is: nothing starts them then.
     for name, ps in plan.steps.items():
         kind = plan.recipe.steps[name].kind

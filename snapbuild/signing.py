@@ -29,6 +29,8 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,11 +115,19 @@ def _payload(name: str, digest: str) -> bytes:
     return canonical_json({"type": SIGNATURE_TYPE, "name": name, "manifest": digest})
 
 
+_FALLBACK_TAG = re.compile(r"^sha256-[0-9a-f]{64}$")
+
+
 def _fallback_tag(digest: str) -> str:
     return digest.replace(":", "-")
 
 
-def sign(reg: Registry, ref: Ref, key_path: Path, scratch: Path) -> dict:
+def is_referrers_tag(tag: str) -> bool:
+    """Whether ``tag`` is a referrers index (signatures), not a snapshot's tag."""
+    return bool(_FALLBACK_TAG.match(tag))
+
+
+def sign(reg: Registry, ref: Ref, key_path: Path) -> dict:
     """Sign snapshot ``ref`` in ``reg`` and store the signature there, as a referrer."""
     key = _load_private(key_path)
     digest = reg.resolve(ref)
@@ -125,13 +135,12 @@ def sign(reg: Registry, ref: Ref, key_path: Path, scratch: Path) -> dict:
     payload = _payload(ref.name, digest)
     signature = base64.b64encode(key.sign(payload)).decode()
     kid = key_id(key.public_key())
-    scratch.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for data in (payload, b"{}"):
-        d = sha256_of(data)
-        files[d] = scratch / d.split(":")[1]
-        files[d].write_bytes(data)
-        reg.put_blob(ref.name, d, files[d])
+    with tempfile.TemporaryDirectory(prefix="snapbuild-sign-") as scratch:
+        for data in (payload, b"{}"):  # registries take blobs as files
+            d = sha256_of(data)
+            path = Path(scratch) / d.split(":")[1]
+            path.write_bytes(data)
+            reg.put_blob(ref.name, d, path)
     manifest = {
         "schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE, "artifactType": SIGNATURE_TYPE,
         "config": {"mediaType": EMPTY_TYPE, "digest": sha256_of(b"{}"), "size": 2},

@@ -315,15 +315,7 @@ def sign(ref, key_path, registry, as_json):
     from ..signing import sign as do_sign
     from ..store import Store
 
-    store = Store()
-    scratch = store.scratch("sign")
-    try:
-        out = do_sign(open_registry(registry or default_registry_url(store.home)), parse_ref(ref), Path(key_path),
-                      scratch)
-    finally:
-        import shutil
-
-        shutil.rmtree(scratch, ignore_errors=True)
+    out = do_sign(open_registry(registry or default_registry_url(Store().home)), parse_ref(ref), Path(key_path))
     if as_json:
         emit_json(out)
         return

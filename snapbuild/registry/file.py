@@ -48,6 +48,10 @@ class FileRegistry:
         except ValueError as e:
             raise RegistryError(f"{self._repo(name) / 'index.json'} is not valid JSON: {e}") from None
 
+    def _write_index(self, name: str, index: dict) -> None:
+        """Replace ``index.json`` atomically (callers hold ``.index.lock``)."""
+        atomic_write(self._repo(name) / "index.json", json.dumps(index, indent=2).encode() + b"\n")
+
     # -- write -------------------------------------------------------------------------
     def has_blob(self, name: str, digest: str) -> bool:
         return self._blobs(name).has(digest)
@@ -100,7 +104,7 @@ class FileRegistry:
                 entry["artifactType"] = doc["artifactType"]
             manifests.append(entry)
             index["manifests"] = sorted(manifests, key=lambda m: m["annotations"][REF_NAME])
-            atomic_write(repo / "index.json", json.dumps(index, indent=2).encode() + b"\n")
+            self._write_index(name, index)
 
     def delete(self, ref: Ref) -> None:
         digest = self.resolve(ref)
@@ -110,7 +114,7 @@ class FileRegistry:
             index["manifests"] = [m for m in index["manifests"]
                                   if not (m.get("annotations", {}).get(REF_NAME) == ref.tag if ref.tag
                                           else m["digest"] == digest)]
-            atomic_write(repo / "index.json", json.dumps(index, indent=2).encode() + b"\n")
+            self._write_index(ref.name, index)
 
     # -- read --------------------------------------------------------------------------
     def resolve(self, ref: Ref) -> str:

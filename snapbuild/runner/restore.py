@@ -141,24 +141,26 @@ def _restore(runtime: dict, store: Store, timings: dict) -> int:
         timings["restore_s"] = round(time.monotonic() - t, 4)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    t = time.monotonic()
-    try:
-        _wait_restored(spec["ready"], log, lambda: process.alive(pid))
-    except probes.ProbeFailed as e:
-        process.stop(pid)
-        raise _NoRestore(f"the restored server did not get ready: {e}") from None
-    timings["ready_s"] = round(time.monotonic() - t, 4)
+    _wait_restored(spec["ready"], log, lambda: process.alive(pid), lambda: process.stop(pid), timings)
     return pid
 
 
-def _wait_restored(ready: dict, log: Path, alive) -> None:
-    """Probe a restored server. A log line or a file marks a start-up event that it went
-    through before its checkpoint and will not repeat: then ready is being alive."""
-    if probes.probe_kind(ready) in probes.STARTUP_EVENT_KINDS:
-        if not alive():
-            raise probes.ProbeFailed("the restored server exited")
-    else:
-        probes.wait_ready(ready, log_path=log, alive=alive, timeout=30)
+def _wait_restored(ready: dict, log: Path, alive, give_up, timings: dict) -> None:
+    """Probe a restored server, timed as ``ready_s``; one that never gets ready is
+    ``give_up()``-ed (stopped, or its container removed) and the restore counts as
+    failed. A log line or a file marks a start-up event that it went through before
+    its checkpoint and will not repeat: then ready is being alive."""
+    t = time.monotonic()
+    try:
+        if probes.probe_kind(ready) in probes.STARTUP_EVENT_KINDS:
+            if not alive():
+                raise probes.ProbeFailed("the restored server exited")
+        else:
+            probes.wait_ready(ready, log_path=log, alive=alive, timeout=30)
+    except probes.ProbeFailed as e:
+        give_up()
+        raise _NoRestore(f"the restored server did not get ready: {e}") from None
+    timings["ready_s"] = round(time.monotonic() - t, 4)
 
 
 def _cold(spec: dict, store: Store, timings: dict) -> int:
@@ -221,13 +223,8 @@ def _restore_container(runtime: dict, store: Store, timings: dict, host_port: in
         timings["restore_s"] = round(time.monotonic() - t, 4)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    t = time.monotonic()
-    try:
-        _wait_restored(container.host_probe(spec, inst), inst.log_path, lambda: container.alive(inst))
-    except probes.ProbeFailed as e:
-        container.destroy(inst)
-        raise _NoRestore(f"the restored server did not get ready: {e}") from None
-    timings["ready_s"] = round(time.monotonic() - t, 4)
+    _wait_restored(container.host_probe(spec, inst), inst.log_path, lambda: container.alive(inst),
+                   lambda: container.destroy(inst), timings)
     return inst
 
 
