@@ -1,12 +1,15 @@
 """Cache keys: sha256 of the canonical JSON of everything a step's output depends on.
 
-    material = {"kind": ..., "version": ..., "spec": {...}, "pins": {...}, "inputs": {dep: key}}
+    material = {"kind": ..., "version": ..., "layout": N, "spec": {...}, "pins": {...},
+                "inputs": {dep: key}}
     key      = sha256(canonical_json(material))
 
 ``spec`` is the templated spec minus keyless fields (``needs``, ``description``, ...),
 ``pins`` the immutable ids of outside data the kind resolved (file digests, image
 digests), ``inputs`` the keys of the steps it reads. No times, no absolute paths of the
 cache, no secret values: two machines building the same recipe agree on every key.
+``layout`` is the version of how artifacts are stored (chunks, packs): a change there
+rebuilds every step once, so that a store does not keep old-layout artifacts forever.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import hashlib
 from ..store.fsutil import canonical_json
 
 SHORT = 12
+# 2: files under 1 MiB packed together (store/chunks.py)
+LAYOUT = 2
 
 
 def key_material(kind, spec, pins: dict, input_keys: dict[str, str]) -> dict:
     return {
         "kind": kind.name,
         "version": kind.version,
+        "layout": LAYOUT,
         "spec": spec.key_fields(),
         "pins": pins,
         "inputs": dict(sorted(input_keys.items())),
@@ -42,6 +48,8 @@ def why_changed(old: dict | None, new: dict) -> str:
         return "never built"
     if old.get("kind") != new["kind"]:
         return f"kind changed ({old.get('kind')} -> {new['kind']})"
+    if old.get("layout", 1) != new.get("layout", 1):
+        return f"storage layout changed (v{old.get('layout', 1)} -> v{new.get('layout', 1)})"
     if old.get("version") != new["version"]:
         return f"{new['kind']} step format changed (v{old.get('version')} -> v{new['version']})"
     o_spec, n_spec = old.get("spec", {}), new["spec"]

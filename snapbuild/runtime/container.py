@@ -75,21 +75,21 @@ def read_image(blobs: BlobStore, artifact: str) -> tuple[dict, dict]:
     entries = {e["path"]: e for e in tree["entries"]}
     if IMAGE_JSON not in entries:
         raise SnapbuildError(f"{artifact} is not an image (it has no {IMAGE_JSON})")
-    return json.loads(ChunkReader(blobs, entries[IMAGE_JSON]["chunks"]).read()), entries
+    return json.loads(ChunkReader(blobs, entries[IMAGE_JSON]).read()), entries
 
 
 def write_layers(blobs: BlobStore, artifact: str, out: Path) -> tuple[dict, list]:
     """The image's OCI config, and its layers written out (verified) as tar files in
     ``out``, lowest first (for a ``docker load`` archive, or a build on top of them)."""
     from ..image.layers import Layer
-    from ..store.chunks import write_chunks
+    from ..store.chunks import write_file
 
     meta, entries = read_image(blobs, artifact)
     out.mkdir(parents=True, exist_ok=True)
     layers = []
     for x in meta["layers"]:
         path = out / f"{x['digest'].split(':')[1]}.tar"
-        write_chunks(blobs, entries[f"layers/{path.name}"]["chunks"], path)
+        write_file(blobs, entries[f"layers/{path.name}"], path, 0o644)
         layers.append(Layer(digest=x["digest"], size=x["size"], path=path))
     return meta["config"], layers
 
@@ -102,7 +102,7 @@ def layer_dirs(blobs: BlobStore, artifact: str, cache: Path) -> list[Path]:
     out = []
     for layer in meta["layers"]:
         entry = entries[f"layers/{layer['digest'].split(':')[1]}.tar"]
-        out.append(rootfs.cached_layer(layer["digest"], lambda e=entry: ChunkReader(blobs, e["chunks"]), cache,
+        out.append(rootfs.cached_layer(layer["digest"], lambda e=entry: ChunkReader(blobs, e), cache,
                                        user=str(blobs.root)))
     return out
 

@@ -215,9 +215,9 @@ class CheckpointStep:
 
         tree = load_tree(store.blobs, artifact)
         entry = next(e for e in tree["entries"] if e["path"] == MANIFEST)
-        from ..store.chunks import get_chunk
+        from ..store.chunks import read_file
 
-        manifest = json.loads(b"".join(get_chunk(store.blobs, c) for c in entry["chunks"]))
+        manifest = json.loads(read_file(store.blobs, entry))
         trees = dict(manifest["server"]["inputs"])
         if manifest["server"].get("image"):  # a container's image travels with it too
             trees[manifest["server"]["image_step"]] = manifest["server"]["image"]

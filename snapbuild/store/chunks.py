@@ -1,17 +1,28 @@
 """Files as lists of chunks: fixed-size pieces, zstd-compressed when that pays, with
-all-zero pieces not stored at all.
+all-zero pieces not stored at all; small files packed together.
 
 A chunk reference is a small dict kept in the tree blob::
 
     {"enc": "zstd", "digest": "sha256:...", "size": 4194304}   # compressed blob
     {"enc": "raw",  "digest": "sha256:...", "size": 4194304}   # incompressible, stored as is
     {"enc": "zero", "size": 4194304}                           # a hole: nothing stored
+    {"enc": "zstd", "digest": "sha256:...", "offset": 81920, "length": 2203, "size": 9071}
+                                                               # a small file, in a pack
 
 ``size`` is always the uncompressed length; ``digest`` names the stored bytes, so the
 blob store verifies them without decompressing, and a blob maps one-to-one onto an OCI
 blob. Fixed-size chunks keep dedup simple and effective for the data snapbuild stores
 (CRIU page images, weight files, layers): the same bytes at the same offsets give the
 same chunks, and a snapshot that changes one file re-stores only that file's chunks.
+
+A Python environment is thousands of files of a few KiB; one blob each would make a
+pull thousands of requests. Files under ``PACK_BELOW`` are therefore encoded one by
+one and concatenated into *pack* blobs; their reference adds the slice (``offset``,
+``length``) of the pack that holds them. A pack ends after a file whose content digest
+ends in a chosen bit pattern (or at ``PACK_MAX`` bytes), so pack boundaries depend on
+content, not on position: adding or changing one file re-stores only its own pack.
+A slice cannot be checked against the pack's digest without reading the whole pack,
+so a packed file is checked against its own content digest when read.
 """
 
 from __future__ import annotations
@@ -33,10 +44,24 @@ ZSTD_LEVEL = 1  # fast: CI time matters more than the last few percent
 # Keep the compressed form only when it saves at least this fraction.
 MIN_SAVING = 0.05
 
+# Packing small files: files below PACK_BELOW bytes go into packs; a pack ends after a
+# file whose digest's low PACK_CUT_BITS bits are zero (once it holds PACK_MIN bytes),
+# or when it reaches PACK_MAX bytes.
+PACK_BELOW = 1 << 20
+PACK_MIN = 1 << 20
+PACK_MAX = 8 << 20
+PACK_CUT_BITS = 8
+
 MEDIA_TYPES = {
     "zstd": "application/vnd.snapbuild.chunk.v1.zstd",
     "raw": "application/vnd.snapbuild.chunk.v1",
 }
+PACK_MEDIA_TYPE = "application/vnd.snapbuild.pack.v1"
+
+
+def media_type(ref: dict) -> str:
+    """The OCI media type of the blob a chunk reference names."""
+    return PACK_MEDIA_TYPE if "offset" in ref else MEDIA_TYPES[ref["enc"]]
 
 _local = threading.local()
 
@@ -60,18 +85,68 @@ def _is_zero(data: bytes) -> bool:
     return data == bytes(len(data)) if data[:1] == b"\0" and data[-1:] == b"\0" else False
 
 
+def _encode(data: bytes) -> tuple[str, bytes]:
+    packed = _compressor().compress(data)
+    if len(packed) <= len(data) * (1 - MIN_SAVING):
+        return "zstd", packed
+    return "raw", data
+
+
 def put_chunk(blobs: BlobStore, data: bytes) -> dict:
     size = len(data)
     if _is_zero(data):
         return {"enc": "zero", "size": size}
-    packed = _compressor().compress(data)
-    if len(packed) <= size * (1 - MIN_SAVING):
-        return {"enc": "zstd", "digest": blobs.put(packed), "size": size}
-    return {"enc": "raw", "digest": blobs.put(data), "size": size}
+    enc, stored = _encode(data)
+    return {"enc": enc, "digest": blobs.put(stored), "size": size}
 
 
-def put_stream(blobs: BlobStore, f: BinaryIO, chunk_size: int = CHUNK_SIZE) -> tuple[list[dict], str]:
-    """Store a file's chunks; returns them and the sha256 of the whole content."""
+class Packer:
+    """Collects small files into pack blobs (see the module's docstring).
+
+    ``add`` returns the file's chunk reference at once; its ``digest`` is filled in when
+    the pack is stored, so call ``flush`` before the references are used.
+    """
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self._blobs = blobs
+        self._parts: list[bytes] = []
+        self._refs: list[dict] = []
+        self._size = 0
+
+    def add(self, data: bytes, content_digest: str) -> dict:
+        if _is_zero(data):
+            return {"enc": "zero", "size": len(data)}
+        enc, stored = _encode(data)
+        ref = {"enc": enc, "offset": self._size, "length": len(stored), "size": len(data)}
+        self._parts.append(stored)
+        self._refs.append(ref)
+        self._size += len(stored)
+        cut = int(content_digest[-8:], 16) & ((1 << PACK_CUT_BITS) - 1) == 0
+        if self._size >= PACK_MAX or (cut and self._size >= PACK_MIN):
+            self.flush()
+        return ref
+
+    def flush(self) -> None:
+        if not self._parts:
+            return
+        digest = self._blobs.put(b"".join(self._parts))
+        for ref in self._refs:
+            ref["digest"] = digest
+        self._parts, self._refs, self._size = [], [], 0
+
+
+def put_stream(blobs: BlobStore, f: BinaryIO, chunk_size: int = CHUNK_SIZE,
+               packer: Packer | None = None) -> tuple[list[dict], str]:
+    """Store a file's chunks; returns them and the sha256 of the whole content.
+
+    With a ``packer``, a file smaller than ``PACK_BELOW`` goes into a pack.
+    """
+    if packer is not None:
+        data = f.read(PACK_BELOW)
+        if len(data) < PACK_BELOW:
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            return ([packer.add(data, digest)] if data else []), digest
+        f.seek(0)
     chunks = []
     h = hashlib.sha256()
     while data := f.read(chunk_size):
@@ -80,31 +155,54 @@ def put_stream(blobs: BlobStore, f: BinaryIO, chunk_size: int = CHUNK_SIZE) -> t
     return chunks, "sha256:" + h.hexdigest()
 
 
-def get_chunk(blobs: BlobStore, ref: dict) -> bytes:
-    """The uncompressed bytes of one chunk, verified by digest and length."""
+def get_chunk(blobs: BlobStore, ref: dict, content_digest: str | None = None) -> bytes:
+    """The uncompressed bytes of one chunk, verified by digest and length.
+
+    A packed chunk (a slice of a pack) is verified against ``content_digest``, the
+    digest of the file it is (a packed file is always a single chunk).
+    """
     enc, size = ref["enc"], ref["size"]
     if enc == "zero":
         return bytes(size)
-    data = blobs.get(ref["digest"])
+    packed = "offset" in ref
+    if packed:
+        if content_digest is None:
+            raise ValueError("a packed chunk is read with its file's digest")
+        data = blobs.read_range(ref["digest"], ref["offset"], ref["length"])
+    else:
+        data = blobs.get(ref["digest"])
     if enc == "zstd":
-        data = _decompressor().decompress(data, max_output_size=size)
+        try:
+            data = _decompressor().decompress(data, max_output_size=size)
+        except zstandard.ZstdError as e:
+            raise IntegrityError(f"chunk {ref['digest']} does not decompress: {e}") from None
     elif enc != "raw":
         raise IntegrityError(f"chunk {ref.get('digest')} has an unknown encoding {enc!r}")
     if len(data) != size:
         raise IntegrityError(f"chunk {ref['digest']} holds {len(data)} bytes, expected {size}")
+    if packed and "sha256:" + hashlib.sha256(data).hexdigest() != content_digest:
+        raise IntegrityError(
+            f"a file packed in blob {ref['digest']} (at {ref['offset']}) does not match its digest "
+            f"{content_digest}: the pack is corrupt",
+            hint="run `snapbuild cache verify --repair` to drop it; the next build recreates it")
     return data
 
 
-def write_chunks(blobs: BlobStore, chunks: list[dict], dest: Path, mode: int = 0o644) -> None:
-    """Rebuild a file from its chunks; zero chunks become holes (sparse files)."""
+def read_file(blobs: BlobStore, entry: dict) -> bytes:
+    """The whole content of a tree's file entry, verified."""
+    return b"".join(get_chunk(blobs, ref, entry["digest"]) for ref in entry["chunks"])
+
+
+def write_file(blobs: BlobStore, entry: dict, dest: Path, mode: int | None = None) -> None:
+    """Write a tree's file entry out to ``dest``; zero chunks become holes (sparse files)."""
     with open(dest, "wb") as f:
-        for ref in chunks:
+        for ref in entry["chunks"]:
             if ref["enc"] == "zero":
                 f.seek(ref["size"], os.SEEK_CUR)
             else:
-                f.write(get_chunk(blobs, ref))
+                f.write(get_chunk(blobs, ref, entry["digest"]))
         f.truncate()
-    os.chmod(dest, mode)
+    os.chmod(dest, entry.get("mode", 0o644) if mode is None else mode)
 
 
 def chunk_digests(chunks: list[dict]) -> Iterator[str]:
@@ -114,10 +212,11 @@ def chunk_digests(chunks: list[dict]) -> Iterator[str]:
 
 
 class ChunkReader(io.RawIOBase):
-    """A file's content read from its chunks, one verified chunk at a time."""
+    """A tree file entry's content read from its chunks, one verified chunk at a time."""
 
-    def __init__(self, blobs: BlobStore, chunks: list[dict]) -> None:
-        self._blobs, self._chunks, self._i, self._buf = blobs, list(chunks), 0, memoryview(b"")
+    def __init__(self, blobs: BlobStore, entry: dict) -> None:
+        self._blobs, self._chunks, self._i, self._buf = blobs, list(entry["chunks"]), 0, memoryview(b"")
+        self._digest = entry["digest"]
 
     def readable(self) -> bool:
         return True
@@ -126,7 +225,7 @@ class ChunkReader(io.RawIOBase):
         while not self._buf:
             if self._i >= len(self._chunks):
                 return 0
-            self._buf = memoryview(get_chunk(self._blobs, self._chunks[self._i]))
+            self._buf = memoryview(get_chunk(self._blobs, self._chunks[self._i], self._digest))
             self._i += 1
         n = min(len(b), len(self._buf))
         b[:n] = self._buf[:n]

@@ -20,7 +20,7 @@ import json
 from .. import __version__
 from ..errors import IntegrityError
 from .blobs import BlobStore
-from .chunks import MEDIA_TYPES as CHUNK_MEDIA_TYPES
+from .chunks import media_type
 from .fsutil import canonical_json
 from .tree import MEDIA_TYPE as TREE_MEDIA_TYPE
 from .tree import load_tree
@@ -88,7 +88,7 @@ def chunk_layers(blobs: BlobStore, tree_digests: dict[str, str]) -> list[dict]:
                 d = ref.get("digest")
                 if d and d not in seen:
                     seen.add(d)
-                    chunks.append({"mediaType": CHUNK_MEDIA_TYPES[ref["enc"]], "digest": d, "size": blobs.size(d)})
+                    chunks.append({"mediaType": media_type(ref), "digest": d, "size": blobs.size(d)})
     return layers + chunks
 
 

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 from ..errors import IntegrityError
 from .blobs import BlobStore
-from .chunks import chunk_digests, put_stream, write_chunks
+from .chunks import Packer, chunk_digests, put_stream, write_file
 from .fsutil import canonical_json
 
 MEDIA_TYPE = "application/vnd.snapbuild.tree.v1+json"
@@ -50,9 +50,11 @@ def walk(root: Path) -> Iterator[tuple[str, Path]]:
 def build_tree(blobs: BlobStore, items: Iterable[tuple[str, Path]]) -> tuple[str, dict]:
     """Store the given (relpath, abspath) items and return (tree digest, tree).
 
-    Parent directories of listed paths are added implicitly.
+    Parent directories of listed paths are added implicitly. Small files are packed
+    (see chunks.Packer), in the order given.
     """
     entries: dict[str, dict] = {}
+    packer = Packer(blobs)
     for rel, src in items:
         rel = _check_relpath(rel)
         parts = PurePosixPath(rel).parts
@@ -67,10 +69,11 @@ def build_tree(blobs: BlobStore, items: Iterable[tuple[str, Path]]) -> tuple[str
             entries[rel] = {"path": rel, "type": "dir", "mode": mode}
         elif stat.S_ISREG(st.st_mode):
             with open(src, "rb") as f:
-                chunks, digest = put_stream(blobs, f)
+                chunks, digest = put_stream(blobs, f, packer=packer)
             entries[rel] = {"path": rel, "type": "file", "mode": mode, "digest": digest,
                             "size": sum(c["size"] for c in chunks), "chunks": chunks}
         # sockets, fifos and devices have no place in an artifact: skipped
+    packer.flush()
     tree = {"mediaType": MEDIA_TYPE, "entries": [entries[k] for k in sorted(entries)]}
     return blobs.put(canonical_json(tree)), tree
 
@@ -85,10 +88,14 @@ def load_tree(blobs: BlobStore, digest: str) -> dict:
 
 
 def tree_blobs(tree: dict) -> Iterator[str]:
-    """Digests of every chunk blob a tree refers to."""
+    """Digests of every chunk and pack blob a tree refers to, each once."""
+    seen = set()
     for e in tree["entries"]:
         if e["type"] == "file":
-            yield from chunk_digests(e["chunks"])
+            for d in chunk_digests(e["chunks"]):
+                if d not in seen:
+                    seen.add(d)
+                    yield d
 
 
 def tree_size(tree: dict) -> int:
@@ -106,7 +113,7 @@ def materialize(blobs: BlobStore, tree: dict, dest: Path) -> None:
             dirs.append((target, e["mode"]))
         elif e["type"] == "file":
             target.parent.mkdir(parents=True, exist_ok=True)
-            write_chunks(blobs, e["chunks"], target, e["mode"])
+            write_file(blobs, e, target)
         elif e["type"] == "symlink":
             target.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(e["target"], target)

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 
 def files_of(store, artifact: str) -> dict[str, bytes]:
     tree = load_tree(store.blobs, artifact)
-    return {e["path"]: ChunkReader(store.blobs, e["chunks"]).read() for e in tree["entries"] if e["type"] == "file"}
+    return {e["path"]: ChunkReader(store.blobs, e).read() for e in tree["entries"] if e["type"] == "file"}
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Blobs, chunks and trees: verified reads, zstd-or-raw, holes, determinism."""
+"""Blobs, chunks and trees: verified reads, zstd-or-raw, holes, packs, determinism."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import pytest
 
 from snapbuild.errors import IntegrityError, NotFound
 from snapbuild.store.blobs import BlobStore, digest_bytes
-from snapbuild.store.chunks import CHUNK_SIZE, get_chunk, put_chunk
+from snapbuild.store import chunks
+from snapbuild.store.chunks import CHUNK_SIZE, PACK_BELOW, PACK_MEDIA_TYPE, get_chunk, media_type, put_chunk
+from snapbuild.store.tree import tree_blobs
 from snapbuild.store.tree import build_tree, load_tree, materialize, walk
 
 
@@ -81,6 +83,8 @@ def test_tree_roundtrip_keeps_content_modes_links_and_holes(blobs, tmp_path):
     digest, tree = build_tree(blobs, walk(src))
     sparse = next(e for e in tree["entries"] if e["path"] == "sparse.img")
     assert [c["enc"] for c in sparse["chunks"]] == ["zero", "zero", "raw"]  # 4 bytes do not compress
+    small = next(e for e in tree["entries"] if e["path"] == "bin/run.sh")
+    assert "offset" in small["chunks"][0], "a small file is packed"
     out = tmp_path / "out"
     materialize(blobs, load_tree(blobs, digest), out)
     for rel in ("bin/run.sh", "big.bin", "sparse.img"):
@@ -105,3 +109,68 @@ def test_unsafe_tree_paths_are_refused(blobs, tmp_path):
     for bad in ("../escape", "/abs", ""):
         with pytest.raises(IntegrityError):
             build_tree(blobs, [(bad, tmp_path / "f")])
+
+
+def _many_small_files(root, n, seed=0):
+    import random
+
+    rnd = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        text = "".join(rnd.choice("abcdefgh \n") for _ in range(rnd.randint(2000, 30000)))
+        (root / f"mod{i:04d}.py").write_text(text)
+    (root / "big.bin").write_bytes(os.urandom(PACK_BELOW + 1))  # not packed
+    (root / "zeros").write_bytes(bytes(1000))  # a hole, in no pack
+    (root / "empty").write_bytes(b"")
+
+
+def test_small_files_share_few_pack_blobs_and_come_back_verified(blobs, tmp_path):
+    src = tmp_path / "src"
+    _many_small_files(src, 400)
+    digest, tree = build_tree(blobs, walk(src))
+    files = [e for e in tree["entries"] if e["type"] == "file"]
+    packed = [e for e in files if e["chunks"] and "offset" in e["chunks"][0]]
+    assert len(packed) == 400
+    packs = {e["chunks"][0]["digest"] for e in packed}
+    assert 1 < len(packs) < 40, f"400 files of ~8 KiB stored compressed in {len(packs)} packs"
+    assert len(list(tree_blobs(tree))) == len(set(tree_blobs(tree))), "each blob listed once"
+    assert {media_type(e["chunks"][0]) for e in packed} == {PACK_MEDIA_TYPE}
+    by_path = {e["path"]: e for e in files}
+    assert [c["enc"] for c in by_path["zeros"]["chunks"]] == ["zero"]
+    assert by_path["empty"]["chunks"] == [] and "offset" not in by_path["big.bin"]["chunks"][0]
+    out = tmp_path / "out"
+    materialize(blobs, load_tree(blobs, digest), out)
+    for e in files:
+        assert (out / e["path"]).read_bytes() == (src / e["path"]).read_bytes(), e["path"]
+
+
+def test_pack_boundaries_follow_content_so_one_change_restores_one_pack(blobs, tmp_path, monkeypatch):
+    # Smaller packs than the defaults, so that 400 small files make many of them.
+    monkeypatch.setattr(chunks, "PACK_MIN", 16 << 10)
+    monkeypatch.setattr(chunks, "PACK_CUT_BITS", 4)
+    src = tmp_path / "src"
+    _many_small_files(src, 400)
+    _, first = build_tree(blobs, walk(src))
+    assert len(set(tree_blobs(first))) > 10
+    (src / "mod0200.py").write_text("changed")
+    (src / "mod0000a.py").write_text("a new file, in the first pack")
+    _, second = build_tree(blobs, walk(src))
+    new = set(tree_blobs(second)) - set(tree_blobs(first))
+    # The packs holding the changed and the added file are new; one more each at most,
+    # when the file's new digest moves a pack boundary. Every other pack is reused.
+    assert 2 <= len(new) <= 4, len(new)
+
+
+def test_corrupt_packed_file_is_refused_with_its_pack_named(blobs, tmp_path):
+    src = tmp_path / "src"
+    _many_small_files(src, 20)
+    digest, tree = build_tree(blobs, walk(src))
+    entry = next(e for e in tree["entries"] if e["path"] == "mod0003.py")
+    ref = entry["chunks"][0]
+    flip_byte(blobs.path(ref["digest"]), ref["offset"] + ref["length"] // 2)
+    with pytest.raises(IntegrityError, match="pack"):
+        chunks.read_file(blobs, entry)
+    with pytest.raises(IntegrityError):
+        materialize(blobs, load_tree(blobs, digest), tmp_path / "out")
+    with pytest.raises(ValueError, match="digest"):
+        get_chunk(blobs, ref)  # a slice is never read unchecked
