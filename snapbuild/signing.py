@@ -8,9 +8,10 @@ OCI referrer)::
       layer   the signed payload: {"type", "name", "manifest"} as canonical JSON, with the
               signature (base64) and the key's id in its annotations
 
-Registries without the referrers API (distribution 2.8, ``file://``, ``s3://``) get the
-OCI 1.1 fallback: an image index tagged ``sha256-<hex of the snapshot's digest>`` that
-lists the snapshot's referrers. The signature covers the snapshot's name and manifest
+A registry with the OCI 1.1 referrers API lists the signature by itself; registries
+without it (distribution 2.8, ``file://``, ``s3://``) get the OCI 1.1 fallback: an image
+index tagged ``sha256-<hex of the snapshot's digest>`` that lists the snapshot's
+referrers. Verification reads both, so signatures survive a registry's upgrade. The signature covers the snapshot's name and manifest
 digest; the manifest covers every blob by digest, so a signature vouches for all of it.
 
 A trust policy (JSON) says which public keys may sign which snapshot names::
@@ -151,18 +152,23 @@ def sign(reg: Registry, ref: Ref, key_path: Path) -> dict:
     data = canonical_json(manifest)
     sig_digest = sha256_of(data)
     reg.put_manifest(ref.name, sig_digest, data, None)
-    # The referrers fallback: an index of the subject's referrers, under a tag of its own.
-    index = _referrers_index(reg, ref.name, digest)
-    entry = {"mediaType": MANIFEST_MEDIA_TYPE, "digest": sig_digest, "size": len(data),
-             "artifactType": SIGNATURE_TYPE, "annotations": {KEY_ANNOTATION: kid}}
-    if not any(m["digest"] == sig_digest for m in index["manifests"]):
-        index["manifests"].append(entry)
-        blob = canonical_json(index)
-        reg.put_manifest(ref.name, sha256_of(blob), blob, _fallback_tag(digest))
-    return {"ref": str(ref), "digest": digest, "signature": sig_digest, "key_id": kid, "registry": reg.url}
+    listed = reg.referrers(ref.name, digest)
+    if listed is None:  # no referrers API: an index of the subject's referrers, under a tag of its own
+        index = _fallback_index(reg, ref.name, digest)
+        entry = {"mediaType": MANIFEST_MEDIA_TYPE, "digest": sig_digest, "size": len(data),
+                 "artifactType": SIGNATURE_TYPE, "annotations": {KEY_ANNOTATION: kid}}
+        if not any(m["digest"] == sig_digest for m in index["manifests"]):
+            index["manifests"].append(entry)
+            blob = canonical_json(index)
+            reg.put_manifest(ref.name, sha256_of(blob), blob, _fallback_tag(digest))
+    elif not any(m.get("digest") == sig_digest for m in listed):
+        raise SnapbuildError(f"signed {ref}, but {reg.url} does not list the signature {sig_digest[:19]} among "
+                             "the snapshot's referrers", hint="check the registry's referrers support")
+    return {"ref": str(ref), "digest": digest, "signature": sig_digest, "key_id": kid, "registry": reg.url,
+            "referrers": "api" if listed is not None else "fallback-tag"}
 
 
-def _referrers_index(reg: Registry, name: str, digest: str) -> dict:
+def _fallback_index(reg: Registry, name: str, digest: str) -> dict:
     try:
         idx_digest = reg.resolve(Ref(name=name, tag=_fallback_tag(digest)))
         index = json.loads(reg.get_manifest(name, idx_digest))
@@ -171,6 +177,14 @@ def _referrers_index(reg: Registry, name: str, digest: str) -> dict:
     except NotFound:
         pass
     return {"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": []}
+
+
+def _referrers(reg: Registry, name: str, digest: str) -> list[dict]:
+    """The snapshot's referrers: from the registry's API when it has one, and from the
+    fallback tag (signatures made before the registry had the API)."""
+    listed = reg.referrers(name, digest) or []
+    known = {m.get("digest") for m in listed}
+    return listed + [m for m in _fallback_index(reg, name, digest)["manifests"] if m.get("digest") not in known]
 
 
 @dataclass
@@ -215,7 +229,7 @@ def verify(reg: Registry, ref: Ref, digest: str, policy: Policy) -> dict:
                                 "what it does not name", hint="add the name (or a pattern) with its signing keys")
     accepted = {key_id(k): k for k in keys}
     seen = []
-    for entry in _referrers_index(reg, ref.name, digest)["manifests"]:
+    for entry in _referrers(reg, ref.name, digest):
         if entry.get("artifactType") != SIGNATURE_TYPE:
             continue
         try:

@@ -52,6 +52,10 @@ class Registry(Protocol):
     def delete(self, ref: Ref) -> None:
         """Remove a tag, or with a digest the manifest itself (blobs stay for the registry's own gc)."""
 
+    def referrers(self, name: str, digest: str) -> list[dict] | None:
+        """Descriptors of the manifests whose ``subject`` is ``digest``, from the registry's
+        referrers API; None when it has none (then the OCI fallback tag stands in)."""
+
 
 def sha256_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()

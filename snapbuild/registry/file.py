@@ -158,3 +158,6 @@ class FileRegistry:
         """(tag, manifest digest) pairs."""
         return [(m["annotations"][REF_NAME], m["digest"]) for m in self._index(name)["manifests"]
                 if REF_NAME in m.get("annotations", {})]
+
+    def referrers(self, name: str, digest: str) -> None:
+        return None  # no referrers API: signatures use the OCI fallback tag

@@ -148,7 +148,8 @@ class OciRegistry:
             fields = dict(re.findall(r'(\w+)="([^"]*)"', params))
             if "realm" not in fields:
                 return False
-            query = {"service": fields.get("service", ""), "scope": fields.get("scope", scope)}
+            # One scope parameter per scope: a mount needs the source's too.
+            query = {"service": fields.get("service", ""), "scope": fields.get("scope", scope).split()}
             t = self.session.get(fields["realm"], params=query, auth=self._creds, timeout=self.timeout)
             if t.status_code != 200:
                 return False
@@ -253,6 +254,20 @@ class OciRegistry:
                                              scope=self._scope(ref.name, "pull"), what=f"resolving {ref}",
                                              headers={"Accept": MANIFEST_ACCEPT}).content)
         return digest
+
+    def referrers(self, name: str, digest: str) -> list[dict] | None:
+        """Descriptors of the manifests whose ``subject`` is ``digest``, from the OCI 1.1
+        referrers API; None when the registry does not offer it (it answers 404, as
+        distribution 2.8 does: the spec forbids a 404 from a registry that has the API)."""
+        r = self._request("GET", f"/v2/{self._repo(name)}/referrers/{digest}", scope=self._scope(name, "pull"),
+                          what=f"listing referrers of {digest[:19]} in {name}",
+                          headers={"Accept": "application/vnd.oci.image.index.v1+json"})
+        if r.status_code == 404:
+            return None
+        try:
+            return list(r.json().get("manifests") or [])
+        except ValueError:
+            raise RegistryError(f"the referrers of {digest[:19]} in {self.url}/{name} are not an image index") from None
 
     def names(self) -> list[str]:
         out, path = [], "/v2/_catalog?n=1000"

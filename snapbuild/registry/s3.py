@@ -156,6 +156,9 @@ class S3Registry:
             self._call(f"deleting {ref.name}:{t}", self.client.delete_object, Bucket=self.bucket,
                        Key=self._tag_key(ref.name, t))
 
+    def referrers(self, name: str, digest: str) -> None:
+        return None  # no referrers API: signatures use the OCI fallback tag
+
 
 class _Missing(Exception):
     pass

@@ -51,9 +51,10 @@ def base_rootfs() -> Path:
     return Path(out.stdout.strip())
 
 
-def _serve_registry(root: Path, htpasswd: str | None = None):
+def _serve_registry(root: Path, htpasswd: str | None = None, auth_config: str = ""):
     """Start docker-registry (CNCF distribution) on a free port of 127.0.0.1 with storage
-    under ``root``; returns (process, host:port)."""
+    under ``root`` (Basic auth with ``htpasswd``, or the given ``auth:`` config section);
+    returns (process, host:port)."""
     import shutil
     import socket
     import time
@@ -65,7 +66,7 @@ def _serve_registry(root: Path, htpasswd: str | None = None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    auth = ""
+    auth = auth_config
     if htpasswd:
         (root / "htpasswd").write_text(htpasswd)
         auth = f"auth: {{htpasswd: {{realm: snapbuild-test, path: {root / 'htpasswd'}}}}}\n"
@@ -111,6 +112,23 @@ def oci_registry_auth(tmp_path_factory):
     yield host, user, password
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def oci_registry_token(tmp_path_factory):
+    """The same registry asking for Bearer tokens (`auth: token`), from a small token
+    service of the tests' own (tokenserver.py: the real token services are not
+    reachable here); yields (host:port, username, password, token server)."""
+    from tokenserver import TokenServer
+
+    root = tmp_path_factory.mktemp("registry-token")
+    user, password = "bob", "t0ken-service-password"
+    tokens = TokenServer(root, user, password)
+    proc, host = _serve_registry(root, auth_config=tokens.registry_auth_config())
+    yield host, user, password, tokens
+    proc.terminate()
+    proc.wait(timeout=10)
+    tokens.close()
 
 
 @pytest.fixture(scope="session")

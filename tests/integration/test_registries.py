@@ -1,6 +1,7 @@
 """One contract, every registry backend, each against the real thing on 127.0.0.1:
 file:// (an OCI layout on disk), s3:// (moto's standalone S3 server) and oci:// (Debian's
-docker-registry, CNCF distribution 2.8, without and with Basic auth).
+docker-registry, CNCF distribution 2.8, without auth, with Basic auth, and with Bearer
+tokens from a small token service of the tests' own: see tokenserver.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from testkit import free_port
 
 pytestmark = pytest.mark.integration
 
-BACKENDS = ["file", "s3", "oci", "oci-auth"]
+BACKENDS = ["file", "s3", "oci", "oci-auth", "oci-token"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -52,7 +53,10 @@ def registry_url(request, tmp_path, monkeypatch):
         if kind == "oci":
             host = request.getfixturevalue("oci_registry")
         else:
-            host, user, password = request.getfixturevalue("oci_registry_auth")
+            if kind == "oci-auth":
+                host, user, password = request.getfixturevalue("oci_registry_auth")
+            else:
+                host, user, password, _ = request.getfixturevalue("oci_registry_token")
             monkeypatch.setenv("SNAPBUILD_REGISTRY_USERNAME", user)
             monkeypatch.setenv("SNAPBUILD_REGISTRY_PASSWORD", password)
         repo = f"t{time.monotonic_ns()}"  # a fresh repository prefix per test
@@ -180,8 +184,16 @@ def test_deleting_a_tag(registry_url, built):
         reg.resolve(parse_ref("contract:v1"))
 
 
-def test_wrong_credentials_and_no_credentials_are_refused(oci_registry_auth, monkeypatch):
-    host, user, _ = oci_registry_auth
+@pytest.fixture(params=["basic", "token"])
+def auth_registry(request):
+    """(host, user, password) of the registry with Basic auth, then of the one with tokens."""
+    if request.param == "basic":
+        return request.getfixturevalue("oci_registry_auth")
+    return request.getfixturevalue("oci_registry_token")[:3]
+
+
+def test_wrong_credentials_and_no_credentials_are_refused(auth_registry, monkeypatch):
+    host, user, _ = auth_registry
     monkeypatch.setenv("SNAPBUILD_REGISTRY_USERNAME", user)
     monkeypatch.setenv("SNAPBUILD_REGISTRY_PASSWORD", "wrong")
     with pytest.raises(RegistryError, match="not authorized"):
@@ -203,6 +215,26 @@ def test_credentials_come_from_the_standard_auth_file(oci_registry_auth, monkeyp
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
     with pytest.raises(NotFound):  # authorized: the answer is about the snapshot, not the credentials
         open_registry(f"oci://{host}/x").resolve(parse_ref("contract:v1"))
+
+
+def test_bearer_tokens_carry_the_scopes_each_call_needs(oci_registry_token, built, monkeypatch):
+    """The token flow for real: the registry only accepts what the token grants, so a
+    push, a cross-repository mount, a pull and the catalog each ask for their scope."""
+    host, user, password, tokens = oci_registry_token
+    monkeypatch.setenv("SNAPBUILD_REGISTRY_USERNAME", user)
+    monkeypatch.setenv("SNAPBUILD_REGISTRY_PASSWORD", password)
+    store, digest, blobs, _ = built
+    prefix = f"tok{time.monotonic_ns()}"
+    tokens.grants.clear()
+    reg = open_registry(f"oci://{host}/{prefix}")
+    push(reg, parse_ref("contract:v1"), digest, blobs, store.blobs)
+    push(reg, parse_ref("copy:v1"), digest, blobs, store.blobs)  # mounts from contract
+    assert reg.mounted > 0
+    granted = {s for g in tokens.grants for s in g}
+    assert f"repository:{prefix}/contract:pull,push" in granted
+    assert f"repository:{prefix}/contract:pull" in granted, "a mount asks to read the source repository"
+    assert reg.names() == ["contract", "copy"] and "registry:catalog:*" in {s for g in tokens.grants for s in g}
+    assert open_registry(f"oci://{host}/{prefix}").resolve(parse_ref("copy:v1")) == digest
 
 
 def test_a_registry_that_is_down_fails_clearly_after_bounded_retries():
