@@ -108,6 +108,10 @@ def _why_not_restorable(runtime: dict, out: dict) -> str | None:
         out["mismatches"].append({"field": "engine", "fatal": True, "message": e.message})
         return f"{runtime['engine']} engine unusable here: {e.message}"
     mismatches = compare(runtime["fingerprint"], node)
+    if runtime.get("gpu"):
+        from ..gpu.snapshot import mismatches as gpu_mismatches
+
+        mismatches += gpu_mismatches(runtime["gpu"])
     out["mismatches"] = [m.to_json() for m in mismatches]
     fatal = [m.message for m in mismatches if m.fatal]
     return "fingerprint mismatch: " + "; ".join(fatal) if fatal else None
@@ -141,8 +145,40 @@ def _restore(runtime: dict, store: Store, timings: dict) -> int:
         timings["restore_s"] = round(time.monotonic() - t, 4)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    _resume_gpu(runtime, timings, lambda: process.stop(pid))
+    _after_restore(runtime, spec["ready"], timings, lambda: process.stop(pid))
     _wait_restored(spec["ready"], log, lambda: process.alive(pid), lambda: process.stop(pid), timings)
     return pid
+
+
+def _after_restore(runtime: dict, ready: dict, timings: dict, give_up) -> None:
+    """The checkpoint's `after_restore` calls (e.g. waking a server that slept for its
+    checkpoint), made before the readiness probe."""
+    items = runtime.get("after_restore") or []
+    if not items:
+        return
+    t = time.monotonic()
+    try:
+        probes.run_exercise(items, base=probes.base_url(ready), log=lambda _msg: None, timeout=120)
+    except probes.ProbeFailed as e:
+        give_up()
+        raise _NoRestore(f"after_restore failed: {e}") from None
+    timings["after_restore_s"] = round(time.monotonic() - t, 4)
+
+
+def _resume_gpu(runtime: dict, timings: dict, give_up, prefix: list[str] | None = None) -> None:
+    """GPU state back on the GPU and CUDA unlocked, for a snapshot taken with gpu: cuda."""
+    if not runtime.get("gpu"):
+        return
+    from ..gpu.snapshot import resume
+
+    t = time.monotonic()
+    try:
+        timings.update(resume(runtime["gpu"], prefix=prefix))
+    except SnapbuildError as e:
+        give_up()
+        raise _NoRestore(f"the GPU state did not come back: {e.message}") from None
+    timings["gpu_s"] = round(time.monotonic() - t, 4)
 
 
 def _wait_restored(ready: dict, log: Path, alive, give_up, timings: dict) -> None:
@@ -223,6 +259,11 @@ def _restore_container(runtime: dict, store: Store, timings: dict, host_port: in
         timings["restore_s"] = round(time.monotonic() - t, 4)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if runtime.get("gpu"):
+        from ..gpu.snapshot import sandbox_prefix
+
+        _resume_gpu(runtime, timings, lambda: container.destroy(inst), prefix=sandbox_prefix(engine, inst.id))
+    _after_restore(runtime, container.host_probe(spec, inst), timings, lambda: container.destroy(inst))
     _wait_restored(container.host_probe(spec, inst), inst.log_path, lambda: container.alive(inst),
                    lambda: container.destroy(inst), timings)
     return inst

@@ -2,7 +2,11 @@
 
 ```yaml
 snap: {kind: checkpoint, process: server, engine: host}
+snap: {kind: checkpoint, process: server, gpu: cuda, cuda: {timeout: 900}}
 ```
+
+With ``gpu: cuda`` the server's CUDA processes are locked and their GPU state moved
+to host memory before the dump (snapbuild/gpu/), and the GPUs' fingerprint is recorded.
 
 The artifact holds the engine's images under ``images/`` and ``checkpoint.json``:
 the server spec (command, env, probe, inputs by digest) for restore and cold boot
@@ -15,9 +19,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..engines import CONTAINER_ENGINES, get_engine
 from ..errors import SnapbuildError, StepError
@@ -26,6 +30,7 @@ from ..runtime import process, server
 from ..runtime.process import run_root
 from ..store.tree import build_tree, walk
 from .base import BuildContext, PinContext, StepSpec
+from .warmup import Exercise
 
 FORMAT = server.FORMAT
 MANIFEST = "checkpoint.json"
@@ -40,17 +45,39 @@ class RunscOptions(BaseModel):
     nvproxy: bool = False
 
 
+class CudaOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # tool: NVIDIA's cuda-checkpoint; driver: the driver API (r570+); auto: the tool if on PATH
+    method: Literal["auto", "tool", "driver"] = "auto"
+    lock_timeout: float = Field(default=60, gt=0)  # seconds for in-flight CUDA work to finish
+    timeout: float = Field(default=600, gt=0)  # seconds to move GPU memory out or back (big models: minutes)
+
+
 class CheckpointSpec(StepSpec):
     process: str
     engine: Literal["host", "runc", "runsc"] = "host"
-    gpu: Literal["none"] = "none"
+    gpu: Literal["none", "cuda"] = "none"
+    cuda: CudaOptions | None = None  # how GPU state is checkpointed (gpu: cuda)
     runsc: RunscOptions | None = None  # gVisor's own checkpoint and restore options
+    # What the runner does to a restored server before probing it ready (not after a cold
+    # boot): e.g. vLLM's `POST /wake_up` when the warm-up ended with `POST /sleep`.
+    after_restore: list[Exercise] = Field(default_factory=list)
+    # How CUDA state is moved changes nothing in the output: the options are not keyed.
+    KEYLESS: ClassVar[frozenset[str]] = StepSpec.KEYLESS | {"cuda"}
 
     @model_validator(mode="after")
     def _options_match_engine(self):
         if self.runsc is not None and self.engine != "runsc":
             raise ValueError(f"`runsc:` options need engine: runsc (this checkpoint uses {self.engine})")
+        if self.cuda is not None and self.gpu != "cuda":
+            raise ValueError("`cuda:` options need gpu: cuda")
+        if self.gpu == "cuda" and self.engine == "runc":
+            raise ValueError("gpu: cuda works with engine host (a process on the GPU node) or runsc (gVisor's "
+                             "nvproxy); runc containers get no NVIDIA devices from snapbuild")
         return self
+
+    def cuda_options(self) -> CudaOptions:
+        return self.cuda or CudaOptions()
 
 
 class CheckpointStep:
@@ -82,9 +109,14 @@ class CheckpointStep:
         engine = get_engine(spec.engine)
         try:
             engine.check()
-            return {"engine": spec.engine, "fingerprint": engine.fingerprint()}
+            fingerprint = engine.fingerprint()
         except SnapbuildError as e:
             raise StepError(e.message, hint=e.hint) from None
+        if spec.gpu == "cuda":  # model, count, capability, driver: not which machine (no UUIDs)
+            from ..gpu import fingerprint as gpu_fp
+
+            fingerprint["gpu"] = gpu_fp.key_part(gpu_fp.node_gpus())
+        return {"engine": spec.engine, "fingerprint": fingerprint}
 
     def build(self, spec: CheckpointSpec, ctx: BuildContext) -> str:
         recipe = ctx.recipe
@@ -106,7 +138,7 @@ class CheckpointStep:
             from ..runtime.container import read_image
 
             server_spec.update(image=ctx.artifacts[wspec.image], image_step=wspec.image,
-                               engine_options=spec.runsc.model_dump() if spec.runsc else {},
+                               engine_options=_engine_options(spec),
                                image_config=read_image(ctx.store.blobs, ctx.artifacts[wspec.image])[0]["config"]["config"])
             return self._build_container(spec, ctx, server_spec, wspec)
         engine = get_engine(spec.engine)
@@ -136,8 +168,13 @@ class CheckpointStep:
             pids = process.tree(started.pid)
             mem = process.memory(pids)
             images = scratch / "images"
+            gpu = None
             t1 = time.monotonic()
             try:
+                if spec.gpu == "cuda":
+                    from ..gpu import snapshot as gpu_snapshot
+
+                    gpu = gpu_snapshot.suspend_host(pids, spec.cuda_options(), say)
                 engine.dump(started.pid, images)
             except SnapbuildError as e:
                 raise StepError(e.message, hint=e.hint) from None
@@ -155,7 +192,7 @@ class CheckpointStep:
                     "holds model weights, memory-map them from a weights input (e.g. torch.load(mmap=True)) "
                     "to leave them out: smaller snapshots restore faster")
             stats = {"warm_s": round(warm_s, 3), "dump_s": round(dump_s, 3), "pages_bytes": pages, **mem}
-            return _store(spec, ctx, scratch, server_spec, pids, stats)
+            return _store(spec, ctx, scratch, server_spec, pids, stats, gpu)
         finally:
             if started is not None:
                 process.stop(started.pid)  # no orphan server after success or failure
@@ -191,8 +228,13 @@ class CheckpointStep:
             warm_s = time.monotonic() - t0
             mem = process.memory(process.tree(inst.pid))
             images = scratch / "images"
+            gpu = None
             t1 = time.monotonic()
             try:
+                if spec.gpu == "cuda":
+                    from ..gpu import snapshot as gpu_snapshot
+
+                    gpu = gpu_snapshot.suspend_sandbox(engine, inst.id, spec.cuda_options(), say)
                 container.checkpoint(inst, engine, images, scratch / "work", server_spec["engine_options"])
             except SnapbuildError as e:
                 raise StepError(e.message, hint=e.hint) from None
@@ -202,7 +244,7 @@ class CheckpointStep:
             say(f"--- server log (last 40 lines of {inst.log_path}) ---\n"
                 + process.tail(inst.log_path, 40).rstrip() + "\n---")
             stats = {"warm_s": round(warm_s, 3), "dump_s": round(dump_s, 3), "pages_bytes": pages, **mem}
-            return _store(spec, ctx, scratch, server_spec, [], stats)  # a container's PIDs are its own
+            return _store(spec, ctx, scratch, server_spec, [], stats, gpu)  # a container's PIDs are its own
         finally:
             if inst is not None:
                 container.destroy(inst)  # no container, mount, netns or forwarder left behind
@@ -224,13 +266,22 @@ class CheckpointStep:
         return manifest, trees
 
 
+def _engine_options(spec: CheckpointSpec) -> dict:
+    """The runtime's options from the recipe; gpu: cuda under gVisor needs its nvproxy."""
+    options = spec.runsc.model_dump() if spec.runsc else {}
+    if spec.gpu == "cuda":
+        options["nvproxy"] = True
+    return options
+
+
 def _store(spec: CheckpointSpec, ctx: BuildContext, scratch, server_spec: dict, pids: list[int],
-           stats: dict) -> str:
+           stats: dict, gpu: dict | None = None) -> str:
     """``checkpoint.json`` and the engine's images (in ``scratch/images``) as the artifact."""
     images = scratch / "images"
     manifest = {
         "format": FORMAT, "engine": spec.engine, "process": spec.process, "server": server_spec,
-        "pids": pids, "fingerprint": ctx.pins["fingerprint"],
+        "pids": pids, "fingerprint": ctx.pins["fingerprint"], "gpu": gpu,
+        "after_restore": [e.model_dump(exclude_none=True) for e in spec.after_restore],
         "stats": {**stats, "images_bytes": sum(p.stat().st_size for p in images.iterdir())},
     }
     (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,102 @@
+"""``gpu: cuda`` in a checkpoint and a restore: which processes, which backend, what is
+recorded. The checkpoint step and the runner call these; see cuda.py for the steps.
+
+Recorded in ``checkpoint.json`` as ``gpu``::
+
+    {"method": "tool", "pids": [4242], "fingerprint": {...}, "timeout_s": 600,
+     "timings": {"lock_s": 0.01, "checkpoint_s": 2.3}, "sandbox": false}
+
+Host processes keep their PIDs through CRIU, so ``pids`` names them at restore too;
+inside gVisor the PIDs are the sandbox's own, and cuda-checkpoint runs there through
+``runsc exec``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import SnapbuildError
+from . import cuda
+from . import fingerprint as gpu_fp
+
+
+class GpuSnapshotError(SnapbuildError):
+    exit_code = 8
+
+
+def _node_gpus_or_fail() -> dict:
+    gpus = gpu_fp.node_gpus()
+    if not gpus:
+        raise GpuSnapshotError(f"gpu: cuda needs an NVIDIA GPU on the build machine: {gpu_fp.no_gpu_reason()}",
+                               hint="build GPU snapshots on a GPU node of the kind that will restore them")
+    return gpus
+
+
+def _check(pids: list[int], gpus: dict, what: str) -> None:
+    if not pids:
+        raise GpuSnapshotError(f"gpu: cuda, but no process of {what} has the CUDA driver (libcuda) loaded",
+                               hint="make the warm-up put the model on the GPU before the checkpoint, "
+                                    "or drop `gpu: cuda`")
+    problems = gpu_fp.unsupported(pids, gpus)
+    if problems:
+        raise GpuSnapshotError(f"{what} cannot be CUDA-checkpointed: " + "; ".join(problems))
+
+
+def suspend_host(pids: list[int], opts, say) -> dict:
+    """Before ``criu dump``: lock and checkpoint the CUDA processes among ``pids``."""
+    gpus = _node_gpus_or_fail()
+    cuda_pids = gpu_fp.cuda_processes(pids)
+    _check(cuda_pids, gpus, "the server")
+    be = cuda.backend(opts.method)
+    say(f"CUDA: {len(cuda_pids)} process(es) {cuda_pids} on {gpus['count']}x {gpus['model']} "
+        f"(driver {gpus['driver']}); locking and checkpointing GPU state with the {be.name} backend")
+    timings = cuda.suspend(be, cuda_pids, lock_timeout_s=opts.lock_timeout, timeout_s=opts.timeout)
+    say(f"CUDA: GPU state moved to host memory (lock {timings['lock_s']:.2f}s, checkpoint "
+        f"{timings['checkpoint_s']:.2f}s)")
+    return {"method": be.name, "pids": cuda_pids, "fingerprint": gpus, "timeout_s": opts.timeout,
+            "timings": timings, "sandbox": False}
+
+
+def sandbox_prefix(engine, cid: str) -> list[str]:
+    """How to run a command inside a gVisor sandbox: ``runsc [flags] exec CID``."""
+    return [engine.path(), *engine.global_flags, *engine.option_flags({"nvproxy": True}), "exec", cid]
+
+
+def sandbox_cuda_pids(prefix: list[str], run) -> list[int]:
+    """Sandbox PIDs whose memory maps hold libcuda (asked inside the sandbox)."""
+    r = run([*prefix, "/bin/sh", "-c", "grep -l 'libcuda\\.so' /proc/[0-9]*/maps 2>/dev/null; true"],
+            capture_output=True, text=True, timeout=60)
+    return sorted({int(m) for m in re.findall(r"/proc/(\d+)/maps", r.stdout)})
+
+
+def suspend_sandbox(engine, cid: str, opts, say, run=None) -> dict:
+    """Before ``runsc checkpoint``: the same, with cuda-checkpoint inside the sandbox
+    (gVisor's nvproxy gives the sandbox the GPU; the tool must be in the image)."""
+    import subprocess
+
+    run = run or subprocess.run
+    gpus = _node_gpus_or_fail()
+    prefix = sandbox_prefix(engine, cid)
+    pids = sandbox_cuda_pids(prefix, run)
+    _check(pids, gpus, f"container {cid}")
+    be = cuda.ToolBackend(prefix=prefix, run=run)
+    say(f"CUDA: sandbox process(es) {pids} on {gpus['count']}x {gpus['model']}; cuda-checkpoint through runsc exec")
+    timings = cuda.suspend(be, pids, lock_timeout_s=opts.lock_timeout, timeout_s=opts.timeout)
+    return {"method": "tool", "pids": pids, "fingerprint": gpus, "timeout_s": opts.timeout,
+            "timings": timings, "sandbox": True}
+
+
+def resume(gpu: dict, *, prefix: list[str] | None = None, run=None) -> dict:
+    """After a restore: GPU state back and unlocked, for the recorded processes."""
+    if gpu.get("sandbox"):
+        be = cuda.ToolBackend(prefix=prefix, run=run) if run else cuda.ToolBackend(prefix=prefix)
+    else:  # the node's own way: the tool when it has it, unless the recipe asked for the driver API
+        be = cuda.backend("driver" if gpu.get("method") == "driver" else "auto")
+    return cuda.resume(be, gpu["pids"], timeout_s=gpu.get("timeout_s", 600))
+
+
+def mismatches(gpu: dict | None) -> list:
+    """This node against the GPUs a snapshot's CUDA state was taken on."""
+    if not gpu:
+        return []
+    return gpu_fp.compare(gpu["fingerprint"], gpu_fp.node_gpus())

@@ -1,0 +1,219 @@
+"""gpu: cuda end to end. This machine has no NVIDIA GPU, so the NVIDIA parts are
+stand-ins (tests/integration/fakenvidia.py: nvidia-smi, and a cuda-checkpoint that keeps
+each process's CUDA state and refuses wrong transitions, as the real one does); the
+build, CRIU, the restore and the runner's checks are real. The last test needs a real
+GPU and skips with "no NVIDIA GPU" where there is none.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fakenvidia
+from snapbuild.build import build
+from snapbuild.gpu import fingerprint as gpu_fp
+from snapbuild.runner.restore import run, stop
+from snapbuild.store.snapshot import load_config, parse_manifest
+
+from testkit import free_port, post
+
+pytestmark = pytest.mark.integration
+
+COUNTER = Path(__file__).parent / "data" / "counter_server.py"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def nvidia(tmp_path, monkeypatch):
+    """A GPU node, as far as snapbuild can tell: (fake folder, fake libcuda.so.1)."""
+    folder = tmp_path / "nvidia"
+    bin_dir = fakenvidia.install(folder)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return folder, fakenvidia.fake_libcuda(folder)
+
+
+def gpu_recipe(recipe, port: int, lib: Path | None, options: str = "", gpu: str = "cuda") -> Path:
+    maps = f"--weights {lib}" if lib else ""
+    path = recipe(f"""
+        name: gpu
+        steps:
+          app: {{kind: files, root: app}}
+          server:
+            kind: warmup
+            needs: [app]
+            run: "{sys.executable} $SNAPBUILD_INPUTS/app/counter_server.py --port {port} {maps}"
+            ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 30}}
+            exercise: [{{http: "POST /count", repeat: 2}}]
+          snap: {{kind: checkpoint, process: server, gpu: {gpu}{options}}}
+        publish: {{tag: "gpu:v1"}}
+    """)
+    (path.parent / "app").mkdir(exist_ok=True)
+    shutil.copy(COUNTER, path.parent / "app" / "counter_server.py")
+    return path
+
+
+def built(recipe, store, port, lib, options=""):
+    [res] = build(gpu_recipe(recipe, port, lib, options), store=store)
+    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    manifest = parse_manifest(store.blobs.get(res.snapshot), res.snapshot)
+    return load_config(store.blobs, manifest)["runtime"]
+
+
+def test_gpu_state_is_checkpointed_before_the_dump_and_brought_back_after_restore(nvidia, recipe, store):
+    folder, lib = nvidia
+    port = free_port()
+    runtime = built(recipe, store, port, lib)
+    gpu = runtime["gpu"]
+    [pid] = gpu["pids"]
+    assert gpu["method"] == "tool" and gpu["fingerprint"]["model"] == "NVIDIA H200" and not gpu["sandbox"]
+    assert gpu["fingerprint"]["uuids"] == ["GPU-1d5f4c2e-aaaa-bbbb-cccc-000000000001"]
+    assert runtime["fingerprint"]["gpu"] == {"model": "NVIDIA H200", "count": 1, "compute_capability": "9.0",
+                                             "driver": "570.86.15"}, "the key holds the GPU kind, not its UUID"
+    assert fakenvidia.calls(folder) == [f"--action lock --pid {pid} --timeout 60000",
+                                        f"--action checkpoint --pid {pid}", f"--get-state --pid {pid}"]
+
+    out = run("gpu:v1", store=store)
+    try:
+        assert out["mode"] == "restore", out
+        assert fakenvidia.calls(folder)[3:] == [f"--get-state --pid {pid}", f"--action restore --pid {pid}",
+                                                f"--action unlock --pid {pid}", f"--get-state --pid {pid}"]
+        assert (folder / f"state-{pid}").read_text() == "running" and "gpu_s" in out["timings"]
+        assert post(port, "/count")["count"] == 3
+    finally:
+        stop(out["pid"])
+
+
+def test_a_node_with_other_gpus_or_none_boots_cold_and_says_why(nvidia, recipe, store, monkeypatch):
+    folder, lib = nvidia
+    port = free_port()
+    built(recipe, store, port, lib)
+    (folder / "gpus.csv").write_text(fakenvidia.B200)
+    out = run("gpu:v1", store=store)
+    stop(out["pid"])
+    assert out["mode"] == "cold" and "different GPU: built on NVIDIA H200, this node has NVIDIA B200" in out["reason"]
+    assert [m["field"] for m in out["mismatches"] if m["fatal"]] == ["gpu.model"]
+    (folder / "gpus.csv").write_text(fakenvidia.H200.replace("570.86.15", "575.51.03"))
+    out = run("gpu:v1", store=store)
+    stop(out["pid"])
+    assert out["mode"] == "cold" and "NVIDIA driver 570.86.15 at build, 575.51.03 here" in out["reason"]
+    monkeypatch.setenv("PATH", os.environ["PATH"].split(os.pathsep, 1)[1])  # the fakes gone: no GPU
+    out = run("gpu:v1", store=store)
+    stop(out["pid"])
+    assert out["mode"] == "cold" and "this node has no NVIDIA GPU" in out["reason"], out
+
+
+def test_gpu_state_that_does_not_come_back_means_a_cold_boot(nvidia, recipe, store):
+    folder, lib = nvidia
+    port = free_port()
+    built(recipe, store, port, lib)
+    (folder / "fail-restore").touch()
+    out = run("gpu:v1", store=store)
+    try:
+        assert out["mode"] == "cold" and "the GPU state did not come back" in out["reason"], out
+        assert "restore failed (injected)" in out["reason"]
+        assert post(port, "/count")["count"] == 1, "a cold server, on the port the restored one gave up"
+    finally:
+        stop(out["pid"])
+
+
+def test_a_failed_gpu_checkpoint_fails_the_build_and_leaves_the_gpu_as_it_was(nvidia, recipe, store):
+    folder, lib = nvidia
+    (folder / "fail-checkpoint").touch()
+    [res] = build(gpu_recipe(recipe, free_port(), lib, ", cuda: {lock_timeout: 5}"), store=store)
+    assert not res.ok and "CUDA checkpoint of pid" in res.steps["snap"].error and "injected" in res.steps["snap"].error
+    calls = fakenvidia.calls(folder)
+    assert calls[0].endswith("--timeout 5000") and calls[-1].startswith("--action unlock"), \
+        "the locked process is unlocked again"
+
+
+def test_gpu_cuda_refuses_a_server_without_cuda_and_a_machine_without_gpu(nvidia, recipe, store, monkeypatch):
+    [res] = build(gpu_recipe(recipe, free_port(), None), store=store)
+    assert not res.ok and "no process of the server has the CUDA driver (libcuda) loaded" in res.steps["snap"].error
+    monkeypatch.setenv("PATH", os.environ["PATH"].split(os.pathsep, 1)[1])
+    if gpu_fp.node_gpus() is not None:
+        pytest.skip("this machine has a real NVIDIA GPU")
+    [res] = build(gpu_recipe(recipe, free_port(), nvidia[1]), store=store)
+    assert not res.ok and "gpu: cuda needs an NVIDIA GPU on the build machine" in res.steps["snap"].error
+
+
+def test_after_restore_calls_run_on_a_restored_server_only(recipe, store):
+    """What vllm-b200 uses to wake its server: calls made after a restore, before ready."""
+    port = free_port()
+    path = gpu_recipe(recipe, port, None, ', after_restore: [{http: "POST /count"}]', gpu="none")
+    [res] = build(path, store=store)
+    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    out = run("gpu:v1", store=store)
+    try:
+        assert out["mode"] == "restore" and "after_restore_s" in out["timings"]
+        assert post(port, "/count")["count"] == 4, "2 warm-up calls, then after_restore's, then this one"
+    finally:
+        stop(out["pid"])
+    cold = run("gpu:v1", store=store, mode="cold")
+    try:
+        assert post(port, "/count")["count"] == 1, "a cold boot is not 'restored': no after_restore"
+    finally:
+        stop(cold["pid"])
+    [res] = build(gpu_recipe(recipe, port, None, ', after_restore: [{http: "POST /count", expect: 201}]',
+                             gpu="none"), store=store)
+    out = run("gpu:v1", store=store)
+    stop(out["pid"])
+    assert out["mode"] == "cold" and "after_restore failed" in out["reason"] and "expected 201" in out["reason"]
+
+
+def _real_gpu() -> bool:
+    return gpu_fp.node_gpus() is not None
+
+
+@pytest.mark.skipif(not _real_gpu(), reason="no NVIDIA GPU")
+def test_torch_cuda_mlp_restores_with_identical_outputs(store, run_cli, home):
+    """On a GPU node: the real recipe, the real driver, outputs identical after restore."""
+    python = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                            capture_output=True, text=True).stdout.strip()
+    if python != "True":
+        pytest.skip("no NVIDIA GPU usable by torch here")
+    r = run_cli("build", REPO / "recipes/gpu/torch-cuda-mlp.yaml", "--set", f"python={sys.executable}", timeout=1800)
+    assert r.code == 0, r.err
+    cold = run("torch-cuda-mlp:dev", store=store, mode="cold")
+    try:
+        want = post(8720, "/infer")["digest"]
+    finally:
+        stop(cold["pid"])
+    out = run("torch-cuda-mlp:dev", store=store)
+    try:
+        assert out["mode"] == "restore", out
+        assert post(8720, "/infer")["digest"] == want
+    finally:
+        stop(out["pid"])
+
+
+def test_the_gpu_example_recipes_validate_and_plan_here(store, monkeypatch):
+    """They need a GPU to build; loading, templating, checking and planning work anywhere.
+    vllm-b200's weights come from the Hub, which is unreachable here: FakeHub stands in."""
+    from fakehub import FakeHub
+
+    from snapbuild.build import plan
+
+    [p] = plan(REPO / "recipes/gpu/torch-cuda-mlp.yaml", store=store)
+    snap = p.steps["snap"].material
+    assert snap["spec"]["gpu"] == "cuda" and "cuda" not in snap["spec"] and p.steps["snap"].action == "run"
+    hub = FakeHub()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        commit = hub.publish("Qwen/Qwen2.5-7B-Instruct", {"model-00001-of-00001.safetensors": b"\0" * 1000,
+                                                          "config.json": b"{}", "tokenizer.json": b"{}",
+                                                          "README.md": b"not selected"})
+        [p] = plan(REPO / "recipes/gpu/vllm-b200.yaml", store=store)
+    finally:
+        hub.close()
+    assert p.steps["weights"].material["pins"]["commit"] == commit, "the Hub revision is pinned to a commit"
+    assert sorted(p.steps["weights"].material["pins"]["files"]) == ["config.json", "model-00001-of-00001.safetensors",
+                                                                    "tokenizer.json"]
+    snap = p.steps["snap"].material["spec"]
+    assert snap["gpu"] == "cuda" and snap["after_restore"] == [{"http": "POST /wake_up", "headers": {}, "repeat": 1,
+                                                                 "body": None, "expect": None, "run": None}]
