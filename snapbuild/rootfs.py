@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterable
 
 from .errors import IntegrityError, SnapbuildError
-from .store.fsutil import flock
+from .store.fsutil import ParallelWrites, flock
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -67,11 +67,23 @@ def _parent_is_safe(dest: Path, rel: str, known_dirs: set[str]) -> bool:
 
 
 def unpack(stream: BinaryIO, dest: Path, *, layer: str = "layer") -> None:
-    """Unpack one uncompressed tar layer into ``dest`` (overlay form), refusing unsafe entries."""
+    """Unpack one uncompressed tar layer into ``dest`` (overlay form), refusing unsafe entries.
+
+    Small files are written on a few threads (see fsutil.ParallelWrites); anything that
+    touches a path still being written waits for it first.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     known_dirs: set[str] = set()
     dir_times: list[tuple[Path, int]] = []
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
+    chown = os.geteuid() == 0
+    with ParallelWrites() as writes, tarfile.open(fileobj=stream, mode="r|") as tar:
+        def remove(path: Path) -> None:
+            if path.is_dir() and not path.is_symlink():
+                writes.drain()  # files being written below it
+            else:
+                writes.wait(path)
+            _remove(path)
+
         for m in tar:
             rel = _clean(m.name, layer)
             if not rel:
@@ -88,11 +100,15 @@ def unpack(stream: BinaryIO, dest: Path, *, layer: str = "layer") -> None:
                 continue
             if base.startswith(WHITEOUT):
                 gone = dest / parent / base[len(WHITEOUT):] if parent else dest / base[len(WHITEOUT):]
-                _remove(gone)
+                remove(gone)
                 os.mknod(gone, stat.S_IFCHR | 0o000, os.makedev(0, 0))
                 continue
             if not m.isdir():
-                _remove(target)
+                remove(target)
+            if m.isreg() and m.size <= SMALL_FILE:
+                data = tar.extractfile(m).read()
+                writes.submit(target, lambda t=target, d=data, m=m: _write_member(t, d, m, chown), len(data))
+                continue
             if m.isdir():
                 target.mkdir(exist_ok=True)
                 os.chmod(target, m.mode & 0o7777)
@@ -101,6 +117,8 @@ def unpack(stream: BinaryIO, dest: Path, *, layer: str = "layer") -> None:
                 os.symlink(m.linkname, target)
             elif m.islnk():
                 src = _clean(m.linkname, layer)
+                if src:
+                    writes.wait(dest / src)
                 if not src or not os.path.lexists(dest / src) or not _parent_is_safe(dest, src, known_dirs) \
                         or os.path.islink(dest / src):
                     raise UnsafeLayer(f"layer {layer}: hard link {m.name!r} -> {m.linkname!r} does not name a "
@@ -114,7 +132,7 @@ def unpack(stream: BinaryIO, dest: Path, *, layer: str = "layer") -> None:
                 os.chmod(target, m.mode & 0o7777)
             else:
                 continue
-            if not m.issym() and os.geteuid() == 0:
+            if not m.issym() and chown:
                 os.lchown(target, m.uid, m.gid)
             # Times matter: Python trusts a .pyc only when its source's mtime matches.
             if m.isdir():
@@ -123,6 +141,18 @@ def unpack(stream: BinaryIO, dest: Path, *, layer: str = "layer") -> None:
                 os.utime(target, (int(m.mtime), int(m.mtime)), follow_symlinks=False)
     for path, mtime in reversed(dir_times):  # after their content: writing a child changes them
         os.utime(path, (mtime, mtime))
+
+
+SMALL_FILE = 8 << 20  # regular files up to this size are written on the writer threads
+
+
+def _write_member(target: Path, data: bytes, m: tarfile.TarInfo, chown: bool) -> None:
+    with open(target, "wb") as out:
+        out.write(data)
+    os.chmod(target, m.mode & 0o7777)
+    if chown:
+        os.lchown(target, m.uid, m.gid)
+    os.utime(target, (int(m.mtime), int(m.mtime)))
 
 
 def _remove(path: Path) -> None:

@@ -115,3 +115,53 @@ def flock(path: Path, *, shared: bool = False, blocking: bool = True) -> Iterato
         yield True
     finally:
         os.close(fd)
+
+
+class ParallelWrites:
+    """Run file-writing jobs on a few threads, in submission order per key.
+
+    Creating a file costs 0.2-0.4 ms on ext4 in a VM, most of it waiting on the
+    filesystem, not the CPU: writing a tree of 15,000 small files on 2-4 threads at
+    once is 2-3x faster than one after another. ``submit(key, job, nbytes)`` runs
+    ``job()`` on a worker; ``wait(key)`` blocks until the job for ``key`` (a path) is
+    done, for whatever must follow it (a hard link to it, a second write of the same
+    path); leaving the ``with`` block waits for all and raises the first error. At most
+    ``max_bytes`` of submitted data are held at once.
+    """
+
+    def __init__(self, workers: int = 4, max_bytes: int = 64 << 20) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="write")
+        self._pending: dict = {}
+        self._bytes, self._max = 0, max_bytes
+
+    def submit(self, key, job, nbytes: int = 0) -> None:
+        self.wait(key)
+        if self._bytes + nbytes > self._max:
+            self.drain()
+        self._bytes += nbytes
+        self._pending[key] = (self._pool.submit(job), nbytes)
+
+    def wait(self, key) -> None:
+        entry = self._pending.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry[1]
+            entry[0].result()
+
+    def drain(self) -> None:
+        pending, self._pending, self._bytes = self._pending, {}, 0
+        errors = [f.exception() for f, _ in pending.values()]
+        for e in errors:
+            if e is not None:
+                raise e
+
+    def __enter__(self) -> "ParallelWrites":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.drain()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)

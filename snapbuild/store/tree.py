@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 from ..errors import IntegrityError
 from .blobs import BlobStore
 from .chunks import Packer, chunk_digests, put_stream, write_file
-from .fsutil import canonical_json
+from .fsutil import ParallelWrites, canonical_json
 
 MEDIA_TYPE = "application/vnd.snapbuild.tree.v1+json"
 
@@ -106,17 +106,18 @@ def materialize(blobs: BlobStore, tree: dict, dest: Path) -> None:
     """Write a tree out under ``dest`` (created if needed), verifying every chunk."""
     dest.mkdir(parents=True, exist_ok=True)
     dirs = []
-    for e in tree["entries"]:
-        target = dest / _check_relpath(e["path"])
-        if e["type"] == "dir":
-            target.mkdir(parents=True, exist_ok=True)
-            dirs.append((target, e["mode"]))
-        elif e["type"] == "file":
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_file(blobs, e, target)
-        elif e["type"] == "symlink":
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(e["target"], target)
+    with ParallelWrites() as writes:  # files on a few threads: creating files is mostly waiting
+        for e in tree["entries"]:
+            target = dest / _check_relpath(e["path"])
+            if e["type"] == "dir":
+                target.mkdir(parents=True, exist_ok=True)
+                dirs.append((target, e["mode"]))
+            elif e["type"] == "file":
+                target.parent.mkdir(parents=True, exist_ok=True)
+                writes.submit(target, lambda e=e, target=target: write_file(blobs, e, target))
+            elif e["type"] == "symlink":
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(e["target"], target)
     # Directory modes last, so a read-only directory does not block its own contents.
     for target, mode in reversed(dirs):
         os.chmod(target, mode)
