@@ -217,3 +217,15 @@ def test_the_gpu_example_recipes_validate_and_plan_here(store, monkeypatch):
     snap = p.steps["snap"].material["spec"]
     assert snap["gpu"] == "cuda" and snap["after_restore"] == [{"http": "POST /wake_up", "headers": {}, "repeat": 1,
                                                                  "body": None, "expect": None, "run": None}]
+
+
+def test_the_device_check_script_says_when_there_is_nothing_to_check(tmp_path):
+    """ci/gpu-check.sh runs on GPU machines; here it must stop early and say why."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PATH"] = ":".join(p for p in env["PATH"].split(":") if not Path(p, "nvidia-smi").exists())
+    r = subprocess.run(["bash", str(REPO / "ci/gpu-check.sh")], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "no NVIDIA GPU here" in r.stderr, r.stderr
+    env["PATH"] = f"{fakenvidia.install(tmp_path / 'nvidia')}:{env['PATH']}"
+    env["PYTHON"] = sys.executable  # has snapbuild's dependencies; torch, if any, sees no GPU here
+    r = subprocess.run(["bash", str(REPO / "ci/gpu-check.sh")], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and ("has no torch" in r.stderr or "sees no CUDA device" in r.stderr), r.stderr
