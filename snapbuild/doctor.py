@@ -41,6 +41,21 @@ def check_criu() -> dict:
             "hint": None if ok else criu.SETUP_HINT}
 
 
+def check_gpu() -> dict:
+    from .gpu import fingerprint as gpu_fp
+
+    out = {"name": "nvidia-gpu", "needed_for": "GPU checkpoints (gpu: cuda)"}
+    gpus = gpu_fp.node_gpus()
+    if not gpus:
+        return {**out, "found": False, "works": False, "detail": gpu_fp.no_gpu_reason(),
+                "hint": "only GPU nodes build and restore gpu: cuda snapshots"}
+    detail = f"{gpus['count']}x {gpus['model']}, driver {gpus['driver']}, CUDA {gpus['cuda']}"
+    if gpus["mig"]:
+        detail += f"; MIG on GPU(s) {gpus['mig']} (not supported by CUDA checkpoints)"
+    return {**out, "found": True, "path": shutil.which("nvidia-smi"), "version": gpus["driver"],
+            "works": not gpus["mig"], "detail": detail, "hint": None if not gpus["mig"] else "disable MIG"}
+
+
 def _simple(name: str, argv: list[str], needed_for: str, hint: str, probe: list[str] | None = None) -> dict:
     out = {"name": name, "needed_for": needed_for}
     if not shutil.which(argv[0]):
@@ -64,7 +79,9 @@ def diagnose() -> list[dict]:
                 probe=["docker", "info", "--format", "{{.ServerVersion}}"]),
         _simple("runsc", ["runsc", "--version"], "gVisor checkpoints (engine runsc)",
                 "gVisor is not packaged for this machine; install runsc from gVisor's releases"),
-        _simple("cuda-checkpoint", ["cuda-checkpoint", "--help"], "GPU checkpoints (gpu: cuda)",
-                "needs an NVIDIA driver >= 550 and NVIDIA's cuda-checkpoint utility"),
+        check_gpu(),
+        _simple("cuda-checkpoint", ["cuda-checkpoint", "--help"], "GPU checkpoints (gpu: cuda, method tool)",
+                "optional with driver r570+ (the driver API is used instead); else install NVIDIA's "
+                "cuda-checkpoint"),
         _simple("skopeo", ["skopeo", "--version"], "checking OCI interoperability (tests)", "apt-get install skopeo"),
     ]

@@ -229,3 +229,12 @@ def test_the_device_check_script_says_when_there_is_nothing_to_check(tmp_path):
     env["PYTHON"] = sys.executable  # has snapbuild's dependencies; torch, if any, sees no GPU here
     r = subprocess.run(["bash", str(REPO / "ci/gpu-check.sh")], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and ("has no torch" in r.stderr or "sees no CUDA device" in r.stderr), r.stderr
+
+
+def test_doctor_reports_the_gpus(nvidia, run_cli):
+    folder, _ = nvidia
+    [gpu] = [c for c in run_cli("doctor", "--json").json()["checks"] if c["name"] == "nvidia-gpu"]
+    assert gpu["works"] and gpu["detail"] == "1x NVIDIA H200, driver 570.86.15, CUDA 12.8"
+    (folder / "gpus.csv").write_text(fakenvidia.H200.replace("Disabled", "Enabled"))
+    [gpu] = [c for c in run_cli("doctor", "--json").json()["checks"] if c["name"] == "nvidia-gpu"]
+    assert not gpu["works"] and "MIG" in gpu["detail"]
