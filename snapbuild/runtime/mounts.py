@@ -58,9 +58,10 @@ def bind_ro(source: Path, dest: Path) -> bool:
     if is_mount_point(dest):
         if same_file(dest, source):
             return False
-        # An input tree that an earlier build or restore left mounted there goes if nothing
-        # uses it any more: a plain umount fails (EBUSY) while a process maps or opens a file.
-        if not ((dest / TREE_MARKER).is_file() and _umount(dest)):
+        # An input tree that an earlier build or restore left mounted there, or a mount whose
+        # folder was deleted since, goes if nothing uses it any more: a plain umount fails
+        # (EBUSY) while a process maps or opens a file.
+        if not (((dest / TREE_MARKER).is_file() or _source_deleted(dest)) and _umount(dest)):
             raise MountError(f"{dest} is already a mount point, of other content than this snapshot's input",
                              hint="a server that another snapshot started may be using it: stop that server "
                                   f"(then this replaces the mount), or `umount {dest}`, or mount this input at "
@@ -104,6 +105,18 @@ def _mount_points() -> list[Path]:
         return []
     fields = (line.split(" ") for line in lines)
     return [Path(f[4].encode().decode("unicode_escape")) for f in fields if len(f) > 4]
+
+
+def _source_deleted(dest: Path) -> bool:
+    """Whether the mount at ``dest`` shows a folder that has been deleted (mountinfo
+    marks its root ``//deleted``): nothing of value is there any more."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return False
+    where = str(Path(os.path.realpath(dest)))
+    return any(len(f) > 4 and f[4].encode().decode("unicode_escape") == where and f[3].endswith("//deleted")
+               for f in (line.split(" ") for line in lines))
 
 
 def is_mount_point(path: Path) -> bool:

@@ -123,6 +123,19 @@ def test_an_input_tree_left_mounted_is_replaced_once_unused(tmp_path, mount_poin
     assert (mount_point / "w.bin").read_text() == "new" and mounts.mount_points_of(old) == []
 
 
+def test_a_mount_of_a_deleted_folder_is_replaced(tmp_path, mount_point):
+    import shutil
+
+    gone, new = tmp_path / "gone", tmp_path / "new"
+    for d in (gone, new):
+        d.mkdir()
+        (d / "w.bin").write_text(d.name)
+    mounts.bind_ro(gone, mount_point)  # not an input tree: only its deletion makes it stale
+    shutil.rmtree(gone)
+    assert mounts.bind_ro(new, mount_point) is True
+    assert (mount_point / "w.bin").read_text() == "new"
+
+
 def test_node_gc_takes_away_the_mounts_of_the_trees_it_removes(store, mount_point):
     run_root = Path(os.environ["SNAPBUILD_RUN_ROOT"])
     stale = run_root / "trees" / ("0" * 64)
