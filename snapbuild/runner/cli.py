@@ -52,6 +52,16 @@ def _parser() -> argparse.ArgumentParser:
                         "removed with its port forwarder, mounts and network namespace.")
     st.add_argument("pid", metavar="PID|CONTAINER",
                     help="the pid that restore printed, or a container's id")
+    sv = sub.add_parser("serve", help="run the node agent: keep the configured snapshots running",
+                        description="Keep a declared set of snapshots running on this node: restore each (or "
+                                    "boot it cold, with the reason), restart a server that dies (with backoff; "
+                                    "marked failed after repeated deaths), roll to a new digest when its tag "
+                                    "moves, stop everything on SIGTERM. Serves GET /servers, "
+                                    "/servers/NAME/log, /metrics (Prometheus) and /healthz. Logs are JSON "
+                                    "lines on stderr. The configuration is TOML: see docs/runner.md.")
+    sv.add_argument("--config", metavar="FILE", type=Path, required=True, help="the agent's configuration (TOML)")
+    sv.add_argument("--api", metavar="ADDR", help="override the API address: HOST:PORT or unix:PATH")
+    sv.add_argument("--check", action="store_true", help="check the configuration, print it as JSON, and exit")
     return p
 
 
@@ -144,6 +154,18 @@ def main(argv: list[str] | None = None) -> None:
                 verb = "would free" if args.dry_run else "freed"
                 print(f"{verb} {r['trees_removed']} written-out trees and layers ({r['tree_bytes_freed'] / 2**20:.1f} MiB) "
                       f"and {r['blobs_removed']} blobs ({r['blob_bytes_freed'] / 2**20:.1f} MiB)")
+        elif args.command == "serve":
+            from .agent import Agent, load_config
+
+            config = load_config(args.config)
+            if args.api:
+                config.api = args.api
+            if args.check:
+                from dataclasses import asdict
+
+                print(json.dumps(asdict(config), indent=2, default=str))
+                return
+            Agent(config).serve_forever()
         elif args.command == "stop":
             from .restore import stop
 

@@ -12,7 +12,7 @@ from ..errors import UsageError
 from ..registry import default_registry_url, open_registry, parse_ref
 from ..store import Store
 from ..registry.transfer import fetch
-from ..store.snapshot import load_config
+from ..store.snapshot import load_config, referenced_blobs
 from ..store.tree import load_tree, materialize
 
 
@@ -70,7 +70,8 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
     t_done = time.monotonic()
     return {
         "ref": str(ref), "digest": digest, "name": config["name"], "config": config,
-        "blobs_fetched": missing, "bytes_fetched": fetched, "outputs": outputs, "trust": trust,
+        "blobs_fetched": missing, "bytes_fetched": fetched,
+        "blobs_total": len(referenced_blobs(got["manifest"])) + 1, "outputs": outputs, "trust": trust,
         "timings": {"resolve_s": round(t_resolve - t0, 4), "fetch_s": round(t_fetch - t_resolve, 4),
                     "materialize_s": round(t_done - t_fetch, 4), "total_s": round(t_done - t0, 4)},
     }

@@ -64,7 +64,8 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
     spec = runtime["server"]
     timings = {"fetch_s": fetched["timings"]["total_s"]}
     out = {"ref": fetched["ref"], "digest": fetched["digest"], "mode": None, "reason": None, "pid": None,
-           "log": str(Path(spec["run_dir"]) / server.LOG_NAME), "mismatches": [], "timings": timings}
+           "log": str(Path(spec["run_dir"]) / server.LOG_NAME), "mismatches": [], "timings": timings,
+           "fetch": {k: fetched[k] for k in ("blobs_fetched", "bytes_fetched", "blobs_total")}}
     in_container = runtime["engine"] in CONTAINER_ENGINES
     host_port = _host_port(publish, spec) if in_container else None
     if publish is not None and not in_container:

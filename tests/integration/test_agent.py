@@ -1,0 +1,238 @@
+"""The node agent (`snapbuild-runner serve`) against the real runner, CRIU and restored
+servers on this machine: restore, crash and restart, crash loops, tags that move,
+SIGTERM, SIGKILL and adoption, the API and its metrics.
+
+The agent runs as a subprocess, as on a node; the snapshots are counter servers built
+by the tests into the local registry of a fresh $SNAPBUILD_HOME.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from snapbuild.build import build
+
+from testkit import free_port, post
+
+pytestmark = pytest.mark.integration
+
+COUNTER = Path(__file__).parent / "data" / "counter_server.py"
+BIN = Path(sys.executable).parent
+
+
+def counter(recipe, store, port: int, tag: str = "counter:prod", calls: int = 2) -> str:
+    """Build a counter snapshot (warmed with ``calls`` requests) published as ``tag``."""
+    path = recipe(f"""
+        name: counter
+        steps:
+          app: {{kind: files, root: app}}
+          server:
+            kind: warmup
+            needs: [app]
+            run: "{sys.executable} $SNAPBUILD_INPUTS/app/counter_server.py --port {port}"
+            ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 30}}
+            exercise: [{{http: "POST /count", repeat: {calls}}}]
+          snap: {{kind: checkpoint, process: server}}
+        publish: {{tag: "{tag}"}}
+    """, name=f"counter-{calls}.yaml")
+    (path.parent / "app").mkdir(exist_ok=True)
+    shutil.copy(COUNTER, path.parent / "app" / "counter_server.py")
+    [res] = build(path, store=store)
+    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    return res.snapshot
+
+
+class AgentProc:
+    def __init__(self, config: Path, api_port: int, log: Path) -> None:
+        self.api, self.log_path = f"http://127.0.0.1:{api_port}", log
+        self.proc = subprocess.Popen([str(BIN / "snapbuild-runner"), "serve", "--config", str(config)],
+                                     stdout=subprocess.DEVNULL, stderr=open(log, "ab"), start_new_session=True)
+
+    def get(self, path: str) -> str:
+        with urllib.request.urlopen(self.api + path, timeout=5) as r:
+            return r.read().decode()
+
+    def server(self, name: str = "counter") -> dict:
+        return next(s for s in json.loads(self.get("/servers"))["servers"] if s["name"] == name)
+
+    def wait(self, pred, timeout: float = 60, what: str = "") -> dict:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"the agent exited: {self.log_path.read_text()[-2000:]}"
+            try:
+                last = self.server()
+                if pred(last):
+                    return last
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}: {last}\n{self.log_path.read_text()[-2000:]}")
+
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.startswith("{")]
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+@pytest.fixture
+def agent(tmp_path, home):
+    """agent(servers_toml, poll_s=...) starts `snapbuild-runner serve`; stopped after the test."""
+    started = []
+
+    def _start(servers: str, poll_s: float = 30, state_dir: Path | None = None) -> AgentProc:
+        port = free_port()
+        config = tmp_path / f"agent-{len(started)}.toml"
+        config.write_text(f'poll_s = {poll_s}\napi = "127.0.0.1:{port}"\n'
+                          f'state_dir = "{state_dir or tmp_path / "agent-state"}"\n\n{servers}')
+        a = AgentProc(config, port, tmp_path / "agent.log")
+        started.append(a)
+        return a
+
+    yield _start
+    for a in started:
+        if a.proc.poll() is None:
+            a.stop()
+
+
+def metric(text: str, name: str, **labels) -> float | None:
+    """A sample's value from Prometheus text (parsed by prometheus_client, as a scraper would)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_the_agent_restores_serves_its_api_and_stops_everything_on_sigterm(agent, recipe, store):
+    port = free_port()
+    digest = counter(recipe, store, port)
+    a = agent('[[server]]\nname = "counter"\nref = "counter:prod"\n')
+    s = a.wait(lambda s: s["state"] == "ready", what="ready")
+    assert s["mode"] == "restore" and s["digest"] == digest and s["restarts"] == 0
+    assert post(port, "/count")["count"] == 3, "the warm state came back"
+    metrics = a.get("/metrics")
+    assert metric(metrics, "snapbuild_server_starts_total", server="counter", mode="restore") == 1
+    assert metric(metrics, "snapbuild_time_to_ready_seconds_count", mode="restore", phase="restore") == 1
+    assert metric(metrics, "snapbuild_server_up", server="counter") == 1
+    assert metric(metrics, "snapbuild_node_cache_bytes") > 0
+    assert metric(metrics, "snapbuild_blob_lookups_total", result="cached") > 0, "built here: every blob local"
+    assert "request:" in a.get("/servers/counter/log?lines=20"), "the server's own output, through the agent"
+    assert a.get("/healthz")
+    assert a.stop() == 0
+    assert not alive(s["pid"]), "SIGTERM stops the servers the agent started"
+    events = [e["event"] for e in a.events()]
+    assert events[:2] == ["started", "serving"] or events[:2] == ["serving", "started"]
+    assert "stopped" in events
+
+
+def test_a_server_that_dies_is_restored_again_and_a_crash_loop_ends_failed(agent, recipe, store):
+    port = free_port()
+    counter(recipe, store, port)
+    a = agent('[[server]]\nname = "counter"\nref = "counter:prod"\nmax_restarts = 3\nrestart_window_s = 120\n'
+              'backoff_s = 0.2\nbackoff_max_s = 0.5\n')
+    s = a.wait(lambda s: s["state"] == "ready", what="ready")
+    os.kill(s["pid"], signal.SIGKILL)
+    s = a.wait(lambda s: s["state"] == "ready" and s["restarts"] == 1, what="restart")
+    assert s["mode"] == "restore" and post(port, "/count")["count"] == 3, "restored warm again"
+    for n in (2, 3):
+        os.kill(s["pid"], signal.SIGKILL)
+        if n < 3:
+            s = a.wait(lambda s, n=n: s["state"] == "ready" and s["restarts"] == n, what=f"restart {n}")
+    s = a.wait(lambda s: s["state"] == "failed", what="failed")
+    assert "died 3 times within 120 s" in s["last_error"] and s["pid"] is None
+    time.sleep(1.5)
+    assert a.server()["state"] == "failed" and a.server()["restarts"] == 3, "no restart once failed"
+    assert metric(a.get("/metrics"), "snapbuild_server_crashes_total", server="counter") == 3
+
+
+def retag(store, name: str, digest: str, tag: str) -> None:
+    """Point ``name:tag`` at ``digest`` in the local registry (what a CI push does)."""
+    from snapbuild.registry import default_registry_url, open_registry
+
+    reg = open_registry(default_registry_url(store.home))
+    reg.put_manifest(name, digest, reg.get_manifest(name, digest), tag)
+
+
+def test_a_moved_tag_is_rolled_to(agent, recipe, store):
+    port = free_port()
+    second = counter(recipe, store, port, tag="counter:v2", calls=5)  # built first: a build needs the port
+    first = counter(recipe, store, port)
+    a = agent('[[server]]\nname = "counter"\nref = "counter:prod"\n', poll_s=0.5)
+    a.wait(lambda s: s["state"] == "ready" and s["digest"] == first, what="v1")
+    retag(store, "counter", second, "prod")
+    s = a.wait(lambda s: s["state"] == "ready" and s["digest"] == second, what="the roll")
+    assert s["mode"] == "restore" and post(port, "/count")["count"] == 6, "the new version's warm state"
+    assert [e["new"] for e in a.events() if e["event"] == "roll"] == [second]
+    assert metric(a.get("/metrics"), "snapbuild_rolls_total", server="counter", result="ok") == 1
+
+
+def test_a_failed_server_gets_a_new_chance_when_its_tag_moves(agent, recipe, store):
+    port = free_port()
+    second = counter(recipe, store, port, tag="counter:v2", calls=5)
+    counter(recipe, store, port)
+    a = agent('[[server]]\nname = "counter"\nref = "counter:prod"\nmax_restarts = 1\n', poll_s=0.5)
+    s = a.wait(lambda s: s["state"] == "ready", what="ready")
+    os.kill(s["pid"], signal.SIGKILL)
+    a.wait(lambda s: s["state"] == "failed", what="failed")
+    retag(store, "counter", second, "prod")
+    s = a.wait(lambda s: s["state"] == "ready" and s["digest"] == second, what="the new version")
+    assert post(port, "/count")["count"] == 6
+
+
+def test_an_agent_killed_with_sigkill_adopts_its_servers_on_restart(agent, recipe, store, tmp_path):
+    port = free_port()
+    counter(recipe, store, port)
+    state = tmp_path / "state"
+    a = agent('[[server]]\nname = "counter"\nref = "counter:prod"\n', state_dir=state)
+    s = a.wait(lambda s: s["state"] == "ready", what="ready")
+    assert a.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert alive(s["pid"]) and post(port, "/count")["count"] == 3, "the server outlives the agent"
+    b = agent('[[server]]\nname = "counter"\nref = "counter:prod"\n', state_dir=state)
+    s2 = b.wait(lambda s: s["state"] == "ready", what="adopted")
+    assert s2["pid"] == s["pid"] and s2["restarts"] == 0 and post(port, "/count")["count"] == 4, \
+        "the same server, not a second one"
+    assert [e["event"] for e in b.events() if e["event"] in ("adopted", "started")][-1] == "adopted"
+    out = subprocess.run(["pgrep", "-f", "counter_server.py"], capture_output=True, text=True).stdout.split()
+    assert len(out) == 1, f"one server, no double: {out}"
+    assert b.stop() == 0 and not alive(s["pid"])
+
+
+def test_bad_configurations_are_refused_with_the_place_and_a_hint(tmp_path):
+    from snapbuild.errors import UsageError
+    from snapbuild.runner.agent import load_config
+
+    cases = [('[[server]]\nname = "a"\n', "`name` and `ref` are required"),
+             ('[[server]]\nname = "a"\nref = "a:b"\nport = 1\n', "unknown key(s) port"),
+             ('[[server]]\nname = "a"\nref = "a:b"\n[[server]]\nname = "a"\nref = "c:d"\n', "a second server named"),
+             ('poll_s = 5\n', "declares no [[server]]"),
+             ('[[server\n', "is not valid TOML")]
+    for text, message in cases:
+        path = tmp_path / "agent.toml"
+        path.write_text(text)
+        with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+            load_config(path)
+    path.write_text('registry = "file:///r"\n[[server]]\nname = "a"\nref = "a:b"\n')
+    assert load_config(path).servers[0].registry == "file:///r", "top-level defaults reach every server"
