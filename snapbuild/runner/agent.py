@@ -6,6 +6,7 @@ and rolls to a new digest when its tag moves::
 
     registry = "oci://registry.internal:5000/team"   # the default for every server
     trust_policy = "/etc/snapbuild/policy.json"       # optional
+    cache_max = "200G"                               # optional: bound the node's store
     poll_s = 30                                      # how often tags are looked up again
     api = "127.0.0.1:9411"                           # or "unix:/run/snapbuild/agent.sock"
     state_dir = "/var/lib/snapbuild/agent"
@@ -74,6 +75,7 @@ class AgentConfig:
     poll_s: float = 30
     api: str = "127.0.0.1:9411"
     state_dir: Path = Path("/var/lib/snapbuild/agent")
+    cache_max: int | None = None  # bytes of the node's store (least recently used snapshots go)
 
 
 SERVER_KEYS = set(ServerConfig.__dataclass_fields__)
@@ -102,11 +104,14 @@ def load_config(path: Path) -> AgentConfig:
         servers.append(ServerConfig(**{**defaults, **s}))
     if not servers:
         raise UsageError(f"{path} declares no [[server]]", hint='add [[server]] with name = "..." and ref = "NAME:TAG"')
-    unknown = set(doc) - {"registry", "trust_policy", "poll_s", "api", "state_dir", "server"}
+    unknown = set(doc) - {"registry", "trust_policy", "poll_s", "api", "state_dir", "cache_max", "server"}
     if unknown:
         raise UsageError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
+    from .node_cache import parse_size
+
     return AgentConfig(servers=servers, poll_s=float(doc.get("poll_s", 30)), api=str(doc.get("api", "127.0.0.1:9411")),
-                       state_dir=Path(doc.get("state_dir", "/var/lib/snapbuild/agent")))
+                       state_dir=Path(doc.get("state_dir", "/var/lib/snapbuild/agent")),
+                       cache_max=parse_size(doc["cache_max"]) if "cache_max" in doc else None)
 
 
 class Metrics:
@@ -328,7 +333,15 @@ class Agent:
         cfg = slot.cfg
         publish = "0" if cfg.publish else None  # a container gets a free port; the proxy fronts it
         return run(ref, registry=cfg.registry, mode=mode, store=self.store, publish=publish,
-                   trust_policy=Path(cfg.trust_policy) if cfg.trust_policy else None)
+                   trust_policy=Path(cfg.trust_policy) if cfg.trust_policy else None,
+                   cache_max=self.config.cache_max)
+
+    def _prefetch(self, cfg: ServerConfig, digest: str) -> None:
+        from .pull import pull
+
+        name = cfg.ref.partition(":")[0].partition("@")[0]
+        pull(f"{name}@{digest}", registry=cfg.registry, store=self.store,
+             trust_policy=Path(cfg.trust_policy) if cfg.trust_policy else None)
 
     def _resolve(self, cfg: ServerConfig) -> str:
         from ..registry import default_registry_url, open_registry, parse_ref
@@ -343,11 +356,11 @@ class Agent:
         ref = f"{name}@{digest}" if digest else cfg.ref
         try:
             out = self._run(slot, ref, mode)
-        except SnapbuildError as e:
-            slot.last_error = e.message
+        except (SnapbuildError, OSError) as e:
+            slot.last_error = e.message if isinstance(e, SnapbuildError) else f"{type(e).__name__}: {e}"
             self.metrics.errors.labels(cfg.name).inc()
             self._back_off(slot)
-            self.log("start_failed", server=cfg.name, ref=ref, error=e.message, retry_in_s=round(slot.backoff, 2))
+            self.log("start_failed", server=cfg.name, ref=ref, error=slot.last_error, retry_in_s=round(slot.backoff, 2))
             return None
         if mode == "auto" and out["mode"] == "cold":
             slot.restore_failures += 1
@@ -459,6 +472,12 @@ class Agent:
         cfg = slot.cfg
         old = {"pid": slot.pid, "container": slot.container, "address": slot.address}
         self.log("roll", server=cfg.name, old=slot.digest, new=digest)
+        try:  # everything fetched (verified) first: a registry outage now leaves the old one serving
+            self._prefetch(cfg, digest)
+        except SnapbuildError as e:
+            self.metrics.rolls.labels(cfg.name, "failed").inc()
+            self.log("roll_failed", server=cfg.name, new=digest, error=e.message)
+            return False
         if not old["container"]:  # a host process holds its port: the old one goes first
             self._stop_server(old["pid"])
         out = self.start(slot, digest)

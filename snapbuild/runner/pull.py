@@ -5,10 +5,11 @@ Imports only the store and registry packages: this runs on inference nodes.
 
 from __future__ import annotations
 
+import errno
 import time
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import SnapbuildError, UsageError
 from ..registry import default_registry_url, open_registry, parse_ref
 from ..store import Store
 from ..registry.transfer import fetch
@@ -25,14 +26,34 @@ def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
     ``cache_max`` (default ``$SNAPBUILD_NODE_CACHE_MAX``) bounds the store: the least
     recently used other snapshots are let go to fit (:mod:`.node_cache`).
     Returns what happened, with timings."""
-    from .node_cache import evict, limit_from_env
+    from .node_cache import evict, limit_from_env, stored_bytes
 
     store = store or Store()
-    with store.using():  # keeps `cache gc` from running under a pull
-        out = _pull(text, registry, dest, store, jobs, trust_policy)
+    keep = f"pulled:{parse_ref(text).name}"
+    let_go: list[str] = []
+    while True:
+        try:
+            with store.using():  # keeps `cache gc` from running under a pull
+                out = _pull(text, registry, dest, store, jobs, trust_policy)
+            break
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            # The disk is full: the least recently used other snapshot makes room, and
+            # the pull goes on (what it fetched is kept); with none left, say so.
+            freed = evict(store, stored_bytes(store) - 1, keep=keep)
+            if not freed["evicted"]:
+                raise SnapbuildError(
+                    f"the node's disk is full: cannot store {text} in {store.home} ({e.strerror})"
+                    + (f", even after letting go of {', '.join(let_go)}" if let_go else ""),
+                    hint="free space on that file system, or give the store a bigger one "
+                         "($SNAPBUILD_HOME); `snapbuild-runner gc` frees what no snapshot uses") from None
+            let_go += freed["evicted"]
+    if let_go:
+        out["disk_full_evicted"] = let_go
     limit = cache_max if cache_max is not None else limit_from_env()
     if limit is not None:
-        out["cache"] = evict(store, limit, keep=f"pulled:{parse_ref(text).name}")
+        out["cache"] = evict(store, limit, keep=keep)
     return out
 
 

@@ -53,10 +53,11 @@ def counter(recipe, store, port: int, tag: str = "counter:prod", calls: int = 2)
 
 
 class AgentProc:
-    def __init__(self, config: Path, api_port: int, log: Path) -> None:
+    def __init__(self, config: Path, api_port: int, log: Path, env: dict | None = None) -> None:
         self.api, self.log_path = f"http://127.0.0.1:{api_port}", log
         self.proc = subprocess.Popen([str(BIN / "snapbuild-runner"), "serve", "--config", str(config)],
-                                     stdout=subprocess.DEVNULL, stderr=open(log, "ab"), start_new_session=True)
+                                     stdout=subprocess.DEVNULL, stderr=open(log, "ab"), start_new_session=True,
+                                     env={**os.environ, **(env or {})})
 
     def get(self, path: str) -> str:
         with urllib.request.urlopen(self.api + path, timeout=5) as r:
@@ -92,12 +93,12 @@ def agent(tmp_path, home):
     """agent(servers_toml, poll_s=...) starts `snapbuild-runner serve`; stopped after the test."""
     started = []
 
-    def _start(servers: str, poll_s: float = 30, state_dir: Path | None = None) -> AgentProc:
+    def _start(servers: str, poll_s: float = 30, state_dir: Path | None = None, env: dict | None = None) -> AgentProc:
         port = free_port()
         config = tmp_path / f"agent-{len(started)}.toml"
         config.write_text(f'poll_s = {poll_s}\napi = "127.0.0.1:{port}"\n'
                           f'state_dir = "{state_dir or tmp_path / "agent-state"}"\n\n{servers}')
-        a = AgentProc(config, port, tmp_path / "agent.log")
+        a = AgentProc(config, port, tmp_path / "agent.log", env)
         started.append(a)
         return a
 
@@ -236,3 +237,114 @@ def test_bad_configurations_are_refused_with_the_place_and_a_hint(tmp_path):
             load_config(path)
     path.write_text('registry = "file:///r"\n[[server]]\nname = "a"\nref = "a:b"\n')
     assert load_config(path).servers[0].registry == "file:///r", "top-level defaults reach every server"
+
+
+def container_counter(recipe, store, rootfs: Path, tag: str, calls: int) -> str:
+    path = recipe(f"""
+        name: ccounter
+        steps:
+          base: {{kind: image, from: "rootfs:{rootfs}"}}
+          app: {{kind: files, root: app}}
+          server:
+            kind: warmup
+            image: base
+            needs: [app]
+            command: [python3, "$SNAPBUILD_INPUTS/app/counter_server.py", --port, "8080"]
+            ready: {{http: "http://127.0.0.1:8080/healthz", timeout: 60}}
+            exercise: [{{http: "POST /count", repeat: {calls}}}]
+          snap: {{kind: checkpoint, process: server, engine: runc}}
+        publish: {{tag: "{tag}"}}
+    """, name=f"ccounter-{calls}.yaml")
+    (path.parent / "app").mkdir(exist_ok=True)
+    shutil.copy(COUNTER, path.parent / "app" / "counter_server.py")
+    [res] = build(path, store=store)
+    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    return res.snapshot
+
+
+def test_a_container_rolls_with_a_ready_server_at_every_moment(agent, recipe, store, base_rootfs):
+    """The agent serves the node port itself and switches it to the new version once
+    that is ready: a client probing in a loop never sees the port closed."""
+    import threading
+
+    second = container_counter(recipe, store, base_rootfs, "ccounter:v2", 5)
+    first = container_counter(recipe, store, base_rootfs, "ccounter:prod", 2)
+    port = free_port()
+    a = agent(f'[[server]]\nname = "counter"\nref = "ccounter:prod"\npublish = {port}\n', poll_s=0.5)
+    s = a.wait(lambda s: s["state"] == "ready", what="ready", timeout=120)
+    assert s["digest"] == first and s["container"] and post(port, "/count")["count"] == 3
+    failures, probes, stop = [], [0], threading.Event()
+
+    def probe():
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                    r.read()
+                probes[0] += 1
+            except OSError as e:
+                failures.append(repr(e))
+            time.sleep(0.01)
+
+    t = threading.Thread(target=probe)
+    t.start()
+    try:
+        retag(store, "ccounter", second, "prod")
+        s = a.wait(lambda s: s["state"] == "ready" and s["digest"] == second, what="the roll", timeout=120)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        t.join()
+    assert failures == [] and probes[0] > 20, (failures[:5], probes)
+    assert post(port, "/count")["count"] == 6, "the new version answers on the same port"
+    running = subprocess.run(["runc", "list", "-q"], capture_output=True, text=True).stdout.split()
+    assert [c for c in running if c.startswith("sb-ccounter")] == [s["container"]], "the old one is gone"
+    assert a.stop() == 0
+    assert [c for c in subprocess.run(["runc", "list", "-q"], capture_output=True, text=True).stdout.split()
+            if c.startswith("sb-ccounter")] == [], "SIGTERM removes the container"
+
+
+def test_a_registry_outage_leaves_the_running_version_serving(agent, recipe, store, tmp_path):
+    from conftest import _serve_registry
+
+    from snapbuild.registry import default_registry_url, open_registry, parse_ref
+    from snapbuild.registry.transfer import copy
+
+    port = free_port()
+    second = counter(recipe, store, port, tag="counter:v2", calls=5)
+    first = counter(recipe, store, port)
+    (tmp_path / "reg").mkdir()
+    proc, host = _serve_registry(tmp_path / "reg")
+    url = f"oci://{host}/team"
+    local = open_registry(default_registry_url(store.home))
+    for tag in ("prod", "v2"):
+        copy(local, parse_ref(f"counter:{tag}"), open_registry(url), parse_ref(f"counter:{tag}"), store.blobs)
+    # The agent's node has a store of its own: it pulls from the registry.
+    a = agent(f'registry = "{url}"\n[[server]]\nname = "counter"\nref = "counter:prod"\n', poll_s=1,
+              env={"SNAPBUILD_HOME": str(tmp_path / "node")})
+    try:
+        s = a.wait(lambda s: s["state"] == "ready", what="ready")
+        assert s["digest"] == first
+        proc.terminate()
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while not any(e["event"] == "poll_failed" for e in a.events()):
+            assert time.monotonic() < deadline, a.log_path.read_text()[-2000:]
+            time.sleep(0.2)
+        s = a.server()
+        assert s["state"] == "ready" and s["digest"] == first and post(port, "/count")["count"] == 3
+        proc = subprocess.Popen([shutil.which("docker-registry"), "serve", str(tmp_path / "reg" / "config.yml")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # back, same port and data
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                open_registry(url).resolve(parse_ref("counter:v2"))
+                break
+            except Exception:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        reg = open_registry(url)
+        reg.put_manifest("counter", second, reg.get_manifest("counter", second), "prod")
+        s = a.wait(lambda s: s["state"] == "ready" and s["digest"] == second, what="the roll after the outage")
+        assert post(port, "/count")["count"] == 6
+    finally:
+        proc.terminate()

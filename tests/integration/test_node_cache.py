@@ -58,3 +58,33 @@ def test_shared_chunks_are_fetched_once_and_old_snapshots_make_room(recipe, proj
     assert r.code == 0, r
     assert r.json()["cache"]["fits"] is False and sorted(r.json()["cache"]["evicted"]) == ["a", "b"], \
         "the snapshot just pulled always stays, even over the bound"
+
+
+def test_a_full_disk_lets_old_snapshots_go_then_says_so(recipe, project, store, tmp_path, run_cli):
+    """A node store on a 16 MiB file system (a tmpfs mounted for the test)."""
+    import subprocess
+
+    sizes = {"a": 10, "b": 10, "huge": 30}
+    for name, mib in sizes.items():
+        (project / name).mkdir()
+        (project / name / "own.bin").write_bytes(os.urandom(mib * MiB))
+        path = recipe(f"name: {name}\nsteps:\n  own: {{kind: files, root: {name}}}\n"
+                      f"publish: {{tag: \"{name}:v1\"}}\n", name=f"{name}.yaml")
+        [res] = build(path, store=store)
+        assert res.ok
+    reg = f"file://{store.home / 'registry'}"
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
+    try:
+        node = Store(disk / "node")
+        pull("a:v1", registry=reg, store=node)
+        second = pull("b:v1", registry=reg, store=node)  # does not fit beside a
+        assert second["disk_full_evicted"] == ["a"] and second["bytes_fetched"] >= 10 * MiB
+        r = run_cli("pull", "huge:v1", "--registry", reg, tool="snapbuild-runner",
+                    env={"SNAPBUILD_HOME": str(node.home)})
+        assert r.code == 1 and "the node's disk is full" in r.err and "even after letting go of b" in r.err, r.err
+        assert "TIP" in r.err
+        assert not [p for p in (node.home / "tmp").rglob("*") if p.is_file()], "no half-written blob left"
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
