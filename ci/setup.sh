@@ -38,7 +38,8 @@ fi
 #   podman      the peer that the container benchmark compares against
 #   skopeo      OCI interoperability checks
 #   docker-registry  a real OCI registry on 127.0.0.1 for the tests
-SYSTEM_PACKAGES=(skopeo docker.io runc mmdebstrap iproute2 podman docker-registry)
+#   systemd     systemd-analyze checks the node agent's unit file (runners/systemd)
+SYSTEM_PACKAGES=(skopeo docker.io runc mmdebstrap iproute2 podman docker-registry systemd)
 missing=()
 for p in "${SYSTEM_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
