@@ -23,7 +23,13 @@ and before each run the node is emptied: a new store, and the written-out layers
 input trees and checkpoint images of this snapshot deleted; the run then pulls the
 whole snapshot from the registry (verified), writes it out and restores. Podman's
 figure has its image already in its storage and the export on local disk: the
-comparison favours Podman.
+comparison favours Podman. So --empty-node adds Podman on an empty node too,
+``podman restore --import, empty node``: an image that holds the server's inputs
+(torch and the weights, one more layer at the paths the server reads them from: how
+a Podman user ships such a server) is pushed once to the same registry, a container of
+it is warmed and exported the same way, and before each run the image is removed from
+Podman's storage; the run is ``podman pull`` from the registry plus ``podman container
+restore --import`` (the export, 26 MiB, stays on local disk: still in Podman's favour).
 Needs root, runc, CRIU and podman (ci/setup.sh installs them).
 """
 
@@ -88,16 +94,59 @@ def podman_image(store: Store, spec: dict, work: Path) -> str:
     return tag
 
 
-def podman_run_args(store: Store, spec: dict, image: str, run_dir: Path, name: str) -> list[str]:
+def input_paths(store: Store, spec: dict) -> list[tuple[Path, str]]:
+    """(folder on this node, path in the container) of every input the server reads."""
+    root = Path(spec["run_root"])
+    out = [(ensure_tree(store.blobs, digest, root)[0], f"{container.INPUTS}/{step}")
+           for step, digest in sorted(spec["inputs"].items())]
+    return out + [(ensure_tree(store.blobs, spec["inputs"][step], root)[0], dest)
+                  for dest, step in sorted((spec.get("mounts") or {}).items())]
+
+
+def podman_full_image(store: Store, spec: dict, work: Path) -> str:
+    """The same image with the server's inputs inside, in one more layer."""
+    import copy
+    import hashlib
+    import tarfile
+
+    from snapbuild.image.layers import Layer
+
+    config, layers = container.write_layers(store.blobs, spec["image"], work / "layers")
+    tar_path, h = work / "inputs.tar", hashlib.sha256()
+
+    class Hashing:  # the layer's diff_id, computed while it is written
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            h.update(b)
+            return self.f.write(b)
+
+    with open(tar_path, "wb") as raw, tarfile.open(fileobj=Hashing(raw), mode="w|") as tar:
+        for src, dest in input_paths(store, spec):
+            tar.add(src, arcname=dest.lstrip("/"))
+    config = copy.deepcopy(config)
+    config["rootfs"]["diff_ids"].append("sha256:" + h.hexdigest())
+    config.setdefault("history", []).append({"created_by": "snapbuild bench: the server's inputs"})
+    tag = f"localhost/snapbuild-bench-full:{spec['image'].split(':')[1][:12]}"
+    with open(work / "full.tar", "wb") as f:
+        write_docker_archive(f, config, layers + [Layer("sha256:" + h.hexdigest(), tar_path.stat().st_size,
+                                                        tar_path)], tag)
+    sh("podman", "load", "-q", "-i", str(work / "full.tar"))
+    (work / "full.tar").unlink()
+    tar_path.unlink()
+    return tag
+
+
+def podman_run_args(store: Store, spec: dict, image: str, run_dir: Path, name: str,
+                    inputs_in_image: bool = False) -> list[str]:
     env = container.container_env(spec)
     argv = [_expand(a, env) for a in spec["argv"]]
-    root = Path(spec["run_root"])
     args = ["podman", "run", "-d", "--name", name, "--network", "host", "--read-only", *PODMAN_LIMITS,
             "-v", f"{run_dir}:{container.RUN}"]
-    for step, digest in sorted(spec["inputs"].items()):
-        args += ["-v", f"{ensure_tree(store.blobs, digest, root)[0]}:{container.INPUTS}/{step}:ro"]
-    for dest, step in sorted((spec.get("mounts") or {}).items()):
-        args += ["-v", f"{ensure_tree(store.blobs, spec['inputs'][step], root)[0]}:{dest}:ro"]
+    if not inputs_in_image:
+        for src, dest in input_paths(store, spec):
+            args += ["-v", f"{src}:{dest}:ro"]
     for k, v in env.items():
         args += ["-e", f"{k}={v}"]
     cwd = spec.get("cwd") or spec["image_config"].get("WorkingDir") or "/"
@@ -115,7 +164,11 @@ def empty_node(runtime: dict, store: Store, work: Path) -> Store:
 
     spec = runtime["server"]
     root = Path(spec["run_root"])
+    from snapbuild.runtime import mounts
+
     for digest in spec["inputs"].values():
+        for point in mounts.mount_points_of(tree_dir(root, digest)):  # a host server's `mounts:` of it
+            mounts.unmount(point)
         shutil.rmtree(tree_dir(root, digest), ignore_errors=True)
     shutil.rmtree(tree_dir(_images_root(spec), runtime["artifact"]), ignore_errors=True)
     for layer in read_image(store.blobs, spec["image"])[0]["layers"]:
@@ -155,7 +208,8 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in ("snapbuild cold", "snapbuild restore", "podman cold",
                                                        "podman restore --import")}
     answers: set[str] = set()
-    registry_proc = registry_url = None
+    phases: list[dict] = []  # the empty node's restore timings, by phase
+    registry_proc = registry_url = remote_image = None
     if a.empty_node:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
         from conftest import _serve_registry
@@ -169,29 +223,58 @@ def main() -> None:
         copy(open_registry(default_registry_url(store.home)), parse_ref(a.ref), open_registry(registry_url),
              parse_ref(a.ref), store.blobs)
         times["snapbuild restore, empty node"] = []
+        times["podman restore --import, empty node"] = []
     sh("podman", "rm", "-f", name, check=False)
     image = podman_image(store, spec, work)
-    try:
-        # Podman's checkpoint of the same warm container: started, warmed as the recipe
-        # says, exported once.
-        sh(*podman_run_args(store, spec, image, run_dir, name))
+    full_image = None
+
+    def warm_and_export(img: str, export: Path, inputs_in_image: bool = False) -> float:
+        """Podman's checkpoint of the same warm container: started, warmed as the recipe
+        says, exported once. Returns the seconds the export took."""
+        sh(*podman_run_args(store, spec, img, run_dir, name, inputs_in_image))
         wait_http(url)
         for _ in range(3):  # the reference recipes' warm-up: three POST /infer
             infer(port)
-        export = work / "checkpoint.tar.zst"
         t = time.monotonic()
         sh("podman", "container", "checkpoint", "--export", str(export), "--compress", "zstd", name)
-        export_s = time.monotonic() - t
-        export_bytes = export.stat().st_size
+        took = time.monotonic() - t
         sh("podman", "rm", "-f", name)
+        return took
+
+    try:
+        export = work / "checkpoint.tar.zst"
+        export_s = warm_and_export(image, export)
+        export_bytes = export.stat().st_size
+        if a.empty_node:
+            full_image = podman_full_image(store, spec, work)
+            remote_image = f"{host}/bench/podman-full:{full_image.rsplit(':', 1)[1]}"
+            t = time.monotonic()
+            sh("podman", "push", "-q", "--tls-verify=false", full_image, f"docker://{remote_image}")
+            print(f"podman push of the image with its inputs: {time.monotonic() - t:.1f}s", file=sys.stderr)
+            full_export = work / "checkpoint-full.tar.zst"
+            warm_and_export(full_image, full_export, inputs_in_image=True)
 
         for i in range(a.runs):
             for mode in times:
                 t0 = time.monotonic()
-                if mode == "snapbuild restore, empty node":
+                if mode == "podman restore --import, empty node":
+                    # Nothing of it on the node: both images go, the base layers they share too.
+                    for img in (full_image, image):
+                        sh("podman", "rmi", "-f", sh("podman", "image", "inspect", "--format", "{{.Id}}", img))
+                    t0 = time.monotonic()
+                    sh("podman", "pull", "-q", "--tls-verify=false", remote_image)
+                    sh("podman", "tag", remote_image, full_image)  # the name the export refers to
+                    sh("podman", "container", "restore", "--import", str(full_export), "--name", name)
+                    wait_http(url)
+                    times[mode].append(time.monotonic() - t0)
+                    answers.add(infer(port))
+                    sh("podman", "rm", "-f", "-t", "0", name)
+                    sh("podman", "load", "-q", "-i", str(work / "image.tar"))  # for the other modes
+                elif mode == "snapbuild restore, empty node":
                     node = empty_node(runtime, store, work)
                     total, out, answer = _once(a.ref, "restore", node, registry_url, spec)
                     times[mode].append(total)
+                    phases.append(out["timings"])
                     answers.add(_digest_only(answer))
                     shutil.rmtree(node.home, ignore_errors=True)
                 elif mode.startswith("snapbuild"):
@@ -214,13 +297,18 @@ def main() -> None:
         if registry_proc is not None:
             registry_proc.terminate()
         sh("podman", "rm", "-f", "-t", "0", name, check=False)
-        sh("podman", "rmi", "-f", image, check=False)
+        for img in (image, full_image, remote_image):
+            if img:
+                sh("podman", "rmi", "-f", img, check=False)
         shutil.rmtree(work, ignore_errors=True)
 
     result = {"ref": a.ref, "runs": a.runs, "modes": {k: summary(v) for k, v in times.items()},
               "podman_export_s": round(export_s, 3), "podman_export_bytes": export_bytes,
               "answers_match": len(answers) == 1,
               "snapbuild_checkpoint_images_bytes": runtime.get("stats", {}).get("images_bytes")}
+    if phases:
+        result["empty_node_phases_median_s"] = {k: round(statistics.median(t.get(k, 0) for t in phases), 3)
+                                                for k in phases[0] if k.endswith("_s")}
     med = {k: v["median"] for k, v in result["modes"].items()}
     result["ratios"] = {
         "snapbuild restore vs snapbuild cold": round(med["snapbuild cold"] / med["snapbuild restore"], 2),
@@ -230,19 +318,24 @@ def main() -> None:
     if "snapbuild restore, empty node" in med:
         result["ratios"]["snapbuild restore on an empty node vs podman restore"] = round(
             med["podman restore --import"] / med["snapbuild restore, empty node"], 2)
+        result["ratios"]["both on an empty node: snapbuild vs podman"] = round(
+            med["podman restore --import, empty node"] / med["snapbuild restore, empty node"], 2)
     if a.json:
         print(json.dumps(result, indent=2))
         return
     print(f"{a.ref}: {a.runs} runs per mode, alternated; seconds from the command's start to ready "
           f"(page cache warm; {os.cpu_count()} CPUs)")
-    print(f"  {'mode':<26}{'median':>8}{'min':>8}{'max':>8}")
+    print(f"  {'mode':<38}{'median':>8}{'min':>8}{'max':>8}")
     for k, v in result["modes"].items():
-        print(f"  {k:<26}{v['median']:>8.3f}{v['min']:>8.3f}{v['max']:>8.3f}")
+        print(f"  {k:<38}{v['median']:>8.3f}{v['min']:>8.3f}{v['max']:>8.3f}")
     for k, v in result["ratios"].items():
         print(f"  {k}: " + (f"{v}x faster" if v >= 1 else f"{1 / v:.2f}x slower"))
     print(f"  podman checkpoint --export: {result['podman_export_s']:.2f}s, "
           f"{(result['podman_export_bytes'] or 0) / 2**20:.1f} MiB; snapbuild checkpoint images: "
           f"{(result['snapbuild_checkpoint_images_bytes'] or 0) / 2**20:.1f} MiB")
+    if phases:
+        print("  empty node, by phase (medians): " + ", ".join(
+            f"{k} {v:.2f}s" for k, v in result["empty_node_phases_median_s"].items()))
     print(f"  answers identical across modes: {'yes' if result['answers_match'] else 'NO'}")
 
 

@@ -150,6 +150,9 @@ def main() -> None:
         build_s = time.monotonic() - t
         v2_blobs = referenced_blobs(parse_manifest(store.blobs.get(v2.snapshot), v2.snapshot))
         url = f"oci://{host}/second"
+        from snapbuild.registry import oci as oci_registry
+
+        oci_registry._SEEN.clear()  # as from a fresh process: no cross-repository mounts of the runs above
         first = push(open_registry(url), parse_ref(a.ref), digest, blobs, store.blobs)
         second = push(open_registry(url), parse_ref(f"{parse_ref(a.ref).name}:app-v2"), v2.snapshot, v2_blobs,
                       store.blobs)
