@@ -114,6 +114,23 @@ def load_config(path: Path) -> AgentConfig:
                        cache_max=parse_size(doc["cache_max"]) if "cache_max" in doc else None)
 
 
+def config_from_flags(servers: list[str], *, registry: str | None = None,
+                      trust_policy: Path | None = None) -> AgentConfig:
+    """``--server NAME=REF`` or ``NAME=REF:PORT`` (a container served on that node port)."""
+    out = []
+    for text in servers:
+        name, eq, ref = text.partition("=")
+        if not eq or not name or not ref:
+            raise UsageError(f"--server {text!r}: expected NAME=REF or NAME=REF:PORT (e.g. web=app:prod)")
+        publish = None
+        head, _, last = ref.rpartition(":")
+        if head and last.isdigit() and ":" in head:  # NAME:TAG:PORT
+            ref, publish = head, int(last)
+        out.append(ServerConfig(name=name, ref=ref, registry=registry,
+                                trust_policy=str(trust_policy) if trust_policy else None, publish=publish))
+    return AgentConfig(servers=out)
+
+
 class Metrics:
     """The agent's Prometheus metrics, in a registry of its own."""
 

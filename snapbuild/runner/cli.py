@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import SnapbuildError
+from ..errors import SnapbuildError, UsageError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +59,14 @@ def _parser() -> argparse.ArgumentParser:
                                     "moves, stop everything on SIGTERM. Serves GET /servers, "
                                     "/servers/NAME/log, /metrics (Prometheus) and /healthz. Logs are JSON "
                                     "lines on stderr. The configuration is TOML: see docs/runner.md.")
-    sv.add_argument("--config", metavar="FILE", type=Path, required=True, help="the agent's configuration (TOML)")
+    sv.add_argument("--config", metavar="FILE", type=Path, help="the agent's configuration (TOML)")
+    sv.add_argument("--server", metavar="NAME=REF[:PORT]", action="append", default=[],
+                    help="a server to keep running, without a configuration file (repeatable); "
+                         "`web=app:prod` or, for a container served on a node port, `web=app:prod:8080`")
+    sv.add_argument("--registry", metavar="URL", help="with --server: " + REGISTRY_HELP)
+    sv.add_argument("--trust-policy", metavar="FILE", type=Path, help="with --server: " + TRUST_HELP)
+    sv.add_argument("--poll", metavar="SECONDS", type=float, help="how often tags are looked up again (default 30)")
+    sv.add_argument("--state-dir", metavar="DIR", type=Path, help="where the agent records what it started")
     sv.add_argument("--api", metavar="ADDR", help="override the API address: HOST:PORT or unix:PATH")
     sv.add_argument("--check", action="store_true", help="check the configuration, print it as JSON, and exit")
     return p
@@ -155,11 +162,19 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{verb} {r['trees_removed']} written-out trees and layers ({r['tree_bytes_freed'] / 2**20:.1f} MiB) "
                       f"and {r['blobs_removed']} blobs ({r['blob_bytes_freed'] / 2**20:.1f} MiB)")
         elif args.command == "serve":
-            from .agent import Agent, load_config
+            from .agent import Agent, config_from_flags, load_config
 
-            config = load_config(args.config)
+            if bool(args.config) == bool(args.server):
+                raise UsageError("serve needs --config FILE or --server NAME=REF (one of them)",
+                                 hint="see docs/runner.md, 'The node agent'")
+            config = load_config(args.config) if args.config else config_from_flags(
+                args.server, registry=args.registry, trust_policy=args.trust_policy)
             if args.api:
                 config.api = args.api
+            if args.poll is not None:
+                config.poll_s = args.poll
+            if args.state_dir:
+                config.state_dir = args.state_dir
             if args.check:
                 from dataclasses import asdict
 

@@ -348,3 +348,104 @@ def test_a_registry_outage_leaves_the_running_version_serving(agent, recipe, sto
         assert post(port, "/count")["count"] == 6
     finally:
         proc.terminate()
+
+
+def test_flags_instead_of_a_file_and_the_api_on_a_unix_socket(recipe, store, tmp_path):
+    import http.client
+    import socket as sk
+
+    port = free_port()
+    counter(recipe, store, port)
+    sock = tmp_path / "agent.sock"
+    log = tmp_path / "agent.log"
+    proc = subprocess.Popen([str(BIN / "snapbuild-runner"), "serve", "--server", "counter=counter:prod",
+                             "--api", f"unix:{sock}", "--state-dir", str(tmp_path / "state")],
+                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"), start_new_session=True)
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = sk.socket(sk.AF_UNIX)
+            self.sock.connect(str(sock))
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                c = UnixConnection("agent")
+                c.request("GET", "/servers")
+                servers = json.loads(c.getresponse().read())["servers"]
+                if servers[0]["state"] == "ready":
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        assert servers[0]["mode"] == "restore" and post(port, "/count")["count"] == 3
+        assert oct(sock.stat().st_mode & 0o777) == "0o660", "only root and its group talk to the agent"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    r = subprocess.run([str(BIN / "snapbuild-runner"), "serve"], capture_output=True, text=True)
+    assert r.returncode == 2 and "needs --config FILE or --server NAME=REF" in r.stderr
+
+
+def test_fallback_reasons_become_a_few_label_values_and_flags_parse():
+    from snapbuild.errors import UsageError
+    from snapbuild.runner.agent import _reason_kind, config_from_flags
+
+    assert _reason_kind("fingerprint mismatch: this CPU lacks features the checkpoint may use: avx512f") == \
+        "fingerprint"
+    assert _reason_kind("restore failed: criu restore failed (exit 1)") == "restore_failed"
+    assert _reason_kind("the GPU state did not come back: CUDA restore of pid 7 failed") == "gpu"
+    assert _reason_kind("something new") == "other"
+    cfg = config_from_flags(["web=app:prod:8080", "emb=minilm@sha256:" + "ab" * 32], registry="file:///r")
+    assert [(s.name, s.ref, s.publish, s.registry) for s in cfg.servers] == [
+        ("web", "app:prod", 8080, "file:///r"), ("emb", "minilm@sha256:" + "ab" * 32, None, "file:///r")]
+    with pytest.raises(UsageError, match="expected NAME=REF"):
+        config_from_flags(["nameless"])
+
+
+def test_the_proxy_switches_new_connections_and_lets_open_ones_finish():
+    import socket as sk
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from snapbuild.runner.agent import Proxy
+
+    def backend(answer: bytes):
+        class H(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *a):
+                pass
+
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        return httpd
+
+    old, new = backend(b"old"), backend(b"new")
+    port = free_port()
+    proxy = Proxy(port)
+    try:
+        get = lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read()  # noqa: E731
+        with pytest.raises(OSError):
+            get()  # no backend yet: the connection is closed at once
+        proxy.backend = ("127.0.0.1", old.server_address[1])
+        assert get() == b"old"
+        held = sk.create_connection(("127.0.0.1", port))  # a connection open across the switch
+        time.sleep(0.1)
+        proxy.backend = ("127.0.0.1", new.server_address[1])
+        assert get() == b"new"
+        held.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert held.recv(1024).endswith(b"old"), "an open connection stays with the old version"
+        held.close()
+        proxy.drain(("127.0.0.1", old.server_address[1]), timeout=5)
+        assert proxy.active[("127.0.0.1", old.server_address[1])] == 0
+    finally:
+        proxy.close()
+        old.shutdown()
+        new.shutdown()
