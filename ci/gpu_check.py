@@ -77,20 +77,18 @@ def live_process(backend_name: str, make_backend, figures: dict) -> None:
         before = child.stdout.readline().strip()
         mem_before = gpu_memory_of(child.pid)
         t = {}
-        t0 = time.monotonic()
-        be.lock(child.pid, 60)
-        t["lock_s"] = time.monotonic() - t0
-        t0 = time.monotonic()
-        be.checkpoint(child.pid, 300)
-        t["checkpoint_s"] = time.monotonic() - t0
+
+        def timed(step: str, timeout: float) -> None:
+            t0 = time.monotonic()
+            getattr(be, step)(child.pid, timeout)
+            t[f"{step}_s"] = time.monotonic() - t0
+
+        timed("lock", 60)
+        timed("checkpoint", 300)
         state = be.state(child.pid)
         mem_ckpt = gpu_memory_of(child.pid)
-        t0 = time.monotonic()
-        be.restore(child.pid, 300)
-        t["restore_s"] = time.monotonic() - t0
-        t0 = time.monotonic()
-        be.unlock(child.pid, 60)
-        t["unlock_s"] = time.monotonic() - t0
+        timed("restore", 300)
+        timed("unlock", 60)
         child.stdin.write("infer\n")
         child.stdin.flush()
         after = child.stdout.readline().strip()

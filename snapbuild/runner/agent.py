@@ -51,6 +51,7 @@ from urllib.parse import parse_qs, urlparse
 
 from ..errors import SnapbuildError, UsageError
 from ..runtime import process
+from ..runtime.portfwd import pipe
 from ..store import Store
 from ..store.fsutil import atomic_write_json
 
@@ -252,20 +253,6 @@ class Proxy:
             self._done(backend)
             return
         upstream.settimeout(None)
-
-        def pipe(src, dst):
-            try:
-                while data := src.recv(1 << 16):
-                    dst.sendall(data)
-            except OSError:
-                pass
-            finally:
-                for s in (src, dst):
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-
         t = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
         t.start()
         pipe(client, upstream)
@@ -388,17 +375,27 @@ class Agent:
                  pid=out["pid"], timings=out["timings"])
         return out
 
-    def _adopt_out(self, slot: Slot, out: dict) -> None:
+    def _adopt_out(self, slot: Slot, out: dict) -> bool:
+        """Make a started server the slot's; False (and the server stopped) when its
+        node port cannot be served."""
+        if slot.cfg.publish and out.get("container") and slot.proxy is None:
+            try:
+                slot.proxy = Proxy(slot.cfg.publish)
+            except SnapbuildError as e:
+                self._stop_server(out["container"])
+                slot.last_error = e.message
+                self._back_off(slot)
+                self.log("publish_failed", server=slot.cfg.name, port=slot.cfg.publish, error=e.message)
+                return False
         with self._lock:
             slot.pid, slot.container, slot.digest = out["pid"], out.get("container"), out["digest"]
             slot.mode, slot.reason, slot.address = out["mode"], out["reason"], out.get("address")
             slot.state, slot.started_at, slot.last_error = "ready", time.monotonic(), None
-        if slot.cfg.publish and slot.container:
-            if slot.proxy is None:
-                slot.proxy = Proxy(slot.cfg.publish)
+        if slot.proxy and slot.container:
             slot.proxy.backend = _addr(slot.address)
         self.metrics.up.labels(slot.cfg.name).set(1)
         self.save_state()
+        return True
 
     def _stop_server(self, target) -> None:
         from .restore import stop
@@ -447,6 +444,8 @@ class Agent:
         self.metrics.up.labels(cfg.name).set(0)
         if slot.container:
             self._stop_server(slot.container)  # its forwarder, mounts, netns
+        if slot.started_at and now - slot.started_at > cfg.backoff_max_s:
+            slot.backoff = 0.0  # it ran well for a while: the next restart is quick again
         slot.deaths.append(now)
         while slot.deaths and now - slot.deaths[0] > cfg.restart_window_s:
             slot.deaths.popleft()
@@ -504,7 +503,8 @@ class Agent:
                 return False  # the old version keeps serving; the next poll tries again
             slot.pid = slot.container = None
             return False
-        self._adopt_out(slot, out)
+        if not self._adopt_out(slot, out):
+            return False
         if old["container"]:
             if slot.proxy and _addr(old["address"]):
                 slot.proxy.drain(_addr(old["address"]))

@@ -34,7 +34,8 @@ def enter_netns(path: str) -> None:
         os.close(fd)
 
 
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
+def pipe(src: socket.socket, dst: socket.socket) -> None:
+    """Copy ``src`` to ``dst`` until EOF, then pass the EOF on (half-close), both ways safe."""
     try:
         while data := src.recv(1 << 16):
             dst.sendall(data)
@@ -55,9 +56,9 @@ def _serve(client: socket.socket, port: int) -> None:
     except OSError:
         client.close()  # the server is not (yet) listening: the client sees a reset, like a refused port
         return
-    t = threading.Thread(target=_pipe, args=(upstream, client), daemon=True)
+    t = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
     t.start()
-    _pipe(client, upstream)
+    pipe(client, upstream)
     t.join()
     client.close()
     upstream.close()
