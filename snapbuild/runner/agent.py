@@ -177,7 +177,8 @@ def _reason_kind(reason: str) -> str:
     """A small set of label values for fallback reasons (the full text is in the logs)."""
     for prefix, kind in (("cold boot requested", "requested"), ("fingerprint mismatch", "fingerprint"),
                          ("restore failed", "restore_failed"), ("the restored server did not get ready", "not_ready"),
-                         ("the GPU state", "gpu"), ("after_restore", "after_restore"), ("PID", "pid_taken")):
+                         ("the GPU state", "gpu"), ("after_restore", "after_restore"), ("PID", "pid_taken"),
+                         ("engine unusable", "engine")):
         if reason.startswith(prefix) or prefix in reason[:40]:
             return kind
     return "other"

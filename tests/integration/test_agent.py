@@ -397,6 +397,7 @@ def test_fallback_reasons_become_a_few_label_values_and_flags_parse():
         "fingerprint"
     assert _reason_kind("restore failed: criu restore failed (exit 1)") == "restore_failed"
     assert _reason_kind("the GPU state did not come back: CUDA restore of pid 7 failed") == "gpu"
+    assert _reason_kind("host engine unusable here: criu is not installed") == "engine"
     assert _reason_kind("something new") == "other"
     cfg = config_from_flags(["web=app:prod:8080", "emb=minilm@sha256:" + "ab" * 32], registry="file:///r")
     assert [(s.name, s.ref, s.publish, s.registry) for s in cfg.servers] == [
@@ -452,3 +453,25 @@ def test_the_proxy_switches_new_connections_and_lets_open_ones_finish():
         proxy.close()
         old.shutdown()
         new.shutdown()
+
+
+def test_after_repeated_failed_restores_the_agent_boots_cold_directly(agent, recipe, store, tmp_path):
+    """A node where restoring cannot work (here: its CRIU is broken) still serves:
+    each start falls back, and after `cold_after` of those the agent stops trying."""
+    port = free_port()
+    counter(recipe, store, port)
+    broken = tmp_path / "criu"
+    broken.write_text("#!/bin/sh\necho 'criu: broken on this node' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    a = agent('[[server]]\nname = "counter"\nref = "counter:prod"\ncold_after = 2\nbackoff_s = 0.2\n',
+              env={"SNAPBUILD_CRIU": str(broken)})
+    s = a.wait(lambda s: s["state"] == "ready", what="ready")
+    assert s["mode"] == "cold" and "unusable" in s["reason"] and s["restore_failures"] == 1
+    for n in (1, 2):
+        os.kill(s["pid"], signal.SIGKILL)
+        s = a.wait(lambda s, n=n: s["state"] == "ready" and s["restarts"] == n, what=f"restart {n}")
+    assert s["mode"] == "cold" and s["reason"] == "cold boot requested", "no more restore attempts"
+    started = [e for e in a.events() if e["event"] == "started"]
+    assert [e["reason"].split(":")[0] for e in started] == ["host engine unusable here", "host engine unusable here",
+                                                            "cold boot requested"]
+    assert metric(a.get("/metrics"), "snapbuild_fallbacks_total", server="counter", reason="engine") == 2
