@@ -475,3 +475,21 @@ def test_after_repeated_failed_restores_the_agent_boots_cold_directly(agent, rec
     assert [e["reason"].split(":")[0] for e in started] == ["host engine unusable here", "host engine unusable here",
                                                             "cold boot requested"]
     assert metric(a.get("/metrics"), "snapbuild_fallbacks_total", server="counter", reason="engine") == 2
+
+
+def test_a_container_is_adopted_with_its_node_port_after_sigkill(agent, recipe, store, base_rootfs, tmp_path):
+    first = container_counter(recipe, store, base_rootfs, "ccounter:prod", 2)
+    port = free_port()
+    state = tmp_path / "cstate"
+    config = f'[[server]]\nname = "counter"\nref = "ccounter:prod"\npublish = {port}\n'
+    a = agent(config, state_dir=state)
+    s = a.wait(lambda s: s["state"] == "ready", what="ready", timeout=120)
+    assert post(port, "/count")["count"] == 3
+    assert a.stop(signal.SIGKILL) == -signal.SIGKILL  # the node port goes with the agent; the container stays
+    b = agent(config, state_dir=state)
+    s2 = b.wait(lambda s: s["state"] == "ready", what="adopted", timeout=120)
+    assert (s2["container"], s2["restarts"]) == (s["container"], 0) and s2["digest"] == first
+    assert post(port, "/count")["count"] == 4, "the same container, served on the node port again"
+    assert b.stop() == 0
+    assert [c for c in subprocess.run(["runc", "list", "-q"], capture_output=True, text=True).stdout.split()
+            if c.startswith("sb-ccounter")] == []
