@@ -11,8 +11,9 @@ OCI referrer)::
 A registry with the OCI 1.1 referrers API lists the signature by itself; registries
 without it (distribution 2.8, ``file://``, ``s3://``) get the OCI 1.1 fallback: an image
 index tagged ``sha256-<hex of the snapshot's digest>`` that lists the snapshot's
-referrers. Verification reads both, so signatures survive a registry's upgrade. The signature covers the snapshot's name and manifest
-digest; the manifest covers every blob by digest, so a signature vouches for all of it.
+referrers. Verification reads both, so signatures survive a registry's upgrade. The
+signature covers the snapshot's name and manifest digest; the manifest covers every
+blob by digest, so a signature vouches for all of it.
 
 A trust policy (JSON) says which public keys may sign which snapshot names::
 
@@ -153,7 +154,10 @@ def sign(reg: Registry, ref: Ref, key_path: Path) -> dict:
     sig_digest = sha256_of(data)
     reg.put_manifest(ref.name, sig_digest, data, None)
     listed = reg.referrers(ref.name, digest)
-    if listed is None:  # no referrers API: an index of the subject's referrers, under a tag of its own
+    # No referrers API, or one that does not list the signature (yet): an index of the
+    # subject's referrers, under a tag of its own.
+    in_api = listed is not None and any(m.get("digest") == sig_digest for m in listed)
+    if not in_api:
         index = _fallback_index(reg, ref.name, digest)
         entry = {"mediaType": MANIFEST_MEDIA_TYPE, "digest": sig_digest, "size": len(data),
                  "artifactType": SIGNATURE_TYPE, "annotations": {KEY_ANNOTATION: kid}}
@@ -161,11 +165,8 @@ def sign(reg: Registry, ref: Ref, key_path: Path) -> dict:
             index["manifests"].append(entry)
             blob = canonical_json(index)
             reg.put_manifest(ref.name, sha256_of(blob), blob, _fallback_tag(digest))
-    elif not any(m.get("digest") == sig_digest for m in listed):
-        raise SnapbuildError(f"signed {ref}, but {reg.url} does not list the signature {sig_digest[:19]} among "
-                             "the snapshot's referrers", hint="check the registry's referrers support")
     return {"ref": str(ref), "digest": digest, "signature": sig_digest, "key_id": kid, "registry": reg.url,
-            "referrers": "api" if listed is not None else "fallback-tag"}
+            "referrers": "api" if in_api else "fallback-tag"}
 
 
 def _fallback_index(reg: Registry, name: str, digest: str) -> dict:

@@ -110,3 +110,11 @@ def test_oci_registry_reads_the_referrers_api():
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_referrers_api_that_does_not_list_the_signature_yet_gets_the_fallback_tag(signed_setup):
+    reg, digest, policy, tmp = signed_setup
+    reg.referrers = lambda name, d: []  # an API that indexes later (some registries do)
+    out = sign(reg, Ref(name="demo", tag="v1"), tmp / "ci.key")
+    assert out["referrers"] == "fallback-tag" and _fallback_tag(digest) in [t for t, _ in reg.tagged("demo")]
+    assert verify(reg, Ref(name="demo", tag="v1"), digest, policy)["signature"] == out["signature"]
