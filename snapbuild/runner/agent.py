@@ -51,7 +51,7 @@ from urllib.parse import parse_qs, urlparse
 
 from ..errors import SnapbuildError, UsageError
 from ..runtime import process
-from ..runtime.portfwd import pipe
+from ..runtime.portfwd import forward
 from ..store import Store
 from ..store.fsutil import atomic_write_json
 
@@ -248,19 +248,9 @@ class Proxy:
         with self._lock:
             self.active[backend] = self.active.get(backend, 0) + 1
         try:
-            upstream = socket.create_connection(backend, timeout=10)
-        except OSError:
-            client.close()
+            forward(client, backend)
+        finally:
             self._done(backend)
-            return
-        upstream.settimeout(None)
-        t = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
-        t.start()
-        pipe(client, upstream)
-        t.join()
-        client.close()
-        upstream.close()
-        self._done(backend)
 
     def _done(self, backend) -> None:
         with self._lock:

@@ -49,9 +49,10 @@ def pipe(src: socket.socket, dst: socket.socket) -> None:
                 pass
 
 
-def _serve(client: socket.socket, port: int) -> None:
+def forward(client: socket.socket, address: tuple[str, int]) -> None:
+    """Connect to ``address`` and copy both ways until both sides are done."""
     try:
-        upstream = socket.create_connection(("127.0.0.1", port), timeout=10)
+        upstream = socket.create_connection(address, timeout=10)
         upstream.settimeout(None)
     except OSError:
         client.close()  # the server is not (yet) listening: the client sees a reset, like a refused port
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     enter_netns(a.netns)
     while True:
         client, _ = listener.accept()
-        threading.Thread(target=_serve, args=(client, a.port), daemon=True).start()
+        threading.Thread(target=forward, args=(client, ("127.0.0.1", a.port)), daemon=True).start()
 
 
 if __name__ == "__main__":
