@@ -101,10 +101,13 @@ class OciRegistry:
     def _repo(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
 
-    def _request(self, method: str, path: str, *, scope: str, what: str, ok=(200,), **kw):
+    def _request(self, method: str, path: str, *, scope: str, what: str, ok=(200,), body: bool = False, **kw):
         """One call, with auth (answering the registry's challenge once) and retries of
-        connection errors and 5xx answers."""
+        connection errors and 5xx answers. ``body``: the answer's body is read in one
+        piece (``r.content``), inside the retries: a blob of megabytes read that way
+        costs a third of what requests' own reading (10 KiB at a time) does."""
         import requests
+        import urllib3
 
         url = path if path.startswith("http") else self.base + path
         base_headers = kw.pop("headers", None) or {}
@@ -116,10 +119,19 @@ class OciRegistry:
                 headers["Authorization"] = auth
             r = self.session.request(method, url, headers=headers, timeout=self.timeout, **kw)
             if r.status_code == 401 and self._authenticate(r, scope):
+                r.close()
                 headers["Authorization"] = self._auth[scope]
                 r = self.session.request(method, url, headers=headers, timeout=self.timeout, **kw)
             if r.status_code >= 500 or r.status_code == 429:
                 raise _Transient(f"{r.status_code} {r.reason}")
+            if body and r.status_code == 200:
+                try:
+                    data = r.raw.read(decode_content=True)
+                except (urllib3.exceptions.HTTPError, OSError) as e:
+                    raise _Transient(f"the answer broke off: {e}") from None
+                finally:
+                    r.close()
+                r._content, r._content_consumed = data, True  # what r.content returns
             return r
 
         r = retrying(call, f"{what} at {self.url}", transient=(requests.ConnectionError, requests.Timeout, _Transient))
@@ -173,7 +185,7 @@ class OciRegistry:
     def get_blob(self, name: str, digest: str) -> bytes:
         def fetch() -> bytes:
             r = self._request("GET", f"/v2/{self._repo(name)}/blobs/{digest}", scope=self._scope(name, "pull"),
-                              what=f"fetching blob {digest[:19]} of {name}")
+                              what=f"fetching blob {digest[:19]} of {name}", body=True, stream=True)
             if r.status_code == 404:
                 raise NotFound(f"blob {digest} of {name} is not in {self.url}",
                                hint="the snapshot is incomplete there: push it again")
