@@ -111,8 +111,10 @@ def _publish(recipe: Recipe, result: BuildResult, store: Store, tag: str | None,
             runtime, trees = extras(store, outputs[n])
             runtime = {**runtime, "step": n, "artifact": outputs[n]}
             outputs.update(trees)  # the server's inputs travel with it
+    from .runtime.treeimages import for_snapshot
+
     digest, blobs = assemble(store.blobs, name=recipe.name, variant=recipe.variant, steps=steps,
-                             outputs=outputs, runtime=runtime)
+                             outputs=outputs, runtime=runtime, tree_images=for_snapshot(store, runtime))
     store.pin_snapshot(recipe.build_id, digest)
     result.snapshot = digest
     if tag:

@@ -40,7 +40,19 @@ def inspect_snapshot(text: str, registry: str | None = None, store: Store | None
         "stored_bytes": manifest["config"]["size"] + sum(layer["size"] for layer in manifest["layers"]),
         "content_bytes": content, "manifest": manifest,
         "checkpoint": _checkpoint_stats((config.get("runtime") or {}).get("stats")),
+        "tree_images": _tree_images(config.get("tree_images")),
     }
+
+
+def _tree_images(images: dict | None) -> list[dict]:
+    """Each tree or layer shipped as an image too (docs/format.md, Tree images)."""
+    if not images:
+        return []
+    out = []
+    for kind in ("trees", "layers"):
+        for of, image in (images.get(kind) or {}).items():
+            out.append({"of": of, "kind": kind[:-1], "image": image, "format": images.get("format")})
+    return out
 
 
 def cache_entries(store: Store | None = None) -> list[dict]:

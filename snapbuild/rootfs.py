@@ -162,33 +162,48 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def cached_layer(digest: str, open_layer, cache: Path, *, user: str | None = None) -> Path:
-    """The layer's folder in ``cache``, unpacked (once) from ``open_layer()`` if needed.
-    ``user`` (a store's path) is recorded in the layer's marker, for :func:`release_layer`."""
+def cached_layer(digest: str, open_layer, cache: Path, *, user: str | None = None, mount_image=None) -> Path:
+    """The layer's folder in ``cache``, unpacked (once) from ``open_layer()`` if needed,
+    or, with ``mount_image``, mounted from the layer's tree image by
+    ``mount_image(folder)`` (see runtime.treeimages). ``user`` (a store's path) is
+    recorded in the layer's marker, for :func:`release_layer`."""
     hexpart = digest.split(":", 1)[1]
     final = cache / hexpart
     marker = cache / f"{hexpart}{MARKER}"
     line = f"{user}\n" if user else ""
     try:
         users = marker.read_text().splitlines(keepends=True)
-        if not line or line in users:
+        if (not line or line in users) and _layer_present(final):
             return final
     except FileNotFoundError:
         pass
     with flock(cache / ".locks" / f"{hexpart}.lock"):
-        if marker.exists():
+        if marker.exists() and _layer_present(final):
             if line and line not in marker.read_text().splitlines(keepends=True):
                 with open(marker, "a") as f:
                     f.write(line)
             return final
+        # (a marker without its mount: the layer's image is mounted again, its users kept)
+        users = marker.read_text().splitlines(keepends=True) if marker.exists() else []
+        marker.unlink(missing_ok=True)
         tmp = cache / f"{hexpart}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(final, ignore_errors=True)
-        with open_layer() as stream:
-            unpack(stream, tmp, layer=digest)
-        os.rename(tmp, final)
-        marker.write_text(line)  # beside it: the layer's own root stays untouched
+        forget_layer(final)
+        if mount_image is not None:
+            mount_image(final)
+        else:
+            with open_layer() as stream:
+                unpack(stream, tmp, layer=digest)
+            os.rename(tmp, final)
+        marker.write_text("".join(users) + (line if line not in users else ""))  # beside it: the layer stays untouched
     return final
+
+
+def _layer_present(path: Path) -> bool:
+    """False for a layer mounted from its image whose mount is gone (a reboot)."""
+    from .runtime import treeimages
+
+    return os.path.ismount(path) or not treeimages.image_path(path.parent.parent, "sha256:" + path.name).exists()
 
 
 def release_layer(cache: Path, hexpart: str, user: str, *, dry_run: bool = False) -> bool | None:
@@ -209,8 +224,21 @@ def release_layer(cache: Path, hexpart: str, user: str, *, dry_run: bool = False
             marker.write_text("".join(u + "\n" for u in others))
             return False
         marker.unlink()
-        shutil.rmtree(cache / hexpart, ignore_errors=True)
+        forget_layer(cache / hexpart)
         return True
+
+
+def forget_layer(path: Path) -> None:
+    """Remove an unpacked layer, or unmount a layer mounted from its image (and delete
+    the image file: see runtime.treeimages)."""
+    from .runtime import treeimages
+
+    if os.path.ismount(path):
+        if not treeimages.unmount(path):
+            raise SnapbuildError(f"cannot unmount the layer image at {path}: it is in use",
+                                 hint="stop the containers that use it first")
+        treeimages.image_path(path.parent.parent, "sha256:" + path.name).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _is_whiteout(st: os.stat_result) -> bool:

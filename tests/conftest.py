@@ -22,6 +22,21 @@ def _machine_dirs(tmp_path, monkeypatch):
     machine's defaults (/var/lib/snapbuild, /dev/shm/snapbuild)."""
     monkeypatch.setenv("SNAPBUILD_RUN_ROOT", str(tmp_path / "run-root"))
     monkeypatch.setenv("SNAPBUILD_IMAGE_CACHE", str(tmp_path / "image-cache"))
+    yield
+    _unmount_below(tmp_path)
+
+
+def _unmount_below(path: Path) -> None:
+    """Tree images (EROFS) and bind mounts a test left mounted in its temp folder go,
+    deepest first, so that pytest can delete the folder."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return
+    base = str(path.resolve()) + "/"
+    points = [f[4].encode().decode("unicode_escape") for f in (line.split(" ") for line in lines) if len(f) > 4]
+    for point in sorted({p for p in points if p.startswith(base)}, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
 
 
 @pytest.fixture

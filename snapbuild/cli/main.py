@@ -188,6 +188,10 @@ def inspect(ref, registry, as_json):
     click.echo("  outputs:")
     for o in info["outputs"]:
         click.echo(f"    {o['step']:<16} {o['files']:>5} files {_size(o['bytes']):>10}  {o['tree'][:19]}")
+    if info.get("tree_images"):
+        click.echo("  tree images (mounted by nodes that can, instead of writing the files out):")
+        for t in info["tree_images"]:
+            click.echo(f"    {t['kind']:<6} {t['of'][:19]}  {t['format']} image {t['image'][:19]}")
     click.echo("  steps:")
     for s in info["steps"]:
         click.echo(f"    {s['name']:<16} {s['kind']:<10} {s['key'][:12]}")

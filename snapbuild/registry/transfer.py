@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import IntegrityError
 from ..store.blobs import BlobStore
-from ..store.snapshot import parse_manifest, referenced_blobs
+from ..store.snapshot import metadata_blobs, parse_manifest, referenced_blobs
 from .base import Registry
 from .ref import Ref
 
@@ -48,29 +48,44 @@ def push(reg: Registry, ref: Ref, manifest_digest: str, blobs: list[str], source
 
 
 def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: str | None = None,
-          skip_check: bool = False, parse=parse_manifest, progress=None) -> dict:
+          skip_check: bool = False, parse=parse_manifest, progress=None, select=None) -> dict:
     """Bring snapshot ``ref`` (resolved to ``digest`` when given) from ``reg`` into the
     store of ``dest``: the blobs it lacks, verified. ``skip_check`` trusts that the
     store holds them all; ``parse`` checks the manifest (a snapshot's by default).
+    ``select(manifest)``, called once the config and tree blobs are in, may name the
+    only blobs wanted (a set), or None for all (see snapshot.image_selection).
     Returns the manifest, its digest, counts and timings."""
     t0 = time.monotonic()
     digest = digest or reg.resolve(ref)
     manifest_bytes = reg.get_manifest(ref.name, digest) if not dest.has(digest) else dest.get(digest)
     manifest = parse(manifest_bytes, digest)
     t_resolve = time.monotonic()
-    missing = [] if skip_check else [d for d in referenced_blobs(manifest) if not dest.has(d)]
+    wanted = referenced_blobs(manifest)
+    fetched = count = 0
+    total = [0]  # blobs to fetch, for progress
 
     def get(d: str) -> int:
         data = reg.get_blob(ref.name, d)  # verified against its digest
         dest.put(data)
         if progress:
-            progress("fetched", len(missing), len(data))
+            progress("fetched", total[0], len(data))
         return len(data)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        fetched = sum(pool.map(get, missing))
-    dest.put(manifest_bytes)  # last: a manifest in the store means its blobs are there
-    return {"digest": digest, "manifest": manifest, "blobs_fetched": len(missing), "bytes_fetched": fetched,
+        if select is not None and not skip_check:
+            first = [d for d in metadata_blobs(manifest) if not dest.has(d)]
+            total[0] = len(first)
+            fetched, count = sum(pool.map(get, first)), len(first)
+            chosen = select(manifest)
+            if chosen is not None:
+                wanted = [d for d in wanted if d in chosen]
+        missing = [] if skip_check else [d for d in wanted if not dest.has(d)]
+        total[0] = count + len(missing)
+        fetched += sum(pool.map(get, missing))
+        count += len(missing)
+    # Last: a manifest in the store means its blobs are there (those ``select`` chose).
+    dest.put(manifest_bytes)
+    return {"digest": digest, "manifest": manifest, "blobs_fetched": count, "bytes_fetched": fetched,
             "resolve_s": round(t_resolve - t0, 4), "fetch_s": round(time.monotonic() - t_resolve, 4)}
 
 

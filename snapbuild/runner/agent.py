@@ -332,10 +332,11 @@ class Agent:
                    cache_max=self.config.cache_max)
 
     def _prefetch(self, cfg: ServerConfig, digest: str) -> None:
+        from ..runtime.treeimages import can_mount
         from .pull import pull
 
         name = cfg.ref.partition(":")[0].partition("@")[0]
-        pull(f"{name}@{digest}", registry=cfg.registry, store=self.store,
+        pull(f"{name}@{digest}", registry=cfg.registry, store=self.store, images=can_mount(),
              trust_policy=Path(cfg.trust_policy) if cfg.trust_policy else None)
 
     def _resolve(self, cfg: ServerConfig) -> str:

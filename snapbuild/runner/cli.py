@@ -125,10 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         if args.command == "pull":
+            from ..runtime.treeimages import can_mount
             from .pull import pull
 
             result = pull(args.ref, registry=args.registry, dest=args.dest, jobs=args.jobs,
-                          trust_policy=args.trust_policy, cache_max=_size_arg(args.cache_max))
+                          trust_policy=args.trust_policy, cache_max=_size_arg(args.cache_max),
+                          images=can_mount())
             result.pop("config")
             if args.json:
                 print(json.dumps(result, indent=2))

@@ -13,18 +13,22 @@ from ..errors import SnapbuildError, UsageError
 from ..registry import default_registry_url, open_registry, parse_ref
 from ..store import Store
 from ..registry.transfer import fetch
-from ..store.snapshot import load_config, referenced_blobs
+from ..store.snapshot import image_selection, load_config, referenced_blobs
 from ..store.tree import load_tree, materialize
 
 
 def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
          store: Store | None = None, jobs: int = 16, trust_policy: Path | None = None,
-         cache_max: int | None = None) -> dict:
+         cache_max: int | None = None, images: bool = False) -> dict:
     """Fetch the blobs of snapshot ``text`` that the node lacks (verified), and, with
     ``dest``, write each output to ``dest/<step>/``. With ``trust_policy``, the snapshot
     must carry a signature the policy accepts, checked before anything else is fetched.
     ``cache_max`` (default ``$SNAPBUILD_NODE_CACHE_MAX``) bounds the store: the least
     recently used other snapshots are let go to fit (:mod:`.node_cache`).
+    ``images``: where the snapshot ships tree images (runtime.treeimages), fetch those
+    instead of the chunks of the trees they replace (for a node that mounts them; not
+    with ``dest``, which writes every output out). ``tree_images`` in the result says
+    whether that happened.
     Returns what happened, with timings."""
     from .node_cache import evict, limit_from_env, stored_bytes
 
@@ -34,7 +38,7 @@ def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
     while True:
         try:
             with store.using():  # keeps `cache gc` from running under a pull
-                out = _pull(text, registry, dest, store, jobs, trust_policy)
+                out = _pull(text, registry, dest, store, jobs, trust_policy, images and dest is None)
             break
         except OSError as e:
             if e.errno != errno.ENOSPC:
@@ -58,7 +62,7 @@ def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
 
 
 def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs: int,
-          trust_policy: Path | None = None) -> dict:
+          trust_policy: Path | None = None, images: bool = False) -> dict:
     t0 = time.monotonic()
     reg = open_registry(registry or default_registry_url(store.home))
     ref = parse_ref(text)
@@ -72,11 +76,22 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
     # A snapshot this node already pulled whole needs no per-blob check (pins keep
     # its blobs from gc; every read is still verified).
     pin = f"pulled:{ref.name}"
-    complete = store.pinned_manifest(pin) == digest and store.blobs.has(digest)
-    got = fetch(reg, ref, store.blobs, jobs=jobs, digest=digest, skip_check=complete)
-    # The node keeps the last pull of each name until a newer one replaces it.
-    store.pin_snapshot(pin, digest)
+    complete = (store.pinned_manifest(pin) == digest and store.blobs.has(digest)
+                and (images or not store.pinned_with_images(pin)))
+    chosen: list = []  # whether the image selection applied
+
+    def select(manifest: dict):
+        wanted = image_selection(store.blobs, manifest, load_config(store.blobs, manifest))
+        chosen.append(wanted is not None)
+        return wanted
+
+    got = fetch(reg, ref, store.blobs, jobs=jobs, digest=digest, skip_check=complete,
+                select=select if images else None)
     config = load_config(store.blobs, got["manifest"])
+    with_images = bool(config.get("tree_images")) and images and (
+        any(chosen) or (complete and store.pinned_with_images(pin)))
+    # The node keeps the last pull of each name until a newer one replaces it.
+    store.pin_snapshot(pin, digest, images=with_images)
     t_fetch = time.monotonic()
     missing, fetched = got["blobs_fetched"], got["bytes_fetched"]
 
@@ -93,6 +108,7 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
         "ref": str(ref), "digest": digest, "name": config["name"], "config": config,
         "blobs_fetched": missing, "bytes_fetched": fetched,
         "blobs_total": len(referenced_blobs(got["manifest"])) + 1, "outputs": outputs, "trust": trust,
+        "tree_images": with_images,
         "timings": {"resolve_s": round(t_resolve - t0, 4), "fetch_s": round(t_fetch - t_resolve, 4),
                     "materialize_s": round(t_done - t_fetch, 4), "total_s": round(t_done - t0, 4)},
     }

@@ -22,7 +22,8 @@ from ..engines import CONTAINER_ENGINES, get_engine
 from ..engines.fingerprint import compare
 from ..errors import IntegrityError, NotFound, SnapbuildError, UsageError
 from ..runtime import probe as probes
-from ..runtime import process, server
+from ..runtime import process, server, treeimages
+from ..store.fsutil import flock
 from ..store import Store
 from ..runtime.trees import ensure_tree
 from .pull import pull
@@ -51,7 +52,20 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
         fallback = "fail"
     store = store or Store()
     t0 = time.monotonic()
-    fetched = pull(ref, registry=registry, store=store, jobs=jobs, trust_policy=trust_policy, cache_max=cache_max)
+    kw = dict(registry=registry, store=store, jobs=jobs, trust_policy=trust_policy, cache_max=cache_max)
+    try:
+        out = _start(pull(ref, images=treeimages.can_mount(), **kw), store, fallback, mode, publish)
+    except treeimages.ImageUnusable as e:
+        # This node cannot mount the snapshot's tree images after all: its trees are
+        # fetched and written out as they are instead.
+        out = _start(pull(ref, images=False, **kw), store, fallback, mode, publish)
+        out["tree_images"] = f"not used: {e.message}"
+    out["timings"]["total_s"] = round(time.monotonic() - t0, 4)
+    return out
+
+
+def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str | None) -> dict:
+    """Restore (or boot cold) the server of the pulled snapshot ``fetched``."""
     config = fetched["config"]
     runtime = config.get("runtime")
     if not runtime:
@@ -61,11 +75,14 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
         raise IntegrityError(f"snapshot {fetched['ref']} has a checkpoint of format {runtime.get('format')!r}; "
                              f"this runner reads format {server.FORMAT}",
                              hint="upgrade snapbuild on this node to the version that built the snapshot")
+    if fetched.get("tree_images"):  # mount the trees and layers that have an image (see treeimages)
+        runtime = {**runtime, "server": {**runtime["server"], "tree_images": config["tree_images"]}}
     spec = runtime["server"]
     timings = {"fetch_s": fetched["timings"]["total_s"]}
     out = {"ref": fetched["ref"], "digest": fetched["digest"], "mode": None, "reason": None, "pid": None,
            "log": str(Path(spec["run_dir"]) / server.LOG_NAME), "mismatches": [], "timings": timings,
-           "fetch": {k: fetched[k] for k in ("blobs_fetched", "bytes_fetched", "blobs_total")}}
+           "fetch": {k: fetched[k] for k in ("blobs_fetched", "bytes_fetched", "blobs_total")},
+           "tree_images": "used" if fetched.get("tree_images") else None}
     in_container = runtime["engine"] in CONTAINER_ENGINES
     host_port = _host_port(publish, spec) if in_container else None
     if publish is not None and not in_container:
@@ -92,12 +109,42 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
             out["pid"] = _cold(spec, store, timings)
         out["mode"] = "cold"
         out["reason"] = reason
-    timings["total_s"] = round(time.monotonic() - t0, 4)
     return out
 
 
 class _NoRestore(Exception):
     pass
+
+
+class _Beside:
+    """``fn(*args)`` on a thread while the ``with`` block runs (the checkpoint images
+    written out while the inputs are); leaving the block waits for it, and
+    ``result()`` gives its value or raises its error."""
+
+    def __init__(self, fn, *args) -> None:
+        import threading
+
+        self._out: list = []
+        self._thread = threading.Thread(target=self._run, args=(fn, args), name="beside")
+
+    def _run(self, fn, args) -> None:
+        try:
+            self._out.append((True, fn(*args)))
+        except BaseException as e:  # handed to result()
+            self._out.append((False, e))
+
+    def __enter__(self) -> "_Beside":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._thread.join()
+
+    def result(self):
+        ok, value = self._out[0]
+        if not ok:
+            raise value
+        return value
 
 
 def _why_not_restorable(runtime: dict, out: dict) -> str | None:
@@ -123,12 +170,13 @@ def _restore(runtime: dict, store: Store, timings: dict) -> int:
     engine = get_engine(runtime["engine"])
     t = time.monotonic()
     server.check_port_free(spec)
-    run_dir, _env, _mounted = server.prepare(spec, store.blobs)  # mounts stay for the server
-    log = run_dir / server.LOG_NAME
-    log.touch()  # CRIU reopens the server's log by path
     # The images are written out (verified) once per node, on tmpfs when there is
     # one, and reused by later restores of the same checkpoint: CRIU only reads them.
-    ckpt, _ = ensure_tree(store.blobs, runtime["artifact"], _images_root(spec))
+    with _Beside(ensure_tree, store.blobs, runtime["artifact"], _images_root(spec)) as checkpoint:
+        run_dir, _env, _mounted = server.prepare(spec, store.blobs)  # mounts stay for the server
+    ckpt, _ = checkpoint.result()
+    log = run_dir / server.LOG_NAME
+    log.touch()  # CRIU reopens the server's log by path
     images = ckpt / "images"
     work = Path(tempfile.mkdtemp(prefix="snapbuild-restore-"))
     try:
@@ -243,13 +291,20 @@ def _restore_container(runtime: dict, store: Store, timings: dict, host_port: in
     spec = runtime["server"]
     engine = get_engine(runtime["engine"])
     t = time.monotonic()
-    ckpt, _ = ensure_tree(store.blobs, runtime["artifact"], _images_root(spec))
-    work = Path(tempfile.mkdtemp(prefix="snapbuild-restore-"))
-    try:
+    with _Beside(ensure_tree, store.blobs, runtime["artifact"], _images_root(spec)) as checkpoint:
         try:
             inst = container.prepare(spec, store.blobs, engine.name, host_port)
+        except treeimages.ImageUnusable:
+            raise  # run() fetches the trees and writes them out instead
         except SnapbuildError as e:
             raise _NoRestore(f"cannot set up the container: {e.message}") from None
+    try:
+        ckpt, _ = checkpoint.result()
+    except BaseException:
+        container.destroy(inst)
+        raise
+    work = Path(tempfile.mkdtemp(prefix="snapbuild-restore-"))
+    try:
         timings["materialize_s"] = round(time.monotonic() - t, 4)
         t = time.monotonic()
         try:
@@ -352,7 +407,7 @@ def node_gc(store: Store | None = None, *, dry_run: bool = False) -> dict:
     removed, freed = 0, 0
     for root in roots:
         for p in sorted((root / "trees").glob("*")) if (root / "trees").is_dir() else []:
-            if p in keep or p.name.endswith(".partial"):
+            if p in keep or p.name.endswith((".partial", ".users")):
                 continue
             size = _du(p)
             if release(p, store.home, dry_run=dry_run, before=_unmount_views):
@@ -371,6 +426,16 @@ def node_gc(store: Store | None = None, *, dry_run: bool = False) -> dict:
             if release_layer(cache, p.name, str(store.home), dry_run=dry_run):
                 removed += 1
                 freed += size
+        # Image files that no mounted tree or layer uses (a write-out cut short).
+        images = root / "tree-images"
+        for p in sorted(images.iterdir()) if images.is_dir() and not dry_run else []:
+            hexpart = p.name.split(".", 1)[0]
+            # (under both locks that a write-out takes: one going on is left alone)
+            with flock(root / "locks" / f"tree-{hexpart}.lock"), flock(cache / ".locks" / f"{hexpart}.lock"):
+                if not ((root / "trees" / f"{hexpart}.users").exists()
+                        or (cache / f"{hexpart}{LAYER_MARKER}").exists()) and p.exists():
+                    freed += p.stat().st_size
+                    p.unlink()
     rep = store.gc(dry_run=dry_run)
     return {"trees_removed": removed, "tree_bytes_freed": freed, "blobs_removed": rep.blobs_removed,
             "blob_bytes_freed": rep.bytes_freed, "dry_run": dry_run}

@@ -35,7 +35,7 @@ from ..store.chunks import ChunkReader
 from ..store.tree import load_tree
 from . import probe as probes
 from . import process
-from .trees import ensure_tree, secure_dir
+from .trees import ensure_inputs, secure_dir
 
 INPUTS = "/snapbuild/inputs"
 RUN = "/snapbuild/run"
@@ -94,16 +94,25 @@ def write_layers(blobs: BlobStore, artifact: str, out: Path) -> tuple[dict, list
     return meta["config"], layers
 
 
-def layer_dirs(blobs: BlobStore, artifact: str, cache: Path) -> list[Path]:
-    """The image's layers, each unpacked (once per machine, verified while read) in ``cache``."""
+def layer_dirs(blobs: BlobStore, artifact: str, cache: Path, images: dict[str, str] | None = None) -> list[Path]:
+    """The image's layers, each unpacked (once per machine, verified while read) in
+    ``cache``, or mounted from its tree image when ``images`` (layer digest -> image
+    tree digest) has one (see treeimages)."""
+    from . import treeimages
+
     meta, entries = read_image(blobs, artifact)
     secure_dir(cache.parent)
     secure_dir(cache)  # unpacked layers are trusted once complete: nobody else may write here
     out = []
     for layer in meta["layers"]:
-        entry = entries[f"layers/{layer['digest'].split(':')[1]}.tar"]
-        out.append(rootfs.cached_layer(layer["digest"], lambda e=entry: ChunkReader(blobs, e), cache,
-                                       user=str(blobs.root)))
+        digest = layer["digest"]
+        entry = entries[f"layers/{digest.split(':')[1]}.tar"]
+        image = (images or {}).get(digest)
+        mount_image = None if image is None else (
+            lambda dest, image=image, digest=digest: treeimages.mount_tree(
+                blobs, image, treeimages.image_path(cache.parent, digest), dest))
+        out.append(rootfs.cached_layer(digest, lambda e=entry: ChunkReader(blobs, e), cache,
+                                       user=str(blobs.root), mount_image=mount_image))
     return out
 
 
@@ -226,8 +235,10 @@ def prepare(spec: dict, blobs: BlobStore, engine: str, host_port: int | None = N
     root = Path(spec["run_root"])
     bundle = Path(inst.bundle)
     try:
-        layers = layer_dirs(blobs, spec["image"], layer_cache or root / "layers")
-        inputs = {name: ensure_tree(blobs, d, root)[0] for name, d in spec["inputs"].items()}
+        images = (spec.get("tree_images") or {}).get("layers")
+        layers: list[Path] = []
+        inputs = ensure_inputs(blobs, spec, root, also=lambda: layers.extend(
+            layer_dirs(blobs, spec["image"], layer_cache or root / "layers", images)))
         Path(inst.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(inst.run_dir) / LOG_NAME).touch()
         bundle.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,10 @@ def bind_ro(source: Path, dest: Path) -> bool:
         # An input tree that an earlier build or restore left mounted there, or a mount whose
         # folder was deleted since, goes if nothing uses it any more: a plain umount fails
         # (EBUSY) while a process maps or opens a file.
-        if not (((dest / TREE_MARKER).is_file() or _source_deleted(dest)) and _umount(dest)):
+        from .treeimages import is_image_mount
+
+        ours = (dest / TREE_MARKER).is_file() or is_image_mount(dest)  # a tree, written out or from its image
+        if not ((ours or _source_deleted(dest)) and _umount(dest)):
             raise MountError(f"{dest} is already a mount point, of other content than this snapshot's input",
                              hint="a server that another snapshot started may be using it: stop that server "
                                   f"(then this replaces the mount), or `umount {dest}`, or mount this input at "

@@ -25,7 +25,7 @@ from ..store.blobs import BlobStore
 from . import mounts
 from . import probe as probes
 from . import process
-from .trees import ensure_tree, link_inputs
+from .trees import ensure_inputs, link_inputs
 
 LOG_NAME = "server.log"
 FORMAT = 1  # of checkpoint.json (a snapshot's runtime section); readers refuse newer ones
@@ -54,7 +54,7 @@ def prepare(spec: dict, blobs: BlobStore) -> tuple[Path, dict, list[Path]]:
     and the mount points mounted now (those already in place are not theirs to undo)."""
     run_dir = Path(spec["run_dir"])
     root = Path(spec["run_root"])
-    paths = {name: ensure_tree(blobs, digest, root)[0] for name, digest in spec["inputs"].items()}
+    paths = ensure_inputs(blobs, spec, root)
     link_inputs(paths, run_dir / "inputs")
     mounted: list[Path] = []
     try:

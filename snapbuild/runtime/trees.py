@@ -51,9 +51,14 @@ def secure_dir(d: Path) -> None:
                                   "that only this user can write")
 
 
-def ensure_tree(blobs: BlobStore, digest: str, root: Path) -> tuple[Path, bool]:
+def ensure_tree(blobs: BlobStore, digest: str, root: Path, image: str | None = None) -> tuple[Path, bool]:
     """The tree's folder, materialized (verified) if not there yet, with the store of
-    ``blobs`` recorded as one of its users (see :func:`release`). Returns (path, created)."""
+    ``blobs`` recorded as one of its users (see :func:`release`). Returns (path, created).
+
+    With ``image`` (the digest of the tree's EROFS image, see :mod:`.treeimages`), a
+    tree not there yet is mounted from its image instead of written out file by file;
+    its users are then kept beside it (``<hex>.users``), since the mount is read-only.
+    Raises :class:`.treeimages.ImageUnusable` when the image cannot be mounted."""
     secure_root(root)
     final = tree_dir(root, digest)
     user = str(blobs.root) + "\n"
@@ -64,16 +69,40 @@ def ensure_tree(blobs: BlobStore, digest: str, root: Path) -> tuple[Path, bool]:
         text = _users_text(final)
         if text is not None:
             if user not in text.splitlines(keepends=True):
-                with open(final / MARKER, "a") as f:
+                with open(_marker(final), "a") as f:
                     f.write(user)
             return final, False
         tmp = final.with_name(final.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete earlier attempt
+        discard(final)  # an incomplete earlier attempt
+        if image is not None:
+            from . import treeimages
+
+            treeimages.mount_tree(blobs, image, treeimages.image_path(root, digest), final)
+            fsutil.atomic_write(_sidecar(final), user.encode())  # last: the tree is complete
+            return final, True
         materialize(blobs, load_tree(blobs, digest), tmp)
         (tmp / MARKER).write_text(user)
         os.rename(tmp, final)  # only complete trees appear under their name
     return final, True
+
+
+def ensure_inputs(blobs: BlobStore, spec: dict, root: Path, also=None) -> dict[str, Path]:
+    """The server's input trees (``spec["inputs"]``: name -> digest), each as
+    :func:`ensure_tree` gives it (from its image where the runner set
+    ``spec["tree_images"]``), written out side by side on a few threads: writing
+    verified chunks is hashing, decompressing and waiting on the disk, which all
+    release the GIL. ``also()``, when given, runs beside them (a container's layers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = (spec.get("tree_images") or {}).get("trees") or {}
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="trees") as pool:
+        extra = pool.submit(also) if also is not None else None
+        jobs = {name: pool.submit(ensure_tree, blobs, d, root, images.get(d)) for name, d in spec["inputs"].items()}
+        paths = {name: job.result()[0] for name, job in jobs.items()}
+        if extra is not None:
+            extra.result()
+    return paths
 
 
 def release(path: Path, store_root: Path, *, dry_run: bool = False, before=None) -> bool | None:
@@ -90,7 +119,7 @@ def release(path: Path, store_root: Path, *, dry_run: bool = False, before=None)
         if dry_run:
             return not others
         if others:
-            fsutil.atomic_write(path / MARKER, "".join(u + "\n" for u in others).encode())
+            fsutil.atomic_write(_marker(path), "".join(u + "\n" for u in others).encode())
             return False
         if before is not None:
             before(path)
@@ -98,8 +127,25 @@ def release(path: Path, store_root: Path, *, dry_run: bool = False, before=None)
         return True
 
 
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".users")
+
+
+def _marker(path: Path) -> Path:
+    """The file that lists a tree's users: beside a tree mounted from its image, else inside."""
+    side = _sidecar(path)
+    return side if side.exists() else path / MARKER
+
+
 def _users_text(path: Path) -> str | None:
-    """The marker's content: None while the tree is absent or incomplete."""
+    """The marker's content: None while the tree is absent or incomplete (or an image
+    tree no longer mounted, after a reboot)."""
+    try:
+        text = _sidecar(path).read_text()
+    except FileNotFoundError:
+        pass
+    else:
+        return text if os.path.ismount(path) else None
     try:
         with open(path / MARKER) as f:
             return f.read()
@@ -165,7 +211,17 @@ def modified(sigs: dict[str, tuple[int, int, int]]) -> list[str]:
 
 
 def discard(path: Path) -> None:
-    """Forget a materialized tree (it will be written out again when next needed)."""
+    """Forget a materialized tree (it will be written out again when next needed); a
+    tree mounted from its image is unmounted and its image file deleted too."""
+    from . import treeimages
+
+    side = _sidecar(path)
+    if side.exists() or os.path.ismount(path):
+        if not treeimages.unmount(path):
+            raise SnapbuildError(f"cannot unmount the tree image at {path}: it is in use",
+                                 hint="stop the servers that use it first")
+        side.unlink(missing_ok=True)
+        treeimages.image_path(path.parent.parent, "sha256:" + path.name).unlink(missing_ok=True)
     marker = path / MARKER
     marker.unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)

@@ -232,9 +232,15 @@ class Store:
         out = []
         for p in self.pin_files():
             try:
-                digest = read_json(p)["manifest"]
+                pin = read_json(p)
+                digest = pin["manifest"]
                 manifest = json.loads(self.blobs.get(digest))
                 wanted = [manifest["config"]["digest"]] + [layer["digest"] for layer in manifest["layers"]]
+                if pin.get("images"):  # a pull that fetched tree images instead of their trees
+                    from .snapshot import image_selection, load_config
+
+                    chosen = image_selection(self.blobs, manifest, load_config(self.blobs, manifest))
+                    wanted = [d for d in wanted if chosen is None or d in chosen]
             except (OSError, ValueError, KeyError, NotFound, IntegrityError) as e:
                 out.append((p, f"snapshot manifest unreadable: {e}"))
                 continue
@@ -337,15 +343,24 @@ class Store:
             return self.home / "refs" / "snapshots" / "pulled" / f"{_safe(rest)}.json"
         return self.home / "refs" / "snapshots" / "build" / f"{_safe(name)}.json"
 
-    def pin_snapshot(self, name: str, manifest_digest: str) -> None:
+    def pin_snapshot(self, name: str, manifest_digest: str, *, images: bool = False) -> None:
         """Keep ``name``'s latest snapshot (its manifest, and so its blobs) from gc; an
-        older snapshot of the same name is let go. Written only when it changes."""
+        older snapshot of the same name is let go. Written only when it changes.
+        ``images``: only the blobs a node that mounts tree images needs were fetched
+        (see snapshot.image_selection)."""
         path = self._pin_path(name)
-        if self.pinned_manifest(name) == manifest_digest:
+        if self.pinned_manifest(name) == manifest_digest and self.pinned_with_images(name) == images:
             with contextlib.suppress(OSError):
                 os.utime(path)  # still in use: `gc --older-than` keeps it
             return
-        atomic_write_json(path, {"name": name, "manifest": manifest_digest}, tmp_dir=self.home / "tmp")
+        pin = {"name": name, "manifest": manifest_digest, **({"images": True} if images else {})}
+        atomic_write_json(path, pin, tmp_dir=self.home / "tmp")
+
+    def pinned_with_images(self, name: str) -> bool:
+        """Whether the pinned pull of ``name`` fetched only what tree images need."""
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            return bool(read_json(self._pin_path(name)).get("images"))
+        return False
 
     def du(self) -> dict:
         n = total = 0

@@ -34,9 +34,12 @@ TITLE = "org.opencontainers.image.title"
 
 def assemble(blobs: BlobStore, *, name: str, variant: dict, steps: list[dict],
              outputs: dict[str, str], runtime: dict | None = None,
-             annotations: dict | None = None) -> tuple[str, list[str]]:
+             annotations: dict | None = None, tree_images: dict | None = None) -> tuple[str, list[str]]:
     """Write config and manifest blobs for ``outputs`` (step name -> tree digest).
 
+    ``tree_images`` (``{"format": "erofs", "trees": {tree: image}, "layers": {layer:
+    image}}``, see runtime.treeimages) names an image tree for some input trees and
+    layers; the image trees travel in the manifest as well.
     Returns the manifest digest and every blob digest it references (config included).
     The manifest holds no time stamp: the same build gives the same digest.
     """
@@ -49,6 +52,11 @@ def assemble(blobs: BlobStore, *, name: str, variant: dict, steps: list[dict],
         "runtime": runtime,  # how to restore or boot it (checkpoint.json of its checkpoint step)
         "created_by": f"snapbuild {__version__}",
     }
+    shipped = dict(outputs)
+    if tree_images:
+        config["tree_images"] = tree_images
+        for image in [*tree_images.get("trees", {}).values(), *tree_images.get("layers", {}).values()]:
+            shipped[f"tree-image:{image.split(':', 1)[1][:12]}"] = image
     config_bytes = canonical_json(config)
     config_digest = blobs.put(config_bytes)
 
@@ -57,7 +65,7 @@ def assemble(blobs: BlobStore, *, name: str, variant: dict, steps: list[dict],
         "mediaType": MANIFEST_MEDIA_TYPE,
         "artifactType": ARTIFACT_TYPE,
         "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": config_digest, "size": len(config_bytes)},
-        "layers": chunk_layers(blobs, outputs),
+        "layers": chunk_layers(blobs, shipped),
         "annotations": {TITLE: name, **(annotations or {})},
     }
     digest = blobs.put(canonical_json(manifest))
@@ -90,6 +98,33 @@ def chunk_layers(blobs: BlobStore, tree_digests: dict[str, str]) -> list[dict]:
                     seen.add(d)
                     chunks.append({"mediaType": media_type(ref), "digest": d, "size": blobs.size(d)})
     return layers + chunks
+
+
+def image_selection(blobs: BlobStore, manifest: dict, config: dict) -> set[str] | None:
+    """The blobs a node that mounts tree images needs (None: all of them): every blob
+    but the chunks that only trees and layers shipped as images hold. Needs the config
+    and the tree blobs (:func:`metadata_blobs`) in ``blobs``. A layer is the file
+    ``layers/<hex>.tar`` of a container image's tree (see runtime.container)."""
+    images = config.get("tree_images") or {}
+    trees, layers = set(images.get("trees") or ()), set(images.get("layers") or ())
+    if not trees and not layers:
+        return None
+    layer_files = {f"layers/{d.split(':', 1)[1]}.tar" for d in layers}
+    skip, keep = set(), set()
+    for layer in manifest["layers"]:
+        if layer["mediaType"] != TREE_MEDIA_TYPE:
+            continue
+        imaged = layer["digest"] in trees
+        for entry in load_tree(blobs, layer["digest"])["entries"]:
+            digests = {ref["digest"] for ref in entry.get("chunks", ()) if "digest" in ref}
+            (skip if imaged or entry["path"] in layer_files else keep).update(digests)
+    return set(referenced_blobs(manifest)) - (skip - keep)
+
+
+def metadata_blobs(manifest: dict) -> list[str]:
+    """The config and the tree blobs: what tells which chunks a snapshot has."""
+    return [manifest["config"]["digest"]] + [layer["digest"] for layer in manifest["layers"]
+                                             if layer["mediaType"] == TREE_MEDIA_TYPE]
 
 
 def referenced_blobs(manifest: dict) -> list[str]:

@@ -158,9 +158,10 @@ def empty_node(runtime: dict, store: Store, work: Path) -> Store:
     """A node that has never seen the snapshot: a new store, and this snapshot's
     written-out layers, input trees and checkpoint images gone."""
     from snapbuild.rootfs import MARKER as LAYER_MARKER
+    from snapbuild.rootfs import forget_layer
     from snapbuild.runner.restore import _images_root
     from snapbuild.runtime.container import read_image
-    from snapbuild.runtime.trees import tree_dir
+    from snapbuild.runtime.trees import discard, tree_dir
 
     spec = runtime["server"]
     root = Path(spec["run_root"])
@@ -169,12 +170,12 @@ def empty_node(runtime: dict, store: Store, work: Path) -> Store:
     for digest in spec["inputs"].values():
         for point in mounts.mount_points_of(tree_dir(root, digest)):  # a host server's `mounts:` of it
             mounts.unmount(point)
-        shutil.rmtree(tree_dir(root, digest), ignore_errors=True)
+        discard(tree_dir(root, digest))  # a tree mounted from its image: unmounted, its image file deleted
     shutil.rmtree(tree_dir(_images_root(spec), runtime["artifact"]), ignore_errors=True)
     for layer in read_image(store.blobs, spec["image"])[0]["layers"]:
         hexd = layer["digest"].split(":", 1)[1]
         (root / "layers" / f"{hexd}{LAYER_MARKER}").unlink(missing_ok=True)
-        shutil.rmtree(root / "layers" / hexd, ignore_errors=True)
+        forget_layer(root / "layers" / hexd)
     fresh = work / f"node-{time.monotonic_ns()}"
     return Store(fresh)
 

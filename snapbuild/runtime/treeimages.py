@@ -1,0 +1,214 @@
+"""Tree images: a big tree shipped as one EROFS file system image, mounted on the node.
+
+Writing a Python environment out file by file (15,000 files, most of a restore on an
+empty node) costs seconds that a node does not need to spend: the build makes an
+EROFS image of each input tree and image layer with many files (``mkfs.erofs``, made
+deterministic: fixed time stamps and UUID, so the same tree always gives the same
+image and a new version re-sends nothing for an unchanged tree), stores it as a
+one-file tree (chunked and verified like any other), and names it in the snapshot's
+config (``tree_images``, see docs/format.md). A node whose kernel mounts EROFS (Linux
+5.4 and later; a file-backed mount from 6.12, a loop device before) fetches the image
+instead of the tree's own chunks, writes it as one file and mounts it read-only at the
+tree's usual path: the server sees the same bytes at the same paths, which is all CRIU
+needs. A node that cannot mount it fetches the tree and writes it out as before.
+
+``SNAPBUILD_TREE_IMAGES=0`` turns images off, at build (none are made) and on nodes
+(none are used).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from ..errors import SnapbuildError
+
+FORMAT = "erofs"
+FILE = "tree.erofs"  # the image tree's one file
+MIN_ENTRIES = 256  # trees with fewer files are written out as they are: nothing to gain
+UUID = "00000000-0000-0000-0000-000000000000"
+
+
+class ImageUnusable(SnapbuildError):
+    """A tree image could not be mounted on this node: write the tree out instead."""
+
+
+def enabled() -> bool:
+    return os.environ.get("SNAPBUILD_TREE_IMAGES", "1") not in ("0", "no", "false", "off")
+
+
+def can_build() -> bool:
+    return enabled() and shutil.which("mkfs.erofs") is not None
+
+
+def can_mount() -> bool:
+    """Whether this node may use tree images: enabled, root, and EROFS in the kernel."""
+    if not enabled() or os.geteuid() != 0:
+        return False
+    try:
+        return any(line.split()[-1] == FORMAT for line in Path("/proc/filesystems").read_text().splitlines()
+                   if line.strip())
+    except OSError:
+        return False
+
+
+def make(src: Path, out: Path, *, exclude: tuple[str, ...] = (), keep_owners: bool = False) -> None:
+    """Write an EROFS image of the folder ``src`` to ``out``, deterministically: a fixed
+    UUID and build time; with ``keep_owners`` (a layer) owners and modification times
+    as they are, else (an input tree, whose times are when it was written out) every
+    time 0 and every file owned by root."""
+    args = ["mkfs.erofs", "--quiet", f"-U{UUID}"]
+    env = dict(os.environ)
+    if keep_owners:
+        # SOURCE_DATE_EPOCH fixes the build time; far in the future, it clamps no file's time.
+        args.append("--preserve-mtime")
+        env["SOURCE_DATE_EPOCH"] = "4102444800"
+    else:
+        args += ["-T0", "--ignore-mtime", "--all-root"]
+    args += [f"--exclude-path={p}" for p in exclude]
+    r = subprocess.run([*args, str(out), str(src)], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SnapbuildError(f"mkfs.erofs could not make an image of {src}: "
+                             f"{(r.stderr or r.stdout).strip()[-500:] or 'exit status ' + str(r.returncode)}",
+                             hint="set SNAPBUILD_TREE_IMAGES=0 to build snapshots without tree images")
+
+
+def mount(image: Path, dest: Path) -> None:
+    """Mount ``image`` read-only at ``dest``: file-backed where the kernel can, else
+    through a loop device. Raises :class:`ImageUnusable` when neither works."""
+    dest.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for opts in ("ro", "ro,loop"):
+        r = subprocess.run(["mount", "-t", FORMAT, "-o", opts, str(image), str(dest)],
+                           capture_output=True, text=True)
+        if r.returncode == 0:
+            return
+        errors.append(r.stderr.strip() or f"mount -o {opts} failed")
+    raise ImageUnusable(f"cannot mount the tree image {image}: {errors[-1]}")
+
+
+def unmount(dest: Path) -> bool:
+    """Unmount a tree image; False when it is still in use (a server maps its files)."""
+    if not is_image_mount(dest):
+        return True
+    return subprocess.run(["umount", str(dest)], capture_output=True).returncode == 0
+
+
+def is_image_mount(path: Path) -> bool:
+    """Whether ``path`` is the mount point of an EROFS file system (a tree image, or a
+    bind mount of one)."""
+    where = os.path.realpath(path)
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        f = line.split(" ")
+        if len(f) > 4 and f[4].encode().decode("unicode_escape") == where and " - erofs " in line:
+            return True
+    return False
+
+
+def image_path(root: Path, digest: str) -> Path:
+    """Where a tree (or layer) ``digest``'s image file is kept on a node."""
+    return root / "tree-images" / f"{digest.split(':', 1)[1]}.{FORMAT}"
+
+
+def write_image(blobs, image_tree: str, dest: Path) -> None:
+    """Write the image file of the one-file tree ``image_tree`` to ``dest`` (verified,
+    complete before it appears under its name)."""
+    from ..store.chunks import write_file
+    from ..store.tree import load_tree
+
+    entries = [e for e in load_tree(blobs, image_tree)["entries"] if e["type"] == "file"]
+    if len(entries) != 1 or entries[0]["path"] != FILE:
+        raise SnapbuildError(f"{image_tree} is not a tree image (it should hold only {FILE})")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".partial")
+    write_file(blobs, entries[0], tmp, mode=0o444)
+    os.rename(tmp, dest)
+
+
+def mount_tree(blobs, image_tree: str, image_file: Path, dest: Path) -> None:
+    """Write out ``image_tree`` (unless its file is already there) and mount it at ``dest``."""
+    if not image_file.is_file():
+        write_image(blobs, image_tree, image_file)
+    try:
+        mount(image_file, dest)
+    except ImageUnusable:
+        image_file.unlink(missing_ok=True)
+        raise
+
+
+# --- build side ---------------------------------------------------------------------------
+
+def for_snapshot(store, runtime: dict) -> dict | None:
+    """Images for a snapshot's input trees and container layers with many files (made
+    once per tree and kept in the store's cache), as the config's ``tree_images``; None
+    when there are none or ``mkfs.erofs`` is missing (the snapshot works without)."""
+    from ..store.tree import load_tree
+    from .trees import MARKER, ensure_tree
+
+    if not runtime or not can_build():
+        return None
+    spec = runtime["server"]
+    root = Path(spec["run_root"])
+
+    def tree_image(digest: str, out: Path) -> bool:
+        if len(load_tree(store.blobs, digest)["entries"]) < MIN_ENTRIES:
+            return False
+        make(ensure_tree(store.blobs, digest, root)[0], out, exclude=(MARKER,))
+        return True
+
+    trees = {d: _cached(store, d, lambda out, d=d: tree_image(d, out)) for d in dict.fromkeys(spec["inputs"].values())}
+    layers: dict[str, str | None] = {}
+    if spec.get("image"):
+        from .container import layer_dirs, read_image
+
+        dirs: list[Path] = []
+
+        def layer_image(i: int, out: Path) -> bool:
+            if not dirs:  # unpacked (on a machine that has not yet) only when an image is made
+                dirs.extend(layer_dirs(store.blobs, spec["image"], root / "layers"))
+            if _count(dirs[i]) < MIN_ENTRIES:
+                return False
+            make(dirs[i], out, keep_owners=True)
+            return True
+
+        for i, layer in enumerate(read_image(store.blobs, spec["image"])[0]["layers"]):
+            layers[layer["digest"]] = _cached(store, layer["digest"], lambda out, i=i: layer_image(i, out))
+    trees = {k: v for k, v in trees.items() if v}
+    layers = {k: v for k, v in layers.items() if v}
+    if not trees and not layers:
+        return None
+    return {"format": FORMAT, "trees": trees, "layers": layers}
+
+
+def _count(path: Path) -> int:
+    return sum(len(dirs) + len(files) for _, dirs, files in os.walk(path))
+
+
+def _cached(store, digest: str, make_image) -> str | None:
+    """The image tree of ``digest``: from the store's cache, else made by
+    ``make_image(file)`` and stored as a one-file tree. None when ``make_image``
+    declines (too few files to gain anything): remembered too."""
+    from ..store.fsutil import atomic_write_json, read_json
+    from ..store.tree import build_tree, load_tree, tree_blobs
+
+    entry = store.home / "cache" / "tree-images" / f"{digest.split(':', 1)[1]}.json"
+    try:
+        image = read_json(entry)["image"]
+        if image is None or (store.blobs.has(image)
+                             and all(store.blobs.has(d) for d in tree_blobs(load_tree(store.blobs, image)))):
+            return image
+    except (OSError, ValueError, KeyError, SnapbuildError):
+        pass
+    work = store.scratch("tree-image-")
+    try:
+        image = build_tree(store.blobs, [(FILE, work / FILE)])[0] if make_image(work / FILE) else None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    atomic_write_json(entry, {"tree": digest, "format": FORMAT, "image": image}, tmp_dir=store.home / "tmp")
+    return image

@@ -1,0 +1,252 @@
+"""Tree images: input trees with many files ship as EROFS images too, and a node that
+can mount them fetches the image instead of the tree's chunks and mounts it where the
+tree would be written out (real mkfs.erofs, the kernel's EROFS, CRIU)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from snapbuild.build import build
+from snapbuild.runner.pull import pull
+from snapbuild.runner.restore import node_gc, run, stop
+from snapbuild.runtime import treeimages
+from snapbuild.runtime.trees import discard, release, tree_dir
+from snapbuild.store import Store
+from snapbuild.store.snapshot import image_selection
+from snapbuild.store.tree import load_tree, tree_blobs
+
+from testkit import free_port, post
+
+pytestmark = pytest.mark.integration
+
+COUNTER = Path(__file__).parent / "data" / "counter_server.py"
+MiB = 1 << 20
+
+
+def test_the_same_tree_always_gives_the_same_image(tmp_path):
+    """Written out twice, a second apart (other times, other inode numbers): one image."""
+    src = tmp_path / "src"
+    for i in range(40):
+        (src / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 4}" / f"f{i}.py").write_text(f"x = {i}\n")
+    os.symlink("d0/f0.py", src / "link")
+    copies = []
+    for n in (1, 2):
+        dest = tmp_path / f"copy{n}"
+        shutil.copytree(src, dest, symlinks=True, copy_function=shutil.copy)  # new times
+        os.utime(dest / "d1" / "f1.py", (n * 1000, n * 1000))
+        treeimages.make(dest, tmp_path / f"image{n}", exclude=("d3/f3.py",))
+        copies.append((tmp_path / f"image{n}").read_bytes())
+    assert copies[0] == copies[1]
+    mnt = tmp_path / "mnt"
+    treeimages.mount(tmp_path / "image1", mnt)
+    try:
+        assert treeimages.is_image_mount(mnt)
+        assert (mnt / "d2" / "f6.py").read_text() == "x = 6\n" and os.readlink(mnt / "link") == "d0/f0.py"
+        assert not (mnt / "d3" / "f3.py").exists(), "excluded"
+        assert os.stat(mnt / "d1" / "f1.py").st_mtime == 0 and os.stat(mnt / "d1" / "f1.py").st_uid == 0
+    finally:
+        assert treeimages.unmount(mnt)
+
+
+def test_a_layer_image_keeps_times_owners_and_overlay_marks(tmp_path):
+    src = tmp_path / "layer"
+    (src / "opaque").mkdir(parents=True)
+    (src / "app.py").write_text("print(1)\n")
+    os.utime(src / "app.py", (1_000_000_000, 1_000_000_000))
+    os.chown(src / "app.py", 1000, 1000)
+    os.setxattr(src / "opaque", "trusted.overlay.opaque", b"y")
+    os.mknod(src / "gone", 0o020000, os.makedev(0, 0))  # a whiteout
+    treeimages.make(src, tmp_path / "a.img", keep_owners=True)
+    treeimages.make(src, tmp_path / "b.img", keep_owners=True)
+    assert (tmp_path / "a.img").read_bytes() == (tmp_path / "b.img").read_bytes()
+    mnt = tmp_path / "mnt"
+    treeimages.mount(tmp_path / "a.img", mnt)
+    try:
+        st = os.stat(mnt / "app.py")
+        assert (st.st_mtime, st.st_uid, st.st_gid) == (1_000_000_000, 1000, 1000)
+        assert os.getxattr(mnt / "opaque", "trusted.overlay.opaque") == b"y"
+        assert os.stat(mnt / "gone").st_rdev == 0 and os.path.exists(mnt / "gone")
+    finally:
+        treeimages.unmount(mnt)
+
+
+def lib_recipe(recipe, project: Path, port: int) -> tuple[Path, bytes]:
+    """The counter server with an input tree of 300 files, one of them mapped."""
+    lib = project / "lib"
+    for i in range(300):
+        (lib / f"pkg{i % 10}").mkdir(parents=True, exist_ok=True)
+        (lib / f"pkg{i % 10}" / f"mod{i}.py").write_text(f"VALUE = {i}\n" * 20)
+    weights = os.urandom(2 * MiB)
+    (lib / "weights.bin").write_bytes(weights)
+    (project / "app").mkdir(exist_ok=True)
+    shutil.copy(COUNTER, project / "app" / "counter_server.py")
+    path = recipe(f"""
+        name: libcounter
+        steps:
+          app: {{kind: files, root: app}}
+          lib: {{kind: files, root: lib}}
+          server:
+            kind: warmup
+            needs: [app, lib]
+            run: "{sys.executable} $SNAPBUILD_INPUTS/app/counter_server.py --port {port} --weights $SNAPBUILD_INPUTS/lib/weights.bin"
+            ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 30}}
+            exercise: [{{http: "POST /count", repeat: 2}}]
+          snap: {{kind: checkpoint, process: server}}
+        publish: {{tag: "libcounter:v1"}}
+    """)
+    return path, weights
+
+
+@pytest.fixture
+def lib_snapshot(recipe, project, store):
+    """The snapshot built, and the trees its build wrote out under the run root (which
+    the node shares, this being one machine) deleted: the node starts empty."""
+    port = free_port()
+    path, weights = lib_recipe(recipe, project, port)
+    [res] = build(path, store=store)
+    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    root = Path(os.environ["SNAPBUILD_RUN_ROOT"])
+    for step in ("app", "lib"):
+        discard(tree_dir(root, res.steps[step].artifact))
+    return port, weights, res
+
+
+def test_an_empty_node_mounts_the_image_instead_of_writing_the_tree(lib_snapshot, store, tmp_path):
+    port, weights, res = lib_snapshot
+    config = pull("libcounter:v1", store=store)["config"]
+    lib = res.steps["lib"].artifact
+    images = config["tree_images"]
+    assert images["format"] == "erofs" and list(images["trees"]) == [lib], "app (1 file) is written out as it is"
+    image = images["trees"][lib]
+
+    node = Store(tmp_path / "node")
+    reg = f"file://{store.home / 'registry'}"
+    out = run("libcounter:v1", registry=reg, store=node)
+    try:
+        assert out["mode"] == "restore" and out["tree_images"] == "used", out
+        answer = post(port, "/count")
+        assert answer["count"] == 3 and answer["digest"] == hashlib.sha256(weights).hexdigest()
+        assert answer["read_only"], "the mapped file lives on the read-only image"
+        lib_dir = tree_dir(Path(config["runtime"]["server"]["run_root"]), lib)
+        assert treeimages.is_image_mount(lib_dir)
+        assert (lib_dir / "pkg3" / "mod13.py").read_text() == "VALUE = 13\n" * 20
+        # The node fetched the image, not the tree's own chunks.
+        lib_chunks = set(tree_blobs(load_tree(node.blobs, lib)))
+        assert lib_chunks and not any(node.blobs.has(d) for d in lib_chunks)
+        assert all(node.blobs.has(d) for d in tree_blobs(load_tree(node.blobs, image)))
+        assert node.verify().ok, "a pull of images is complete as far as the node's store is concerned"
+        again = pull("libcounter:v1", registry=reg, store=node, images=True)
+        assert again["blobs_fetched"] == 0 and again["tree_images"]
+    finally:
+        stop(out["pid"])
+    # A node that does not use images fetches the tree's chunks after all.
+    full = pull("libcounter:v1", registry=reg, store=node, images=False)
+    assert full["blobs_fetched"] == len(lib_chunks) and not full["tree_images"]
+    assert all(node.blobs.has(d) for d in lib_chunks)
+
+    # Let go: unmounted, image file and users file gone.
+    image_file = treeimages.image_path(lib_dir.parent.parent, lib)
+    assert image_file.is_file()
+    assert release(lib_dir, node.home) is True
+    assert not treeimages.is_image_mount(lib_dir) and not lib_dir.exists() and not image_file.exists()
+    assert not lib_dir.with_name(lib_dir.name + ".users").exists()
+
+
+def test_a_node_that_cannot_mount_images_writes_the_trees_out(lib_snapshot, store, tmp_path, monkeypatch):
+    port, weights, res = lib_snapshot
+    lib = res.steps["lib"].artifact
+
+    def refuse(image, dest):
+        raise treeimages.ImageUnusable(f"cannot mount the tree image {image}: no EROFS here (test)")
+
+    monkeypatch.setattr(treeimages, "mount", refuse)
+    node = Store(tmp_path / "node")
+    out = run("libcounter:v1", registry=f"file://{store.home / 'registry'}", store=node)
+    try:
+        assert out["mode"] == "restore" and out["tree_images"].startswith("not used: cannot mount"), out
+        answer = post(port, "/count")
+        assert answer["count"] == 3 and answer["digest"] == hashlib.sha256(weights).hexdigest()
+        lib_dir = tree_dir(Path(os.environ["SNAPBUILD_RUN_ROOT"]), lib)
+        assert not treeimages.is_image_mount(lib_dir) and (lib_dir / "pkg1" / "mod1.py").is_file()
+        assert all(node.blobs.has(d) for d in tree_blobs(load_tree(node.blobs, lib)))
+        assert not treeimages.image_path(lib_dir.parent.parent, lib).exists(), "no half-used image left"
+    finally:
+        stop(out["pid"])
+
+
+def test_images_can_be_turned_off_at_build_and_on_the_node(recipe, project, store, tmp_path, monkeypatch):
+    port = free_port()
+    path, _ = lib_recipe(recipe, project, port)
+    monkeypatch.setenv("SNAPBUILD_TREE_IMAGES", "0")
+    [res] = build(path, store=store)
+    assert res.ok
+    assert "tree_images" not in pull("libcounter:v1", store=store)["config"]
+    assert not treeimages.can_mount() and not treeimages.can_build()
+
+
+def test_node_gc_unmounts_images_no_snapshot_needs(lib_snapshot, store, tmp_path):
+    port, _, res = lib_snapshot
+    node = Store(tmp_path / "node")
+    out = run("libcounter:v1", registry=f"file://{store.home / 'registry'}", store=node)
+    stop(out["pid"])
+    root = Path(os.environ["SNAPBUILD_RUN_ROOT"])
+    lib_dir = tree_dir(root, res.steps["lib"].artifact)
+    assert treeimages.is_image_mount(lib_dir)
+    leftover = root / "tree-images" / ("0" * 64 + ".erofs")  # a write-out cut short
+    leftover.write_bytes(b"partial")
+    assert node_gc(node)["trees_removed"] == 0, "the pinned snapshot still needs it"
+    assert treeimages.is_image_mount(lib_dir) and not leftover.exists()
+    for pin in node.pin_files():
+        pin.unlink()
+    assert node_gc(node)["trees_removed"] >= 1
+    assert not treeimages.is_image_mount(lib_dir) and not any((root / "tree-images").iterdir())
+
+
+def test_image_selection_skips_only_chunks_no_other_tree_needs(store, tmp_path):
+    """The selection as such: a chunk that an imaged tree shares with another is kept."""
+    from snapbuild.store.snapshot import assemble, load_config
+    from snapbuild.store.tree import build_tree
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        (d / "shared.bin").write_bytes(b"s" * (2 * MiB))
+    (a / "own.bin").write_bytes(os.urandom(2 * MiB))
+    ta, _ = build_tree(store.blobs, [(p.name, p) for p in sorted(a.iterdir())])
+    tb, _ = build_tree(store.blobs, [(p.name, p) for p in sorted(b.iterdir())])
+    (tmp_path / "img").write_bytes(os.urandom(MiB + 5))
+    ti, _ = build_tree(store.blobs, [(treeimages.FILE, tmp_path / "img")])
+    digest, _ = assemble(store.blobs, name="x", variant={}, steps=[], outputs={"a": ta, "b": tb},
+                         tree_images={"format": "erofs", "trees": {ta: ti}, "layers": {}})
+    manifest = json.loads(store.blobs.get(digest))
+    chosen = image_selection(store.blobs, manifest, load_config(store.blobs, manifest))
+    own = set(tree_blobs(load_tree(store.blobs, ta))) - set(tree_blobs(load_tree(store.blobs, tb)))
+    assert own and not own & chosen
+    assert set(tree_blobs(load_tree(store.blobs, tb))) <= chosen, "b's chunks (shared with a) stay"
+    assert set(tree_blobs(load_tree(store.blobs, ti))) <= chosen and {ta, tb, ti} <= chosen
+
+
+def test_build_makes_each_image_once(lib_snapshot, store, recipe, project, run_cli):
+    """A second build reuses the image (its cache entry), and the snapshot is the same;
+    `inspect` lists the images."""
+    _, _, res = lib_snapshot
+    r = run_cli("inspect", "libcounter:v1", "--json")
+    assert r.code == 0, r
+    [listed] = r.json()["tree_images"]
+    assert listed["of"] == res.steps["lib"].artifact and listed["kind"] == "tree" and listed["format"] == "erofs"
+    cache = store.home / "cache" / "tree-images"
+    entries = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert f"{res.steps['lib'].artifact.split(':')[1]}.json" in entries
+    subprocess.run(["sync"])
+    [again] = build(project / "recipe.yaml", store=store)
+    assert again.ok and again.snapshot == res.snapshot
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == entries
