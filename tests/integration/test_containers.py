@@ -18,6 +18,7 @@ import pytest
 
 from snapbuild.build import build
 from snapbuild.runner.restore import run, stop
+from snapbuild.runtime import treeimages
 from snapbuild.store import Store
 
 from testkit import free_port, post  # tests/integration/testkit.py
@@ -67,6 +68,10 @@ def test_container_numpy_restores_on_a_clean_node_side_by_side(base_rootfs, dock
             assert r.code == 0, r
             started.append(r.json())
         assert [s["mode"] for s in started] == ["restore", "restore"], started
+        # The base layer (a Debian root, thousands of files) came as an EROFS image, mounted.
+        assert started[0]["tree_images"] == "used", started[0]
+        layers = Path(os.environ["SNAPBUILD_RUN_ROOT"]) / "layers"
+        assert any(treeimages.is_image_mount(p) for p in layers.iterdir() if len(p.name) == 64)
         a, b = post(p1, "/infer"), post(p2, "/infer")
         assert a["calls"] == b["calls"] == 4, "the warm-up's 3 calls, then this one: warm state came back"
         assert a["digest"] == b["digest"]

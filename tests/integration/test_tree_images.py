@@ -250,3 +250,59 @@ def test_build_makes_each_image_once(lib_snapshot, store, recipe, project, run_c
     [again] = build(project / "recipe.yaml", store=store)
     assert again.ok and again.snapshot == res.snapshot
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == entries
+
+
+def test_an_oci_registry_serves_only_what_a_node_with_images_needs(lib_snapshot, store, oci_registry, tmp_path):
+    """The selection over the OCI distribution API: images in, the imaged tree's chunks not."""
+    from snapbuild.registry import open_registry, parse_ref
+    from snapbuild.registry.transfer import push
+
+    _, _, res = lib_snapshot
+    url = f"oci://{oci_registry}/images"
+    manifest = json.loads(store.blobs.get(res.snapshot))
+    from snapbuild.store.snapshot import referenced_blobs
+
+    push(open_registry(url), parse_ref("libcounter:v1"), res.snapshot, referenced_blobs(manifest), store.blobs)
+    node = Store(tmp_path / "node")
+    got = pull("libcounter:v1", registry=url, store=node, images=True)
+    lib = res.steps["lib"].artifact
+    image = got["config"]["tree_images"]["trees"][lib]
+    assert got["tree_images"] and got["blobs_fetched"] < got["blobs_total"] - 1
+    assert not any(node.blobs.has(d) for d in tree_blobs(load_tree(node.blobs, lib)))
+    assert all(node.blobs.has(d) for d in tree_blobs(load_tree(node.blobs, image)))
+    assert node.verify().ok
+
+
+def test_a_restore_killed_at_any_moment_completes_when_run_again(lib_snapshot, store, tmp_path):
+    """SIGKILL a node's restore while it fetches, writes the image out or mounts it;
+    the next restore completes, from what the first one left."""
+    import random
+    import signal
+    import time
+
+    port, weights, res = lib_snapshot
+    root = Path(os.environ["SNAPBUILD_RUN_ROOT"])
+    lib_dir = tree_dir(root, res.steps["lib"].artifact)
+    env = {**os.environ, "SNAPBUILD_HOME": str(tmp_path / "node")}
+    cmd = [str(Path(sys.executable).parent / "snapbuild-runner"), "restore", "libcounter:v1",
+           "--registry", f"file://{store.home / 'registry'}", "--json"]
+    rng = random.Random(6)
+    for delay in sorted(rng.uniform(0.05, 1.5) for _ in range(4)):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        subprocess.run(["pkill", "-9", "-f", f"counter_server.py --port {port}"])  # if it got that far
+        time.sleep(0.2)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, (delay, done.stdout, done.stderr)
+        out = json.loads(done.stdout)
+        try:
+            assert out["mode"] == "restore", (delay, out)
+            assert post(port, "/count")["digest"] == hashlib.sha256(weights).hexdigest()
+            assert treeimages.is_image_mount(lib_dir)
+        finally:
+            stop(out["pid"])
+        discard(lib_dir)  # the node empty again (its store keeps what it fetched)
+        assert not lib_dir.exists()
