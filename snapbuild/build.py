@@ -70,7 +70,7 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
                 for url in cache_to:
                     _share(result, store, url, reporter)
                 if result.ok:
-                    _publish(recipe, result, store, tag or recipe.tag, registry, push)
+                    _publish(recipe, result, store, tag or recipe.tag, registry, push, say=reporter.note)
                 # The whole build (planning and publishing too), not just running steps.
                 result.duration_s = time.monotonic() - t0
                 results.append(result)
@@ -99,7 +99,7 @@ def _share(result: BuildResult, store: Store, url: str, reporter: Reporter) -> N
 
 
 def _publish(recipe: Recipe, result: BuildResult, store: Store, tag: str | None, registry: str | None,
-             push_to: tuple[str, ...] | list[str] = ()) -> None:
+             push_to: tuple[str, ...] | list[str] = (), say=lambda text: None) -> None:
     steps = [{"name": r.name, "kind": r.kind, "key": r.key, "artifact": r.artifact} for r in result.steps.values()]
     outputs = {n: result.steps[n].artifact for n in recipe.publish_steps}
     runtime = None
@@ -114,7 +114,7 @@ def _publish(recipe: Recipe, result: BuildResult, store: Store, tag: str | None,
     from .runtime.treeimages import for_snapshot
 
     digest, blobs = assemble(store.blobs, name=recipe.name, variant=recipe.variant, steps=steps,
-                             outputs=outputs, runtime=runtime, tree_images=for_snapshot(store, runtime))
+                             outputs=outputs, runtime=runtime, tree_images=for_snapshot(store, runtime, say))
     store.pin_snapshot(recipe.build_id, digest)
     result.snapshot = digest
     if tag:

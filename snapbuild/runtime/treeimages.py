@@ -13,7 +13,7 @@ tree's usual path: the server sees the same bytes at the same paths, which is al
 needs. A node that cannot mount it fetches the tree and writes it out as before.
 
 ``SNAPBUILD_TREE_IMAGES=0`` turns images off, at build (none are made) and on nodes
-(none are used).
+(none are used). ``SNAPBUILD_MKFS_EROFS`` names the mkfs.erofs to use.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from ..errors import SnapbuildError
@@ -39,8 +40,13 @@ def enabled() -> bool:
     return os.environ.get("SNAPBUILD_TREE_IMAGES", "1") not in ("0", "no", "false", "off")
 
 
+def _mkfs() -> str | None:
+    """mkfs.erofs: ``$SNAPBUILD_MKFS_EROFS`` when set, else the one on ``PATH``."""
+    return shutil.which(os.environ.get("SNAPBUILD_MKFS_EROFS") or "mkfs.erofs")
+
+
 def can_build() -> bool:
-    return enabled() and shutil.which("mkfs.erofs") is not None
+    return enabled() and _mkfs() is not None
 
 
 def can_mount() -> bool:
@@ -59,7 +65,7 @@ def make(src: Path, out: Path, *, exclude: tuple[str, ...] = (), keep_owners: bo
     UUID and build time; with ``keep_owners`` (a layer) owners and modification times
     as they are, else (an input tree, whose times are when it was written out) every
     time 0 and every file owned by root."""
-    args = ["mkfs.erofs", "--quiet", f"-U{UUID}"]
+    args = [_mkfs() or "mkfs.erofs", "--quiet", f"-U{UUID}"]
     env = dict(os.environ)
     if keep_owners:
         # SOURCE_DATE_EPOCH fixes the build time; far in the future, it clamps no file's time.
@@ -144,14 +150,20 @@ def mount_tree(blobs, image_tree: str, image_file: Path, dest: Path) -> None:
 
 # --- build side ---------------------------------------------------------------------------
 
-def for_snapshot(store, runtime: dict) -> dict | None:
+def for_snapshot(store, runtime: dict, say=lambda text: None) -> dict | None:
     """Images for a snapshot's input trees and container layers with many files (made
     once per tree and kept in the store's cache), as the config's ``tree_images``; None
-    when there are none or ``mkfs.erofs`` is missing (the snapshot works without)."""
+    when there are none or ``mkfs.erofs`` is missing (the snapshot works without).
+    ``say`` hears of each image made and of a missing mkfs.erofs."""
     from ..store.tree import load_tree
     from .trees import MARKER, ensure_tree
 
-    if not runtime or not can_build():
+    if not runtime:
+        return None
+    if not can_build():
+        if enabled():
+            say("tree images: none (mkfs.erofs is not installed: `apt-get install erofs-utils`); "
+                "nodes will write the trees out file by file")
         return None
     spec = runtime["server"]
     root = Path(spec["run_root"])
@@ -162,7 +174,8 @@ def for_snapshot(store, runtime: dict) -> dict | None:
         make(ensure_tree(store.blobs, digest, root)[0], out, exclude=(MARKER,))
         return True
 
-    trees = {d: _cached(store, d, lambda out, d=d: tree_image(d, out)) for d in dict.fromkeys(spec["inputs"].values())}
+    trees = {d: _cached(store, d, lambda out, d=d: tree_image(d, out), say)
+             for d in dict.fromkeys(spec["inputs"].values())}
     layers: dict[str, str | None] = {}
     if spec.get("image"):
         from .container import layer_dirs, read_image
@@ -178,7 +191,7 @@ def for_snapshot(store, runtime: dict) -> dict | None:
             return True
 
         for i, layer in enumerate(read_image(store.blobs, spec["image"])[0]["layers"]):
-            layers[layer["digest"]] = _cached(store, layer["digest"], lambda out, i=i: layer_image(i, out))
+            layers[layer["digest"]] = _cached(store, layer["digest"], lambda out, i=i: layer_image(i, out), say)
     trees = {k: v for k, v in trees.items() if v}
     layers = {k: v for k, v in layers.items() if v}
     if not trees and not layers:
@@ -190,7 +203,7 @@ def _count(path: Path) -> int:
     return sum(len(dirs) + len(files) for _, dirs, files in os.walk(path))
 
 
-def _cached(store, digest: str, make_image) -> str | None:
+def _cached(store, digest: str, make_image, say) -> str | None:
     """The image tree of ``digest``: from the store's cache, else made by
     ``make_image(file)`` and stored as a one-file tree. None when ``make_image``
     declines (too few files to gain anything): remembered too."""
@@ -206,8 +219,12 @@ def _cached(store, digest: str, make_image) -> str | None:
     except (OSError, ValueError, KeyError, SnapbuildError):
         pass
     work = store.scratch("tree-image-")
+    t = time.monotonic()
     try:
         image = build_tree(store.blobs, [(FILE, work / FILE)])[0] if make_image(work / FILE) else None
+        if image is not None:
+            say(f"tree image of {digest[:19]} made: {(work / FILE).stat().st_size / (1 << 20):.1f} MiB "
+                f"in {time.monotonic() - t:.1f}s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     atomic_write_json(entry, {"tree": digest, "format": FORMAT, "image": image}, tmp_dir=store.home / "tmp")

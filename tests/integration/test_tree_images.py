@@ -183,7 +183,7 @@ def test_a_node_that_cannot_mount_images_writes_the_trees_out(lib_snapshot, stor
         stop(out["pid"])
 
 
-def test_images_can_be_turned_off_at_build_and_on_the_node(recipe, project, store, tmp_path, monkeypatch):
+def test_images_can_be_turned_off_at_build_and_on_the_node(recipe, project, store, tmp_path, monkeypatch, run_cli):
     port = free_port()
     path, _ = lib_recipe(recipe, project, port)
     monkeypatch.setenv("SNAPBUILD_TREE_IMAGES", "0")
@@ -191,6 +191,13 @@ def test_images_can_be_turned_off_at_build_and_on_the_node(recipe, project, stor
     assert res.ok
     assert "tree_images" not in pull("libcounter:v1", store=store)["config"]
     assert not treeimages.can_mount() and not treeimages.can_build()
+    # Without mkfs.erofs the build says what it does without, and how to get it.
+    monkeypatch.setenv("SNAPBUILD_TREE_IMAGES", "1")
+    monkeypatch.setenv("SNAPBUILD_MKFS_EROFS", "/nonexistent/mkfs.erofs")
+    (project / "app" / "counter_server.py").write_text(COUNTER.read_text() + "# v2\n")
+    r = run_cli("build", path, "--progress", "plain", timeout=300)
+    assert r.code == 0, r
+    assert "tree images: none (mkfs.erofs is not installed: `apt-get install erofs-utils`)" in r.out + r.err
 
 
 def test_node_gc_unmounts_images_no_snapshot_needs(lib_snapshot, store, tmp_path):
