@@ -131,7 +131,9 @@ def write_image(blobs, image_tree: str, dest: Path) -> None:
     entries = [e for e in load_tree(blobs, image_tree)["entries"] if e["type"] == "file"]
     if len(entries) != 1 or entries[0]["path"] != FILE:
         raise SnapbuildError(f"{image_tree} is not a tree image (it should hold only {FILE})")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    from .trees import secure_dir
+
+    secure_dir(dest.parent)  # trusted once written: nobody else may write there
     tmp = dest.with_name(dest.name + ".partial")
     write_file(blobs, entries[0], tmp, mode=0o444)
     os.rename(tmp, dest)

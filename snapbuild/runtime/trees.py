@@ -74,12 +74,14 @@ def ensure_tree(blobs: BlobStore, digest: str, root: Path, image: str | None = N
             return final, False
         tmp = final.with_name(final.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
+        # (an image tree whose mount went with a reboot keeps its users)
+        users = [u for u in (_read(_sidecar(final)) or "").splitlines(keepends=True) if u != user]
         discard(final)  # an incomplete earlier attempt
         if image is not None:
             from . import treeimages
 
             treeimages.mount_tree(blobs, image, treeimages.image_path(root, digest), final)
-            fsutil.atomic_write(_sidecar(final), user.encode())  # last: the tree is complete
+            fsutil.atomic_write(_sidecar(final), "".join(users + [user]).encode())  # last: the tree is complete
             return final, True
         materialize(blobs, load_tree(blobs, digest), tmp)
         (tmp / MARKER).write_text(user)
@@ -137,14 +139,18 @@ def _marker(path: Path) -> Path:
     return side if side.exists() else path / MARKER
 
 
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
 def _users_text(path: Path) -> str | None:
     """The marker's content: None while the tree is absent or incomplete (or an image
     tree no longer mounted, after a reboot)."""
-    try:
-        text = _sidecar(path).read_text()
-    except FileNotFoundError:
-        pass
-    else:
+    text = _read(_sidecar(path))
+    if text is not None:
         return text if os.path.ismount(path) else None
     try:
         with open(path / MARKER) as f:

@@ -313,3 +313,22 @@ def test_a_restore_killed_at_any_moment_completes_when_run_again(lib_snapshot, s
             stop(out["pid"])
         discard(lib_dir)  # the node empty again (its store keeps what it fetched)
         assert not lib_dir.exists()
+
+
+def test_a_tree_whose_mount_went_with_a_reboot_is_mounted_again(lib_snapshot, store, tmp_path):
+    port, _, res = lib_snapshot
+    from snapbuild.runtime.trees import ensure_tree
+
+    node = Store(tmp_path / "node")
+    reg = f"file://{store.home / 'registry'}"
+    config = pull("libcounter:v1", registry=reg, store=node, images=True)["config"]
+    lib = res.steps["lib"].artifact
+    root = Path(os.environ["SNAPBUILD_RUN_ROOT"])
+    path, created = ensure_tree(node.blobs, lib, root, config["tree_images"]["trees"][lib])
+    assert created and treeimages.is_image_mount(path)
+    users = path.with_name(path.name + ".users")
+    users.write_text(users.read_text() + "/another/store\n")
+    subprocess.run(["umount", str(path)], check=True)  # what a reboot does to it
+    path, created = ensure_tree(node.blobs, lib, root, config["tree_images"]["trees"][lib])
+    assert created and treeimages.is_image_mount(path) and (path / "pkg0" / "mod0.py").is_file()
+    assert sorted(users.read_text().splitlines()) == sorted([str(node.home), "/another/store"])
