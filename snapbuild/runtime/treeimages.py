@@ -7,7 +7,7 @@ deterministic: fixed time stamps and UUID, so the same tree always gives the sam
 image and a new version re-sends nothing for an unchanged tree), stores it as a
 one-file tree (chunked and verified like any other), and names it in the snapshot's
 config (``tree_images``, see docs/format.md). A node whose kernel mounts EROFS (Linux
-5.4 and later; a file-backed mount from 6.12, a loop device before) fetches the image
+5.4 and later, through a loop device that ``mount`` sets up) fetches the image
 instead of the tree's own chunks, writes it as one file and mounts it read-only at the
 tree's usual path: the server sees the same bytes at the same paths, which is all CRIU
 needs. A node that cannot mount it fetches the tree and writes it out as before.
@@ -82,8 +82,9 @@ def make(src: Path, out: Path, *, exclude: tuple[str, ...] = (), keep_owners: bo
 
 
 def mount(image: Path, dest: Path) -> None:
-    """Mount ``image`` read-only at ``dest``: file-backed where the kernel can, else
-    through a loop device. Raises :class:`ImageUnusable` when neither works."""
+    """Mount ``image`` read-only at ``dest``. ``mount`` backs a file with a loop device
+    of its own (released at unmount); where that is not automatic, ``-o loop`` asks
+    for one. Raises :class:`ImageUnusable` when neither works."""
     dest.mkdir(parents=True, exist_ok=True)
     errors = []
     for opts in ("ro", "ro,loop"):
