@@ -223,8 +223,8 @@ def release_layer(cache: Path, hexpart: str, user: str, *, dry_run: bool = False
         if others:
             marker.write_text("".join(u + "\n" for u in others))
             return False
+        forget_layer(cache / hexpart)  # first: a mount still in use keeps its marker
         marker.unlink()
-        forget_layer(cache / hexpart)
         return True
 
 

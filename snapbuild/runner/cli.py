@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
                 verb = "would free" if args.dry_run else "freed"
                 print(f"{verb} {r['trees_removed']} written-out trees and layers ({r['tree_bytes_freed'] / 2**20:.1f} MiB) "
                       f"and {r['blobs_removed']} blobs ({r['blob_bytes_freed'] / 2**20:.1f} MiB)")
+                for path in r["in_use"]:
+                    print(f"kept {path}: mounted from its image and still in use (a server runs from it)")
         elif args.command == "serve":
             from .agent import Agent, config_from_flags, load_config
 

@@ -405,12 +405,18 @@ def node_gc(store: Store | None = None, *, dry_run: bool = False) -> dict:
                 layers = []
             keep |= {root / "layers" / x["digest"].split(":", 1)[1] for x in layers}
     removed, freed = 0, 0
+    in_use: list[str] = []  # trees and layers mounted from images that a process still uses
     for root in roots:
         for p in sorted((root / "trees").glob("*")) if (root / "trees").is_dir() else []:
             if p in keep or p.name.endswith((".partial", ".users")):
                 continue
             size = _du(p)
-            if release(p, store.home, dry_run=dry_run, before=_unmount_views):
+            try:
+                gone = release(p, store.home, dry_run=dry_run, before=_unmount_views)
+            except SnapbuildError:  # an image mount a process still uses: next time
+                in_use.append(str(p))
+                continue
+            if gone:
                 removed += 1
                 freed += size
     from ..rootfs import MARKER as LAYER_MARKER
@@ -423,7 +429,12 @@ def node_gc(store: Store | None = None, *, dry_run: bool = False) -> dict:
             if p in keep:
                 continue
             size = _du(p)
-            if release_layer(cache, p.name, str(store.home), dry_run=dry_run):
+            try:
+                gone = release_layer(cache, p.name, str(store.home), dry_run=dry_run)
+            except SnapbuildError:
+                in_use.append(str(p))
+                continue
+            if gone:
                 removed += 1
                 freed += size
         # Image files that no mounted tree or layer uses (a write-out cut short).
@@ -438,7 +449,7 @@ def node_gc(store: Store | None = None, *, dry_run: bool = False) -> dict:
                     p.unlink()
     rep = store.gc(dry_run=dry_run)
     return {"trees_removed": removed, "tree_bytes_freed": freed, "blobs_removed": rep.blobs_removed,
-            "blob_bytes_freed": rep.bytes_freed, "dry_run": dry_run}
+            "blob_bytes_freed": rep.bytes_freed, "dry_run": dry_run, "in_use": in_use}
 
 
 def _unmount_views(tree: Path) -> None:
