@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 t = result["timings"]
                 print(f"pulled {result['ref']} ({result['digest'][:19]}): {result['blobs_fetched']} blobs, "
-                      f"{result['bytes_fetched']} bytes in {t['total_s']:.2f}s")
+                      f"{result['bytes_fetched']} bytes in {t['total_s']:.2f}s"
+                      + (" (tree images instead of their trees)" if result.get("tree_images") else ""))
                 for step, path in result["outputs"].items():
                     print(f"  {step} -> {path}")
                 if result.get("cache", {}).get("evicted"):
