@@ -97,9 +97,10 @@ def mount(image: Path, dest: Path) -> None:
 
 
 def unmount(dest: Path) -> bool:
-    """Unmount a tree image; False when it is still in use (a server maps its files)."""
+    """Unmount a tree image; True when nothing is mounted there (any more), False when
+    it is still in use (a server maps its files) or something else is mounted there."""
     if not is_image_mount(dest):
-        return True
+        return not os.path.ismount(dest)  # another file system there is not ours to take away
     return subprocess.run(["umount", str(dest)], capture_output=True).returncode == 0
 
 

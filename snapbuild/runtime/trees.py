@@ -224,8 +224,11 @@ def discard(path: Path) -> None:
     side = _sidecar(path)
     if side.exists() or os.path.ismount(path):
         if not treeimages.unmount(path):
-            raise SnapbuildError(f"cannot unmount the tree image at {path}: it is in use",
-                                 hint="stop the servers that use it first")
+            if treeimages.is_image_mount(path):
+                raise SnapbuildError(f"cannot unmount the tree image at {path}: it is in use",
+                                     hint="stop the servers that use it first")
+            raise SnapbuildError(f"cannot unmount the tree image at {path}: another file system is mounted there",
+                                 hint=f"unmount it (`umount {path}`) if nothing needs it")
         side.unlink(missing_ok=True)
         treeimages.image_path(path.parent.parent, "sha256:" + path.name).unlink(missing_ok=True)
     marker = path / MARKER

@@ -338,3 +338,20 @@ def test_a_tree_whose_mount_went_with_a_reboot_is_mounted_again(lib_snapshot, st
     path, created = ensure_tree(node.blobs, lib, root, config["tree_images"]["trees"][lib])
     assert created and treeimages.is_image_mount(path) and (path / "pkg0" / "mod0.py").is_file()
     assert sorted(users.read_text().splitlines()) == sorted([str(node.home), "/another/store"])
+
+
+def test_what_is_not_a_tree_image_is_never_unmounted_or_emptied(tmp_path):
+    """A tmpfs mounted where a tree would be is refused, its files left alone."""
+    from snapbuild.errors import SnapbuildError
+
+    path = tmp_path / "run-root" / "trees" / ("a" * 64)
+    path.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], check=True)
+    try:
+        (path / "keep.txt").write_text("not ours\n")
+        assert treeimages.unmount(path) is False
+        with pytest.raises(SnapbuildError, match="another file system is mounted there"):
+            discard(path)
+        assert (path / "keep.txt").read_text() == "not ours\n"
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
