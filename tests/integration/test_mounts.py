@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,11 +20,9 @@ from snapbuild.runtime.trees import MARKER as TREE_MARKER
 from snapbuild.store import Store
 
 from test_criu_snapshots import load_runtime
-from testkit import free_port, post
+from testkit import free_port, post, weights_counter_recipe
 
 pytestmark = pytest.mark.integration
-
-SERVER = Path(__file__).parent / "data" / "counter_server.py"
 
 
 @pytest.fixture
@@ -38,27 +34,7 @@ def mount_point(tmp_path):
 
 
 def mapped_recipe(recipe, port: int, point: Path) -> tuple[Path, bytes]:
-    path = recipe(f"""
-        name: mapped
-        steps:
-          app: {{kind: files, root: app}}
-          model: {{kind: files, root: model}}
-          server:
-            kind: warmup
-            needs: [app]
-            mounts: {{"{point}": model}}
-            run: "{sys.executable} $SNAPBUILD_INPUTS/app/counter_server.py --port {port} --weights {point}/w.bin"
-            ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 30}}
-            exercise: [{{http: "POST /count", repeat: 2}}]
-          snap: {{kind: checkpoint, process: server}}
-        publish: {{tag: "mapped:v1"}}
-    """)
-    for d in ("app", "model"):
-        (path.parent / d).mkdir(exist_ok=True)
-    shutil.copy(SERVER, path.parent / "app" / "counter_server.py")
-    weights = os.urandom(3 << 20)
-    (path.parent / "model" / "w.bin").write_bytes(weights)
-    return path, weights
+    return weights_counter_recipe(recipe, port, name="mapped", data="model", mount=point, size=3 << 20)
 
 
 def test_a_mounted_input_is_read_only_and_follows_the_snapshot(recipe, store, mount_point, tmp_path):

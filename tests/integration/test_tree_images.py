@@ -23,11 +23,10 @@ from snapbuild.store import Store
 from snapbuild.store.snapshot import image_selection
 from snapbuild.store.tree import load_tree, tree_blobs
 
-from testkit import free_port, post
+from testkit import COUNTER, free_port, post, weights_counter_recipe
 
 pytestmark = pytest.mark.integration
 
-COUNTER = Path(__file__).parent / "data" / "counter_server.py"
 MiB = 1 << 20
 
 
@@ -85,25 +84,7 @@ def lib_recipe(recipe, project: Path, port: int) -> tuple[Path, bytes]:
     for i in range(300):
         (lib / f"pkg{i % 10}").mkdir(parents=True, exist_ok=True)
         (lib / f"pkg{i % 10}" / f"mod{i}.py").write_text(f"VALUE = {i}\n" * 20)
-    weights = os.urandom(2 * MiB)
-    (lib / "weights.bin").write_bytes(weights)
-    (project / "app").mkdir(exist_ok=True)
-    shutil.copy(COUNTER, project / "app" / "counter_server.py")
-    path = recipe(f"""
-        name: libcounter
-        steps:
-          app: {{kind: files, root: app}}
-          lib: {{kind: files, root: lib}}
-          server:
-            kind: warmup
-            needs: [app, lib]
-            run: "{sys.executable} $SNAPBUILD_INPUTS/app/counter_server.py --port {port} --weights $SNAPBUILD_INPUTS/lib/weights.bin"
-            ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 30}}
-            exercise: [{{http: "POST /count", repeat: 2}}]
-          snap: {{kind: checkpoint, process: server}}
-        publish: {{tag: "libcounter:v1"}}
-    """)
-    return path, weights
+    return weights_counter_recipe(recipe, port, name="libcounter", data="lib")
 
 
 @pytest.fixture

@@ -1,10 +1,15 @@
-"""Small helpers the integration tests share: ports and HTTP calls to test servers."""
+"""Small helpers the integration tests share: ports, HTTP calls to test servers, and a
+recipe of the counter server mapping a weights file."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
+import sys
 import urllib.request
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -22,3 +27,38 @@ def post(port: int, path: str) -> dict:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"{}", method="POST")
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
+
+
+COUNTER = Path(__file__).parent / "data" / "counter_server.py"
+
+
+def weights_counter_recipe(recipe, port: int, *, name: str, data: str, mount: Path | None = None,
+                           size: int = 2 << 20) -> tuple[Path, bytes]:
+    """A snapshot of the counter server memory-mapping `w.bin` (``size`` random bytes)
+    of the files step ``data`` (the folder of that name beside the recipe, which may
+    hold more): through ``$SNAPBUILD_INPUTS``, or, with ``mount``, at that fixed path
+    (`mounts:`). Tagged ``NAME:v1``. Returns the recipe's path and the weights."""
+    if mount is None:
+        needs, weights = f"[app, {data}]", f"$SNAPBUILD_INPUTS/{data}/w.bin"
+    else:
+        needs, weights = f'[app]\n            mounts: {{"{mount}": {data}}}', f"{mount}/w.bin"
+    path = recipe(f"""
+        name: {name}
+        steps:
+          app: {{kind: files, root: app}}
+          {data}: {{kind: files, root: {data}}}
+          server:
+            kind: warmup
+            needs: {needs}
+            run: "{sys.executable} $SNAPBUILD_INPUTS/app/counter_server.py --port {port} --weights {weights}"
+            ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 30}}
+            exercise: [{{http: "POST /count", repeat: 2}}]
+          snap: {{kind: checkpoint, process: server}}
+        publish: {{tag: "{name}:v1"}}
+    """)
+    for d in ("app", data):
+        (path.parent / d).mkdir(exist_ok=True)
+    shutil.copy(COUNTER, path.parent / "app" / "counter_server.py")
+    content = os.urandom(size)
+    (path.parent / data / "w.bin").write_bytes(content)
+    return path, content
