@@ -78,18 +78,15 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
     pin = f"pulled:{ref.name}"
     complete = (store.pinned_manifest(pin) == digest and store.blobs.has(digest)
                 and (images or not store.pinned_with_images(pin)))
-    chosen: list = []  # whether the image selection applied
 
     def select(manifest: dict):
-        wanted = image_selection(store.blobs, manifest, load_config(store.blobs, manifest))
-        chosen.append(wanted is not None)
-        return wanted
+        return image_selection(store.blobs, manifest, load_config(store.blobs, manifest))
 
     got = fetch(reg, ref, store.blobs, jobs=jobs, digest=digest, skip_check=complete,
                 select=select if images else None)
     config = load_config(store.blobs, got["manifest"])
-    with_images = bool(config.get("tree_images")) and images and (
-        any(chosen) or (complete and store.pinned_with_images(pin)))
+    # Images were used by this pull, or by the complete one before it.
+    with_images = images and bool(config.get("tree_images")) and (not complete or store.pinned_with_images(pin))
     # The node keeps the last pull of each name until a newer one replaces it.
     store.pin_snapshot(pin, digest, images=with_images)
     t_fetch = time.monotonic()

@@ -16,6 +16,7 @@ import shutil
 import stat
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..engines import CONTAINER_ENGINES, get_engine
@@ -116,37 +117,6 @@ class _NoRestore(Exception):
     pass
 
 
-class _Beside:
-    """``fn(*args)`` on a thread while the ``with`` block runs (the checkpoint images
-    written out while the inputs are); leaving the block waits for it, and
-    ``result()`` gives its value or raises its error."""
-
-    def __init__(self, fn, *args) -> None:
-        import threading
-
-        self._out: list = []
-        self._thread = threading.Thread(target=self._run, args=(fn, args), name="beside")
-
-    def _run(self, fn, args) -> None:
-        try:
-            self._out.append((True, fn(*args)))
-        except BaseException as e:  # handed to result()
-            self._out.append((False, e))
-
-    def __enter__(self) -> "_Beside":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._thread.join()
-
-    def result(self):
-        ok, value = self._out[0]
-        if not ok:
-            raise value
-        return value
-
-
 def _why_not_restorable(runtime: dict, out: dict) -> str | None:
     engine = get_engine(runtime["engine"])
     try:
@@ -172,7 +142,8 @@ def _restore(runtime: dict, store: Store, timings: dict) -> int:
     server.check_port_free(spec)
     # The images are written out (verified) once per node, on tmpfs when there is
     # one, and reused by later restores of the same checkpoint: CRIU only reads them.
-    with _Beside(ensure_tree, store.blobs, runtime["artifact"], _images_root(spec)) as checkpoint:
+    with ThreadPoolExecutor(max_workers=1) as beside:  # written out while the inputs are
+        checkpoint = beside.submit(ensure_tree, store.blobs, runtime["artifact"], _images_root(spec))
         run_dir, _env, _mounted = server.prepare(spec, store.blobs)  # mounts stay for the server
     ckpt, _ = checkpoint.result()
     log = run_dir / server.LOG_NAME
@@ -291,7 +262,8 @@ def _restore_container(runtime: dict, store: Store, timings: dict, host_port: in
     spec = runtime["server"]
     engine = get_engine(runtime["engine"])
     t = time.monotonic()
-    with _Beside(ensure_tree, store.blobs, runtime["artifact"], _images_root(spec)) as checkpoint:
+    with ThreadPoolExecutor(max_workers=1) as beside:  # the checkpoint written out meanwhile
+        checkpoint = beside.submit(ensure_tree, store.blobs, runtime["artifact"], _images_root(spec))
         try:
             inst = container.prepare(spec, store.blobs, engine.name, host_port)
         except treeimages.ImageUnusable:
