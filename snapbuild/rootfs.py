@@ -203,7 +203,7 @@ def _layer_present(path: Path) -> bool:
     """False for a layer mounted from its image whose mount is gone (a reboot)."""
     from .runtime import treeimages
 
-    return os.path.ismount(path) or not treeimages.image_path(path.parent.parent, "sha256:" + path.name).exists()
+    return os.path.ismount(path) or not treeimages.image_of(path).exists()
 
 
 def release_layer(cache: Path, hexpart: str, user: str, *, dry_run: bool = False) -> bool | None:
@@ -234,10 +234,7 @@ def forget_layer(path: Path) -> None:
     from .runtime import treeimages
 
     if os.path.ismount(path):
-        if not treeimages.unmount(path):
-            raise SnapbuildError(f"cannot unmount the layer image at {path}: it is in use",
-                                 hint="stop the containers that use it first")
-        treeimages.image_path(path.parent.parent, "sha256:" + path.name).unlink(missing_ok=True)
+        treeimages.take_down(path)
     shutil.rmtree(path, ignore_errors=True)
 
 

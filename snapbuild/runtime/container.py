@@ -109,8 +109,7 @@ def layer_dirs(blobs: BlobStore, artifact: str, cache: Path, images: dict[str, s
         entry = entries[f"layers/{digest.split(':')[1]}.tar"]
         image = (images or {}).get(digest)
         mount_image = None if image is None else (
-            lambda dest, image=image, digest=digest: treeimages.mount_tree(
-                blobs, image, treeimages.image_path(cache.parent, digest), dest))
+            lambda dest, image=image: treeimages.mount_tree(blobs, image, dest))
         out.append(rootfs.cached_layer(digest, lambda e=entry: ChunkReader(blobs, e), cache,
                                        user=str(blobs.root), mount_image=mount_image))
     return out

@@ -99,27 +99,41 @@ def _umount(dest: Path) -> bool:
     return subprocess.run(["umount", str(dest)], capture_output=True).returncode == 0
 
 
-def _mount_points() -> list[Path]:
-    """This namespace's mount points (os.path.ismount misses a bind mount from the same
-    file system: it compares devices)."""
+def _mountinfo() -> list[tuple[str, str, str]]:
+    """(mount point, root within its file system, file system type) of every mount of
+    this namespace, from /proc/self/mountinfo."""
     try:
         lines = Path("/proc/self/mountinfo").read_text().splitlines()
     except OSError:
         return []
-    fields = (line.split(" ") for line in lines)
-    return [Path(f[4].encode().decode("unicode_escape")) for f in fields if len(f) > 4]
+    out = []
+    for line in lines:
+        f = line.split(" ")
+        _, sep, rest = line.partition(" - ")
+        if len(f) > 4:
+            out.append((f[4].encode().decode("unicode_escape"), f[3], rest.split(" ", 1)[0] if sep else ""))
+    return out
+
+
+def _mount_points() -> list[Path]:
+    """This namespace's mount points (os.path.ismount misses a bind mount from the same
+    file system: it compares devices)."""
+    return [Path(point) for point, _, _ in _mountinfo()]
 
 
 def _source_deleted(dest: Path) -> bool:
     """Whether the mount at ``dest`` shows a folder that has been deleted (mountinfo
     marks its root ``//deleted``): nothing of value is there any more."""
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return False
-    where = str(Path(os.path.realpath(dest)))
-    return any(len(f) > 4 and f[4].encode().decode("unicode_escape") == where and f[3].endswith("//deleted")
-               for f in (line.split(" ") for line in lines))
+    where = os.path.realpath(dest)
+    return any(point == where and root.endswith("//deleted") for point, root, _ in _mountinfo())
+
+
+def fs_type(path: Path) -> str | None:
+    """The file system type of the mount at ``path`` (the last one, if several are
+    stacked there), or None when nothing is mounted there."""
+    where = os.path.realpath(path)
+    types = [fstype for point, _, fstype in _mountinfo() if point == where]
+    return types[-1] if types else None
 
 
 def is_mount_point(path: Path) -> bool:

@@ -107,21 +107,28 @@ def unmount(dest: Path) -> bool:
 def is_image_mount(path: Path) -> bool:
     """Whether ``path`` is the mount point of an EROFS file system (a tree image, or a
     bind mount of one)."""
-    where = os.path.realpath(path)
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        f = line.split(" ")
-        if len(f) > 4 and f[4].encode().decode("unicode_escape") == where and " - erofs " in line:
-            return True
-    return False
+    from .mounts import fs_type
+
+    return fs_type(path) == FORMAT
 
 
-def image_path(root: Path, digest: str) -> Path:
-    """Where a tree (or layer) ``digest``'s image file is kept on a node."""
-    return root / "tree-images" / f"{digest.split(':', 1)[1]}.{FORMAT}"
+def image_of(folder: Path) -> Path:
+    """Where the image file of a tree or layer folder (``<root>/trees/<hex>``,
+    ``<root>/layers/<hex>``) is kept on a node: ``<root>/tree-images/<hex>.erofs``."""
+    return folder.parent.parent / "tree-images" / f"{folder.name}.{FORMAT}"
+
+
+def take_down(folder: Path) -> None:
+    """Unmount the image mounted at ``folder`` and delete its file. Raises when a
+    process still uses it, or when another file system is mounted there (never ours to
+    take away, nor to empty)."""
+    if not unmount(folder):
+        if is_image_mount(folder):
+            raise SnapbuildError(f"cannot unmount the image at {folder}: it is in use",
+                                 hint="stop the servers that use it first")
+        raise SnapbuildError(f"cannot unmount the image at {folder}: another file system is mounted there",
+                             hint=f"unmount it (`umount {folder}`) if nothing needs it")
+    image_of(folder).unlink(missing_ok=True)
 
 
 def write_image(blobs, image_tree: str, dest: Path) -> None:
@@ -141,8 +148,10 @@ def write_image(blobs, image_tree: str, dest: Path) -> None:
     os.rename(tmp, dest)
 
 
-def mount_tree(blobs, image_tree: str, image_file: Path, dest: Path) -> None:
-    """Write out ``image_tree`` (unless its file is already there) and mount it at ``dest``."""
+def mount_tree(blobs, image_tree: str, dest: Path) -> None:
+    """Write out ``image_tree`` (unless its file is already there: :func:`image_of`) and
+    mount it at the tree or layer folder ``dest``."""
+    image_file = image_of(dest)
     if not image_file.is_file():
         write_image(blobs, image_tree, image_file)
     try:

@@ -80,7 +80,7 @@ def ensure_tree(blobs: BlobStore, digest: str, root: Path, image: str | None = N
         if image is not None:
             from . import treeimages
 
-            treeimages.mount_tree(blobs, image, treeimages.image_path(root, digest), final)
+            treeimages.mount_tree(blobs, image, final)
             fsutil.atomic_write(_sidecar(final), "".join(users + [user]).encode())  # last: the tree is complete
             return final, True
         materialize(blobs, load_tree(blobs, digest), tmp)
@@ -223,14 +223,8 @@ def discard(path: Path) -> None:
 
     side = _sidecar(path)
     if side.exists() or os.path.ismount(path):
-        if not treeimages.unmount(path):
-            if treeimages.is_image_mount(path):
-                raise SnapbuildError(f"cannot unmount the tree image at {path}: it is in use",
-                                     hint="stop the servers that use it first")
-            raise SnapbuildError(f"cannot unmount the tree image at {path}: another file system is mounted there",
-                                 hint=f"unmount it (`umount {path}`) if nothing needs it")
+        treeimages.take_down(path)
         side.unlink(missing_ok=True)
-        treeimages.image_path(path.parent.parent, "sha256:" + path.name).unlink(missing_ok=True)
     marker = path / MARKER
     marker.unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)

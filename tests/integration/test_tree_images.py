@@ -135,7 +135,7 @@ def test_an_empty_node_mounts_the_image_instead_of_writing_the_tree(lib_snapshot
     assert all(node.blobs.has(d) for d in lib_chunks)
 
     # Let go: unmounted, image file and users file gone.
-    image_file = treeimages.image_path(lib_dir.parent.parent, lib)
+    image_file = treeimages.image_of(lib_dir)
     assert image_file.is_file()
     assert release(lib_dir, node.home) is True
     assert not treeimages.is_image_mount(lib_dir) and not lib_dir.exists() and not image_file.exists()
@@ -159,7 +159,7 @@ def test_a_node_that_cannot_mount_images_writes_the_trees_out(lib_snapshot, stor
         lib_dir = tree_dir(Path(os.environ["SNAPBUILD_RUN_ROOT"]), lib)
         assert not treeimages.is_image_mount(lib_dir) and (lib_dir / "pkg1" / "mod1.py").is_file()
         assert all(node.blobs.has(d) for d in tree_blobs(load_tree(node.blobs, lib)))
-        assert not treeimages.image_path(lib_dir.parent.parent, lib).exists(), "no half-used image left"
+        assert not treeimages.image_of(lib_dir).exists(), "no half-used image left"
     finally:
         stop(out["pid"])
 
