@@ -194,38 +194,53 @@ def read_file(blobs: BlobStore, entry: dict) -> bytes:
 
 
 def write_file(blobs: BlobStore, entry: dict, dest: Path, mode: int | None = None) -> None:
-    """Write a tree's file entry out to ``dest``; zero chunks become holes (sparse files).
+    """Write a tree's file entry out to ``dest`` (replacing a file there, never writing
+    through a symlink); see :func:`write_fd`."""
+    from .securefs import safe_mode
+
+    try:
+        os.unlink(dest)
+    except FileNotFoundError:
+        pass
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        write_fd(blobs, entry, fd, safe_mode(entry.get("mode", 0o644) if mode is None else mode))
+    finally:
+        os.close(fd)
+
+
+def write_fd(blobs: BlobStore, entry: dict, fd: int, mode: int) -> None:
+    """Write a tree's file entry to the empty file open at ``fd`` and give it ``mode``;
+    zero chunks become holes (sparse files).
 
     A file of several chunks is written on a few threads, each chunk read, verified,
     decompressed and written at its offset (hashing, zstd and writes release the GIL).
     """
     chunks = entry["chunks"]
-    with open(dest, "wb") as f:
-        if len(chunks) <= 1:
-            for ref in chunks:
-                if ref["enc"] != "zero":
-                    f.write(get_chunk(blobs, ref, entry["digest"]))
-        else:
-            fd, offsets, pos = f.fileno(), [], 0
-            for ref in chunks:
-                offsets.append(pos)
-                pos += ref["size"]
+    offsets, pos = [], 0
+    for ref in chunks:
+        offsets.append(pos)
+        pos += ref["size"]
 
-            def put(i: int) -> None:
-                ref = chunks[i]
-                if ref["enc"] != "zero":
-                    data = get_chunk(blobs, ref, entry["digest"])
-                    view = memoryview(data)
-                    while view:
-                        n = os.pwrite(fd, view, offsets[i] + len(data) - len(view))
-                        view = view[n:]
+    def put(i: int) -> None:
+        ref = chunks[i]
+        if ref["enc"] != "zero":
+            data = get_chunk(blobs, ref, entry["digest"])
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(fd, view, offsets[i] + len(data) - len(view))
+                view = view[n:]
 
-            from concurrent.futures import ThreadPoolExecutor
+    if len(chunks) <= 1:
+        for i in range(len(chunks)):
+            put(i)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(max_workers=4, thread_name_prefix="chunks") as pool:
-                list(pool.map(put, range(len(chunks))))
-        f.truncate(sum(ref["size"] for ref in chunks))
-    os.chmod(dest, entry.get("mode", 0o644) if mode is None else mode)
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="chunks") as pool:
+            list(pool.map(put, range(len(chunks))))
+    os.ftruncate(fd, pos)
+    os.fchmod(fd, mode)
 
 
 def chunk_digests(chunks: list[dict]) -> Iterator[str]:

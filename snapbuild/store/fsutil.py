@@ -126,19 +126,20 @@ class ParallelWrites:
     ``job()`` on a worker; ``wait(key)`` blocks until the job for ``key`` (a path) is
     done, for whatever must follow it (a hard link to it, a second write of the same
     path); leaving the ``with`` block waits for all and raises the first error. At most
-    ``max_bytes`` of submitted data are held at once.
+    ``max_bytes`` of submitted data and ``max_jobs`` jobs (each may hold an open file)
+    are pending at once.
     """
 
-    def __init__(self, workers: int = 4, max_bytes: int = 64 << 20) -> None:
+    def __init__(self, workers: int = 4, max_bytes: int = 64 << 20, max_jobs: int = 256) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="write")
         self._pending: dict = {}
-        self._bytes, self._max = 0, max_bytes
+        self._bytes, self._max, self._max_jobs = 0, max_bytes, max_jobs
 
     def submit(self, key, job, nbytes: int = 0) -> None:
         self.wait(key)
-        if self._bytes + nbytes > self._max:
+        if self._bytes + nbytes > self._max or len(self._pending) >= self._max_jobs:
             self.drain()
         self._bytes += nbytes
         self._pending[key] = (self._pool.submit(job), nbytes)
