@@ -7,10 +7,14 @@ once per machine into ``CACHE/<hex>/`` in overlayfs's own form (an OCI whiteout
 cached layers, or, where overlayfs is unavailable, a copy that applies the same
 whiteouts in order.
 
-Layers are untrusted input. Unpacking refuses, with the offending entry named:
-absolute paths and ``..``; entries whose parent folder is a symlink (writing through it
-could land outside the root); hard links to anything outside the layer; device nodes.
-Symlinks themselves may point anywhere: they are resolved inside the container.
+Layers are untrusted input; unpacking follows the model of Python's ``tarfile`` data
+filter (PEP 706). It refuses, with the offending entry named: absolute paths and
+``..``; entries whose parent folder is a symlink (writing through it could land
+outside the root); hard links to anything but a file of this layer; device nodes;
+whiteouts of anything but a plain name (``.wh..``, ``.wh...``). setuid and setgid bits
+are dropped (:func:`layer_mode`; a folder's sticky bit is kept: it makes ``/tmp``
+safer, not less). Symlinks themselves may point anywhere: they are resolved inside
+the container.
 """
 
 from __future__ import annotations
@@ -34,6 +38,13 @@ MARKER = ".snapbuild-layer-complete-v2"  # v2: modification times kept
 
 class UnsafeLayer(IntegrityError):
     """A layer entry that could write outside the root or create a device."""
+
+
+def layer_mode(mode: int, is_dir: bool = False) -> int:
+    """The mode a layer's entry is written with: no setuid or setgid bit, ever (a layer
+    from a registry never makes a setuid-root file on the machine); sticky only on
+    folders."""
+    return mode & (0o1777 if is_dir else 0o777)
 
 
 def _clean(name: str, layer: str) -> str:
@@ -83,6 +94,9 @@ def unpack(stream: BinaryIO, dest: Path, *, layer: str = "layer") -> None:
             else:
                 writes.wait(path)
             _remove(path)
+            # What was a folder here may become a symlink: it is checked again when used.
+            gone = path.relative_to(dest).as_posix()
+            known_dirs.difference_update({d for d in known_dirs if d == gone or d.startswith(gone + "/")})
 
         for m in tar:
             rel = _clean(m.name, layer)
@@ -99,7 +113,10 @@ def unpack(stream: BinaryIO, dest: Path, *, layer: str = "layer") -> None:
                 os.setxattr(dest / parent if parent else dest, OPAQUE_XATTR, b"y")
                 continue
             if base.startswith(WHITEOUT):
-                gone = dest / parent / base[len(WHITEOUT):] if parent else dest / base[len(WHITEOUT):]
+                name = base[len(WHITEOUT):]
+                if name in ("", ".", "..") or name.startswith(WHITEOUT):
+                    raise UnsafeLayer(f"layer {layer}: whiteout {m.name!r} does not name an entry of its folder")
+                gone = dest / parent / name if parent else dest / name
                 remove(gone)
                 os.mknod(gone, stat.S_IFCHR | 0o000, os.makedev(0, 0))
                 continue
@@ -110,8 +127,10 @@ def unpack(stream: BinaryIO, dest: Path, *, layer: str = "layer") -> None:
                 writes.submit(target, lambda t=target, d=data, m=m: _write_member(t, d, m, chown), len(data))
                 continue
             if m.isdir():
+                if os.path.islink(target) or (os.path.lexists(target) and not target.is_dir()):
+                    remove(target)
                 target.mkdir(exist_ok=True)
-                os.chmod(target, m.mode & 0o7777)
+                os.chmod(target, layer_mode(m.mode, is_dir=True))
                 known_dirs.add(rel)
             elif m.issym():
                 os.symlink(m.linkname, target)
@@ -125,11 +144,11 @@ def unpack(stream: BinaryIO, dest: Path, *, layer: str = "layer") -> None:
                                       "file of this layer")
                 os.link(dest / src, target)
             elif m.isfifo():
-                os.mkfifo(target, m.mode & 0o7777)
+                os.mkfifo(target, layer_mode(m.mode))
             elif m.isreg():
-                with tar.extractfile(m) as f, open(target, "wb") as out:
+                with tar.extractfile(m) as f, _create(target) as out:
                     shutil.copyfileobj(f, out, 1 << 20)
-                os.chmod(target, m.mode & 0o7777)
+                os.chmod(target, layer_mode(m.mode))
             else:
                 continue
             if not m.issym() and chown:
@@ -146,10 +165,16 @@ def unpack(stream: BinaryIO, dest: Path, *, layer: str = "layer") -> None:
 SMALL_FILE = 8 << 20  # regular files up to this size are written on the writer threads
 
 
+def _create(target: Path) -> BinaryIO:
+    """A new file at ``target``, never opened through a symlink there."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    return os.fdopen(fd, "wb")
+
+
 def _write_member(target: Path, data: bytes, m: tarfile.TarInfo, chown: bool) -> None:
-    with open(target, "wb") as out:
+    with _create(target) as out:
         out.write(data)
-    os.chmod(target, m.mode & 0o7777)
+    os.chmod(target, layer_mode(m.mode))
     if chown:
         os.lchown(target, m.uid, m.gid)
     os.utime(target, (int(m.mtime), int(m.mtime)))
@@ -251,7 +276,7 @@ def copy_assemble(layers: Iterable[Path], dest: Path) -> None:
             rel = os.path.relpath(dirpath, layer)
             out = dest if rel == "." else dest / rel
             try:
-                if os.getxattr(dirpath, OPAQUE_XATTR) == b"y" and out.is_dir():
+                if os.getxattr(dirpath, OPAQUE_XATTR) == b"y" and out.is_dir() and not out.is_symlink():
                     for child in out.iterdir():
                         _remove(child)
             except OSError:
@@ -263,8 +288,10 @@ def copy_assemble(layers: Iterable[Path], dest: Path) -> None:
                     os.symlink(os.readlink(src), dst)
                     dirnames.remove(name)
                     continue
-                if os.path.lexists(dst) and not dst.is_dir():
-                    dst.unlink()
+                # A symlink a lower layer left here is replaced, never followed: is_dir()
+                # alone follows it, and this layer's files would be copied to where it points.
+                if os.path.lexists(dst) and (dst.is_symlink() or not dst.is_dir()):
+                    _remove(dst)
                 dst.mkdir(exist_ok=True)
                 shutil.copystat(src, dst)
             for name in filenames:

@@ -122,3 +122,62 @@ def test_cached_layers_record_their_users_and_go_with_the_last(tmp_path):
     assert release_layer(cache, hexpart, str(one)) is False and (cache / hexpart / "f").exists()
     assert release_layer(cache, hexpart, str(two), dry_run=True) is True and (cache / hexpart).exists()
     assert release_layer(cache, hexpart, str(two)) is True and not (cache / hexpart).exists()
+
+
+def _mode_layer(name: str, mode: int, is_dir: bool = False) -> io.BytesIO:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo(name)
+        info.mode = mode
+        if is_dir:
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+        else:
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"#!"))
+    buf.seek(0)
+    return buf
+
+
+@pytest.mark.parametrize("name", ["a/.wh..", "a/.wh...", "a/.wh.", "a/.wh..wh.x"])
+def test_whiteouts_of_anything_but_a_plain_name_are_refused(tmp_path, name):
+    """`.wh...` would whiteout `..`: removing the folder above the layer's parent."""
+    outside = tmp_path / "root" / "keep.txt"
+    outside.parent.mkdir()
+    outside.write_text("keep")
+    with pytest.raises(UnsafeLayer, match="does not name an entry"):
+        unpack(layer(("a/", "dir", None), (name, "file", b"")), tmp_path / "root" / "layer")
+    assert outside.read_text() == "keep"
+
+
+def test_setuid_and_setgid_bits_are_dropped_sticky_on_folders_kept(tmp_path):
+    unpack(_mode_layer("su", 0o4755), tmp_path / "r1")
+    unpack(_mode_layer("sg", 0o2755), tmp_path / "r2")
+    unpack(_mode_layer("tmp", 0o1777, is_dir=True), tmp_path / "r3")
+    assert os.stat(tmp_path / "r1/su").st_mode & 0o7777 == 0o755
+    assert os.stat(tmp_path / "r2/sg").st_mode & 0o7777 == 0o755
+    assert os.stat(tmp_path / "r3/tmp").st_mode & 0o7777 == 0o1777
+
+
+def test_a_folder_replaced_by_a_symlink_is_not_written_through(tmp_path):
+    """The layer makes `a/` a folder, then a symlink to the outside, then writes `a/x`."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    with pytest.raises(UnsafeLayer, match="through a symlink"):
+        unpack(layer(("a/", "dir", None), ("a/ok", "file", b"1"), ("a", "symlink", str(outside)),
+                     ("a/x", "file", b"pwned")), tmp_path / "root")
+    assert list(outside.iterdir()) == []
+
+
+def test_copy_assembly_replaces_a_lower_symlink_instead_of_following_it(tmp_path):
+    """A lower layer's `etc2 -> OUTSIDE`, an upper layer's real folder `etc2/` with a
+    file: copy assembly must not write the file into OUTSIDE."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    low, up = tmp_path / "low", tmp_path / "up"
+    unpack(layer(("etc2", "symlink", str(outside))), low)
+    unpack(layer(("etc2/", "dir", None), ("etc2/passwd", "file", b"pwned")), up)
+    copy_assemble([low, up], tmp_path / "root")
+    assert list(outside.iterdir()) == []
+    assert (tmp_path / "root/etc2/passwd").read_bytes() == b"pwned"
+    assert not (tmp_path / "root/etc2").is_symlink()
