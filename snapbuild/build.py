@@ -26,7 +26,8 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
           jobs: int = 1, keep_going: bool = False, tag: str | None = None,
           registry: str | None = None, reporter: Reporter | None = None,
           locked: bool = False, push: tuple[str, ...] | list[str] = (),
-          cache_from: tuple[str, ...] | list[str] = (), cache_to: tuple[str, ...] | list[str] = ()) -> list[BuildResult]:
+          cache_from: tuple[str, ...] | list[str] = (), cache_to: tuple[str, ...] | list[str] = (),
+          sign_key: Path | None = None, cache_trust: tuple[Path, ...] | list[Path] = ()) -> list[BuildResult]:
     """Build every matrix combination of a recipe; publish each that succeeds and has a tag.
 
     Returns one :class:`BuildResult` per combination; a failed one has ``ok == False`` and
@@ -35,7 +36,8 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
     refuses to start when they resolve differently from it. Each registry URL in
     ``push`` gets the published snapshot too, after the local registry. Step results
     are looked up in the ``cache_from`` registries before running (see
-    :mod:`.remote_cache`) and sent to the ``cache_to`` ones after.
+    :mod:`.remote_cache`), taking only entries signed by a ``cache_trust`` key when
+    any is given, and sent to the ``cache_to`` ones after (signed with ``sign_key``).
     """
     from . import lock
 
@@ -47,6 +49,17 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
         snapshot_ref(tag, recipes[0].name)
     for url in ([registry] if registry else []) + list(push) + list(cache_from) + list(cache_to):
         open_registry(url)
+    trust = remote_cache.Trust(sign_key=Path(sign_key) if sign_key else None,
+                               keys=tuple(Path(k) for k in cache_trust))
+    trust.policy()  # an unreadable key fails now
+    if sign_key is not None:
+        from .signing import load_private_key
+
+        load_private_key(Path(sign_key))
+        if not cache_to:
+            raise UsageError("--sign-key signs what --cache-to sends, but no --cache-to is given")
+    if cache_trust and not cache_from:
+        raise UsageError("--cache-trust checks what --cache-from finds, but no --cache-from is given")
     if push and not (tag or all(r.tag for r in recipes)):
         raise UsageError("--push sends the published snapshot, but this build publishes none",
                          hint="give it a tag: --tag NAME:TAG, or `publish: {tag: ...}` in the recipe")
@@ -64,11 +77,15 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
                 if locked:
                     lock.check(recipe_path, recipe.build_id, resolved[recipe.build_id])
                 if cache_from:
-                    remote_cache.apply(p, store, list(cache_from), say=reporter.note)
+                    remote_cache.apply(p, store, list(cache_from), say=reporter.note, trust=trust)
                 reporter.plan(p)
+                warnings = secret_warnings(recipe)
+                for w in warnings:
+                    reporter.note(f"warning: {w}")
                 result = execute(p, store, jobs=jobs, keep_going=keep_going, reporter=reporter)
+                result.warnings += warnings
                 for url in cache_to:
-                    _share(result, store, url, reporter)
+                    _share(result, store, url, reporter, trust.sign_key)
                 if result.ok:
                     _publish(recipe, result, store, tag or recipe.tag, registry, push, say=reporter.note)
                 # The whole build (planning and publishing too), not just running steps.
@@ -83,7 +100,20 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
     return results
 
 
-def _share(result: BuildResult, store: Store, url: str, reporter: Reporter) -> None:
+def secret_warnings(recipe: Recipe) -> list[str]:
+    """One line per warm-up whose ``env`` has names that look like secrets: the
+    checkpoint is the server's memory, so what it read from them ships in the snapshot."""
+    out = []
+    for name, step in recipe.steps.items():
+        names = getattr(step.spec, "secret_env", lambda: [])()
+        if names:
+            out.append(f"step {name}: env {', '.join(names)} look like secrets; the checkpoint holds the "
+                       "server's memory, so what it read from them ships in the snapshot "
+                       "(docs/recipes.md, \"Secrets\")")
+    return out
+
+
+def _share(result: BuildResult, store: Store, url: str, reporter: Reporter, sign_key: Path | None = None) -> None:
     """Send the step results this store holds to the remote cache at ``url``."""
     reg = open_registry(url)
     sent = 0
@@ -93,7 +123,7 @@ def _share(result: BuildResult, store: Store, url: str, reporter: Reporter) -> N
         ref = store.get_ref(r.key)
         if ref is None or not store.is_complete(ref):
             continue  # a remote hit this build did not need to download
-        if remote_cache.upload(reg, store, ref) is not None:
+        if remote_cache.upload(reg, store, ref, sign_key=sign_key) is not None:
             sent += 1
     reporter.note(f"remote cache: {sent} step result(s) sent to {reg.url}")
 

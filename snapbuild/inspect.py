@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from .registry import default_registry_url, open_registry, parse_ref
+from .runtime.validate import secret_names
 from .signing import is_referrers_tag
 from .store import Store
 from .store.snapshot import parse_manifest
@@ -41,6 +42,7 @@ def inspect_snapshot(text: str, registry: str | None = None, store: Store | None
         "content_bytes": content, "manifest": manifest,
         "checkpoint": _checkpoint_stats((config.get("runtime") or {}).get("stats")),
         "tree_images": _tree_images(config.get("tree_images")),
+        "secret_env": secret_names(((config.get("runtime") or {}).get("server") or {}).get("env") or {}),
     }
 
 

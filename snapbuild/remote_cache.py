@@ -11,14 +11,23 @@ A key is everything a step's output depends on, so a hit is as good as building.
 fresh machine asks the registries for every step it would run; a step found there is
 cached without running, and its output is downloaded (verified) only when something
 needs it here: a step that still runs and reads it, or the published snapshot.
+
+Anyone who can push to the cache can put any output under any key. ``--cache-to URL
+--sign-key KEY`` signs each entry it sends (a signature of the entry's manifest, as
+``snapbuild sign`` makes for snapshots); ``--cache-from URL --cache-trust PUB`` takes
+only entries signed by one of the given keys, so a job that can write the cache (a
+pull request's CI) cannot poison a release build. Every entry is checked like a
+snapshot before use: its config, its tree, and that the manifest lists every chunk.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
-from .errors import NotFound, SnapbuildError
+from .errors import IntegrityError, NotFound, SnapbuildError
 from .plan import Plan
 from .registry import open_registry
 from .registry.base import Registry
@@ -27,11 +36,13 @@ from .registry.transfer import fetch, push
 from .store import Store
 from .store.fsutil import canonical_json
 from .store.local import StepRef
-from .store.snapshot import MANIFEST_MEDIA_TYPE, chunk_layers, parse_manifest, referenced_blobs
+from .store.snapshot import (MANIFEST_MEDIA_TYPE, TREE_MEDIA_TYPE, chunk_layers, parse_manifest, referenced_blobs,
+                             tree_layers_problem)
 
 REPO = "snapbuild-cache"
 ARTIFACT_TYPE = "application/vnd.snapbuild.cache.v1"
 CONFIG_MEDIA_TYPE = "application/vnd.snapbuild.cache.config.v1+json"
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 def _ref(key: str) -> Ref:
@@ -43,6 +54,35 @@ def _parse(data: bytes, digest: str) -> dict:
 
 
 @dataclass
+class Trust:
+    """How a build treats remote cache entries: sign what it sends with ``sign_key``;
+    take only entries signed by one of ``keys`` (public key files) when given."""
+
+    sign_key: Path | None = None
+    keys: tuple[Path, ...] = ()
+
+    def policy(self):
+        from .signing import Policy, load_public_key
+
+        if not self.keys:
+            return None
+        return Policy(rules=[("*", [load_public_key(k) for k in self.keys])], default="reject",
+                      path=Path(", ".join(str(k) for k in self.keys)))
+
+
+def _entry_problem(entry: object, key: str) -> str | None:
+    if not isinstance(entry, dict) or entry.get("key") != key:
+        return "its config is not an entry for this key"
+    if not _DIGEST.match(str(entry.get("artifact", ""))):
+        return "its artifact is not a digest"
+    if not all(isinstance(entry.get(k, ""), str) for k in ("name", "kind")):
+        return "its name or kind is not a string"
+    if not isinstance(entry.get("duration_s", 0), (int, float)):
+        return "its duration is not a number"
+    return None
+
+
+@dataclass
 class Hit:
     key: str
     entry: dict  # the config: key, name, kind, artifact, duration_s
@@ -50,31 +90,62 @@ class Hit:
     manifest_digest: str
 
 
-def lookup(regs: list[Registry], key: str) -> Hit | None:
-    """The first registry that holds a result for ``key``, with its entry."""
+def lookup(regs: list[Registry], key: str, trust: Trust | None = None, say=lambda msg: None) -> Hit | None:
+    """The first registry that holds a usable result for ``key``, with its entry. With
+    ``trust.keys``, an entry no trusted key signed is passed over (and said why)."""
+    policy = trust.policy() if trust else None
     for reg in regs:
         try:
             digest = reg.resolve(_ref(key))
         except NotFound:
             continue
+        if policy is not None:
+            from .signing import UntrustedSnapshot, verify
+
+            try:
+                verify(reg, _ref(key), digest, policy)
+            except UntrustedSnapshot as e:
+                say(f"remote cache {reg.url}: not using the entry for {key[:12]}: {e.message}")
+                continue
         manifest = _parse(reg.get_manifest(REPO, digest), digest)
-        entry = json.loads(reg.get_blob(REPO, manifest["config"]["digest"]))
-        if entry.get("key") == key and entry.get("artifact"):
-            return Hit(key=key, entry=entry, registry=reg, manifest_digest=digest)
+        try:
+            entry = json.loads(reg.get_blob(REPO, manifest["config"]["digest"]))
+        except ValueError:
+            entry = None
+        why = _entry_problem(entry, key)
+        if why:
+            say(f"remote cache {reg.url}: not using the entry for {key[:12]}: {why}")
+            continue
+        return Hit(key=key, entry=entry, registry=reg, manifest_digest=digest)
     return None
+
+
+def _check(store: Store, hit: Hit):
+    def check(manifest: dict) -> None:
+        trees = {x["digest"] for x in manifest["layers"] if x["mediaType"] == TREE_MEDIA_TYPE}
+        why = tree_layers_problem(store.blobs, manifest) or (
+            None if hit.entry["artifact"] in trees else "its artifact is not a tree of its manifest")
+        if why:
+            raise IntegrityError(f"remote cache {hit.registry.url}, entry {hit.key[:12]} "
+                                 f"({hit.entry.get('name') or 'step'}): {why}; refusing it",
+                                 hint="the cache holds a corrupt or hostile entry: remove it from the cache "
+                                      "registry, and require signed entries (--cache-trust)")
+    return check
 
 
 def download(hit: Hit, store: Store, jobs: int = 8) -> dict:
     """Bring the hit's output into the store (verified) and record it as the step's result."""
-    got = fetch(hit.registry, _ref(hit.key), store.blobs, jobs=jobs, digest=hit.manifest_digest, parse=_parse)
+    got = fetch(hit.registry, _ref(hit.key), store.blobs, jobs=jobs, digest=hit.manifest_digest, parse=_parse,
+                check=_check(store, hit))
     e = hit.entry
     store.put_ref(StepRef(key=hit.key, artifact=e["artifact"], name=e.get("name", ""), kind=e.get("kind", ""),
                           duration_s=e.get("duration_s", 0.0)))
     return got
 
 
-def upload(reg: Registry, store: Store, ref: StepRef, jobs: int = 8) -> dict | None:
-    """Send a local step result to ``reg``, unless it holds one for that key already."""
+def upload(reg: Registry, store: Store, ref: StepRef, jobs: int = 8, sign_key: Path | None = None) -> dict | None:
+    """Send a local step result to ``reg``, unless it holds one for that key already;
+    with ``sign_key``, sign the entry sent."""
     try:
         reg.resolve(_ref(ref.key))
         return None
@@ -90,7 +161,12 @@ def upload(reg: Registry, store: Store, ref: StepRef, jobs: int = 8) -> dict | N
         "layers": chunk_layers(store.blobs, {ref.name or "output": ref.artifact}),
     }
     digest = store.blobs.put(canonical_json(manifest))
-    return push(reg, _ref(ref.key), digest, referenced_blobs(manifest), store.blobs, jobs=jobs)
+    out = push(reg, _ref(ref.key), digest, referenced_blobs(manifest), store.blobs, jobs=jobs)
+    if sign_key is not None:
+        from .signing import sign
+
+        out["signature"] = sign(reg, _ref(ref.key), sign_key, digest=digest)["signature"]
+    return out
 
 
 def needed_steps(plan: Plan) -> set[str]:
@@ -116,7 +192,7 @@ def _inputs(recipe, name: str) -> set[str]:
     return out
 
 
-def apply(plan: Plan, store: Store, urls: list[str], say=lambda msg: None) -> dict:
+def apply(plan: Plan, store: Store, urls: list[str], say=lambda msg: None, trust: Trust | None = None) -> dict:
     """Turn the plan's steps that ``urls`` hold into cache hits (their reason says
     where), downloading what the build needs here. Returns {step: registry url}."""
     regs = [open_registry(u) for u in urls]
@@ -125,7 +201,7 @@ def apply(plan: Plan, store: Store, urls: list[str], say=lambda msg: None) -> di
         if ps.action != "run" or plan.recipe.steps[name].kind.ephemeral:
             continue
         try:
-            hit = lookup(regs, ps.key)
+            hit = lookup(regs, ps.key, trust, say=lambda msg, name=name: say(f"{name}: {msg}"))
         except SnapbuildError as e:  # an unreadable cache is a miss, not a failed build
             say(f"remote cache: {name}: {e.message}; building it")
             continue

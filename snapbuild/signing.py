@@ -84,7 +84,7 @@ def keygen(path: Path) -> tuple[Path, Path]:
     return path, pub
 
 
-def _load_private(path: Path):
+def load_private_key(path: Path):
     serialization, ed25519 = _crypto()
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
@@ -129,10 +129,11 @@ def is_referrers_tag(tag: str) -> bool:
     return bool(_FALLBACK_TAG.match(tag))
 
 
-def sign(reg: Registry, ref: Ref, key_path: Path) -> dict:
-    """Sign snapshot ``ref`` in ``reg`` and store the signature there, as a referrer."""
-    key = _load_private(key_path)
-    digest = reg.resolve(ref)
+def sign(reg: Registry, ref: Ref, key_path: Path, digest: str | None = None) -> dict:
+    """Sign snapshot ``ref`` in ``reg`` and store the signature there, as a referrer.
+    With ``digest``, that manifest is signed, whatever the tag names by now."""
+    key = load_private_key(key_path)
+    digest = digest or reg.resolve(ref)
     subject_bytes = reg.get_manifest(ref.name, digest)
     payload = _payload(ref.name, digest)
     signature = base64.b64encode(key.sign(payload)).decode()
@@ -217,6 +218,25 @@ class Policy:
             if fnmatch.fnmatchcase(name, pattern):
                 return keys
         return None
+
+
+NODE_POLICY = Path("/etc/snapbuild/policy.json")
+UNVERIFIED_WARNING = ("snapshots are not verified: no trust policy (give --trust-policy, set "
+                      "$SNAPBUILD_TRUST_POLICY, or write /etc/snapbuild/policy.json)")
+
+
+def node_policy(explicit: Path | str | None = None) -> Path | None:
+    """The trust policy that applies on this node: ``explicit`` (a flag or the agent's
+    config), else ``$SNAPBUILD_TRUST_POLICY``, else ``/etc/snapbuild/policy.json`` when
+    it exists (the way ``/etc/containers/policy.json`` works for Podman); None when there
+    is none. A path named by the flag or the variable must exist (a typo must not turn
+    verification off), so it is returned as given and Policy.load says what is wrong."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("SNAPBUILD_TRUST_POLICY")
+    if env:
+        return Path(env)
+    return NODE_POLICY if NODE_POLICY.exists() else None
 
 
 def verify(reg: Registry, ref: Ref, digest: str, policy: Policy) -> dict:

@@ -79,12 +79,17 @@ def plan(recipe, sets, as_json):
               help="Look up step results in this registry before running a step (repeatable; first hit wins).")
 @click.option("--cache-to", metavar="URL", multiple=True,
               help="Send the step results of this build to this registry's cache (repeatable).")
+@click.option("--sign-key", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Sign each step result --cache-to sends with this private key (snapbuild keygen).")
+@click.option("--cache-trust", metavar="PUBKEY", multiple=True, type=click.Path(dir_okay=False, exists=True),
+              help="Take from --cache-from only entries signed by this public key (repeatable): a job that can "
+                   "write the cache cannot then poison this build.")
 @click.option("--locked", is_flag=True,
               help="Refuse to build when a floating reference (Hub revision, S3 object, image tag) resolves "
                    "differently from RECIPE.lock.")
 @json_option
-def build(recipe, sets, tag, registry, jobs, keep_going, progress, push_to, cache_from, cache_to, locked,
-          as_json):
+def build(recipe, sets, tag, registry, jobs, keep_going, progress, push_to, cache_from, cache_to, sign_key,
+          cache_trust, locked, as_json):
     """Build a recipe: run what is not cached, then assemble and publish the snapshot.
 
     \b
@@ -99,7 +104,7 @@ def build(recipe, sets, tag, registry, jobs, keep_going, progress, push_to, cach
 
     results = run_build(recipe, sets=parse_sets(sets), jobs=jobs, keep_going=keep_going, tag=tag,
                         registry=registry, reporter=make_reporter(progress), locked=locked, push=push_to,
-                        cache_from=cache_from, cache_to=cache_to)
+                        cache_from=cache_from, cache_to=cache_to, sign_key=sign_key, cache_trust=cache_trust)
     if as_json:
         if len(results) == 1:
             emit_json(results[0].to_json())
@@ -185,6 +190,9 @@ def inspect(ref, registry, as_json):
         if anon > ANON_TIP_BYTES:
             click.echo("    tip: if weights are in the anonymous memory, memory-map them from a mounted input "
                        "(docs/recipes.md, \"Small checkpoints\")")
+    if info.get("secret_env"):
+        click.echo(f"  warning: the warm-up's env has {', '.join(info['secret_env'])}, which look like secrets: "
+                   "the checkpoint holds the server's memory (docs/recipes.md, \"Secrets\")")
     click.echo("  outputs:")
     for o in info["outputs"]:
         click.echo(f"    {o['step']:<16} {o['files']:>5} files {_size(o['bytes']):>10}  {o['tree'][:19]}")
@@ -249,6 +257,7 @@ def pull(ref, registry, jobs, as_json):
     """
     from ..registry import default_registry_url, open_registry, parse_ref
     from ..registry.transfer import copy
+    from ..runtime.validate import check_snapshot
     from ..store import Store
 
     store = Store()
@@ -256,7 +265,8 @@ def pull(ref, registry, jobs, as_json):
     local = default_registry_url(store.home)
     with store.using():
         out = copy(open_registry(registry or local), r, open_registry(local), r, store.blobs, jobs=jobs,
-                   progress=TransferProgress(as_json))
+                   progress=TransferProgress(as_json),
+                   check=lambda manifest: check_snapshot(store.blobs, manifest, str(r)))
     if as_json:
         emit_json(out)
         return

@@ -56,6 +56,7 @@ class BuildResult:
     registry: str | None = None
     pushed: list[dict] = field(default_factory=list)  # one report per --push registry
     duration_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[str]:
@@ -67,6 +68,8 @@ class BuildResult:
 
     def to_json(self) -> dict:
         out = {"steps": [r.to_json() for r in self.steps.values()], "snapshot": self.snapshot}
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
         if self.tag:
             out["tag"] = self.tag
         if self.pushed:

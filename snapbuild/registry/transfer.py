@@ -48,11 +48,13 @@ def push(reg: Registry, ref: Ref, manifest_digest: str, blobs: list[str], source
 
 
 def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: str | None = None,
-          skip_check: bool = False, parse=parse_manifest, progress=None, select=None) -> dict:
+          skip_check: bool = False, parse=parse_manifest, progress=None, select=None, check=None) -> dict:
     """Bring snapshot ``ref`` (resolved to ``digest`` when given) from ``reg`` into the
     store of ``dest``: the blobs it lacks, verified. ``skip_check`` trusts that the
     store holds them all; ``parse`` checks the manifest (a snapshot's by default).
-    ``select(manifest)``, called once the config and tree blobs are in, may name the
+    ``check(manifest)``, called once the config and tree blobs are in (and before any
+    other blob is fetched), raises for a snapshot that must not be used (see
+    runtime.validate.check_snapshot). ``select(manifest)``, called then, may name the
     only blobs wanted (a set), or None for all (see snapshot.image_selection).
     Returns the manifest, its digest, counts and timings."""
     t0 = time.monotonic()
@@ -72,10 +74,13 @@ def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: st
         return len(data)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        if select is not None and not skip_check:
+        if (select is not None or check is not None) and not skip_check:
             first = [d for d in metadata_blobs(manifest) if not dest.has(d)]
             total[0] = len(first)
             fetched, count = sum(pool.map(get, first)), len(first)
+        if check is not None:
+            check(manifest)
+        if select is not None and not skip_check:
             chosen = select(manifest)
             if chosen is not None:
                 wanted = [d for d in wanted if d in chosen]
@@ -90,10 +95,11 @@ def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: st
 
 
 def copy(src: Registry, ref: Ref, dst: Registry, dst_ref: Ref, store: BlobStore, *, jobs: int = 8,
-         progress=None) -> dict:
+         progress=None, check=None) -> dict:
     """Snapshot ``ref`` of ``src`` to ``dst`` as ``dst_ref``, through the local store
-    (what it already holds is not fetched; everything is verified on the way in)."""
-    got = fetch(src, ref, store, jobs=jobs, progress=progress)
+    (what it already holds is not fetched; everything is verified on the way in, and
+    by ``check``, as :func:`fetch` says)."""
+    got = fetch(src, ref, store, jobs=jobs, progress=progress, check=check)
     out = push(dst, dst_ref, got["digest"], referenced_blobs(got["manifest"]), store, jobs=jobs, progress=progress)
     return {**out, "source": f"{src.url} {ref}", "blobs_fetched": got["blobs_fetched"],
             "bytes_fetched": got["bytes_fetched"]}

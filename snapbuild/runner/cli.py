@@ -78,7 +78,8 @@ REGISTRY_HELP = ("registry URL: file:///PATH, s3://BUCKET/PREFIX or oci://HOST[:
 CACHE_HELP = ("bound the node's store (e.g. 50G; default $SNAPBUILD_NODE_CACHE_MAX, else unbounded): after the "
               "pull, the least recently used other snapshots are let go until it fits")
 TRUST_HELP = ("a trust policy (JSON) naming the public keys that may sign each snapshot name: a snapshot it "
-              "does not accept is refused before it is fetched (exit 10)")
+              "does not accept is refused before it is fetched (exit 10). Default: $SNAPBUILD_TRUST_POLICY, "
+              "else /etc/snapbuild/policy.json when it exists; without one, snapshots are not verified")
 
 
 def add_restore_args(p: argparse.ArgumentParser) -> None:
@@ -146,7 +147,11 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"  node cache over {c['max_bytes']} bytes: let go of {', '.join(c['evicted'])} "
                           f"({c['bytes_freed']} bytes)")
         elif args.command == "restore":
+            from ..signing import UNVERIFIED_WARNING, node_policy
             from .restore import run
+
+            if node_policy(args.trust_policy) is None:
+                print(f"WARNING {UNVERIFIED_WARNING}", file=sys.stderr)
 
             print_restore(run(args.ref, registry=args.registry, fallback=args.fallback, publish=args.publish,
                               trust_policy=args.trust_policy, cache_max=_size_arg(args.cache_max)), args.json)

@@ -1,11 +1,12 @@
 """Pull a snapshot into the node's store and write its outputs out.
 
-Imports only the store and registry packages: this runs on inference nodes.
+Imports only the store, registry and runtime packages: this runs on inference nodes.
 """
 
 from __future__ import annotations
 
 import errno
+import shutil
 import time
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from ..errors import SnapbuildError, UsageError
 from ..registry import default_registry_url, open_registry, parse_ref
 from ..store import Store
 from ..registry.transfer import fetch
+from ..runtime import treeimages
+from ..runtime.validate import check_snapshot
 from ..store.snapshot import image_selection, load_config, referenced_blobs
 from ..store.tree import load_tree, materialize
 
@@ -68,10 +71,13 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
     ref = parse_ref(text)
     digest = reg.resolve(ref)
     trust = None
-    if trust_policy is not None:
-        from ..signing import Policy, verify
+    from ..signing import Policy, node_policy, verify
 
+    trust_policy = node_policy(trust_policy)
+    if trust_policy is not None:
         trust = verify(reg, ref, digest, Policy.load(trust_policy))
+    refused = treeimages.refused_for(trust) if images else None
+    images = images and refused is None
     t_resolve = time.monotonic()
     # A snapshot this node already pulled whole needs no per-blob check (pins keep
     # its blobs from gc; every read is still verified).
@@ -83,7 +89,8 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
         return image_selection(store.blobs, manifest, load_config(store.blobs, manifest))
 
     got = fetch(reg, ref, store.blobs, jobs=jobs, digest=digest, skip_check=complete,
-                select=select if images else None)
+                select=select if images else None,
+                check=lambda manifest: check_snapshot(store.blobs, manifest, str(ref)))
     config = load_config(store.blobs, got["manifest"])
     # Images were used by this pull, or by the complete one before it.
     with_images = images and bool(config.get("tree_images")) and (not complete or store.pinned_with_images(pin))
@@ -97,15 +104,21 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
         dest = Path(dest)
         if dest.exists() and any(dest.iterdir()):
             raise UsageError(f"destination {dest} is not empty", hint="choose a new or empty folder")
-        for step, tree_digest in config["outputs"].items():
-            materialize(store.blobs, load_tree(store.blobs, tree_digest), dest / step)
-            outputs[step] = str(dest / step)
+        try:
+            for step, tree_digest in config["outputs"].items():
+                where = f"snapshot {ref}, step {step!r}: tree"
+                materialize(store.blobs, load_tree(store.blobs, tree_digest, where), dest / step)
+                outputs[step] = str(dest / step)
+        except BaseException:
+            for path in outputs.values():  # all outputs or none
+                shutil.rmtree(path, ignore_errors=True)
+            raise
     t_done = time.monotonic()
     return {
         "ref": str(ref), "digest": digest, "name": config["name"], "config": config,
         "blobs_fetched": missing, "bytes_fetched": fetched,
         "blobs_total": len(referenced_blobs(got["manifest"])) + 1, "outputs": outputs, "trust": trust,
-        "tree_images": with_images,
+        "tree_images": with_images, "tree_images_refused": refused,
         "timings": {"resolve_s": round(t_resolve - t0, 4), "fetch_s": round(t_fetch - t_resolve, 4),
                     "materialize_s": round(t_done - t_fetch, 4), "total_s": round(t_done - t0, 4)},
     }

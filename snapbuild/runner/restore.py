@@ -84,6 +84,8 @@ def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str |
            "log": str(Path(spec["run_dir"]) / server.LOG_NAME), "mismatches": [], "timings": timings,
            "fetch": {k: fetched[k] for k in ("blobs_fetched", "bytes_fetched", "blobs_total")},
            "tree_images": "used" if fetched.get("tree_images") else None}
+    if fetched.get("tree_images_refused") and config.get("tree_images"):
+        out["tree_images"] = f"not used: {fetched['tree_images_refused']}"
     in_container = runtime["engine"] in CONTAINER_ENGINES
     host_port = _host_port(publish, spec) if in_container else None
     if publish is not None and not in_container:

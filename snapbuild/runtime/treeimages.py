@@ -12,8 +12,14 @@ instead of the tree's own chunks, writes it as one file and mounts it read-only 
 tree's usual path: the server sees the same bytes at the same paths, which is all CRIU
 needs. A node that cannot mount it fetches the tree and writes it out as before.
 
-``SNAPBUILD_TREE_IMAGES=0`` turns images off, at build (none are made) and on nodes
-(none are used). ``SNAPBUILD_MKFS_EROFS`` names the mkfs.erofs to use.
+The kernel parses an image when it mounts it, so a node mounts images only from
+snapshots a trust policy accepted (signed by an accepted key); the trees of any other
+snapshot are written out. ``SNAPBUILD_TREE_IMAGES=always`` mounts them from unverified
+snapshots too (a node that trusts its registry); ``SNAPBUILD_TREE_IMAGES=0`` turns
+images off, at build (none are made) and on nodes (none are used). An image is
+mounted read-only, ``nosuid`` and ``nodev``, and only once its blob is an EROFS
+image of the size it says (:func:`image_problem`). ``SNAPBUILD_MKFS_EROFS`` names
+the mkfs.erofs to use.
 """
 
 from __future__ import annotations
@@ -24,12 +30,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from ..errors import SnapbuildError
+from ..errors import IntegrityError, SnapbuildError
 
 FORMAT = "erofs"
 FILE = "tree.erofs"  # the image tree's one file
 MIN_ENTRIES = 256  # trees with fewer files are written out as they are: nothing to gain
 UUID = "00000000-0000-0000-0000-000000000000"
+MKFS_TIMEOUT = 1800  # seconds for mkfs.erofs on one tree (tens of GB of weights)
+MOUNT_TIMEOUT = 60  # seconds for mount/umount (a loop device set up, a superblock read)
 
 
 class ImageUnusable(SnapbuildError):
@@ -38,6 +46,32 @@ class ImageUnusable(SnapbuildError):
 
 def enabled() -> bool:
     return os.environ.get("SNAPBUILD_TREE_IMAGES", "1") not in ("0", "no", "false", "off")
+
+
+def refused_for(trust: dict | None) -> str | None:
+    """Why a snapshot's tree images are not mounted, given what the trust policy said
+    of it (pull's ``trust``); None: they may be."""
+    if (trust or {}).get("trusted") or os.environ.get("SNAPBUILD_TREE_IMAGES") == "always":
+        return None
+    return ("the snapshot is not verified by a trust policy, and the kernel parses an image it mounts "
+            "(SNAPBUILD_TREE_IMAGES=always mounts them anyway)")
+
+
+SUPERBLOCK_OFFSET = 1024
+MAGIC = 0xE0F5E1E2
+
+
+def image_problem(head: bytes, size: int) -> str | None:
+    """Why a file whose first bytes are ``head`` and whose size is ``size`` is not an
+    EROFS image (None: it is one): the superblock's magic, and its block count times
+    its block size equal to the file's size."""
+    sb = head[SUPERBLOCK_OFFSET:SUPERBLOCK_OFFSET + 128]
+    if len(sb) < 40 or int.from_bytes(sb[0:4], "little") != MAGIC:
+        return "it has no EROFS superblock"
+    blkszbits, blocks = sb[12], int.from_bytes(sb[36:40], "little")
+    if not 9 <= blkszbits <= 16 or blocks << blkszbits != size:
+        return f"its superblock says {blocks} blocks of {1 << blkszbits if blkszbits < 32 else '?'} bytes, the file holds {size}"
+    return None
 
 
 def _mkfs() -> str | None:
@@ -74,7 +108,12 @@ def make(src: Path, out: Path, *, exclude: tuple[str, ...] = (), keep_owners: bo
     else:
         args += ["-T0", "--ignore-mtime", "--all-root"]
     args += [f"--exclude-path={p}" for p in exclude]
-    r = subprocess.run([*args, str(out), str(src)], capture_output=True, text=True, env=env)
+    try:
+        r = subprocess.run([*args, str(out), str(src)], capture_output=True, text=True, env=env,
+                           timeout=MKFS_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise SnapbuildError(f"mkfs.erofs ran longer than {MKFS_TIMEOUT} s on {src}",
+                             hint="SNAPBUILD_TREE_IMAGES=0 builds without tree images") from None
     if r.returncode != 0:
         raise SnapbuildError(f"mkfs.erofs could not make an image of {src}: "
                              f"{(r.stderr or r.stdout).strip()[-500:] or 'exit status ' + str(r.returncode)}",
@@ -87,9 +126,12 @@ def mount(image: Path, dest: Path) -> None:
     for one. Raises :class:`ImageUnusable` when neither works."""
     dest.mkdir(parents=True, exist_ok=True)
     errors = []
-    for opts in ("ro", "ro,loop"):
-        r = subprocess.run(["mount", "-t", FORMAT, "-o", opts, str(image), str(dest)],
-                           capture_output=True, text=True)
+    for opts in ("ro,nosuid,nodev", "ro,nosuid,nodev,loop"):
+        try:
+            r = subprocess.run(["mount", "-t", FORMAT, "-o", opts, str(image), str(dest)],
+                               capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise ImageUnusable(f"mount of the tree image {image} took longer than {MOUNT_TIMEOUT} s") from None
         if r.returncode == 0:
             return
         errors.append(r.stderr.strip() or f"mount -o {opts} failed")
@@ -101,7 +143,10 @@ def unmount(dest: Path) -> bool:
     it is still in use (a server maps its files) or something else is mounted there."""
     if not is_image_mount(dest):
         return not os.path.ismount(dest)  # another file system there is not ours to take away
-    return subprocess.run(["umount", str(dest)], capture_output=True).returncode == 0
+    try:
+        return subprocess.run(["umount", str(dest)], capture_output=True, timeout=MOUNT_TIMEOUT).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def is_image_mount(path: Path) -> bool:
@@ -145,6 +190,12 @@ def write_image(blobs, image_tree: str, dest: Path) -> None:
     secure_dir(dest.parent)  # trusted once written: nobody else may write there
     tmp = dest.with_name(dest.name + ".partial")
     write_file(blobs, entries[0], tmp, mode=0o444)
+    with open(tmp, "rb") as f:
+        why = image_problem(f.read(SUPERBLOCK_OFFSET + 128), os.fstat(f.fileno()).st_size)
+    if why:
+        tmp.unlink()
+        raise IntegrityError(f"tree image {image_tree} is not an EROFS image: {why}; refusing to mount it",
+                             hint="the registry holds a corrupt or hostile snapshot; do not use it")
     os.rename(tmp, dest)
 
 

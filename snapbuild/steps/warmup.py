@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import StepError
 from ..runtime.mounts import check_destination
+from ..runtime.validate import ready_file_problem, secret_names
 from .base import StepSpec
 
 
@@ -96,7 +97,16 @@ class WarmupSpec(StepSpec):
             why = check_destination(dest)
             if why:
                 raise ValueError(why)
+        if self.ready.file is not None:
+            why = ready_file_problem(self.ready.file)
+            if why:
+                raise ValueError(why)
         return self
+
+    def secret_env(self) -> list[str]:
+        """Names in ``env`` that look like secrets: the checkpoint holds the server's
+        memory, so whatever it read from them is in the snapshot."""
+        return secret_names(self.env)
 
     def argv(self) -> list[str]:
         return list(self.command) if self.command is not None else ["bash", "-c", self.run]

@@ -22,8 +22,9 @@ from ..errors import IntegrityError
 from .blobs import BlobStore
 from .chunks import media_type
 from .fsutil import canonical_json
+from .securefs import unsafe_name
 from .tree import MEDIA_TYPE as TREE_MEDIA_TYPE
-from .tree import load_tree
+from .tree import load_tree, tree_problem
 
 FORMAT_VERSION = 1
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -78,9 +79,19 @@ def parse_manifest(data: bytes, digest: str, artifact_type: str = ARTIFACT_TYPE,
         manifest = json.loads(data)
     except ValueError:
         raise IntegrityError(f"manifest {digest} is not JSON") from None
-    if manifest.get("artifactType") != artifact_type or manifest.get("config", {}).get("mediaType") != config_type:
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+        raise IntegrityError(f"manifest {digest} is not an OCI manifest")
+    if manifest.get("artifactType") != artifact_type or manifest["config"].get("mediaType") != config_type:
         what = "a snapbuild snapshot" if artifact_type == ARTIFACT_TYPE else f"a {artifact_type}"
         raise IntegrityError(f"{digest} is not {what} (artifactType {manifest.get('artifactType')!r})")
+    layers = manifest.get("layers")
+    # Digests become file names in stores and registries: each one is checked here, first.
+    if not _is_digest(manifest["config"].get("digest")) or not isinstance(layers, list) or not all(
+            isinstance(x, dict) and _is_digest(x.get("digest")) and isinstance(x.get("mediaType"), str)
+            and isinstance(x.get("size"), int) and not isinstance(x.get("size"), bool) and x["size"] >= 0
+            for x in layers):
+        raise IntegrityError(f"manifest {digest} has a config or layer that is not a valid blob descriptor",
+                             hint="the registry holds a corrupt or hostile manifest; do not use it")
     return manifest
 
 
@@ -131,8 +142,85 @@ def referenced_blobs(manifest: dict) -> list[str]:
     return [manifest["config"]["digest"]] + [layer["digest"] for layer in manifest["layers"]]
 
 
+def _is_digest(v: object) -> bool:
+    import re
+
+    return isinstance(v, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", v) is not None
+
+
+def tree_layers_problem(blobs: BlobStore, manifest: dict, names: dict[str, str] | None = None) -> str | None:
+    """What is wrong with the trees of a parsed manifest (None: nothing), once its tree
+    blobs are in ``blobs``: every tree sound (tree.tree_problem), every chunk a tree
+    names a layer of the manifest (else a registry may drop it) and every pack slice
+    inside its pack. ``names`` (step -> tree) names trees in messages."""
+    sizes = {x["digest"]: x["size"] for x in manifest["layers"]}
+    trees = {x["digest"] for x in manifest["layers"] if x["mediaType"] == TREE_MEDIA_TYPE}
+    for digest in sorted(trees):
+        step = next((s for s, d in (names or {}).items() if d == digest), None)
+        label = f"{f'step {step!r}, ' if step else ''}tree {digest}"
+        try:
+            tree = json.loads(blobs.get(digest))
+        except ValueError:
+            return f"{label} is not JSON"
+        why = tree_problem(tree)
+        if why:
+            return f"{label} {why}"
+        for e in tree["entries"]:
+            for ref in e.get("chunks", ()):
+                d = ref.get("digest")
+                if d is None:
+                    continue
+                if d not in sizes or d in trees:
+                    return f"{label} entry {e['path']!r} names chunk {d}, which the manifest does not list"
+                if "offset" in ref and ref["offset"] + ref["length"] > sizes[d]:
+                    return f"{label} entry {e['path']!r} is a slice past the end of its pack {d}"
+    return None
+
+
+def layout_problem(blobs: BlobStore, manifest: dict) -> str | None:
+    """What is wrong with a parsed snapshot's format (None: nothing), once its config
+    and tree blobs are in ``blobs``: every output a plain name and a tree of the
+    manifest, the trees sound (:func:`tree_layers_problem`), tree images and the
+    runtime naming trees of the manifest."""
+    trees = {x["digest"] for x in manifest["layers"] if x["mediaType"] == TREE_MEDIA_TYPE}
+    config = load_config(blobs, manifest)
+    if not isinstance(config.get("name"), str) or not isinstance(config.get("outputs"), dict):
+        return "the config has no name or outputs"
+    for step, digest in config["outputs"].items():
+        why = unsafe_name(step)
+        if why:
+            return f"output {step!r} {why}: an output's name is a folder's name and must be a plain name"
+        if digest not in trees:
+            return f"output {step!r} names {digest!r}, which is not a tree of the manifest"
+    why = tree_layers_problem(blobs, manifest, config["outputs"])
+    if why:
+        return why
+    images = config.get("tree_images")
+    if images is not None:
+        if not isinstance(images, dict) or images.get("format") != "erofs":
+            return "tree_images is not an erofs index"
+        for kind in ("trees", "layers"):
+            index = images.get(kind) or {}
+            if not isinstance(index, dict) or not all(_is_digest(k) and v in trees for k, v in index.items()):
+                return f"tree_images {kind} must map digests to image trees of the manifest"
+    runtime = config.get("runtime")
+    if isinstance(runtime, dict):
+        server = runtime.get("server") if isinstance(runtime.get("server"), dict) else {}
+        needed = [runtime.get("artifact"), *(server.get("inputs") or {}).values()]
+        needed += [server["image"]] if server.get("image") else []
+        missing = [d for d in needed if d not in trees]
+        if missing:
+            return f"the runtime needs tree {missing[0]!r}, which is not a tree of the manifest"
+    return None
+
+
 def load_config(blobs: BlobStore, manifest: dict) -> dict:
-    config = json.loads(blobs.get(manifest["config"]["digest"]))
+    try:
+        config = json.loads(blobs.get(manifest["config"]["digest"]))
+    except ValueError:
+        raise IntegrityError(f"snapshot config {manifest['config']['digest']} is not JSON") from None
+    if not isinstance(config, dict):
+        raise IntegrityError(f"snapshot config {manifest['config']['digest']} is not an object")
     if config.get("format") != FORMAT_VERSION:
         raise IntegrityError(f"snapshot format {config.get('format')} is not supported by this "
                              f"snapbuild (it reads format {FORMAT_VERSION})",

@@ -87,6 +87,25 @@ def lib_recipe(recipe, project: Path, port: int) -> tuple[Path, bytes]:
     return weights_counter_recipe(recipe, port, name="libcounter", data="lib")
 
 
+@pytest.fixture(autouse=True)
+def _images_from_unverified_snapshots(monkeypatch):
+    """Most tests here are about mounting, not trust: the node mounts images of
+    unsigned snapshots too (the default takes a trust policy: see the tests below)."""
+    monkeypatch.setenv("SNAPBUILD_TREE_IMAGES", "always")
+
+
+def _trusting(tmp_path, store, ref: str):
+    """Sign ``ref`` in the store's registry; the path of a policy that trusts the key."""
+    from snapbuild.registry import open_registry, parse_ref
+    from snapbuild.signing import keygen, sign
+
+    priv, pub = keygen(tmp_path / "ci.key")
+    sign(open_registry(f"file://{store.home / 'registry'}"), parse_ref(ref), priv)
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"snapshots": {ref.split(":")[0]: [str(pub)]}}))
+    return policy
+
+
 @pytest.fixture
 def lib_snapshot(recipe, project, store):
     """The snapshot built, and the trees its build wrote out under the run root (which
@@ -101,7 +120,10 @@ def lib_snapshot(recipe, project, store):
     return port, weights, res
 
 
-def test_an_empty_node_mounts_the_image_instead_of_writing_the_tree(lib_snapshot, store, tmp_path):
+def test_an_empty_node_mounts_the_image_instead_of_writing_the_tree(lib_snapshot, store, tmp_path, monkeypatch):
+    """The default: images are mounted from a snapshot the node's trust policy accepted."""
+    monkeypatch.setenv("SNAPBUILD_TREE_IMAGES", "1")
+    monkeypatch.setenv("SNAPBUILD_TRUST_POLICY", str(_trusting(tmp_path, store, "libcounter:v1")))
     port, weights, res = lib_snapshot
     config = pull("libcounter:v1", store=store)["config"]
     lib = res.steps["lib"].artifact
@@ -140,6 +162,23 @@ def test_an_empty_node_mounts_the_image_instead_of_writing_the_tree(lib_snapshot
     assert release(lib_dir, node.home) is True
     assert not treeimages.is_image_mount(lib_dir) and not lib_dir.exists() and not image_file.exists()
     assert not lib_dir.with_name(lib_dir.name + ".users").exists()
+
+
+def test_images_of_an_unverified_snapshot_are_not_mounted(lib_snapshot, store, tmp_path, monkeypatch):
+    """The kernel parses what it mounts: without a trust policy that accepted the
+    snapshot (and without SNAPBUILD_TREE_IMAGES=always), the trees are written out."""
+    monkeypatch.setenv("SNAPBUILD_TREE_IMAGES", "1")
+    monkeypatch.delenv("SNAPBUILD_TRUST_POLICY", raising=False)
+    port, _, res = lib_snapshot
+    node = Store(tmp_path / "node")
+    out = run("libcounter:v1", registry=f"file://{store.home / 'registry'}", store=node)
+    try:
+        assert out["mode"] == "restore" and out["tree_images"].startswith("not used: the snapshot is not verified")
+        lib_dir = tree_dir(Path(os.environ["SNAPBUILD_RUN_ROOT"]), res.steps["lib"].artifact)
+        assert lib_dir.is_dir() and not treeimages.is_image_mount(lib_dir)
+        assert post(port, "/count")["count"] == 3
+    finally:
+        stop(out["pid"])
 
 
 def test_a_node_that_cannot_mount_images_writes_the_trees_out(lib_snapshot, store, tmp_path, monkeypatch):
