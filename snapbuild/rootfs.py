@@ -192,7 +192,10 @@ def cached_layer(digest: str, open_layer, cache: Path, *, user: str | None = Non
     or, with ``mount_image``, mounted from the layer's tree image by
     ``mount_image(folder)`` (see runtime.treeimages). ``user`` (a store's path) is
     recorded in the layer's marker, for :func:`release_layer`."""
-    hexpart = digest.split(":", 1)[1]
+    algo, _, hexpart = digest.partition(":")
+    if algo != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
+        raise UnsafeLayer(f"layer {digest!r} is not named by a sha256 digest", hint="the image is malformed or "
+                          "malicious; rebuild it from a trusted source")
     final = cache / hexpart
     marker = cache / f"{hexpart}{MARKER}"
     line = f"{user}\n" if user else ""

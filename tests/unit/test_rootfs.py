@@ -181,3 +181,11 @@ def test_copy_assembly_replaces_a_lower_symlink_instead_of_following_it(tmp_path
     assert list(outside.iterdir()) == []
     assert (tmp_path / "root/etc2/passwd").read_bytes() == b"pwned"
     assert not (tmp_path / "root/etc2").is_symlink()
+
+
+def test_a_layer_named_by_anything_but_a_digest_is_refused(tmp_path):
+    """The name becomes a folder of the layer cache: `sha256:../../x` must not."""
+    for bad in ("sha256:../../x", "sha256:" + "A" * 64, "md5:abc"):
+        with pytest.raises(UnsafeLayer, match="not named by a sha256 digest"):
+            cached_layer(bad, lambda: layer(("f", "file", b"x")), tmp_path / "cache")
+    assert not (tmp_path / "x").exists()
