@@ -151,7 +151,8 @@ def _schedule(plan: Plan, store: Store, pool: ThreadPoolExecutor, running: dict[
                 elif len(running) < jobs and all(d in statuses for d in deps):
                     remaining.remove(name)
                     reporter.step_started(ps)
-                    running[pool.submit(_run_step, plan, ps, store, statuses, cancel)] = name
+                    # A copy, taken here: this thread adds to ``statuses`` while the step runs.
+                    running[pool.submit(_run_step, plan, ps, store, dict(statuses), cancel)] = name
         if not running:
             return first_failure
         done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -163,7 +164,10 @@ def _schedule(plan: Plan, store: Store, pool: ThreadPoolExecutor, running: dict[
                 first_failure = name
 
 
-def _run_step(plan: Plan, ps: PlannedStep, store: Store, statuses: dict, cancel: threading.Event) -> StepResult:
+def _run_step(plan: Plan, ps: PlannedStep, store: Store, statuses: dict[str, StepResult],
+              cancel: threading.Event) -> StepResult:
+    """Run one step on a worker thread. ``statuses`` is the worker's own copy of the
+    steps finished when it started (every input among them)."""
     recipe = plan.recipe
     step = recipe.steps[ps.name]
     with store.building(ps.key):

@@ -178,3 +178,27 @@ def test_inputs_are_shared_and_in_place_writes_are_caught(recipe, store, project
     assert again.ok, {n: r.error for n, r in again.steps.items()}
     materialize(store.blobs, load_tree(store.blobs, again.steps["reader"].artifact), project / "got")
     assert (project / "got" / "out").read_text() == "original"
+
+
+def test_many_tiny_parallel_steps_never_race_on_the_statuses(recipe, tmp_path):
+    """Workers used to read the shared statuses while the scheduler added to them
+    ("dictionary changed size during iteration"). A tiny switch interval makes the
+    threads interleave inside such a loop, every few bytecodes."""
+    import sys
+
+    from snapbuild.store import Store
+
+    n = 300
+    path = recipe("name: many\nsteps:\n" + "".join(f"  s{i}: {{kind: files, root: src, include: [f{i}]}}\n"
+                                                    for i in range(n)))
+    (path.parent / "src").mkdir()
+    for i in range(n):
+        (path.parent / "src" / f"f{i}").write_text(str(i))
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for round_ in range(2):  # a fresh store each round: every step runs
+            [res] = build(path, store=Store(tmp_path / f"home{round_}"), jobs=8)
+            assert res.ok, {name: r.error for name, r in res.steps.items() if r.error}
+    finally:
+        sys.setswitchinterval(old)
