@@ -11,10 +11,12 @@ Layers are untrusted input; unpacking follows the model of Python's ``tarfile`` 
 filter (PEP 706). It refuses, with the offending entry named: absolute paths and
 ``..``; entries whose parent folder is a symlink (writing through it could land
 outside the root); hard links to anything but a file of this layer; device nodes;
-whiteouts of anything but a plain name (``.wh..``, ``.wh...``). setuid and setgid bits
-are dropped (:func:`layer_mode`; a folder's sticky bit is kept: it makes ``/tmp``
-safer, not less). Symlinks themselves may point anywhere: they are resolved inside
-the container.
+whiteouts of anything but a plain name (``.wh..``, ``.wh...``); ``trusted.*``
+extended attributes (overlayfs metadata). setuid and setgid bits are dropped
+(:func:`layer_mode`; a folder's sticky bit is kept: it makes ``/tmp`` safer, not
+less); file capabilities and ``user.*`` attributes are restored (:func:`layer_xattrs`),
+in a layer cache only root may enter. Symlinks themselves may point anywhere: they are
+resolved inside the container.
 """
 
 from __future__ import annotations
@@ -122,9 +124,11 @@ def unpack(stream: BinaryIO, dest: Path, *, layer: str = "layer") -> None:
                 continue
             if not m.isdir():
                 remove(target)
+            xattrs = layer_xattrs(m, layer) if m.pax_headers else []
             if m.isreg() and m.size <= SMALL_FILE:
                 data = tar.extractfile(m).read()
-                writes.submit(target, lambda t=target, d=data, m=m: _write_member(t, d, m, chown), len(data))
+                writes.submit(target, lambda t=target, d=data, m=m, x=xattrs: _write_member(t, d, m, chown, x),
+                              len(data))
                 continue
             if m.isdir():
                 if os.path.islink(target) or (os.path.lexists(target) and not target.is_dir()):
@@ -153,6 +157,8 @@ def unpack(stream: BinaryIO, dest: Path, *, layer: str = "layer") -> None:
                 continue
             if not m.issym() and chown:
                 os.lchown(target, m.uid, m.gid)
+            if not m.issym() and not m.islnk():
+                _set_xattrs(target, xattrs)
             # Times matter: Python trusts a .pyc only when its source's mtime matches.
             if m.isdir():
                 dir_times.append((target, int(m.mtime)))
@@ -164,6 +170,39 @@ def unpack(stream: BinaryIO, dest: Path, *, layer: str = "layer") -> None:
 
 SMALL_FILE = 8 << 20  # regular files up to this size are written on the writer threads
 
+# Extended attributes a layer may set (from its pax headers, as image.layers keeps
+# them): file capabilities (ping's cap_net_raw) and the user namespace. ``trusted.*``
+# is refused: overlayfs reads its own metadata there (whiteouts, opaque folders,
+# redirects to other paths), which only the unpacker itself may write.
+XATTR_PAX = ("SCHILY.xattr.", "LIBARCHIVE.xattr.")
+XATTRS_KEPT = ("security.capability",)
+XATTR_PREFIXES_KEPT = ("user.",)
+
+
+def layer_xattrs(m: tarfile.TarInfo, layer: str) -> list[tuple[str, bytes]]:
+    """The extended attributes of a layer's entry that are restored on unpack."""
+    import base64
+
+    out = []
+    for key, value in m.pax_headers.items():
+        prefix = next((p for p in XATTR_PAX if key.startswith(p)), None)
+        if prefix is None:
+            continue
+        name = key[len(prefix):]
+        if name.startswith("trusted."):
+            raise UnsafeLayer(f"layer {layer}: entry {m.name!r} sets {name}, which only the unpacker may set "
+                              "(overlayfs metadata)")
+        if name in XATTRS_KEPT or name.startswith(XATTR_PREFIXES_KEPT):
+            raw = value.encode("utf-8", "surrogateescape")
+            out.append((name, base64.b64decode(raw) if prefix == "LIBARCHIVE.xattr." else raw))
+    return out
+
+
+def _set_xattrs(target: Path, xattrs: list[tuple[str, bytes]]) -> None:
+    """After chown, which clears file capabilities."""
+    for name, value in xattrs:
+        os.setxattr(target, name, value, follow_symlinks=False)
+
 
 def _create(target: Path) -> BinaryIO:
     """A new file at ``target``, never opened through a symlink there."""
@@ -171,12 +210,14 @@ def _create(target: Path) -> BinaryIO:
     return os.fdopen(fd, "wb")
 
 
-def _write_member(target: Path, data: bytes, m: tarfile.TarInfo, chown: bool) -> None:
+def _write_member(target: Path, data: bytes, m: tarfile.TarInfo, chown: bool,
+                  xattrs: list[tuple[str, bytes]]) -> None:
     with _create(target) as out:
         out.write(data)
     os.chmod(target, layer_mode(m.mode))
     if chown:
         os.lchown(target, m.uid, m.gid)
+    _set_xattrs(target, xattrs)
     os.utime(target, (int(m.mtime), int(m.mtime)))
 
 
@@ -196,6 +237,9 @@ def cached_layer(digest: str, open_layer, cache: Path, *, user: str | None = Non
     if algo != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
         raise UnsafeLayer(f"layer {digest!r} is not named by a sha256 digest", hint="the image is malformed or "
                           "malicious; rebuild it from a trusted source")
+    # Root only: layers keep file capabilities, which nobody else may reach and run.
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(cache, 0o700)
     final = cache / hexpart
     marker = cache / f"{hexpart}{MARKER}"
     line = f"{user}\n" if user else ""

@@ -8,6 +8,7 @@ filesystem comes from ci/make-rootfs.sh (cached on disk by its package list).
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -56,8 +57,12 @@ def test_container_numpy_restores_on_a_clean_node_side_by_side(base_rootfs, dock
     shutil.rmtree(home)
     for var in ("SNAPBUILD_RUN_ROOT", "SNAPBUILD_IMAGE_CACHE"):
         shutil.rmtree(os.environ[var], ignore_errors=True)
-    node = {"SNAPBUILD_HOME": str(tmp_path / "node")}
     reg = f"file://{registry}"
+    # Signed, and the node's policy trusts the key: only then are tree images mounted.
+    assert run_cli("keygen", tmp_path / "ci.key").code == 0
+    assert run_cli("sign", "container-numpy:dev", "--key", tmp_path / "ci.key", "--registry", reg).code == 0
+    (tmp_path / "policy.json").write_text(json.dumps({"snapshots": {"container-numpy": [str(tmp_path / "ci.key.pub")]}}))
+    node = {"SNAPBUILD_HOME": str(tmp_path / "node"), "SNAPBUILD_TRUST_POLICY": str(tmp_path / "policy.json")}
 
     p1, p2 = free_port(), free_port()
     started = []
@@ -356,3 +361,29 @@ def test_run_exercises_run_inside_the_container(base_rootfs, dockerd, recipe, pr
         assert post(int(out["address"].rsplit(":", 1)[1]), "/count")["count"] == 3
     finally:
         stop(out["container"])
+
+
+def test_a_file_capability_set_in_an_image_survives_a_node_unpacking_its_layer(recipe, project, store, tmp_path):
+    """ping's cap_net_raw, as `setcap cap_net_raw+ep` leaves it in a root filesystem tar
+    (a SCHILY.xattr pax header): the image step keeps it in its layer, and a node that
+    unpacks the layer restores it (real image step, real unpack; no Docker needed)."""
+    from snapbuild.build import build
+    from snapbuild.runtime.container import layer_dirs
+
+    cap = (0x02000001).to_bytes(4, "little") + (1 << 13).to_bytes(4, "little") + bytes(12)
+    root_tar = project / "root.tar"
+    with tarfile.open(root_tar, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("bin",):
+            d = tarfile.TarInfo(name)
+            d.type, d.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(d)
+        info = tarfile.TarInfo("bin/ping")
+        info.size, info.mode = 4, 0o755
+        info.pax_headers = {"SCHILY.xattr.security.capability": cap.decode("utf-8", "surrogateescape")}
+        tar.addfile(info, io.BytesIO(b"\x7fELF"))
+    path = recipe(f'name: caps\nsteps:\n  base: {{kind: image, from: "rootfs:{root_tar}"}}\n')
+    [res] = build(path, store=store)
+    assert res.ok, res.steps["base"].error
+    [layer] = layer_dirs(store.blobs, res.steps["base"].artifact, tmp_path / "node-layers")
+    assert os.getxattr(layer / "bin" / "ping", "security.capability") == cap
+    assert os.stat(tmp_path / "node-layers").st_mode & 0o777 == 0o700, "only root may reach a capability binary"

@@ -189,3 +189,38 @@ def test_a_layer_named_by_anything_but_a_digest_is_refused(tmp_path):
         with pytest.raises(UnsafeLayer, match="not named by a sha256 digest"):
             cached_layer(bad, lambda: layer(("f", "file", b"x")), tmp_path / "cache")
     assert not (tmp_path / "x").exists()
+
+
+# cap_net_raw+ep, as `setcap cap_net_raw+ep` writes it (VFS_CAP_REVISION_2, 20 bytes)
+CAP_NET_RAW = (0x02000001).to_bytes(4, "little") + (1 << 13).to_bytes(4, "little") + bytes(12)
+
+
+def _xattr_layer(pax: dict) -> io.BytesIO:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("bin/ping")
+        info.size, info.mode, info.pax_headers = 2, 0o755, pax
+        tar.addfile(info, io.BytesIO(b"#!"))
+    buf.seek(0)
+    return buf
+
+
+def test_file_capabilities_and_user_xattrs_are_restored(tmp_path):
+    import base64
+
+    raw = CAP_NET_RAW.decode("utf-8", "surrogateescape")
+    unpack(_xattr_layer({"SCHILY.xattr.security.capability": raw, "SCHILY.xattr.user.origin": "debian",
+                         "SCHILY.xattr.security.selinux": "system_u"}), tmp_path / "a")
+    assert os.getxattr(tmp_path / "a/bin/ping", "security.capability") == CAP_NET_RAW
+    assert os.getxattr(tmp_path / "a/bin/ping", "user.origin") == b"debian"
+    if "security.selinux" in os.listxattr(tmp_path / "a/bin/ping"):  # the host's own label, not the layer's
+        assert os.getxattr(tmp_path / "a/bin/ping", "security.selinux") != b"system_u"
+    unpack(_xattr_layer({"LIBARCHIVE.xattr.security.capability": base64.b64encode(CAP_NET_RAW).decode()}),
+           tmp_path / "b")
+    assert os.getxattr(tmp_path / "b/bin/ping", "security.capability") == CAP_NET_RAW
+
+
+def test_overlay_metadata_from_a_layer_is_refused(tmp_path):
+    """trusted.overlay.redirect would send overlayfs to another path of the lower layers."""
+    with pytest.raises(UnsafeLayer, match="trusted.overlay.redirect"):
+        unpack(_xattr_layer({"SCHILY.xattr.trusted.overlay.redirect": "/etc"}), tmp_path / "root")
