@@ -69,6 +69,15 @@ def built(tmp_path_factory):
                 os.environ[k] = v
 
 
+@pytest.fixture(autouse=True)
+def _node_run_root(request, _machine_dirs, monkeypatch):
+    """A node restores with the run root the snapshots were built for (the runner
+    refuses a snapshot of another run root)."""
+    if "built" in request.fixturenames:
+        store, _ = request.getfixturevalue("built")
+        monkeypatch.setenv("SNAPBUILD_RUN_ROOT", str(store.home / "run-root"))
+
+
 @pytest.mark.parametrize("name", ["numpy-server", "torch-mlp", "torch-mlp-mmap"])
 def test_restored_server_answers_like_the_warm_one(built, name):
     store, ports = built
