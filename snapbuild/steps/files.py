@@ -15,7 +15,6 @@ the cache; editing a byte, renaming a file or flipping an executable bit does no
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from pathlib import Path
@@ -25,6 +24,7 @@ import pathspec
 from pydantic import Field
 
 from ..errors import StepError
+from ..store.fsutil import file_digest
 from ..store.tree import build_tree
 from .base import BuildContext, PinContext, StepSpec
 
@@ -39,20 +39,12 @@ class FilesSpec(StepSpec):
     KEYLESS: ClassVar[frozenset[str]] = StepSpec.KEYLESS | {"root", "include", "exclude"}
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
 def file_pin(path: Path) -> str:
     """A local file's identity in a key: ``MODE:sha256:...``, or ``symlink:TARGET``."""
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
         return "symlink:" + os.readlink(path)
-    return f"{stat.S_IMODE(st.st_mode):o}:{_file_digest(path)}"
+    return f"{stat.S_IMODE(st.st_mode):o}:{file_digest(path)}"
 
 
 def select(spec: FilesSpec, base_dir: Path) -> tuple[Path, list[tuple[str, Path]]]:

@@ -38,7 +38,8 @@ from ..image import layers as L
 from ..runtime.container import IMAGE_JSON
 from ..store.tree import build_tree
 from .base import BuildContext, PinContext, StepSpec
-from .files import _file_digest, file_pin
+from ..store.fsutil import file_digest
+from .files import file_pin
 
 EXTERNAL_PREFIXES = ("rootfs:", "docker-archive:", "oci-archive:", "docker://")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -254,7 +255,7 @@ def _pin_external(ref: str, base_dir: Path) -> dict:
                               "docker-archive": "make one with `docker save IMAGE -o FILE`",
                               "oci-archive": "make one with `skopeo copy docker://IMAGE oci-archive:FILE`"}[kind]
                         + "; the path is relative to the recipe's folder")
-    return {"file": _file_digest(path)}
+    return {"file": file_digest(path)}
 
 
 def _pin_registry(ref: str) -> dict:

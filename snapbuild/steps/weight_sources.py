@@ -8,11 +8,15 @@ folder, returning ``{path: local file}``. Build-side only (huggingface_hub, boto
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import StepError
-from .steps.files import _file_digest
-from .steps.weights import WeightsSpec, walk_folder
+from ..errors import StepError
+from ..store.fsutil import file_digest
+
+if TYPE_CHECKING:  # the spec's class lives in steps.weights, which imports this module
+    from .weights import WeightsSpec
 
 
 def _rest(source: str) -> str:
@@ -31,7 +35,7 @@ class FileSource:
 
     def resolve(self, spec: WeightsSpec, base_dir: Path) -> dict:
         files = walk_folder(self.folder(spec, base_dir), spec)
-        return {"files": {rel: {"sha256": _file_digest(p).split(":", 1)[1], "size": p.stat().st_size}
+        return {"files": {rel: {"sha256": file_digest(p).split(":", 1)[1], "size": p.stat().st_size}
                           for rel, p in files.items()}}
 
     def fetch(self, spec: WeightsSpec, ctx, scratch: Path) -> dict[str, Path]:
@@ -162,3 +166,25 @@ class S3Source:
             out[rel] = dest
             ctx.log.write(f"fetched {rel} ({meta['size']} bytes)\n")
         return out
+
+
+def walk_folder(root: Path, spec: WeightsSpec) -> dict[str, Path]:
+    """The selected regular files under ``root``; a link that leads outside it is an error."""
+    out = {}
+    real_root = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            path = Path(dirpath, name)
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                target = path.resolve()
+                if target != real_root and real_root not in target.parents:
+                    raise StepError(f"{spec.source}: {rel} is a link to {os.readlink(path)}, outside the folder",
+                                    hint="weights are copied by content; a link out of the folder is refused")
+            st = os.stat(path) if path.exists() else None
+            if st is None or not stat.S_ISREG(st.st_mode):
+                continue
+            if spec.selected(rel):
+                out[rel] = path
+    return out

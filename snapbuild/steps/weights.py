@@ -21,10 +21,7 @@ login; boto3's credential chain) and never reach keys, logs or snapshots.
 from __future__ import annotations
 
 import fnmatch
-import os
 import shutil
-import stat
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -32,7 +29,7 @@ from pydantic import Field, field_validator
 from ..errors import StepError
 from ..store.tree import build_tree
 from .base import BuildContext, PinContext, StepSpec
-from .files import _file_digest
+from .weight_sources import FileSource, HubSource, S3Source
 
 SCHEMES = ("hf://", "s3://", "file://")
 
@@ -103,8 +100,6 @@ class WeightsStep:
 
 
 def _source(spec: WeightsSpec):
-    from ..weights import FileSource, HubSource, S3Source
-
     return {"hf": HubSource, "s3": S3Source, "file": FileSource}[spec.source.split("://", 1)[0]]()
 
 
@@ -127,26 +122,4 @@ def _check_against_pins(spec: WeightsSpec, tree: dict, pins: dict) -> None:
             raise StepError(f"{spec.source}: {path} is {got[path]['size']} bytes, expected {meta['size']}")
 
 
-def walk_folder(root: Path, spec: WeightsSpec) -> dict[str, Path]:
-    """The selected regular files under ``root``; a link that leads outside it is an error."""
-    out = {}
-    real_root = root.resolve()
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            path = Path(dirpath, name)
-            rel = path.relative_to(root).as_posix()
-            if path.is_symlink():
-                target = path.resolve()
-                if target != real_root and real_root not in target.parents:
-                    raise StepError(f"{spec.source}: {rel} is a link to {os.readlink(path)}, outside the folder",
-                                    hint="weights are copied by content; a link out of the folder is refused")
-            st = os.stat(path) if path.exists() else None
-            if st is None or not stat.S_ISREG(st.st_mode):
-                continue
-            if spec.selected(rel):
-                out[rel] = path
-    return out
-
-
-__all__ = ["WeightsSpec", "WeightsStep", "walk_folder", "_file_digest"]
+__all__ = ["WeightsSpec", "WeightsStep"]

@@ -166,3 +166,11 @@ class ParallelWrites:
                 self.drain()
         finally:
             self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+
+
+def file_digest(path) -> str:
+    """``sha256:<hex>`` of a file's content (hashlib.file_digest: read in large blocks)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()

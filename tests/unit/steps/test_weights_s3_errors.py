@@ -10,7 +10,7 @@ from botocore.stub import Stubber
 
 from snapbuild.errors import StepError
 from snapbuild.steps.weights import WeightsSpec
-from snapbuild.weights import S3Source
+from snapbuild.steps.weight_sources import S3Source
 
 
 @pytest.mark.parametrize("code, message", [
