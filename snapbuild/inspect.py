@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from .registry import default_registry_url, open_registry, parse_ref
-from .runtime.validate import secret_names
+from .schema import secret_names
 from .signing import is_referrers_tag
 from .store import Store
 from .store.snapshot import parse_manifest

@@ -257,7 +257,7 @@ def pull(ref, registry, jobs, as_json):
     """
     from ..registry import default_registry_url, open_registry, parse_ref
     from ..registry.transfer import copy
-    from ..runtime.validate import check_snapshot
+    from ..schema import check_snapshot
     from ..store import Store
 
     store = Store()

@@ -54,7 +54,7 @@ def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: st
     store holds them all; ``parse`` checks the manifest (a snapshot's by default).
     ``check(manifest)``, called once the config and tree blobs are in (and before any
     other blob is fetched), raises for a snapshot that must not be used (see
-    runtime.validate.check_snapshot). ``select(manifest)``, called then, may name the
+    schema.check_snapshot). ``select(manifest)``, called then, may name the
     only blobs wanted (a set), or None for all (see snapshot.image_selection).
     Returns the manifest, its digest, counts and timings."""
     t0 = time.monotonic()

@@ -15,7 +15,7 @@ from ..registry import default_registry_url, open_registry, parse_ref
 from ..store import Store
 from ..registry.transfer import fetch
 from ..runtime import treeimages
-from ..runtime.validate import check_snapshot
+from ..schema import check_snapshot
 from ..store.snapshot import image_selection, load_config, referenced_blobs
 from ..store.tree import load_tree, materialize
 

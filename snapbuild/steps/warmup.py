@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import StepError
 from ..runtime.mounts import check_destination
-from ..runtime.validate import ready_file_problem, secret_names
+from ..schema import ready_file_problem, secret_names
 from .base import StepSpec
 
 

@@ -1,0 +1,361 @@
+"""What crosses from the build to the node, typed: the snapshot config, its runtime
+section (``checkpoint.json``), the server spec and the tree-image index.
+
+The build writes these with ``to_json``; a node reads them with ``from_json``, which
+checks every field and names the one that is wrong (``runtime.server.mounts['/etc']:
+...``). A snapshot comes from a registry: it is a recipe in disguise, so the paths in
+it are held to the rules the recipe loader applies (:func:`mount_point_problem`,
+:func:`ready_file_problem`, plain names) and to this node (its run root). A section
+of a newer format than this snapbuild reads is refused with "upgrade snapbuild".
+
+What these checks cannot stop is what the snapshot runs: a host-process snapshot's
+``argv`` is a command run as root. Only a trust policy decides whether a snapshot may
+do that (docs/registries.md, "Threat model").
+
+Standard library only (plus the store's path rules): this is imported on nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import IntegrityError
+from .store.securefs import unsafe_name
+
+#: The snapshot config's ``format``, and the runtime section's (checkpoint.json).
+CONFIG_FORMAT = 1
+RUNTIME_FORMAT = 1
+
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")  # a recipe's name
+ENGINES = ("host", "runc", "runsc")
+CONTAINER_ENGINES = ("runc", "runsc")
+ENGINE_OPTIONS = ("compression", "direct", "background", "nvproxy")  # steps.checkpoint.RunscOptions
+#: Where a ``file`` probe may point: the runner removes a stale one before each start.
+READY_FILE_DIRS = ("/tmp/", "/var/tmp/", "/run/", "/dev/shm/")
+#: Mount points that would cover the system (and everything below /proc, /sys, /dev).
+SYSTEM_PATHS = frozenset({"/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run", "/sbin",
+                          "/sys", "/tmp", "/usr", "/var"})
+_SECRET = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|_KEY$|^KEY$|API_?KEY", re.IGNORECASE)
+
+
+class SchemaError(IntegrityError):
+    """A snapshot's config or runtime section that this node must not use (exit 5)."""
+
+
+# --- the rules, shared with the recipe loader ---------------------------------------------
+
+def mount_point_problem(dest: str) -> str | None:
+    """Why ``dest`` cannot be a mount point (None when it can)."""
+    if not dest.startswith("/") or ".." in dest.split("/") or "\0" in dest:
+        return f"mount point {dest!r} must be an absolute path without '..'"
+    norm = os.path.normpath(dest)
+    if norm in SYSTEM_PATHS or norm.startswith(("/proc/", "/sys/", "/dev/")):
+        return f"mount point {dest!r} would cover a system path"
+    return None
+
+
+def ready_file_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a ``file`` readiness probe (None when it can): the runner
+    deletes a stale ready file before each start, so it must be a scratch path."""
+    if not path.startswith("/") or ".." in path.split("/") or "\0" in path:
+        return f"ready file {path!r} must be an absolute path without '..'"
+    if not path.startswith(READY_FILE_DIRS) or os.path.normpath(path) + "/" in READY_FILE_DIRS:
+        return (f"ready file {path!r} must be below one of {', '.join(d.rstrip('/') for d in READY_FILE_DIRS)}: "
+                "the runner removes a stale one before each start")
+    return None
+
+
+def secret_names(env: dict) -> list[str]:
+    """The names in ``env`` that look like secrets (``*TOKEN*``, ``*SECRET*``,
+    ``*PASSWORD*``, ``*_KEY``, ``HF_TOKEN``...): a warm server's memory, and so its
+    checkpoint, holds what it read from them."""
+    return sorted(k for k in env if _SECRET.search(k))
+
+
+def node_run_root() -> Path:
+    """Where servers run from on this machine (``$SNAPBUILD_RUN_ROOT``)."""
+    from .runtime.process import run_root
+
+    return run_root()
+
+
+# --- reading checked JSON -----------------------------------------------------------------
+
+class _Doc:
+    """A JSON object being read, with the path of keys to it, for error messages."""
+
+    def __init__(self, doc: object, where: str) -> None:
+        if not isinstance(doc, dict):
+            raise SchemaError(f"{where} is not an object")
+        self.doc, self.where = doc, where
+
+    def fail(self, key: str, why: str) -> SchemaError:
+        return SchemaError(f"{self.where}.{key}: {why}")
+
+    def has(self, key: str) -> bool:
+        return self.doc.get(key) is not None
+
+    def text(self, key: str, *, optional: bool = False, pattern: re.Pattern | None = None) -> Any:
+        v = self.doc.get(key)
+        if v is None and optional:
+            return None
+        if not isinstance(v, str) or "\0" in v:
+            raise self.fail(key, "is not a string")
+        if pattern is not None and not pattern.match(v):
+            raise self.fail(key, f"{v!r} does not match {pattern.pattern}")
+        return v
+
+    def digest(self, key: str, *, optional: bool = False) -> Any:
+        return self.text(key, optional=optional, pattern=DIGEST_RE)
+
+    def integer(self, key: str, default: int | None = None) -> int:
+        v = self.doc.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise self.fail(key, "is not an integer")
+        return v
+
+    def mapping(self, key: str, *, optional: bool = False) -> Any:
+        v = self.doc.get(key)
+        if v is None and optional:
+            return None
+        if not isinstance(v, dict):
+            raise self.fail(key, "is not an object")
+        return v
+
+    def strings(self, key: str) -> dict[str, str]:
+        v = self.doc.get(key) or {}
+        if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) and "\0" not in x
+                                               for k, x in v.items()):
+            raise self.fail(key, "does not map strings to strings")
+        return dict(v)
+
+    def items(self, key: str, item: type) -> list:
+        v = self.doc.get(key) or []
+        if not isinstance(v, list) or not all(isinstance(x, item) and not isinstance(x, bool) for x in v):
+            raise self.fail(key, f"is not a list of {item.__name__}")
+        return list(v)
+
+    def version(self, key: str, supported: int, what: str) -> int:
+        v = self.integer(key)
+        if v > supported:
+            raise SchemaError(f"{self.where}: {what} format {v} is newer than this snapbuild reads ({supported})",
+                              hint="upgrade snapbuild on this machine to the version that built the snapshot")
+        if v < 1:
+            raise self.fail(key, f"{what} format {v} does not exist")
+        return v
+
+
+def _digest_map(d: _Doc, key: str, names: bool = False) -> dict[str, str]:
+    m = d.strings(key)
+    for k, v in m.items():
+        if (unsafe_name(k) if names else not DIGEST_RE.match(k)) or not DIGEST_RE.match(v):
+            raise d.fail(f"{key}[{k!r}]", "must map a " + ("plain step name" if names else "digest") + " to a digest")
+    return m
+
+
+# --- the types -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TreeImages:
+    """``tree_images``: input tree (or layer) digest -> the digest of its EROFS image tree."""
+
+    format: str = "erofs"
+    trees: dict[str, str] = field(default_factory=dict)
+    layers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, doc: object, where: str = "tree_images") -> TreeImages:
+        d = _Doc(doc, where)
+        if d.text("format") != "erofs":
+            raise d.fail("format", f"{d.doc['format']!r} is not erofs")
+        return cls(format="erofs", trees=_digest_map(d, "trees"), layers=_digest_map(d, "layers"))
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def images(self) -> list[str]:
+        return [*self.trees.values(), *self.layers.values()]
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """How to start the server, for a restore and a cold boot alike (``runtime.server``)."""
+
+    name: str
+    argv: list[str]
+    ready: dict[str, Any]
+    run_root: str
+    run_dir: str
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    inputs: dict[str, str] = field(default_factory=dict)
+    mounts: dict[str, str] = field(default_factory=dict)
+    # a container's
+    image: str | None = None
+    image_step: str | None = None
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    image_config: dict[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, doc: object, where: str, engine: str, node_root: Path | None) -> ServerSpec:
+        d = _Doc(doc, where)
+        name = d.text("name", pattern=NAME_RE)
+        argv = d.items("argv", str)
+        if not argv or any("\0" in a for a in argv):
+            raise d.fail("argv", "is not a non-empty list of strings")
+        run_root, run_dir = d.text("run_root"), d.text("run_dir")
+        if node_root is not None and run_root != str(node_root):
+            raise SchemaError(f"{where}.run_root: {run_root!r} is not this node's run root {str(node_root)!r} "
+                              "($SNAPBUILD_RUN_ROOT): the build machine and the node must agree",
+                              hint=f"set SNAPBUILD_RUN_ROOT={run_root} on this node, or build with this node's")
+        if not re.fullmatch(re.escape(f"{run_root}/run/{name}-") + "[0-9a-f]{16}", run_dir):
+            raise d.fail("run_dir", f"{run_dir!r} is not {run_root}/run/{name}-<key> under the run root")
+        inputs = _digest_map(d, "inputs", names=True)
+        mounts = d.strings("mounts")
+        for dest, step in mounts.items():
+            why = mount_point_problem(dest)
+            if why:
+                raise d.fail(f"mounts[{dest!r}]", why)
+            if step not in inputs:
+                raise d.fail(f"mounts[{dest!r}]", f"names {step!r}, which is not one of the server's inputs")
+        ready = d.mapping("ready")
+        if "file" in ready:
+            why = "a container's ready probe cannot be a file on the node" if engine != "host" else \
+                ready_file_problem(str(ready["file"]))
+            if why:
+                raise d.fail("ready.file", why)
+        spec = cls(name=name, argv=argv, ready=ready, run_root=run_root, run_dir=run_dir, env=d.strings("env"),
+                   cwd=d.text("cwd", optional=True), inputs=inputs, mounts=mounts)
+        if engine not in CONTAINER_ENGINES:
+            return spec
+        options = d.mapping("engine_options", optional=True) or {}
+        unknown = sorted(set(options) - set(ENGINE_OPTIONS))
+        if unknown:
+            raise d.fail("engine_options", f"{', '.join(unknown)} are not options of a container engine")
+        step = d.text("image_step")
+        if unsafe_name(step):
+            raise d.fail("image_step", "is not a plain step name")
+        return replace(spec, image=d.digest("image"), image_step=step, engine_options=dict(options),
+                       image_config=d.mapping("image_config"))
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in asdict(self).items()
+               if k not in ("image", "image_step", "engine_options", "image_config")}
+        if self.image is not None:
+            out.update(image=self.image, image_step=self.image_step, engine_options=self.engine_options,
+                       image_config=self.image_config)
+        return out
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A snapshot's ``runtime`` section: ``checkpoint.json`` plus ``step`` and ``artifact``."""
+
+    engine: str
+    process: str
+    server: ServerSpec
+    format: int = RUNTIME_FORMAT
+    pids: list[int] = field(default_factory=list)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    gpu: dict[str, Any] | None = None
+    after_restore: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    step: str | None = None
+    artifact: str | None = None
+
+    @property
+    def in_container(self) -> bool:
+        return self.engine in CONTAINER_ENGINES
+
+    @classmethod
+    def from_json(cls, doc: object, where: str = "runtime", node_root: Path | None = None) -> Runtime:
+        """``node_root``: this node's run root, which the snapshot's must equal (None:
+        not checked, for a machine that only reads the section)."""
+        d = _Doc(doc, where)
+        fmt = d.version("format", RUNTIME_FORMAT, "checkpoint")
+        engine = d.text("engine")
+        if engine not in ENGINES:
+            raise d.fail("engine", f"{engine!r} is not one of {', '.join(ENGINES)}")
+        pids = d.items("pids", int)
+        if any(p < 2 for p in pids):
+            raise d.fail("pids", "are not process ids")
+        step = d.text("step", optional=True)
+        if step is not None and unsafe_name(step):
+            raise d.fail("step", "is not a plain step name")
+        return cls(format=fmt, engine=engine, process=d.text("process"),
+                   server=ServerSpec.from_json(d.doc.get("server"), f"{where}.server", engine, node_root),
+                   pids=pids, fingerprint=d.mapping("fingerprint", optional=True) or {},
+                   gpu=d.mapping("gpu", optional=True), after_restore=d.items("after_restore", dict),
+                   stats=d.mapping("stats", optional=True) or {}, step=step, artifact=d.digest("artifact", optional=True))
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["server"] = self.server.to_json()
+        for k in ("step", "artifact"):
+            if out[k] is None:
+                del out[k]
+        return out
+
+
+@dataclass(frozen=True)
+class SnapshotConfig:
+    """The config blob of a snapshot (docs/format.md, "Snapshot format v1")."""
+
+    name: str
+    outputs: dict[str, str]
+    variant: dict[str, Any] = field(default_factory=dict)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    runtime: Runtime | None = None
+    tree_images: TreeImages | None = None
+    created_by: str | None = None
+    format: int = CONFIG_FORMAT
+
+    @classmethod
+    def from_json(cls, doc: object, where: str = "config", node_root: Path | None = None) -> SnapshotConfig:
+        d = _Doc(doc, where)
+        fmt = d.version("format", CONFIG_FORMAT, "snapshot")
+        name = d.text("name", pattern=NAME_RE)
+        outputs = _digest_map(d, "outputs", names=True)
+        runtime = Runtime.from_json(d.doc["runtime"], f"{where}.runtime", node_root) if d.has("runtime") else None
+        images = TreeImages.from_json(d.doc["tree_images"], f"{where}.tree_images") if d.has("tree_images") else None
+        if runtime is not None:
+            needed = {runtime.artifact, *runtime.server.inputs.values(), runtime.server.image} - {None}
+            missing = sorted(needed - set(outputs.values()))
+            if missing:
+                raise d.fail("runtime", f"needs tree {missing[0]}, which is not one of the outputs")
+        return cls(format=fmt, name=name, outputs=outputs, variant=d.mapping("variant", optional=True) or {},
+                   steps=d.items("steps", dict), runtime=runtime, tree_images=images,
+                   created_by=d.text("created_by", optional=True))
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"format": self.format, "name": self.name, "variant": self.variant,
+                               "outputs": dict(sorted(self.outputs.items())), "steps": self.steps,
+                               "runtime": self.runtime.to_json() if self.runtime else None,
+                               "created_by": self.created_by}
+        if self.tree_images is not None:
+            out["tree_images"] = self.tree_images.to_json()
+        return out
+
+
+def check_snapshot(blobs, manifest: dict, where: str) -> SnapshotConfig:
+    """The config of snapshot ``manifest`` (named ``where``; its config and tree blobs in
+    ``blobs``), once its format (store.snapshot.layout_problem) and every field of its
+    config pass, for this node; an IntegrityError (exit 5) saying what is wrong otherwise."""
+    from .store.snapshot import layout_problem, load_config
+
+    problem = layout_problem(blobs, manifest)
+    if problem:
+        raise IntegrityError(f"snapshot {where}: {problem}; refusing it",
+                             hint="the registry or cache holds a corrupt or hostile snapshot; do not use it, "
+                                  "and find out who pushed it")
+    try:
+        return SnapshotConfig.from_json(load_config(blobs, manifest), "config", node_run_root())
+    except SchemaError as e:
+        raise SchemaError(f"snapshot {where}: {e.message}; refusing it",
+                          hint=e.hint or "the registry or cache holds a corrupt or hostile snapshot (or one built "
+                                         "for another node layout); do not use it, and find out who pushed it") from None
