@@ -24,11 +24,11 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
 import tarfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterable
 
+from . import tools
 from .errors import IntegrityError, SnapbuildError
 from .store.fsutil import ParallelWrites, flock
 
@@ -360,9 +360,8 @@ def overlay_mount(layers: list[Path], upper: Path, work: Path, target: Path) -> 
     for d in (upper, work, target):
         d.mkdir(parents=True, exist_ok=True)
     lower = ":".join(str(p) for p in reversed(layers))
-    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                        f"lowerdir={lower},upperdir={upper},workdir={work}", str(target)],
-                       capture_output=True, text=True)
+    r = tools.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}",
+                   str(target)], what=f"overlay mount at {target}")
     if r.returncode != 0:
         raise SnapbuildError(f"overlay mount failed: {r.stderr.strip()}")
 

@@ -11,9 +11,9 @@ import functools
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
+from .. import tools
 from ..errors import SnapbuildError
 
 MIN_VERSION = (4, 2)
@@ -44,7 +44,7 @@ def binary() -> str:
 
 @functools.lru_cache(maxsize=1)
 def version() -> str:
-    out = subprocess.run([binary(), "--version"], capture_output=True, text=True).stdout
+    out = tools.run([binary(), "--version"], tool="criu", timeout=30, what="criu --version", error=CriuError).stdout
     m = re.search(r"Version:\s*(\S+)", out)
     if not m:
         raise CriuError(f"cannot read the version of {binary()}: {out.strip()!r}", hint=SETUP_HINT)
@@ -69,7 +69,7 @@ def errors_from_log(log: Path, n: int = 8) -> str:
 
 
 def run(args: list[str], *, log: Path, what: str) -> None:
-    r = subprocess.run([binary(), *args, "-o", str(log.name), "-v4"], capture_output=True, text=True)
+    r = tools.run([binary(), *args, "-o", str(log.name), "-v4"], tool="criu", what=f"criu {what}", error=CriuError)
     if r.returncode != 0:
         excerpt = errors_from_log(log) or r.stderr.strip()[-1000:]
         raise CriuError(f"criu {what} failed (exit {r.returncode}):\n{excerpt}", log_excerpt=excerpt,

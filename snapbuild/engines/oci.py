@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from .. import tools
 from ..errors import SnapbuildError
 from . import criu
 from .fingerprint import host_fingerprint
@@ -41,7 +42,7 @@ class OciEngine:
             criu.check_version()
 
     def version(self) -> str:
-        out = subprocess.run([self.path(), "--version"], capture_output=True, text=True).stdout
+        out = tools.run([self.path(), "--version"], tool=self.binary, timeout=30).stdout
         m = re.search(r"version\s+(\S+)", out)
         return m.group(1) if m else out.strip().splitlines()[0] if out.strip() else "unknown"
 
@@ -54,7 +55,7 @@ class OciEngine:
 
     def _run(self, args: list[str], what: str, log: Path | None = None, options: dict | None = None) -> None:
         argv = [self.path(), *self.global_flags, *self.option_flags(options or {}), *args]
-        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        r = tools.run(argv, tool=self.binary, what=f"{self.binary} {what}", error=OciRuntimeError)
         if r.returncode != 0:
             excerpt = (criu.errors_from_log(log) if log and log.exists() else "") or r.stderr.strip()[-1500:]
             raise OciRuntimeError(f"{self.binary} {what} failed (exit {r.returncode}):\n{excerpt}",
@@ -80,17 +81,18 @@ class OciEngine:
 
     def exec(self, cid: str, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
         """Run a command inside the running container (its environment and namespaces)."""
-        return subprocess.run([self.path(), *self.global_flags, "exec", cid, *argv], stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=timeout)
+        return tools.run_killing_group([self.path(), *self.global_flags, "exec", cid, *argv], timeout=timeout)
 
     def state(self, cid: str) -> dict | None:
         import json
 
-        r = subprocess.run([self.path(), *self.global_flags, "state", cid], capture_output=True, text=True)
+        r = tools.run([self.path(), *self.global_flags, "state", cid], tool=self.binary, timeout=60,
+                      error=OciRuntimeError)
         return json.loads(r.stdout) if r.returncode == 0 else None
 
     def delete(self, cid: str) -> None:
-        subprocess.run([self.path(), *self.global_flags, "delete", "--force", cid], capture_output=True)
+        tools.run([self.path(), *self.global_flags, "delete", "--force", cid], tool=self.binary, timeout=120,
+                  error=OciRuntimeError)
 
 
 class RunscEngine(OciEngine):

@@ -24,6 +24,7 @@ import subprocess
 import time
 
 from ..errors import SnapbuildError
+from ..tools import run_killing_group
 
 STATES = ("running", "locked", "checkpointed", "failed")
 
@@ -43,7 +44,7 @@ class ToolBackend:
 
     name = "tool"
 
-    def __init__(self, binary: str = "cuda-checkpoint", *, prefix: list[str] | None = None, run=subprocess.run):
+    def __init__(self, binary: str = "cuda-checkpoint", *, prefix: list[str] | None = None, run=run_killing_group):
         self.binary, self.prefix, self._run = binary, list(prefix or []), run
 
     def argv(self, action: str, pid: int, timeout_s: float | None = None) -> list[str]:

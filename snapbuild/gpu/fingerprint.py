@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 from ..engines.fingerprint import Mismatch
+from ..tools import run_killing_group
 
 QUERY = "index,name,uuid,compute_cap,memory.total,driver_version,mig.mode.current"
 
@@ -60,7 +61,7 @@ def from_smi(query_text: str, banner_text: str) -> dict | None:
     }
 
 
-def node_gpus(run=subprocess.run) -> dict | None:
+def node_gpus(run=run_killing_group) -> dict | None:
     """This node's NVIDIA GPUs (see ``from_smi``), or None when it has none (no
     nvidia-smi, or no device it can see)."""
     smi = shutil.which("nvidia-smi")

@@ -72,9 +72,9 @@ def sandbox_cuda_pids(prefix: list[str], run) -> list[int]:
 def suspend_sandbox(engine, cid: str, opts, say, run=None) -> dict:
     """Before ``runsc checkpoint``: the same, with cuda-checkpoint inside the sandbox
     (gVisor's nvproxy gives the sandbox the GPU; the tool must be in the image)."""
-    import subprocess
+    from ..tools import run_killing_group
 
-    run = run or subprocess.run
+    run = run or run_killing_group
     gpus = _node_gpus_or_fail()
     prefix = sandbox_prefix(engine, cid)
     pids = sandbox_cuda_pids(prefix, run)

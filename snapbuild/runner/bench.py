@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import subprocess
 
 from ..runtime import probe as probes
 from ..runtime import process
@@ -28,7 +27,9 @@ def can_drop_caches() -> bool:
 
 
 def drop_caches() -> None:
-    subprocess.run(["sync"], check=False)
+    from ..tools import run
+
+    run(["sync"], timeout=300)
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
 

@@ -28,13 +28,14 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .. import rootfs
+from .. import rootfs, tools
 from ..errors import SnapbuildError
 from ..store.blobs import BlobStore
 from ..store.chunks import ChunkReader
 from ..store.tree import load_tree
 from . import probe as probes
 from . import process
+from .identity import ProcessIdentity
 from .trees import ensure_inputs, secure_dir
 
 INPUTS = "/snapbuild/inputs"
@@ -53,6 +54,7 @@ class Instance:
     host_port: int | None
     container_port: int | None
     forwarder_pid: int | None = None
+    forwarder: dict | None = None  # its identity.ProcessIdentity, so only it is ever stopped
     pid: int | None = None  # the container's init, as this machine sees it
 
     @property
@@ -185,7 +187,7 @@ def config_json(spec: dict, input_paths: dict[str, Path], run_dir: Path, netns: 
 
 def _netns_create(name: str) -> str:
     for cmd in (["ip", "netns", "add", name], ["ip", "-n", name, "link", "set", "lo", "up"]):
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        r = tools.run(cmd, hint="containers need root and iproute2 (`ip`)")
         if r.returncode != 0:
             raise SnapbuildError(f"cannot set up the container's network namespace ({' '.join(cmd)}): "
                                  f"{r.stderr.strip()}", hint="containers need root and iproute2 (`ip`)")
@@ -193,7 +195,10 @@ def _netns_create(name: str) -> str:
 
 
 def _netns_delete(name: str) -> None:
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    try:
+        tools.run(["ip", "netns", "del", name])
+    except SnapbuildError:
+        pass  # a namespace left behind holds nothing but a name
 
 
 def _forward(host_port: int, netns: str, container_port: int, host: str = "127.0.0.1") -> tuple[int, int]:
@@ -258,6 +263,8 @@ def publish(inst: Instance) -> None:
     if inst.container_port is None:
         return
     inst.forwarder_pid, inst.host_port = _forward(inst.host_port or 0, inst.netns, inst.container_port)
+    fwd = ProcessIdentity.of(inst.forwarder_pid)
+    inst.forwarder = fwd.to_json() if fwd else None
     save(inst)
 
 
@@ -311,8 +318,13 @@ def init_pid(engine, cid: str) -> int:
 
 def _stop_forwarder(inst: Instance) -> None:
     if inst.forwarder_pid:
-        process.stop(inst.forwarder_pid, timeout=2)
-        inst.forwarder_pid = None
+        recorded = ProcessIdentity.from_json(inst.forwarder)
+        if recorded is not None and recorded.pid == inst.forwarder_pid and recorded.alive():
+            process.stop(inst.forwarder_pid, timeout=2)
+        # else: it is gone, or its PID is another process's now (after a reboot, or a
+        # record without an identity): nothing of ours to stop
+        process.reap([inst.forwarder_pid])  # one that exited, if it was our child
+        inst.forwarder_pid, inst.forwarder = None, None
 
 
 def destroy(inst: Instance) -> None:
@@ -330,7 +342,10 @@ def destroy(inst: Instance) -> None:
     bundle = Path(inst.bundle)
     rootfs_dir = bundle / "rootfs"
     if os.path.ismount(rootfs_dir):
-        subprocess.run(["umount", "-l", str(rootfs_dir)], capture_output=True)
+        try:
+            tools.run(["umount", "-l", str(rootfs_dir)])
+        except SnapbuildError:
+            pass  # removing through a stuck overlay only writes whiteouts into its upper folder
     if inst.netns:
         _netns_delete(inst.id)
     shutil.rmtree(bundle, ignore_errors=True)

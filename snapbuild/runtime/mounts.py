@@ -14,9 +14,9 @@ anything else is refused, never hidden.
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
+from .. import tools
 from ..errors import SnapbuildError
 from .trees import MARKER as TREE_MARKER
 
@@ -92,11 +92,11 @@ def bind_ro(source: Path, dest: Path) -> bool:
 def unmount(dest: Path) -> None:
     """Take a mount away; one still in use goes lazily (when its last user closes it)."""
     if not _umount(dest):
-        subprocess.run(["umount", "-l", str(dest)], capture_output=True)
+        tools.run(["umount", "-l", str(dest)], what=f"lazy unmount of {dest}", error=MountError)
 
 
 def _umount(dest: Path) -> bool:
-    return subprocess.run(["umount", str(dest)], capture_output=True).returncode == 0
+    return tools.run(["umount", str(dest)], what=f"unmount of {dest}", error=MountError).returncode == 0
 
 
 def _mountinfo() -> list[tuple[str, str, str]]:
@@ -146,6 +146,6 @@ def mount_points_of(source: Path) -> list[Path]:
 
 
 def _mount(args: list[str], dest: Path) -> None:
-    r = subprocess.run(["mount", *args], capture_output=True, text=True)
+    r = tools.run(["mount", *args], what=f"mount at {dest}", error=MountError)
     if r.returncode != 0:
         raise MountError(f"cannot mount an input at {dest}: {r.stderr.strip() or 'mount failed'}")

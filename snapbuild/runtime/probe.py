@@ -168,7 +168,9 @@ def run_exercise(items: list[dict], *, base: str | None, log: Callable[[str], No
     (default: ``bash -c`` here, with ``env``; a container's runs them inside it)."""
     if shell is None:
         def shell(line: str, t: float) -> subprocess.CompletedProcess:
-            return subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=t, env=env)
+            from ..tools import run_killing_group
+
+            return run_killing_group(["bash", "-c", line], timeout=t, env=env)
     for i, item in enumerate(items):
         repeat = int(item.get("repeat", 1))
         if "run" in item:

@@ -26,18 +26,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
+from .. import tools
 from ..errors import IntegrityError, SnapbuildError
 
 FORMAT = "erofs"
 FILE = "tree.erofs"  # the image tree's one file
 MIN_ENTRIES = 256  # trees with fewer files are written out as they are: nothing to gain
 UUID = "00000000-0000-0000-0000-000000000000"
-MKFS_TIMEOUT = 1800  # seconds for mkfs.erofs on one tree (tens of GB of weights)
-MOUNT_TIMEOUT = 60  # seconds for mount/umount (a loop device set up, a superblock read)
 
 
 class ImageUnusable(SnapbuildError):
@@ -108,12 +106,8 @@ def make(src: Path, out: Path, *, exclude: tuple[str, ...] = (), keep_owners: bo
     else:
         args += ["-T0", "--ignore-mtime", "--all-root"]
     args += [f"--exclude-path={p}" for p in exclude]
-    try:
-        r = subprocess.run([*args, str(out), str(src)], capture_output=True, text=True, env=env,
-                           timeout=MKFS_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise SnapbuildError(f"mkfs.erofs ran longer than {MKFS_TIMEOUT} s on {src}",
-                             hint="SNAPBUILD_TREE_IMAGES=0 builds without tree images") from None
+    r = tools.run([*args, str(out), str(src)], tool="mkfs.erofs", what=f"mkfs.erofs of {src}", env=env,
+                  hint="set SNAPBUILD_TREE_IMAGES=0 to build snapshots without tree images")
     if r.returncode != 0:
         raise SnapbuildError(f"mkfs.erofs could not make an image of {src}: "
                              f"{(r.stderr or r.stdout).strip()[-500:] or 'exit status ' + str(r.returncode)}",
@@ -127,11 +121,8 @@ def mount(image: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     errors = []
     for opts in ("ro,nosuid,nodev", "ro,nosuid,nodev,loop"):
-        try:
-            r = subprocess.run(["mount", "-t", FORMAT, "-o", opts, str(image), str(dest)],
-                               capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            raise ImageUnusable(f"mount of the tree image {image} took longer than {MOUNT_TIMEOUT} s") from None
+        r = tools.run(["mount", "-t", FORMAT, "-o", opts, str(image), str(dest)],
+                      what=f"mount of the tree image {image}", error=ImageUnusable)
         if r.returncode == 0:
             return
         errors.append(r.stderr.strip() or f"mount -o {opts} failed")
@@ -144,8 +135,8 @@ def unmount(dest: Path) -> bool:
     if not is_image_mount(dest):
         return not os.path.ismount(dest)  # another file system there is not ours to take away
     try:
-        return subprocess.run(["umount", str(dest)], capture_output=True, timeout=MOUNT_TIMEOUT).returncode == 0
-    except subprocess.TimeoutExpired:
+        return tools.run(["umount", str(dest)], what=f"unmount of {dest}").returncode == 0
+    except SnapbuildError:  # timed out: still in use as far as anyone can tell
         return False
 
 

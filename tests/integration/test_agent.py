@@ -66,13 +66,13 @@ class AgentProc:
     def server(self, name: str = "counter") -> dict:
         return next(s for s in json.loads(self.get("/servers"))["servers"] if s["name"] == name)
 
-    def wait(self, pred, timeout: float = 60, what: str = "") -> dict:
+    def wait(self, pred, timeout: float = 60, what: str = "", name: str = "counter") -> dict:
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"the agent exited: {self.log_path.read_text()[-2000:]}"
             try:
-                last = self.server()
+                last = self.server(name)
                 if pred(last):
                     return last
             except OSError:
@@ -145,7 +145,9 @@ def test_the_agent_restores_serves_its_api_and_stops_everything_on_sigterm(agent
     assert a.stop() == 0
     assert not alive(s["pid"]), "SIGTERM stops the servers the agent started"
     events = [e["event"] for e in a.events()]
-    assert events[:2] == ["started", "serving"] or events[:2] == ["serving", "started"]
+    assert events[0] == "warning", "no trust policy here: the agent says snapshots are not verified, first"
+    assert events.count("warning") == 1
+    assert events[1:3] == ["started", "serving"] or events[1:3] == ["serving", "started"]
     assert "stopped" in events
 
 
@@ -229,7 +231,11 @@ def test_bad_configurations_are_refused_with_the_place_and_a_hint(tmp_path):
              ('[[server]]\nname = "a"\nref = "a:b"\nport = 1\n', "unknown key(s) port"),
              ('[[server]]\nname = "a"\nref = "a:b"\n[[server]]\nname = "a"\nref = "c:d"\n', "a second server named"),
              ('poll_s = 5\n', "declares no [[server]]"),
-             ('[[server\n', "is not valid TOML")]
+             ('[[server\n', "is not valid TOML"),
+             ('poll_s = "soon"\n[[server]]\nname = "a"\nref = "a:b"\n', "`poll_s` must be an integer or a number"),
+             ('[[server]]\nname = "a"\nref = "a:b"\npublish = "80"\n', "number 1: `publish` must be an integer"),
+             ('server = 3\n', "`server` must be a list"),
+             ('[[server]]\nname = "a"\nref = "a:b"\ncold_after = true\n', "`cold_after` must be an integer")]
     for text, message in cases:
         path = tmp_path / "agent.toml"
         path.write_text(text)
@@ -391,14 +397,14 @@ def test_flags_instead_of_a_file_and_the_api_on_a_unix_socket(recipe, store, tmp
 
 def test_fallback_reasons_become_a_few_label_values_and_flags_parse():
     from snapbuild.errors import UsageError
-    from snapbuild.runner.agent import _reason_kind, config_from_flags
+    from snapbuild.runner.agent import config_from_flags, reason_kind
 
-    assert _reason_kind("fingerprint mismatch: this CPU lacks features the checkpoint may use: avx512f") == \
+    assert reason_kind("fingerprint mismatch: this CPU lacks features the checkpoint may use: avx512f") == \
         "fingerprint"
-    assert _reason_kind("restore failed: criu restore failed (exit 1)") == "restore_failed"
-    assert _reason_kind("the GPU state did not come back: CUDA restore of pid 7 failed") == "gpu"
-    assert _reason_kind("host engine unusable here: criu is not installed") == "engine"
-    assert _reason_kind("something new") == "other"
+    assert reason_kind("restore failed: criu restore failed (exit 1)") == "restore_failed"
+    assert reason_kind("the GPU state did not come back: CUDA restore of pid 7 failed") == "gpu"
+    assert reason_kind("host engine unusable here: criu is not installed") == "engine"
+    assert reason_kind("something new") == "other"
     cfg = config_from_flags(["web=app:prod:8080", "emb=minilm@sha256:" + "ab" * 32], registry="file:///r")
     assert [(s.name, s.ref, s.publish, s.registry) for s in cfg.servers] == [
         ("web", "app:prod", 8080, "file:///r"), ("emb", "minilm@sha256:" + "ab" * 32, None, "file:///r")]
@@ -493,3 +499,62 @@ def test_a_container_is_adopted_with_its_node_port_after_sigkill(agent, recipe, 
     assert b.stop() == 0
     assert [c for c in subprocess.run(["runc", "list", "-q"], capture_output=True, text=True).stdout.split()
             if c.startswith("sb-ccounter")] == []
+
+
+def test_a_recorded_pid_is_believed_only_with_its_start_time_and_boot(agent, tmp_path):
+    """State records that name live, unrelated processes (the PID reused since, or a
+    record from before a reboot, or from an agent that kept no identity) are neither
+    adopted nor signalled, though the agent would stop an unwanted server."""
+    from snapbuild.runtime.identity import ProcessIdentity
+
+    strangers = [subprocess.Popen(["sleep", "600"]) for _ in range(3)]
+    try:
+        ids = [ProcessIdentity.of(p.pid) for p in strangers]
+        state = tmp_path / "state"
+        state.mkdir()
+        (state / "agent.json").write_text(json.dumps({"servers": {
+            "reused": {**ids[0].to_json(), "start": ids[0].start + 1, "digest": "sha256:" + "0" * 64},
+            "before-reboot": {**ids[1].to_json(), "boot": "00000000-0000-0000-0000-000000000000"},
+            "old-record": {"pid": ids[2].pid, "container": None},
+        }}))
+        # the one configured server has no snapshot: the agent keeps trying, and keeps running
+        a = agent('[[server]]\nname = "missing"\nref = "missing:prod"\n', state_dir=state)
+        a.wait(lambda s: s["last_error"] is not None, what="a first start attempt", name="missing")
+        events = {e["server"]: e for e in a.events() if e["event"] == "not_adopted"}
+        assert set(events) == {"reused", "before-reboot", "old-record"}, a.events()
+        assert "another process" in events["reused"]["reason"]
+        assert "booted" in events["before-reboot"]["reason"]
+        assert "no start time" in events["old-record"]["reason"]
+        assert a.stop() == 0
+        assert all(p.poll() is None for p in strangers), "no stranger was signalled"
+        assert not [e for e in a.events() if e["event"] in ("adopted", "stopped_unwanted")]
+    finally:
+        for p in strangers:
+            p.kill()
+            p.wait()
+
+
+def test_one_hung_slot_does_not_stop_another_from_rolling(agent, recipe, store):
+    """`stuck`'s registry accepts connections and never answers (its start hangs in
+    its worker); `counter` beside it restores, and rolls when its tag moves."""
+    import socket
+
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(16)
+    try:
+        port = free_port()
+        second = counter(recipe, store, port, tag="counter:v2", calls=5)
+        first = counter(recipe, store, port)
+        a = agent(f'[[server]]\nname = "stuck"\nref = "app:prod"\n'
+                  f'registry = "oci://127.0.0.1:{blackhole.getsockname()[1]}/team"\n\n'
+                  '[[server]]\nname = "counter"\nref = "counter:prod"\n', poll_s=0.5)
+        a.wait(lambda s: s["state"] == "ready" and s["digest"] == first, what="counter v1")
+        retag(store, "counter", second, "prod")
+        s = a.wait(lambda s: s["state"] == "ready" and s["digest"] == second, what="the roll beside a hung slot")
+        assert post(port, "/count")["count"] == 6
+        stuck = a.server("stuck")
+        assert stuck["state"] == "starting" and stuck["busy"]["job"] == "start", stuck
+        assert json.loads(a.get("/healthz"))["ok"] is True, "the loop runs while a worker hangs"
+    finally:
+        blackhole.close()

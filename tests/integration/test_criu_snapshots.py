@@ -276,6 +276,28 @@ def test_pid_taken_falls_back_to_cold_with_the_reason(recipe, store):
         stop(first["pid"])
 
 
+def test_a_hung_criu_is_killed_at_its_time_limit_and_the_server_boots_cold(recipe, store, tmp_path, monkeypatch):
+    """A stand-in criu that answers --version and check like the real one but hangs on
+    restore (as a wedged kernel call would): the runner kills it after
+    SNAPBUILD_CRIU_TIMEOUT and boots the server cold, saying why."""
+    port = free_port()
+    build(counter_recipe(recipe, port), store=store)
+    real = shutil.which("criu") or "/usr/local/sbin/criu"
+    hung = tmp_path / "criu"
+    hung.write_text(f"#!/bin/sh\nif [ \"$1\" = restore ]; then sleep 600; fi\nexec {real} \"$@\"\n")
+    hung.chmod(0o755)
+    monkeypatch.setenv("SNAPBUILD_CRIU", str(hung))
+    monkeypatch.setenv("SNAPBUILD_CRIU_TIMEOUT", "3")
+    out = run("counter:v1", store=store)
+    try:
+        assert out["mode"] == "cold", out
+        assert out["reason"].startswith("restore failed: criu restore did not finish within 3 s"), out["reason"]
+        assert post(port, "/count")["count"] == 1, "a cold server, serving"
+        assert no_server_left("sleep 600"), "the hung criu's children were killed with it"
+    finally:
+        stop(out["pid"])
+
+
 def test_runner_cli_restore_and_stop(run_cli, recipe, store):
     port = free_port()
     build(counter_recipe(recipe, port), store=store)

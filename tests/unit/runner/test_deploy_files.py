@@ -46,6 +46,8 @@ def test_the_daemonset_has_what_criu_needs_and_a_valid_agent_config(tmp_path):
     config.write_text(docs["ConfigMap"]["data"]["agent.toml"])
     assert [s.name for s in load_config(config).servers] == ["embedder"]
     assert docs["RuntimeClass"]["handler"] == "runsc"
+    live = agent["livenessProbe"]["httpGet"]
+    assert live["path"] == "/healthz" and live["port"] == 9411, "liveness is the supervisor loop's health"
 
 
 def test_the_example_agent_config_loads():

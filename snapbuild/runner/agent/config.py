@@ -1,0 +1,117 @@
+"""The agent's configuration: a TOML file (``--config``) or ``--server`` flags.
+
+See the package docstring for the file's keys; unknown keys are refused with the
+place, so a typo never silently changes what a node runs.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...errors import UsageError
+
+
+@dataclass
+class ServerConfig:
+    name: str
+    ref: str
+    registry: str | None = None
+    publish: int | None = None
+    trust_policy: str | None = None
+    cold_after: int = 3
+    max_restarts: int = 5
+    restart_window_s: float = 300
+    backoff_s: float = 1
+    backoff_max_s: float = 60
+
+    @property
+    def snapshot_name(self) -> str:
+        """The snapshot name in ``ref`` (``NAME:TAG`` or ``NAME@DIGEST``)."""
+        return self.ref.partition(":")[0].partition("@")[0]
+
+
+@dataclass
+class AgentConfig:
+    servers: list[ServerConfig]
+    poll_s: float = 30
+    api: str = "127.0.0.1:9411"
+    state_dir: Path = Path("/var/lib/snapbuild/agent")
+    cache_max: int | None = None  # bytes of the node's store (least recently used snapshots go)
+    stale_after_s: float = 60  # /healthz fails when the supervisor loop has not run for this long
+
+
+SERVER_KEYS = set(ServerConfig.__dataclass_fields__)
+AGENT_KEYS = {"registry", "trust_policy", "poll_s", "api", "state_dir", "cache_max", "stale_after_s", "server"}
+#: The TOML type each key must have (a number where a float is wanted).
+_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,), "ref": (str,), "registry": (str,), "publish": (int,), "trust_policy": (str,),
+    "cold_after": (int,), "max_restarts": (int,), "restart_window_s": (int, float), "backoff_s": (int, float),
+    "backoff_max_s": (int, float), "poll_s": (int, float), "api": (str,), "state_dir": (str,),
+    "cache_max": (str, int), "stale_after_s": (int, float), "server": (list,)}
+
+
+def _check_types(doc: dict, where: str) -> None:
+    for key, value in doc.items():
+        want = _TYPES.get(key)
+        if want and (not isinstance(value, want) or isinstance(value, bool)):
+            names = " or ".join({str: "a string", int: "an integer", float: "a number", list: "a list"}[t]
+                                for t in want)
+            raise UsageError(f"{where}: `{key}` must be {names}, not {value!r}")
+
+
+def load_config(path: Path) -> AgentConfig:
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise UsageError(f"cannot read the agent configuration {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{path} is not valid TOML: {e}") from None
+    unknown = set(doc) - AGENT_KEYS
+    if unknown:
+        raise UsageError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}",
+                         hint=f"the agent takes {', '.join(sorted(AGENT_KEYS))}")
+    _check_types(doc, str(path))
+    defaults = {k: doc[k] for k in ("registry", "trust_policy") if k in doc}
+    servers, seen = [], set()
+    for i, s in enumerate(doc.get("server", [])):
+        where = f"{path}: [[server]] number {i + 1}"
+        if not isinstance(s, dict):
+            raise UsageError(f"{where} is not a table")
+        unknown = set(s) - SERVER_KEYS
+        if unknown:
+            raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}",
+                             hint=f"a server takes {', '.join(sorted(SERVER_KEYS))}")
+        if "name" not in s or "ref" not in s:
+            raise UsageError(f"{where}: `name` and `ref` are required")
+        _check_types(s, where)
+        if s["name"] in seen:
+            raise UsageError(f"{where}: a second server named {s['name']!r}")
+        seen.add(s["name"])
+        servers.append(ServerConfig(**{**defaults, **s}))
+    if not servers:
+        raise UsageError(f"{path} declares no [[server]]", hint='add [[server]] with name = "..." and ref = "NAME:TAG"')
+    from ..node_cache import parse_size
+
+    return AgentConfig(servers=servers, poll_s=float(doc.get("poll_s", 30)), api=str(doc.get("api", "127.0.0.1:9411")),
+                       state_dir=Path(doc.get("state_dir", "/var/lib/snapbuild/agent")),
+                       cache_max=parse_size(doc["cache_max"]) if "cache_max" in doc else None,
+                       stale_after_s=float(doc.get("stale_after_s", 60)))
+
+
+def config_from_flags(servers: list[str], *, registry: str | None = None,
+                      trust_policy: Path | None = None) -> AgentConfig:
+    """``--server NAME=REF`` or ``NAME=REF:PORT`` (a container served on that node port)."""
+    out = []
+    for text in servers:
+        name, eq, ref = text.partition("=")
+        if not eq or not name or not ref:
+            raise UsageError(f"--server {text!r}: expected NAME=REF or NAME=REF:PORT (e.g. web=app:prod)")
+        publish = None
+        head, _, last = ref.rpartition(":")
+        if head and last.isdigit() and ":" in head:  # NAME:TAG:PORT
+            ref, publish = head, int(last)
+        out.append(ServerConfig(name=name, ref=ref, registry=registry,
+                                trust_policy=str(trust_policy) if trust_policy else None, publish=publish))
+    return AgentConfig(servers=out)
