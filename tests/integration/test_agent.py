@@ -218,7 +218,9 @@ def test_an_agent_killed_with_sigkill_adopts_its_servers_on_restart(agent, recip
     assert s2["pid"] == s["pid"] and s2["restarts"] == 0 and post(port, "/count")["count"] == 4, \
         "the same server, not a second one"
     assert [e["event"] for e in b.events() if e["event"] in ("adopted", "started")][-1] == "adopted"
-    out = subprocess.run(["pgrep", "-f", "counter_server.py"], capture_output=True, text=True).stdout.split()
+    # this test's servers only (their run root is under tmp_path): not another test's
+    out = subprocess.run(["pgrep", "-f", f"{tmp_path}.*counter_server.py"], capture_output=True,
+                         text=True).stdout.split()
     assert len(out) == 1, f"one server, no double: {out}"
     assert b.stop() == 0 and not alive(s["pid"])
 
