@@ -40,10 +40,6 @@ LIMITS = {
 DEFAULT_LIMIT = 300.0
 
 
-class ToolTimeout(SnapbuildError):
-    """A tool ran past its time limit and was killed."""
-
-
 def limit(tool: str) -> float:
     """The time limit for ``tool`` (a name from :data:`LIMITS`): its environment
     override when one is set and valid, else the default."""

@@ -185,12 +185,15 @@ def config_json(spec: dict, input_paths: dict[str, Path], run_dir: Path, netns: 
     }
 
 
+_NETNS_HINT = "containers need root and iproute2 (`ip`)"
+
+
 def _netns_create(name: str) -> str:
     for cmd in (["ip", "netns", "add", name], ["ip", "-n", name, "link", "set", "lo", "up"]):
-        r = tools.run(cmd, hint="containers need root and iproute2 (`ip`)")
+        r = tools.run(cmd, hint=_NETNS_HINT)
         if r.returncode != 0:
             raise SnapbuildError(f"cannot set up the container's network namespace ({' '.join(cmd)}): "
-                                 f"{r.stderr.strip()}", hint="containers need root and iproute2 (`ip`)")
+                                 f"{r.stderr.strip()}", hint=_NETNS_HINT)
     return f"/run/netns/{name}"
 
 

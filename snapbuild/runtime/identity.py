@@ -57,7 +57,7 @@ class ProcessIdentity:
 
     def alive(self, proc: Path = PROC) -> bool:
         """Whether the process recorded is still the one running with this PID."""
-        return self.boot == boot_id(proc) and start_time(self.pid, proc) == self.start
+        return self.why_not(proc) is None
 
     def why_not(self, proc: Path = PROC) -> str | None:
         """Why the process now at this PID is not the one recorded (None when it is)."""

@@ -18,27 +18,14 @@ from pathlib import Path
 
 from .. import tools
 from ..errors import SnapbuildError
+from ..schema import mount_point_problem
 from .trees import MARKER as TREE_MARKER
-
-# Paths that a mount must never cover: the system itself.
-_SYSTEM = {"/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run", "/sbin", "/sys",
-           "/tmp", "/usr", "/var"}
 
 
 class MountError(SnapbuildError):
     """A mount point that is taken or unusable: like a taken port, nothing starts."""
 
     exit_code = 2
-
-
-def check_destination(dest: str) -> str | None:
-    """Why ``dest`` cannot be a mount point, or None. Pure: used at recipe load too."""
-    if not dest.startswith("/") or ".." in dest.split("/"):
-        return f"mount point {dest!r} must be an absolute path without '..'"
-    norm = os.path.normpath(dest)
-    if norm in _SYSTEM or norm.startswith(("/proc/", "/sys/", "/dev/")):
-        return f"mount point {dest!r} would cover a system path"
-    return None
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -52,7 +39,7 @@ def same_file(a: Path, b: Path) -> bool:
 def bind_ro(source: Path, dest: Path) -> bool:
     """Show ``source`` read-only at ``dest``. True if mounted now, False if ``dest``
     already showed ``source`` (then whoever mounted it unmounts it)."""
-    why = check_destination(str(dest))
+    why = mount_point_problem(str(dest))
     if why:
         raise MountError(why)
     if is_mount_point(dest):

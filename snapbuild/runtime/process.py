@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from .identity import start_time
+
 DEFAULT_RUN_ROOT = "/var/lib/snapbuild"
 
 
@@ -30,12 +32,9 @@ def start(argv: list[str], *, env: dict, cwd: Path, log_path: Path) -> subproces
 
 
 def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
+    """Whether some process (not a zombie) holds ``pid``: see identity for whether it is
+    the one you mean."""
+    return start_time(pid) is not None
 
 
 def pid_gone(pid: int) -> bool:

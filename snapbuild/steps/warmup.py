@@ -25,8 +25,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import StepError
-from ..runtime.mounts import check_destination
-from ..schema import ready_file_problem, secret_names
+from ..schema import mount_point_problem, ready_file_problem, secret_names
 from .base import StepSpec
 
 
@@ -94,7 +93,7 @@ class WarmupSpec(StepSpec):
             raise ValueError("a `file` probe checks a path on this machine, not in the container: "
                              "use an http, tcp or log probe")
         for dest in self.mounts:
-            why = check_destination(dest)
+            why = mount_point_problem(dest)
             if why:
                 raise ValueError(why)
         if self.ready.file is not None:

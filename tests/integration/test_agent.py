@@ -553,7 +553,7 @@ def test_one_hung_slot_does_not_stop_another_from_rolling(agent, recipe, store):
                   '[[server]]\nname = "counter"\nref = "counter:prod"\n', poll_s=0.5)
         a.wait(lambda s: s["state"] == "ready" and s["digest"] == first, what="counter v1")
         retag(store, "counter", second, "prod")
-        s = a.wait(lambda s: s["state"] == "ready" and s["digest"] == second, what="the roll beside a hung slot")
+        a.wait(lambda s: s["state"] == "ready" and s["digest"] == second, what="the roll beside a hung slot")
         assert post(port, "/count")["count"] == 6
         stuck = a.server("stuck")
         assert stuck["state"] == "starting" and stuck["busy"]["job"] == "start", stuck

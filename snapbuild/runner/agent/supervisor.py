@@ -244,9 +244,6 @@ class Agent:
         except SnapbuildError as e:
             self.log("stop_failed", target=str(target), error=e.message)
 
-    def _stop_slot(self, slot: Slot) -> None:
-        self._stop_process(slot.container, slot.ident)
-
     def _back_off(self, slot: Slot) -> None:
         cfg = slot.cfg
         slot.backoff = min(cfg.backoff_max_s, slot.backoff * 2 if slot.backoff else cfg.backoff_s)
@@ -411,7 +408,7 @@ class Agent:
             if slot.job:
                 self.log("abandoned", server=slot.name, job=slot.job)
             if slot.ident:
-                self._stop_slot(slot)
+                self._stop_process(slot.container, slot.ident)
                 self.log("stopped", server=slot.cfg.name, pid=slot.pid)
             with self._lock:
                 slot.ident = slot.container = None

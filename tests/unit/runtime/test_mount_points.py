@@ -2,12 +2,12 @@
 
 import pytest
 
-from snapbuild.runtime.mounts import check_destination
+from snapbuild.schema import mount_point_problem
 
 
 @pytest.mark.parametrize("dest", ["/models/minilm", "/opt/weights", "/srv/m/v1", "/var/lib/models/x"])
 def test_model_paths_are_accepted(dest):
-    assert check_destination(dest) is None
+    assert mount_point_problem(dest) is None
 
 
 @pytest.mark.parametrize("dest, why", [
@@ -20,4 +20,4 @@ def test_model_paths_are_accepted(dest):
     ("/dev/shm", "would cover a system path"),
 ])
 def test_relative_and_system_paths_are_refused(dest, why):
-    assert why in (check_destination(dest) or "")
+    assert why in (mount_point_problem(dest) or "")
