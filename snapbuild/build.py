@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .exec import BUILT, CACHED, BuildResult, execute
@@ -139,9 +140,9 @@ def _publish(recipe: Recipe, result: BuildResult, store: Store, tag: str | None,
             if runtime is not None:
                 raise UsageError(f"a snapshot holds one checkpoint; publish.steps names several ({n}, ...)")
             runtime, trees = extras(store, outputs[n])
-            runtime = {**runtime, "step": n, "artifact": outputs[n]}
+            runtime = replace(runtime, step=n, artifact=outputs[n])
             outputs.update(trees)  # the server's inputs travel with it
-    from .runtime.treeimages import for_snapshot
+    from .image.tree_images import for_snapshot
 
     digest, blobs = assemble(store.blobs, name=recipe.name, variant=recipe.variant, steps=steps,
                              outputs=outputs, runtime=runtime, tree_images=for_snapshot(store, runtime, say))

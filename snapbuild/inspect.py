@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
+from .errors import IntegrityError
 from .registry import default_registry_url, open_registry, parse_ref
-from .schema import secret_names
+from .schema import SnapshotConfig, TreeImages, secret_names
 from .signing import is_referrers_tag
 from .store import Store
 from .store.snapshot import parse_manifest
@@ -25,36 +26,36 @@ def inspect_snapshot(text: str, registry: str | None = None, store: Store | None
     ref = parse_ref(text)
     digest = reg.resolve(ref)
     manifest = parse_manifest(reg.get_manifest(ref.name, digest), digest)
-    config = json.loads(reg.get_blob(ref.name, manifest["config"]["digest"]))
+    try:
+        config = SnapshotConfig.from_json(json.loads(reg.get_blob(ref.name, manifest["config"]["digest"])))
+    except ValueError:
+        raise IntegrityError(f"snapshot {ref}: its config is not JSON") from None
     outputs = []
     content = 0
-    for step, tree_digest in config["outputs"].items():
+    for step, tree_digest in config.outputs.items():
         tree = json.loads(reg.get_blob(ref.name, tree_digest))  # verified, with the registry's own hint
         size = tree_size(tree)
         content += size
         outputs.append({"step": step, "tree": tree_digest, "bytes": size,
                         "files": sum(1 for e in tree["entries"] if e["type"] == "file")})
     return {
-        "ref": str(ref), "digest": digest, "name": config["name"], "variant": config["variant"],
-        "outputs": outputs, "steps": config["steps"], "created_by": config.get("created_by"),
+        "ref": str(ref), "digest": digest, "name": config.name, "variant": config.variant,
+        "outputs": outputs, "steps": config.steps, "created_by": config.created_by,
         "blobs": 1 + len(manifest["layers"]),
         "stored_bytes": manifest["config"]["size"] + sum(layer["size"] for layer in manifest["layers"]),
         "content_bytes": content, "manifest": manifest,
-        "checkpoint": _checkpoint_stats((config.get("runtime") or {}).get("stats")),
-        "tree_images": _tree_images(config.get("tree_images")),
-        "secret_env": secret_names(((config.get("runtime") or {}).get("server") or {}).get("env") or {}),
+        "checkpoint": _checkpoint_stats(config.runtime.stats if config.runtime else None),
+        "tree_images": _tree_images(config.tree_images),
+        "secret_env": secret_names(config.runtime.server.env if config.runtime else {}),
     }
 
 
-def _tree_images(images: dict | None) -> list[dict]:
+def _tree_images(images: TreeImages | None) -> list[dict]:
     """Each tree or layer shipped as an image too (docs/format.md, Tree images)."""
-    if not images:
+    if images is None:
         return []
-    out = []
-    for kind in ("trees", "layers"):
-        for of, image in (images.get(kind) or {}).items():
-            out.append({"of": of, "kind": kind[:-1], "image": image, "format": images.get("format")})
-    return out
+    return [{"of": of, "kind": kind, "image": image, "format": images.format}
+            for kind, index in (("tree", images.trees), ("layer", images.layers)) for of, image in index.items()]
 
 
 def cache_entries(store: Store | None = None) -> list[dict]:

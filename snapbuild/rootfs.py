@@ -26,16 +26,18 @@ import shutil
 import stat
 import tarfile
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
+from collections.abc import Iterable
 
 from . import tools
 from .errors import IntegrityError, SnapbuildError
+from .runtime import erofs, layout
 from .store.fsutil import ParallelWrites, flock
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
-MARKER = ".snapbuild-layer-complete-v2"  # v2: modification times kept
+MARKER = layout.LAYER_MARKER
 
 
 class UnsafeLayer(IntegrityError):
@@ -231,7 +233,7 @@ def _remove(path: Path) -> None:
 def cached_layer(digest: str, open_layer, cache: Path, *, user: str | None = None, mount_image=None) -> Path:
     """The layer's folder in ``cache``, unpacked (once) from ``open_layer()`` if needed,
     or, with ``mount_image``, mounted from the layer's tree image by
-    ``mount_image(folder)`` (see runtime.treeimages). ``user`` (a store's path) is
+    ``mount_image(folder)`` (see runtime.erofs). ``user`` (a store's path) is
     recorded in the layer's marker, for :func:`release_layer`."""
     algo, _, hexpart = digest.partition(":")
     if algo != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
@@ -241,7 +243,7 @@ def cached_layer(digest: str, open_layer, cache: Path, *, user: str | None = Non
     cache.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(cache, 0o700)
     final = cache / hexpart
-    marker = cache / f"{hexpart}{MARKER}"
+    marker = layout.layer_marker(cache, hexpart)
     line = f"{user}\n" if user else ""
     try:
         users = marker.read_text().splitlines(keepends=True)
@@ -249,7 +251,7 @@ def cached_layer(digest: str, open_layer, cache: Path, *, user: str | None = Non
             return final
     except FileNotFoundError:
         pass
-    with flock(cache / ".locks" / f"{hexpart}.lock"):
+    with flock(layout.layer_lock(cache, hexpart)):
         if marker.exists() and _layer_present(final):
             if line and line not in marker.read_text().splitlines(keepends=True):
                 with open(marker, "a") as f:
@@ -258,7 +260,7 @@ def cached_layer(digest: str, open_layer, cache: Path, *, user: str | None = Non
         # (a marker without its mount: the layer's image is mounted again, its users kept)
         users = marker.read_text().splitlines(keepends=True) if marker.exists() else []
         marker.unlink(missing_ok=True)
-        tmp = cache / f"{hexpart}.partial"
+        tmp = layout.layer_partial(cache, hexpart)
         shutil.rmtree(tmp, ignore_errors=True)
         forget_layer(final)
         if mount_image is not None:
@@ -273,16 +275,14 @@ def cached_layer(digest: str, open_layer, cache: Path, *, user: str | None = Non
 
 def _layer_present(path: Path) -> bool:
     """False for a layer mounted from its image whose mount is gone (a reboot)."""
-    from .runtime import treeimages
-
-    return os.path.ismount(path) or not treeimages.image_of(path).exists()
+    return os.path.ismount(path) or not layout.image_file(path).exists()
 
 
 def release_layer(cache: Path, hexpart: str, user: str, *, dry_run: bool = False) -> bool | None:
     """Drop ``user`` from a cached layer's users and remove the layer when no user that
     still exists is left. True when removed, False when kept, None when not ``user``'s."""
-    marker = cache / f"{hexpart}{MARKER}"
-    with flock(cache / ".locks" / f"{hexpart}.lock"):
+    marker = layout.layer_marker(cache, hexpart)
+    with flock(layout.layer_lock(cache, hexpart)):
         try:
             users = marker.read_text().splitlines()
         except FileNotFoundError:
@@ -302,11 +302,10 @@ def release_layer(cache: Path, hexpart: str, user: str, *, dry_run: bool = False
 
 def forget_layer(path: Path) -> None:
     """Remove an unpacked layer, or unmount a layer mounted from its image (and delete
-    the image file: see runtime.treeimages)."""
-    from .runtime import treeimages
+    the image file: see runtime.erofs)."""
 
     if os.path.ismount(path):
-        treeimages.take_down(path)
+        erofs.take_down(path)
     shutil.rmtree(path, ignore_errors=True)
 
 

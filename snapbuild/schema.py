@@ -12,7 +12,8 @@ What these checks cannot stop is what the snapshot runs: a host-process snapshot
 ``argv`` is a command run as root. Only a trust policy decides whether a snapshot may
 do that (docs/registries.md, "Threat model").
 
-Standard library only (plus the store's path rules): this is imported on nodes.
+Standard library only (plus the store's path rules and the node layout): this is
+imported on nodes, and by nothing it imports.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import IntegrityError
+from .runtime.layout import run_root
 from .store.securefs import unsafe_name
 
 #: The snapshot config's ``format``, and the runtime section's (checkpoint.json).
@@ -75,13 +77,6 @@ def secret_names(env: dict) -> list[str]:
     ``*PASSWORD*``, ``*_KEY``, ``HF_TOKEN``...): a warm server's memory, and so its
     checkpoint, holds what it read from them."""
     return sorted(k for k in env if _SECRET.search(k))
-
-
-def node_run_root() -> Path:
-    """Where servers run from on this machine (``$SNAPBUILD_RUN_ROOT``)."""
-    from .runtime.process import run_root
-
-    return run_root()
 
 
 # --- reading checked JSON -----------------------------------------------------------------
@@ -200,9 +195,11 @@ class ServerSpec:
     image_step: str | None = None
     engine_options: dict[str, Any] = field(default_factory=dict)
     image_config: dict[str, Any] | None = None
+    #: Not stored: the snapshot's tree images, set by a runner that mounts them.
+    tree_images: TreeImages | None = None
 
     @classmethod
-    def from_json(cls, doc: object, where: str, engine: str, node_root: Path | None) -> ServerSpec:
+    def from_json(cls, doc: object, where: str, engine: str, node_root: Path | None = None) -> ServerSpec:
         d = _Doc(doc, where)
         name = d.text("name", pattern=NAME_RE)
         argv = d.items("argv", str)
@@ -245,7 +242,7 @@ class ServerSpec:
 
     def to_json(self) -> dict:
         out = {k: v for k, v in asdict(self).items()
-               if k not in ("image", "image_step", "engine_options", "image_config")}
+               if k not in ("image", "image_step", "engine_options", "image_config", "tree_images")}
         if self.image is not None:
             out.update(image=self.image, image_step=self.image_step, engine_options=self.engine_options,
                        image_config=self.image_config)
@@ -272,6 +269,14 @@ class Runtime:
     def in_container(self) -> bool:
         return self.engine in CONTAINER_ENGINES
 
+    @property
+    def images_tree(self) -> str:
+        """The tree of the checkpoint's images (the checkpoint step's artifact), which a
+        snapshot's runtime section always names (:meth:`SnapshotConfig.from_json`)."""
+        if self.artifact is None:
+            raise SchemaError("runtime.artifact: missing; this runtime section was not read from a snapshot")
+        return self.artifact
+
     @classmethod
     def from_json(cls, doc: object, where: str = "runtime", node_root: Path | None = None) -> Runtime:
         """``node_root``: this node's run root, which the snapshot's must equal (None:
@@ -294,7 +299,7 @@ class Runtime:
                    stats=d.mapping("stats", optional=True) or {}, step=step, artifact=d.digest("artifact", optional=True))
 
     def to_json(self) -> dict:
-        out = asdict(self)
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "server"}
         out["server"] = self.server.to_json()
         for k in ("step", "artifact"):
             if out[k] is None:
@@ -324,7 +329,10 @@ class SnapshotConfig:
         runtime = Runtime.from_json(d.doc["runtime"], f"{where}.runtime", node_root) if d.has("runtime") else None
         images = TreeImages.from_json(d.doc["tree_images"], f"{where}.tree_images") if d.has("tree_images") else None
         if runtime is not None:
-            needed = {runtime.artifact, *runtime.server.inputs.values(), runtime.server.image} - {None}
+            if runtime.artifact is None:
+                raise d.fail("runtime.artifact", "is missing: a snapshot's runtime names its checkpoint's tree")
+            needed = {runtime.artifact, *runtime.server.inputs.values()}
+            needed |= {runtime.server.image} if runtime.server.image is not None else set()
             missing = sorted(needed - set(outputs.values()))
             if missing:
                 raise d.fail("runtime", f"needs tree {missing[0]}, which is not one of the outputs")
@@ -342,19 +350,10 @@ class SnapshotConfig:
         return out
 
 
-def check_snapshot(blobs, manifest: dict, where: str) -> SnapshotConfig:
-    """The config of snapshot ``manifest`` (named ``where``; its config and tree blobs in
-    ``blobs``), once its format (store.snapshot.layout_problem) and every field of its
-    config pass, for this node; an IntegrityError (exit 5) saying what is wrong otherwise."""
-    from .store.snapshot import layout_problem, load_config
-
-    problem = layout_problem(blobs, manifest)
-    if problem:
-        raise IntegrityError(f"snapshot {where}: {problem}; refusing it",
-                             hint="the registry or cache holds a corrupt or hostile snapshot; do not use it, "
-                                  "and find out who pushed it")
+def read_config(config: dict, where: str) -> SnapshotConfig:
+    """Snapshot ``where``'s config, checked for this node (its run root)."""
     try:
-        return SnapshotConfig.from_json(load_config(blobs, manifest), "config", node_run_root())
+        return SnapshotConfig.from_json(config, "config", run_root())
     except SchemaError as e:
         raise SchemaError(f"snapshot {where}: {e.message}; refusing it",
                           hint=e.hint or "the registry or cache holds a corrupt or hostile snapshot (or one built "

@@ -58,9 +58,9 @@ def plan(recipe, sets, as_json):
         click.echo(f"{p.recipe.build_id}: {len(p.steps)} steps, {n_run} to run, {len(p.steps) - n_run} cached")
         rows = [(s.name, s.kind, short(s.key), s.action, s.reason) for s in p.steps.values()]
         widths = [max(len(r[i]) for r in rows + [("STEP", "KIND", "KEY", "ACTION", "")]) for i in range(4)]
-        click.echo("  " + "  ".join(h.ljust(w) for h, w in zip(("STEP", "KIND", "KEY", "ACTION"), widths)) + "  WHY")
+        click.echo("  " + "  ".join(h.ljust(w) for h, w in zip(("STEP", "KIND", "KEY", "ACTION"), widths, strict=True)) + "  WHY")
         for r in rows:
-            click.echo("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[4])
+            click.echo("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + r[4])
 
 
 @cli.command()
@@ -257,7 +257,7 @@ def pull(ref, registry, jobs, as_json):
     """
     from ..registry import default_registry_url, open_registry, parse_ref
     from ..registry.transfer import copy
-    from ..schema import check_snapshot
+    from ..store.snapshot import check_snapshot
     from ..store import Store
 
     store = Store()

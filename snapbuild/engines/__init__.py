@@ -6,8 +6,9 @@ Only the standard library and the store are used here: the runner imports engine
 from __future__ import annotations
 
 import importlib
+import subprocess
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 _ENGINES = {
     "host": "snapbuild.engines.host:HostEngine",
@@ -25,11 +26,31 @@ class Engine(Protocol):
     def fingerprint(self) -> dict:
         """What a checkpoint made here assumes about the machine (see fingerprint.py)."""
 
+
+class ProcessEngine(Engine, Protocol):
+    """``host``: a process tree of this machine, checkpointed by CRIU."""
+
     def dump(self, pid: int, images: Path) -> None:
         """Checkpoint the process tree rooted at ``pid`` into ``images``; it ends after."""
 
     def restore(self, images: Path, work: Path) -> int:
         """Bring the process tree back, detached; returns its root PID."""
+
+
+class ContainerEngine(Engine, Protocol):
+    """``runc``, ``runsc``: an OCI runtime, its containers checkpointed by it."""
+
+    global_flags: list[str]
+
+    def path(self) -> str: ...
+    def option_flags(self, options: dict) -> list[str]: ...
+    def run(self, bundle: Path, cid: str, options: dict | None = None) -> None: ...
+    def checkpoint(self, cid: str, images: Path, work: Path, options: dict | None = None) -> None: ...
+    def restore(self, bundle: Path, cid: str, images: Path, work: Path, options: dict | None = None) -> None: ...
+    def exec(self, cid: str, argv: list[str], timeout: float) -> subprocess.CompletedProcess: ...
+    def state(self, cid: str) -> dict | None: ...
+    def delete(self, cid: str) -> None: ...
+
 
 CONTAINER_ENGINES = ("runc", "runsc")
 
@@ -41,3 +62,15 @@ def engine_names() -> list[str]:
 def get_engine(name: str) -> Engine:
     module, _, cls = _ENGINES[name].partition(":")
     return getattr(importlib.import_module(module), cls)()
+
+
+def process_engine(name: str) -> ProcessEngine:
+    if name in CONTAINER_ENGINES:
+        raise ValueError(f"{name} is a container engine")
+    return cast(ProcessEngine, get_engine(name))
+
+
+def container_engine(name: str) -> ContainerEngine:
+    if name not in CONTAINER_ENGINES:
+        raise ValueError(f"{name} is not a container engine")
+    return cast(ContainerEngine, get_engine(name))

@@ -24,9 +24,11 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
+from collections.abc import Iterator
 
 from ..errors import SnapbuildError
+from ..store.blobs import BlobStore
 
 # Extended headers kept from a source tar: file capabilities and other xattrs matter
 # (ping needs cap_net_raw); times and names of owners do not.
@@ -112,7 +114,7 @@ def _write_normalized(tar: tarfile.TarFile, members: list[tarfile.TarInfo], dest
     for name, target in data_of.items():
         groups.setdefault(target, [target]).append(name)
     holder: dict[str, str] = {}  # name -> first name of its group
-    for target, names in groups.items():
+    for names in groups.values():
         first = min(names)
         for n in names:
             holder[n] = first
@@ -232,3 +234,19 @@ def write_docker_archive(dest: BinaryIO, config: dict, layers: list[Layer], tag:
             with open(layer.path, "rb") as f:
                 out.addfile(info, f)
         add("manifest.json", json.dumps(manifest).encode())
+
+
+def write_layers(blobs: BlobStore, artifact: str, out: Path) -> tuple[dict, list[Layer]]:
+    """The image artifact's OCI config, and its layers written out (verified) as tar
+    files in ``out``, lowest first (for a ``docker load`` archive, or a build on top)."""
+    from ..runtime.container import read_image
+    from ..store.chunks import write_file
+
+    meta, entries = read_image(blobs, artifact)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = []
+    for x in meta["layers"]:
+        path = out / f"{x['digest'].split(':')[1]}.tar"
+        write_file(blobs, entries[f"layers/{path.name}"], path, 0o644)
+        layers.append(Layer(digest=x["digest"], size=x["size"], path=path))
+    return meta["config"], layers

@@ -13,13 +13,15 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
+from typing import Any
 
 from ..runtime import probe as probes
 from ..runtime import process
-from ..runtime.trees import tree_dir
+from ..runtime.layout import images_root, tree_dir
+from ..schema import ServerSpec
 from ..store import Store
 from .pull import pull
-from .restore import _images_root, run, stop
+from .restore import run, stop
 
 
 def can_drop_caches() -> bool:
@@ -34,10 +36,10 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
-def _once(ref: str, mode: str, store: Store, registry: str | None, spec: dict) -> tuple[float, dict, str]:
+def _once(ref: str, mode: str, store: Store, registry: str | None, spec: ServerSpec) -> tuple[float, dict, str]:
     out = run(ref, registry=registry, mode=mode, store=store)
     # A container is reached through its published host port, a host process directly.
-    base = f"http://{out['address']}" if out.get("address") else probes.base_url(spec["ready"])
+    base = f"http://{out['address']}" if out.get("address") else probes.base_url(spec.ready)
     try:
         status, body = probes.http_call({"http": "POST /infer", "body": "{}"}, base)
         answer = body.decode(errors="replace") if status == 200 else f"HTTP {status}"
@@ -46,7 +48,7 @@ def _once(ref: str, mode: str, store: Store, registry: str | None, spec: dict) -
     finally:
         stop(out.get("container") or out["pid"])
     host, _, port = (out.get("address") or "").rpartition(":")
-    addr = (host, int(port)) if port else probes.address(spec["ready"])
+    addr = (host, int(port)) if port else probes.address(spec.ready)
     for _ in range(100):  # the next run needs the port (and, to restore, the PIDs) back
         if not probes.port_in_use(addr):
             break
@@ -62,26 +64,27 @@ def _summary(values: list[float]) -> dict:
 def bench(ref: str, *, runs: int = 5, registry: str | None = None, store: Store | None = None,
           drop: bool | None = None, progress=lambda msg: None) -> dict:
     store = store or Store()
-    config = pull(ref, registry=registry, store=store)["config"]
-    runtime = config.get("runtime")
-    if not runtime:
+    runtime = pull(ref, registry=registry, store=store)["snapshot"].runtime
+    if runtime is None:
         from ..errors import NotFound
 
         raise NotFound(f"{ref} holds no checkpoint to benchmark")
-    spec = runtime["server"]
+    spec = runtime.server
     drop = can_drop_caches() if drop is None else drop
     process.become_subreaper()  # stop restored servers without waiting for init to reap them
 
     # One restore where the images are not yet written out on this node.
-    shutil.rmtree(tree_dir(_images_root(spec), runtime["artifact"]), ignore_errors=True)
+    shutil.rmtree(tree_dir(images_root(spec.run_root), runtime.images_tree), ignore_errors=True)
     first, first_out, _ = _once(ref, "restore", store, registry, spec)
     progress(f"first restore on this node (images written out): {first:.3f}s")
 
     phases = [("warm", False)] + ([("dropped", True)] if drop else [])
-    result = {"ref": ref, "runs": runs, "restore_first_s": round(first, 4), "answers_match": True}
+    result: dict[str, Any] = {"ref": ref, "runs": runs, "restore_first_s": round(first, 4), "answers_match": True}
     for label, do_drop in phases:
-        cold, restored, modes = [], [], []
-        answers = set()
+        cold: list[float] = []
+        restored: list[float] = []
+        modes: list[str] = []
+        answers: set[str] = set()
         for i in range(runs):
             for mode, bucket in (("cold", cold), ("restore", restored)):
                 if do_drop:
@@ -91,7 +94,7 @@ def bench(ref: str, *, runs: int = 5, registry: str | None = None, store: Store 
                 modes.append(out["mode"])
                 answers.add(_digest_only(answer))
                 progress(f"[{label} page cache] run {i + 1}/{runs} {mode:<7} {t:.3f}s")
-        if any(m != want for m, want in zip(modes, ["cold", "restore"] * runs)):
+        if any(m != want for m, want in zip(modes, ["cold", "restore"] * runs, strict=True)):
             result["note"] = "some restores fell back to a cold boot; see `snapbuild run` for the reason"
         result["answers_match"] &= len(answers) == 1
         phase = {"cold_s": _summary(cold), "restore_s": _summary(restored),
@@ -101,7 +104,7 @@ def bench(ref: str, *, runs: int = 5, registry: str | None = None, store: Store 
     result.update(cold_s=warm["cold_s"]["median"], restore_s=warm["restore_s"]["median"], speedup=warm["speedup"],
                   page_cache_dropped=result.get("dropped"))
     result.pop("dropped", None)
-    result["checkpoint_bytes"] = runtime.get("stats", {}).get("pages_bytes")
+    result["checkpoint_bytes"] = runtime.stats.get("pages_bytes")
     return result
 
 

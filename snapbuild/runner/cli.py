@@ -126,13 +126,13 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         if args.command == "pull":
-            from ..runtime.treeimages import can_mount
+            from ..runtime.erofs import can_mount
             from .pull import pull
 
             result = pull(args.ref, registry=args.registry, dest=args.dest, jobs=args.jobs,
                           trust_policy=args.trust_policy, cache_max=_size_arg(args.cache_max),
                           images=can_mount())
-            result.pop("config")
+            result.pop("config"), result.pop("snapshot")
             if args.json:
                 print(json.dumps(result, indent=2))
             else:
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
 
             sys.stdout.write(server_log(args.ref, registry=args.registry, lines=args.lines))
         elif args.command == "gc":
-            from .restore import node_gc
+            from ..runtime.gc import node_gc
 
             r = node_gc(dry_run=args.dry_run)
             if args.json:

@@ -14,9 +14,9 @@ from ..errors import SnapbuildError, UsageError
 from ..registry import default_registry_url, open_registry, parse_ref
 from ..store import Store
 from ..registry.transfer import fetch
-from ..runtime import treeimages
-from ..schema import check_snapshot
-from ..store.snapshot import image_selection, load_config, referenced_blobs
+from ..runtime import erofs
+from ..schema import read_config
+from ..store.snapshot import check_snapshot, image_selection, load_config, referenced_blobs
 from ..store.tree import load_tree, materialize
 
 
@@ -28,7 +28,7 @@ def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
     must carry a signature the policy accepts, checked before anything else is fetched.
     ``cache_max`` (default ``$SNAPBUILD_NODE_CACHE_MAX``) bounds the store: the least
     recently used other snapshots are let go to fit (:mod:`.node_cache`).
-    ``images``: where the snapshot ships tree images (runtime.treeimages), fetch those
+    ``images``: where the snapshot ships tree images (runtime.erofs), fetch those
     instead of the chunks of the trees they replace (for a node that mounts them; not
     with ``dest``, which writes every output out). ``tree_images`` in the result says
     whether that happened.
@@ -76,7 +76,7 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
     trust_policy = node_policy(trust_policy)
     if trust_policy is not None:
         trust = verify(reg, ref, digest, Policy.load(trust_policy))
-    refused = treeimages.refused_for(trust) if images else None
+    refused = erofs.refused_for(trust) if images else None
     images = images and refused is None
     t_resolve = time.monotonic()
     # A snapshot this node already pulled whole needs no per-blob check (pins keep
@@ -92,8 +92,9 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
                 select=select if images else None,
                 check=lambda manifest: check_snapshot(store.blobs, manifest, str(ref)))
     config = load_config(store.blobs, got["manifest"])
+    snapshot = read_config(config, str(ref))  # typed, for this node (checked in full above, if fetched now)
     # Images were used by this pull, or by the complete one before it.
-    with_images = images and bool(config.get("tree_images")) and (not complete or store.pinned_with_images(pin))
+    with_images = images and snapshot.tree_images is not None and (not complete or store.pinned_with_images(pin))
     # The node keeps the last pull of each name until a newer one replaces it.
     store.pin_snapshot(pin, digest, images=with_images)
     t_fetch = time.monotonic()
@@ -115,7 +116,7 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
             raise
     t_done = time.monotonic()
     return {
-        "ref": str(ref), "digest": digest, "name": config["name"], "config": config,
+        "ref": str(ref), "digest": digest, "name": config["name"], "config": config, "snapshot": snapshot,
         "blobs_fetched": missing, "bytes_fetched": fetched,
         "blobs_total": len(referenced_blobs(got["manifest"])) + 1, "outputs": outputs, "trust": trust,
         "tree_images": with_images, "tree_images_refused": refused,

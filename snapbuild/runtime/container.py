@@ -30,13 +30,16 @@ from pathlib import Path
 
 from .. import rootfs, tools
 from ..errors import SnapbuildError
+from ..schema import ServerSpec
 from ..store.blobs import BlobStore
 from ..store.chunks import ChunkReader
 from ..store.tree import load_tree
 from . import probe as probes
 from . import process
 from .identity import ProcessIdentity
-from .trees import ensure_inputs, secure_dir
+from . import erofs, layout
+from .layout import secure_dir
+from .trees import ensure_inputs
 
 INPUTS = "/snapbuild/inputs"
 RUN = "/snapbuild/run"
@@ -62,11 +65,7 @@ class Instance:
         return Path(self.run_dir) / LOG_NAME
 
     def record_path(self) -> Path:
-        return records_dir(Path(self.bundle).parent.parent) / f"{self.id}.json"
-
-
-def records_dir(run_root: Path) -> Path:
-    return run_root / "containers"
+        return layout.records_dir(Path(self.bundle).parent.parent) / f"{self.id}.json"
 
 
 # --- the image --------------------------------------------------------------------------
@@ -80,27 +79,10 @@ def read_image(blobs: BlobStore, artifact: str) -> tuple[dict, dict]:
     return json.loads(ChunkReader(blobs, entries[IMAGE_JSON]).read()), entries
 
 
-def write_layers(blobs: BlobStore, artifact: str, out: Path) -> tuple[dict, list]:
-    """The image's OCI config, and its layers written out (verified) as tar files in
-    ``out``, lowest first (for a ``docker load`` archive, or a build on top of them)."""
-    from ..image.layers import Layer
-    from ..store.chunks import write_file
-
-    meta, entries = read_image(blobs, artifact)
-    out.mkdir(parents=True, exist_ok=True)
-    layers = []
-    for x in meta["layers"]:
-        path = out / f"{x['digest'].split(':')[1]}.tar"
-        write_file(blobs, entries[f"layers/{path.name}"], path, 0o644)
-        layers.append(Layer(digest=x["digest"], size=x["size"], path=path))
-    return meta["config"], layers
-
-
 def layer_dirs(blobs: BlobStore, artifact: str, cache: Path, images: dict[str, str] | None = None) -> list[Path]:
     """The image's layers, each unpacked (once per machine, verified while read) in
     ``cache``, or mounted from its tree image when ``images`` (layer digest -> image
-    tree digest) has one (see treeimages)."""
-    from . import treeimages
+    tree digest) has one (see erofs)."""
 
     meta, entries = read_image(blobs, artifact)
     secure_dir(cache.parent)
@@ -111,7 +93,7 @@ def layer_dirs(blobs: BlobStore, artifact: str, cache: Path, images: dict[str, s
         entry = entries[f"layers/{digest.split(':')[1]}.tar"]
         image = (images or {}).get(digest)
         mount_image = None if image is None else (
-            lambda dest, image=image: treeimages.mount_tree(blobs, image, dest))
+            lambda dest, image=image: erofs.mount_tree(blobs, image, dest))
         out.append(rootfs.cached_layer(digest, lambda e=entry: ChunkReader(blobs, e), cache,
                                        user=str(blobs.root), mount_image=mount_image))
     return out
@@ -119,9 +101,9 @@ def layer_dirs(blobs: BlobStore, artifact: str, cache: Path, images: dict[str, s
 
 # --- the bundle ---------------------------------------------------------------------------
 
-def container_env(spec: dict) -> dict:
+def container_env(spec: ServerSpec) -> dict:
     env = {}
-    for item in spec["image_config"].get("Env") or []:
+    for item in (spec.image_config or {}).get("Env") or []:
         k, _, v = item.partition("=")
         env[k] = v
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
@@ -130,17 +112,17 @@ def container_env(spec: dict) -> dict:
     base = dict(env)
     from .server import _expand
 
-    for k, v in spec.get("env", {}).items():
+    for k, v in spec.env.items():
         env[k] = _expand(v, base)
     return env
 
 
-def config_json(spec: dict, input_paths: dict[str, Path], run_dir: Path, netns: str) -> dict:
+def config_json(spec: ServerSpec, input_paths: dict[str, Path], run_dir: Path, netns: str) -> dict:
     from .server import _expand
 
     env = container_env(spec)
-    argv = [_expand(a, env) for a in spec["argv"]]
-    cwd = _expand(spec["cwd"], env) if spec.get("cwd") else (spec["image_config"].get("WorkingDir") or "/")
+    argv = [_expand(a, env) for a in spec.argv]
+    cwd = _expand(spec.cwd, env) if spec.cwd else ((spec.image_config or {}).get("WorkingDir") or "/")
     wrapper = f'exec "$@" </dev/null >>{RUN}/{LOG_NAME} 2>&1'
     caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
     mounts = [
@@ -159,7 +141,7 @@ def config_json(spec: dict, input_paths: dict[str, Path], run_dir: Path, netns: 
     for name, path in sorted(input_paths.items()):
         mounts.append({"destination": f"{INPUTS}/{name}", "type": "bind", "source": str(path),
                        "options": ["rbind", "ro"]})
-    for dest, name in sorted((spec.get("mounts") or {}).items()):
+    for dest, name in sorted(spec.mounts.items()):
         mounts.append({"destination": dest, "type": "bind", "source": str(input_paths[name]),
                        "options": ["rbind", "ro"]})
     return {
@@ -224,28 +206,30 @@ def _forward(host_port: int, netns: str, container_port: int, host: str = "127.0
     return proc.pid, port
 
 
-def _new_instance(spec: dict, engine: str, host_port: int | None) -> Instance:
-    cid = f"sb-{spec['name']}-{secrets.token_hex(4)}"[:60]
-    root = Path(spec["run_root"])
-    bundle = root / "bundles" / cid
-    run_dir = Path(spec["run_dir"]) / cid
-    addr = probes.address(spec.get("ready"))
+def _new_instance(spec: ServerSpec, engine: str, host_port: int | None) -> Instance:
+    cid = f"sb-{spec.name}-{secrets.token_hex(4)}"[:60]
+    bundle = layout.bundle_dir(Path(spec.run_root), cid)
+    run_dir = Path(spec.run_dir) / cid
+    addr = probes.address(spec.ready)
     return Instance(id=cid, engine=engine, bundle=str(bundle), netns="", run_dir=str(run_dir),
                     host_port=host_port if host_port is not None else (addr[1] if addr else None),
                     container_port=addr[1] if addr else None)
 
 
-def prepare(spec: dict, blobs: BlobStore, engine: str, host_port: int | None = None,
+def prepare(spec: ServerSpec, blobs: BlobStore, engine: str, host_port: int | None = None,
             layer_cache: Path | None = None) -> Instance:
     """Everything but the process: layers, rootfs, inputs, run folder, netns, config.json."""
     inst = _new_instance(spec, engine, host_port)
-    root = Path(spec["run_root"])
+    root = Path(spec.run_root)
     bundle = Path(inst.bundle)
+    image = spec.image
+    if image is None:
+        raise SnapbuildError(f"server {spec.name!r} names no image: it is not a container's")
     try:
-        images = (spec.get("tree_images") or {}).get("layers")
+        images = spec.tree_images
         layers: list[Path] = []
-        inputs = ensure_inputs(blobs, spec, root, also=lambda: layers.extend(
-            layer_dirs(blobs, spec["image"], layer_cache or root / "layers", images)))
+        inputs = ensure_inputs(blobs, spec.inputs, root, images.trees if images else None, also=lambda: layers.extend(
+            layer_dirs(blobs, image, layer_cache or layout.layer_cache(root), images.layers if images else None)))
         Path(inst.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(inst.run_dir) / LOG_NAME).touch()
         bundle.mkdir(parents=True, exist_ok=True)
@@ -271,9 +255,9 @@ def publish(inst: Instance) -> None:
     save(inst)
 
 
-def host_probe(spec: dict, inst: Instance) -> dict:
+def host_probe(spec: ServerSpec, inst: Instance) -> dict:
     """The recipe's probe, pointed at the instance's host port."""
-    ready = dict(spec["ready"])
+    ready = dict(spec.ready)
     addr = probes.address(ready)
     if addr and inst.host_port:
         for k in ("http", "tcp"):
@@ -282,10 +266,10 @@ def host_probe(spec: dict, inst: Instance) -> dict:
     return ready
 
 
-def start(spec: dict, blobs: BlobStore, engine, host_port: int | None = None) -> Instance:
+def start(spec: ServerSpec, blobs: BlobStore, engine, host_port: int | None = None) -> Instance:
     """A new container from the image, running the server from scratch."""
     inst = prepare(spec, blobs, engine.name, host_port)
-    return launch(inst, engine, lambda: engine.run(Path(inst.bundle), inst.id, options=spec.get("engine_options")))
+    return launch(inst, engine, lambda: engine.run(Path(inst.bundle), inst.id, options=spec.engine_options))
 
 
 def launch(inst: Instance, engine, begin) -> Instance:
@@ -333,11 +317,11 @@ def _stop_forwarder(inst: Instance) -> None:
 def destroy(inst: Instance) -> None:
     """Stop and remove everything of the instance: forwarder, container, mounts, netns,
     bundle, record. The run folder (its log) stays."""
-    from ..engines import get_engine
+    from ..engines import container_engine
 
     _stop_forwarder(inst)
     try:
-        get_engine(inst.engine).delete(inst.id)
+        container_engine(inst.engine).delete(inst.id)
     except SnapbuildError:
         pass
     if inst.pid:
@@ -363,7 +347,7 @@ def save(inst: Instance) -> None:
 
 def find(run_root: Path, key: str) -> Instance | None:
     """The instance with this container id or init PID, from the records under ``run_root``."""
-    d = records_dir(run_root)
+    d = layout.records_dir(run_root)
     for path in sorted(d.glob("*.json")) if d.is_dir() else []:
         try:
             inst = Instance(**json.loads(path.read_text()))

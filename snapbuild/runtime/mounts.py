@@ -19,7 +19,9 @@ from pathlib import Path
 from .. import tools
 from ..errors import SnapbuildError
 from ..schema import mount_point_problem
-from .trees import MARKER as TREE_MARKER
+from .erofs import is_image_mount
+from .layout import TREE_MARKER
+from .mountinfo import is_mount_point, mount_points, source_deleted
 
 
 class MountError(SnapbuildError):
@@ -48,10 +50,8 @@ def bind_ro(source: Path, dest: Path) -> bool:
         # An input tree that an earlier build or restore left mounted there, or a mount whose
         # folder was deleted since, goes if nothing uses it any more: a plain umount fails
         # (EBUSY) while a process maps or opens a file.
-        from .treeimages import is_image_mount
-
         ours = (dest / TREE_MARKER).is_file() or is_image_mount(dest)  # a tree, written out or from its image
-        if not ((ours or _source_deleted(dest)) and _umount(dest)):
+        if not ((ours or source_deleted(dest)) and _umount(dest)):
             raise MountError(f"{dest} is already a mount point, of other content than this snapshot's input",
                              hint="a server that another snapshot started may be using it: stop that server "
                                   f"(then this replaces the mount), or `umount {dest}`, or mount this input at "
@@ -86,50 +86,9 @@ def _umount(dest: Path) -> bool:
     return tools.run(["umount", str(dest)], what=f"unmount of {dest}", error=MountError).returncode == 0
 
 
-def _mountinfo() -> list[tuple[str, str, str]]:
-    """(mount point, root within its file system, file system type) of every mount of
-    this namespace, from /proc/self/mountinfo."""
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        f = line.split(" ")
-        _, sep, rest = line.partition(" - ")
-        if len(f) > 4:
-            out.append((f[4].encode().decode("unicode_escape"), f[3], rest.split(" ", 1)[0] if sep else ""))
-    return out
-
-
-def _mount_points() -> list[Path]:
-    """This namespace's mount points (os.path.ismount misses a bind mount from the same
-    file system: it compares devices)."""
-    return [Path(point) for point, _, _ in _mountinfo()]
-
-
-def _source_deleted(dest: Path) -> bool:
-    """Whether the mount at ``dest`` shows a folder that has been deleted (mountinfo
-    marks its root ``//deleted``): nothing of value is there any more."""
-    where = os.path.realpath(dest)
-    return any(point == where and root.endswith("//deleted") for point, root, _ in _mountinfo())
-
-
-def fs_type(path: Path) -> str | None:
-    """The file system type of the mount at ``path`` (the last one, if several are
-    stacked there), or None when nothing is mounted there."""
-    where = os.path.realpath(path)
-    types = [fstype for point, _, fstype in _mountinfo() if point == where]
-    return types[-1] if types else None
-
-
-def is_mount_point(path: Path) -> bool:
-    return Path(os.path.realpath(path)) in _mount_points()
-
-
 def mount_points_of(source: Path) -> list[Path]:
     """Every mount point of this namespace that shows the folder ``source``."""
-    return [p for p in dict.fromkeys(_mount_points()) if p != source and same_file(p, source)]
+    return [p for p in dict.fromkeys(mount_points()) if p != source and same_file(p, source)]
 
 
 def _mount(args: list[str], dest: Path) -> None:

@@ -16,14 +16,6 @@ from pathlib import Path
 
 from .identity import start_time
 
-DEFAULT_RUN_ROOT = "/var/lib/snapbuild"
-
-
-def run_root() -> Path:
-    """Where servers run from. Recorded in each snapshot: build machine and nodes must agree."""
-    return Path(os.environ.get("SNAPBUILD_RUN_ROOT", DEFAULT_RUN_ROOT))
-
-
 def start(argv: list[str], *, env: dict, cwd: Path, log_path: Path) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:  # append mode: restores survive a grown log

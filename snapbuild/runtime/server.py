@@ -1,13 +1,14 @@
 """One way to start a server, shared by the warm-up (build side) and the cold boot
 (runner), so that both see exactly the same command, environment and paths.
 
-A *server spec* is a plain dict, stored in the snapshot as part of checkpoint.json::
+A *server spec* is a :class:`snapbuild.schema.ServerSpec`, stored in the snapshot as
+part of checkpoint.json::
 
     {"argv": [...], "env": {...}, "cwd": "$SNAPBUILD_RUN" | null, "ready": {probe},
      "run_dir": "/var/lib/snapbuild/run/<id>", "inputs": {"app": "sha256:..."},
      "mounts": {"/models/minilm": "model"}}
 
-``mounts`` (optional) shows input trees read-only at fixed paths: for a host process
+``mounts`` shows input trees read-only at fixed paths: for a host process
 they are bind mounts of this machine (:mod:`.mounts`), made before the server starts
 or is restored; for containers, mounts of the container.
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SnapbuildError, UsageError
+from ..schema import ServerSpec
 from ..store.blobs import BlobStore
 from . import mounts
 from . import probe as probes
@@ -28,7 +30,6 @@ from . import process
 from .trees import ensure_inputs, link_inputs
 
 LOG_NAME = "server.log"
-FORMAT = 1  # of checkpoint.json (a snapshot's runtime section); readers refuse newer ones
 
 
 @dataclass
@@ -48,17 +49,17 @@ class Started:
         return self.proc.pid
 
 
-def prepare(spec: dict, blobs: BlobStore) -> tuple[Path, dict, list[Path]]:
+def prepare(spec: ServerSpec, blobs: BlobStore) -> tuple[Path, dict, list[Path]]:
     """Materialize the inputs (once per machine), link them under the run folder and
     mount those that ``mounts`` names. Returns the run folder, the server's environment
     and the mount points mounted now (those already in place are not theirs to undo)."""
-    run_dir = Path(spec["run_dir"])
-    root = Path(spec["run_root"])
-    paths = ensure_inputs(blobs, spec, root)
+    run_dir = Path(spec.run_dir)
+    root = Path(spec.run_root)
+    paths = ensure_inputs(blobs, spec.inputs, root, spec.tree_images.trees if spec.tree_images else None)
     link_inputs(paths, run_dir / "inputs")
     mounted: list[Path] = []
     try:
-        for dest, name in sorted((spec.get("mounts") or {}).items() if not spec.get("image") else ()):
+        for dest, name in sorted(spec.mounts.items() if spec.image is None else ()):
             if mounts.bind_ro(paths[name], Path(dest)):
                 mounted.append(Path(dest))
     except SnapbuildError:
@@ -73,7 +74,7 @@ def prepare(spec: dict, blobs: BlobStore) -> tuple[Path, dict, list[Path]]:
         "SNAPBUILD_INPUTS": str(run_dir / "inputs"),
     }
     base = dict(env)
-    for k, v in spec.get("env", {}).items():  # from the variables above: independent of order
+    for k, v in spec.env.items():  # from the variables above: independent of order
         env[k] = _expand(v, base)
     return run_dir, env, mounted
 
@@ -83,27 +84,27 @@ def unmount(points: list[Path]) -> None:
         mounts.unmount(p)
 
 
-def check_port_free(spec: dict) -> None:
+def check_port_free(spec: ServerSpec) -> None:
     """Refuse to start a server whose port is taken: its probe would talk to the other one."""
-    addr = probes.address(spec.get("ready"))
-    if probes.port_in_use(addr):
+    addr = probes.address(spec.ready)
+    if addr is not None and probes.port_in_use(addr):
         raise UsageError(f"port {addr[1]} on {addr[0]} is already taken: another server is listening there",
                          hint="stop it first (snapbuild-runner stop PID, if the runner started it), "
                               "or give this server another port")
 
 
-def start(spec: dict, blobs: BlobStore, *, fresh_log: bool = True) -> Started:
+def start(spec: ServerSpec, blobs: BlobStore, *, fresh_log: bool = True) -> Started:
     """Start the server as the spec says. The port must be free; a stale ready file is
     removed first. ``fresh_log`` starts an empty log, else this run's output is appended."""
     check_port_free(spec)
     run_dir, env, mounted = prepare(spec, blobs)
-    argv = [_expand(a, env) for a in spec["argv"]]
-    cwd = Path(_expand(spec["cwd"], env)) if spec.get("cwd") else run_dir
+    argv = [_expand(a, env) for a in spec.argv]
+    cwd = Path(_expand(spec.cwd, env)) if spec.cwd else run_dir
     log_path = run_dir / LOG_NAME
     if fresh_log:
         log_path.unlink(missing_ok=True)
     offset = log_path.stat().st_size if log_path.exists() else 0
-    probes.clear_stale(spec.get("ready") or {})
+    probes.clear_stale(spec.ready)
     try:
         proc = process.start(argv, env=env, cwd=cwd, log_path=log_path)
     except OSError as e:

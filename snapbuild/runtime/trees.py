@@ -11,76 +11,45 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 from pathlib import Path
 
-from ..errors import SnapbuildError
 from ..store import fsutil
 from ..store.blobs import BlobStore
 from ..store.fsutil import flock
 from ..store.tree import load_tree, materialize
+from . import erofs, layout
 
-MARKER = ".snapbuild-complete"  # holds the stores (one path a line) that use the tree
-
-
-def tree_dir(root: Path, digest: str) -> Path:
-    return root / "trees" / digest.split(":", 1)[1]
-
-
-def secure_root(root: Path) -> None:
-    """Create ``root`` (and ``root/trees``) for this user, and refuse one that another
-    user owns or may write to: the runner trusts complete trees there without reading
-    them again, so nobody else may be able to put one there (``/dev/shm`` is shared)."""
-    secure_dir(root)
-    secure_dir(root / "trees")
-
-
-def secure_dir(d: Path) -> None:
-    """Create ``d`` for this user; refuse it when another user owns it or everyone may write to it."""
-    try:
-        d.mkdir(mode=0o755, parents=True, exist_ok=True)
-        st = os.lstat(d)
-    except OSError as e:
-        raise SnapbuildError(f"cannot create {d}: {e.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o002:
-        why = ("is not a folder" if not stat.S_ISDIR(st.st_mode)
-               else f"belongs to uid {st.st_uid}" if st.st_uid != os.geteuid()
-               else "can be written by other users")
-        raise SnapbuildError(f"refusing to use {d} for snapshot files: it {why}",
-                             hint="remove it, or point SNAPBUILD_RUN_ROOT / SNAPBUILD_IMAGE_CACHE at a folder "
-                                  "that only this user can write")
+MARKER = layout.TREE_MARKER  # inside a complete tree: the stores (one path a line) that use it
 
 
 def ensure_tree(blobs: BlobStore, digest: str, root: Path, image: str | None = None) -> tuple[Path, bool]:
     """The tree's folder, materialized (verified) if not there yet, with the store of
     ``blobs`` recorded as one of its users (see :func:`release`). Returns (path, created).
 
-    With ``image`` (the digest of the tree's EROFS image, see :mod:`.treeimages`), a
+    With ``image`` (the digest of the tree's EROFS image, see :mod:`.erofs`), a
     tree not there yet is mounted from its image instead of written out file by file;
     its users are then kept beside it (``<hex>.users``), since the mount is read-only.
-    Raises :class:`.treeimages.ImageUnusable` when the image cannot be mounted."""
-    secure_root(root)
-    final = tree_dir(root, digest)
+    Raises :class:`.erofs.ImageUnusable` when the image cannot be mounted."""
+    layout.secure_root(root)
+    final = layout.tree_dir(root, digest)
     user = str(blobs.root) + "\n"
     text = _users_text(final)
     if text is not None and user in text.splitlines(keepends=True):
         return final, False
-    with flock(root / "locks" / f"tree-{digest.split(':', 1)[1]}.lock"):
+    with flock(layout.tree_lock(root, layout.hex_of(digest))):
         text = _users_text(final)
         if text is not None:
             if user not in text.splitlines(keepends=True):
                 with open(_marker(final), "a") as f:
                     f.write(user)
             return final, False
-        tmp = final.with_name(final.name + ".partial")
+        tmp = layout.tree_partial(final)
         shutil.rmtree(tmp, ignore_errors=True)
         # (an image tree whose mount went with a reboot keeps its users)
         users = [u for u in (_read(_sidecar(final)) or "").splitlines(keepends=True) if u != user]
         discard(final)  # an incomplete earlier attempt
         if image is not None:
-            from . import treeimages
-
-            treeimages.mount_tree(blobs, image, final)
+            erofs.mount_tree(blobs, image, final)
             fsutil.atomic_write(_sidecar(final), "".join(users + [user]).encode())  # last: the tree is complete
             return final, True
         materialize(blobs, load_tree(blobs, digest), tmp)
@@ -89,18 +58,19 @@ def ensure_tree(blobs: BlobStore, digest: str, root: Path, image: str | None = N
     return final, True
 
 
-def ensure_inputs(blobs: BlobStore, spec: dict, root: Path, also=None) -> dict[str, Path]:
-    """The server's input trees (``spec["inputs"]``: name -> digest), each as
-    :func:`ensure_tree` gives it (from its image where the runner set
-    ``spec["tree_images"]``), written out side by side on a few threads: writing
+def ensure_inputs(blobs: BlobStore, inputs: dict[str, str], root: Path, images: dict[str, str] | None = None,
+                  also=None) -> dict[str, Path]:
+    """A server's input trees (``inputs``: name -> digest), each as :func:`ensure_tree`
+    gives it (mounted from its image where ``images``, tree digest -> image tree digest,
+    has one), written out side by side on a few threads: writing
     verified chunks is hashing, decompressing and waiting on the disk, which all
     release the GIL. ``also()``, when given, runs beside them (a container's layers)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    images = (spec.get("tree_images") or {}).get("trees") or {}
+    images = images or {}
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="trees") as pool:
         extra = pool.submit(also) if also is not None else None
-        jobs = {name: pool.submit(ensure_tree, blobs, d, root, images.get(d)) for name, d in spec["inputs"].items()}
+        jobs = {name: pool.submit(ensure_tree, blobs, d, root, images.get(d)) for name, d in inputs.items()}
         paths = {name: job.result()[0] for name, job in jobs.items()}
         if extra is not None:
             extra.result()
@@ -112,7 +82,7 @@ def release(path: Path, store_root: Path, *, dry_run: bool = False, before=None)
     still exists uses it (calling ``before(path)`` first). True when removed, False
     when kept for other users, None when the tree is not this store's to release."""
     root = path.parent.parent
-    with flock(root / "locks" / f"tree-{path.name}.lock"):
+    with flock(layout.tree_lock(root, path.name)):
         text = _users_text(path)
         users = text.splitlines() if text else []
         if str(store_root) not in users:
@@ -129,8 +99,7 @@ def release(path: Path, store_root: Path, *, dry_run: bool = False, before=None)
         return True
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".users")
+_sidecar = layout.tree_users
 
 
 def _marker(path: Path) -> Path:
@@ -219,11 +188,9 @@ def modified(sigs: dict[str, tuple[int, int, int]]) -> list[str]:
 def discard(path: Path) -> None:
     """Forget a materialized tree (it will be written out again when next needed); a
     tree mounted from its image is unmounted and its image file deleted too."""
-    from . import treeimages
-
     side = _sidecar(path)
     if side.exists() or os.path.ismount(path):
-        treeimages.take_down(path)
+        erofs.take_down(path)
         side.unlink(missing_ok=True)
     marker = path / MARKER
     marker.unlink(missing_ok=True)

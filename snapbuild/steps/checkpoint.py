@@ -19,20 +19,21 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..engines import CONTAINER_ENGINES, get_engine
+from ..engines import CONTAINER_ENGINES, container_engine, get_engine, process_engine
 from ..errors import SnapbuildError, StepError
 from ..runtime import probe as probes
 from ..runtime import process, server
-from ..runtime.process import run_root
+from ..runtime.layout import run_dir, run_root
+from ..schema import Runtime, ServerSpec
 from ..store.tree import build_tree, walk
 from .base import BuildContext, PinContext, StepSpec
 from .warmup import Exercise
 
-FORMAT = server.FORMAT
 MANIFEST = "checkpoint.json"
 ANON_TIP_BYTES = 256 << 20  # above this, suggest mapping weights instead
 
@@ -122,26 +123,26 @@ class CheckpointStep:
         recipe = ctx.recipe
         warm = recipe.steps[spec.process]  # a warmup step: the recipe loader checked
         wspec = warm.spec
-        server_spec = {
-            "name": recipe.name,
-            "argv": wspec.argv(),
-            "env": dict(wspec.env),
-            "cwd": wspec.cwd,
-            "ready": wspec.ready.to_dict(),
-            "run_root": str(run_root()),
-            # One run folder per warm-up definition: the same on the build machine and nodes.
-            "run_dir": str(run_root() / "run" / f"{recipe.name}-{ctx.input_keys[spec.process][:16]}"),
-            "inputs": {d: ctx.artifacts[d] for d in warm.deps if d != wspec.image},
-            "mounts": dict(wspec.mounts),
-        }
+        server_spec = ServerSpec(
+            name=recipe.name,
+            argv=wspec.argv(),
+            env=dict(wspec.env),
+            cwd=wspec.cwd,
+            ready=wspec.ready.to_dict(),
+            run_root=str(run_root()),
+            run_dir=str(run_dir(run_root(), recipe.name, ctx.input_keys[spec.process])),
+            inputs={d: ctx.artifacts[d] for d in warm.deps if d != wspec.image},
+            mounts=dict(wspec.mounts),
+        )
         if spec.engine in CONTAINER_ENGINES:
             from ..runtime.container import read_image
 
-            server_spec.update(image=ctx.artifacts[wspec.image], image_step=wspec.image,
-                               engine_options=_engine_options(spec),
-                               image_config=read_image(ctx.store.blobs, ctx.artifacts[wspec.image])[0]["config"]["config"])
+            image = ctx.artifacts[wspec.image]
+            server_spec = replace(server_spec, image=image, image_step=wspec.image,
+                                  engine_options=_engine_options(spec),
+                                  image_config=read_image(ctx.store.blobs, image)[0]["config"]["config"])
             return self._build_container(spec, ctx, server_spec, wspec)
-        engine = get_engine(spec.engine)
+        engine = process_engine(spec.engine)
         log = ctx.log
         say = lambda msg: (log.write(msg + "\n"), log.flush())  # noqa: E731
         scratch = ctx.store.scratch(f"ckpt-{ctx.name}")
@@ -154,12 +155,12 @@ class CheckpointStep:
                 raise StepError(f"warmup {spec.process}: {e}", step=spec.process) from None
             except SnapbuildError as e:
                 raise StepError(f"warmup {spec.process}: {e.message}", step=spec.process, hint=e.hint) from None
-            say(f"started {server_spec['argv']} as pid {started.pid}; log {started.log_path}")
+            say(f"started {server_spec.argv} as pid {started.pid}; log {started.log_path}")
             try:
-                ready_s = started.wait_ready(server_spec["ready"])
-                say(f"ready after {ready_s:.2f}s ({probes.describe(server_spec['ready'])})")
+                ready_s = started.wait_ready(server_spec.ready)
+                say(f"ready after {ready_s:.2f}s ({probes.describe(server_spec.ready)})")
                 probes.run_exercise([e.model_dump(exclude_none=True) for e in wspec.exercise],
-                                    base=probes.base_url(server_spec["ready"]), log=say, env=started.env)
+                                    base=probes.base_url(server_spec.ready), log=say, env=started.env)
             except probes.ProbeFailed as e:
                 raise StepError(f"warmup {spec.process}: {e}", step=spec.process,
                                 log_tail=process.tail(started.log_path),
@@ -199,10 +200,10 @@ class CheckpointStep:
                 server.unmount(started.mounted)
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def _build_container(self, spec: CheckpointSpec, ctx: BuildContext, server_spec: dict, wspec) -> str:
+    def _build_container(self, spec: CheckpointSpec, ctx: BuildContext, server_spec: ServerSpec, wspec) -> str:
         from ..runtime import container
 
-        engine = get_engine(spec.engine)
+        engine = container_engine(spec.engine)
         say = lambda msg: (ctx.log.write(msg + "\n"), ctx.log.flush())  # noqa: E731
         scratch = ctx.store.scratch(f"ckpt-{ctx.name}")
         inst = None
@@ -235,7 +236,7 @@ class CheckpointStep:
                     from ..gpu import snapshot as gpu_snapshot
 
                     gpu = gpu_snapshot.suspend_sandbox(engine, inst.id, spec.cuda_options(), say)
-                container.checkpoint(inst, engine, images, scratch / "work", server_spec["engine_options"])
+                container.checkpoint(inst, engine, images, scratch / "work", server_spec.engine_options)
             except SnapbuildError as e:
                 raise StepError(e.message, hint=e.hint) from None
             dump_s = time.monotonic() - t1
@@ -250,7 +251,7 @@ class CheckpointStep:
                 container.destroy(inst)  # no container, mount, netns or forwarder left behind
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def snapshot_extras(self, store, artifact: str) -> tuple[dict, dict[str, str]]:
+    def snapshot_extras(self, store, artifact: str) -> tuple[Runtime, dict[str, str]]:
         """What a snapshot of this step carries besides the artifact itself: the runtime
         section of its config, and the input trees the server needs."""
         from ..store.tree import load_tree
@@ -259,11 +260,11 @@ class CheckpointStep:
         entry = next(e for e in tree["entries"] if e["path"] == MANIFEST)
         from ..store.chunks import read_file
 
-        manifest = json.loads(read_file(store.blobs, entry))
-        trees = dict(manifest["server"]["inputs"])
-        if manifest["server"].get("image"):  # a container's image travels with it too
-            trees[manifest["server"]["image_step"]] = manifest["server"]["image"]
-        return manifest, trees
+        runtime = Runtime.from_json(json.loads(read_file(store.blobs, entry)), MANIFEST)
+        trees = dict(runtime.server.inputs)
+        if runtime.server.image is not None and runtime.server.image_step is not None:  # its image travels too
+            trees[runtime.server.image_step] = runtime.server.image
+        return runtime, trees
 
 
 def _engine_options(spec: CheckpointSpec) -> dict:
@@ -274,16 +275,16 @@ def _engine_options(spec: CheckpointSpec) -> dict:
     return options
 
 
-def _store(spec: CheckpointSpec, ctx: BuildContext, scratch, server_spec: dict, pids: list[int],
+def _store(spec: CheckpointSpec, ctx: BuildContext, scratch, server_spec: ServerSpec, pids: list[int],
            stats: dict, gpu: dict | None = None) -> str:
     """``checkpoint.json`` and the engine's images (in ``scratch/images``) as the artifact."""
     images = scratch / "images"
-    manifest = {
-        "format": FORMAT, "engine": spec.engine, "process": spec.process, "server": server_spec,
-        "pids": pids, "fingerprint": ctx.pins["fingerprint"], "gpu": gpu,
-        "after_restore": [e.model_dump(exclude_none=True) for e in spec.after_restore],
-        "stats": {**stats, "images_bytes": sum(p.stat().st_size for p in images.iterdir())},
-    }
+    manifest = Runtime(
+        engine=spec.engine, process=spec.process, server=server_spec, pids=pids,
+        fingerprint=ctx.pins["fingerprint"], gpu=gpu,
+        after_restore=[e.model_dump(exclude_none=True) for e in spec.after_restore],
+        stats={**stats, "images_bytes": sum(p.stat().st_size for p in images.iterdir())},
+    ).to_json()
     (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     items = [(MANIFEST, scratch / MANIFEST), ("images", images)]
     items += [(f"images/{rel}", p) for rel, p in walk(images)]

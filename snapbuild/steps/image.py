@@ -152,7 +152,7 @@ class ImageStep:
         out.mkdir(parents=True, exist_ok=True)
         base = spec.base_step()
         if base:
-            from ..runtime.container import write_layers
+            from ..image.layers import write_layers
 
             return write_layers(ctx.store.blobs, ctx.inputs[base], out)
         kind, _, ref = spec.from_.partition(":")

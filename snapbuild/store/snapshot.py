@@ -19,6 +19,7 @@ import json
 
 from .. import __version__
 from ..errors import IntegrityError
+from ..schema import CONFIG_FORMAT, Runtime, SnapshotConfig, TreeImages, read_config
 from .blobs import BlobStore
 from .chunks import media_type
 from .fsutil import canonical_json
@@ -26,7 +27,7 @@ from .securefs import unsafe_name
 from .tree import MEDIA_TYPE as TREE_MEDIA_TYPE
 from .tree import load_tree, tree_problem
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = CONFIG_FORMAT
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 ARTIFACT_TYPE = "application/vnd.snapbuild.snapshot.v1"
 CONFIG_MEDIA_TYPE = "application/vnd.snapbuild.snapshot.config.v1+json"
@@ -34,30 +35,21 @@ TITLE = "org.opencontainers.image.title"
 
 
 def assemble(blobs: BlobStore, *, name: str, variant: dict, steps: list[dict],
-             outputs: dict[str, str], runtime: dict | None = None,
-             annotations: dict | None = None, tree_images: dict | None = None) -> tuple[str, list[str]]:
+             outputs: dict[str, str], runtime: Runtime | None = None,
+             annotations: dict | None = None, tree_images: TreeImages | None = None) -> tuple[str, list[str]]:
     """Write config and manifest blobs for ``outputs`` (step name -> tree digest).
 
-    ``tree_images`` (``{"format": "erofs", "trees": {tree: image}, "layers": {layer:
-    image}}``, see runtime.treeimages) names an image tree for some input trees and
-    layers; the image trees travel in the manifest as well.
+    ``runtime``: how to restore or boot the server (the checkpoint step's checkpoint.json).
+    ``tree_images`` names an image tree for some input trees and layers (see
+    runtime.erofs); the image trees travel in the manifest as well.
     Returns the manifest digest and every blob digest it references (config included).
     The manifest holds no time stamp: the same build gives the same digest.
     """
-    config = {
-        "format": FORMAT_VERSION,
-        "name": name,
-        "variant": variant,
-        "outputs": dict(sorted(outputs.items())),
-        "steps": steps,
-        "runtime": runtime,  # how to restore or boot it (checkpoint.json of its checkpoint step)
-        "created_by": f"snapbuild {__version__}",
-    }
+    config = SnapshotConfig(format=FORMAT_VERSION, name=name, variant=variant, outputs=outputs, steps=steps,
+                            runtime=runtime, tree_images=tree_images, created_by=f"snapbuild {__version__}").to_json()
     shipped = dict(outputs)
-    if tree_images:
-        config["tree_images"] = tree_images
-        for image in [*tree_images.get("trees", {}).values(), *tree_images.get("layers", {}).values()]:
-            shipped[f"tree-image:{image.split(':', 1)[1][:12]}"] = image
+    for image in tree_images.images() if tree_images else []:
+        shipped[f"tree-image:{image.split(':', 1)[1][:12]}"] = image
     config_bytes = canonical_json(config)
     config_digest = blobs.put(config_bytes)
 
@@ -226,3 +218,15 @@ def load_config(blobs: BlobStore, manifest: dict) -> dict:
                              f"snapbuild (it reads format {FORMAT_VERSION})",
                              hint="upgrade snapbuild on this machine")
     return config
+
+
+def check_snapshot(blobs, manifest: dict, where: str) -> SnapshotConfig:
+    """The config of snapshot ``manifest`` (named ``where``; its config and tree blobs in
+    ``blobs``), once its format (store.snapshot.layout_problem) and every field of its
+    config pass, for this node; an IntegrityError (exit 5) saying what is wrong otherwise."""
+    problem = layout_problem(blobs, manifest)
+    if problem:
+        raise IntegrityError(f"snapshot {where}: {problem}; refusing it",
+                             hint="the registry or cache holds a corrupt or hostile snapshot; do not use it, "
+                                  "and find out who pushed it")
+    return read_config(load_config(blobs, manifest), where)

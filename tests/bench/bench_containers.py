@@ -47,12 +47,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-from snapbuild.image.layers import write_docker_archive
+from snapbuild.image.layers import write_docker_archive, write_layers
 from snapbuild.runner.bench import _digest_only, _once
 from snapbuild.runner.pull import pull
 from snapbuild.runtime import container, probe as probes
 from snapbuild.runtime.server import _expand
 from snapbuild.runtime.trees import ensure_tree
+from snapbuild.schema import Runtime, ServerSpec
 from snapbuild.store import Store
 
 PODMAN_LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
@@ -84,26 +85,26 @@ def infer(port: int) -> str:
         return _digest_only(r.read().decode())
 
 
-def podman_image(store: Store, spec: dict, work: Path) -> str:
+def podman_image(store: Store, spec: ServerSpec, work: Path) -> str:
     """Load the snapshot's image into Podman, from the store's layers."""
-    config, layers = container.write_layers(store.blobs, spec["image"], work / "layers")
-    tag = f"localhost/snapbuild-bench:{spec['image'].split(':')[1][:12]}"
+    config, layers = write_layers(store.blobs, spec.image, work / "layers")
+    tag = f"localhost/snapbuild-bench:{spec.image.split(':')[1][:12]}"
     with open(work / "image.tar", "wb") as f:
         write_docker_archive(f, config, layers, tag)
     sh("podman", "load", "-q", "-i", str(work / "image.tar"))
     return tag
 
 
-def input_paths(store: Store, spec: dict) -> list[tuple[Path, str]]:
+def input_paths(store: Store, spec: ServerSpec) -> list[tuple[Path, str]]:
     """(folder on this node, path in the container) of every input the server reads."""
-    root = Path(spec["run_root"])
+    root = Path(spec.run_root)
     out = [(ensure_tree(store.blobs, digest, root)[0], f"{container.INPUTS}/{step}")
-           for step, digest in sorted(spec["inputs"].items())]
-    return out + [(ensure_tree(store.blobs, spec["inputs"][step], root)[0], dest)
-                  for dest, step in sorted((spec.get("mounts") or {}).items())]
+           for step, digest in sorted(spec.inputs.items())]
+    return out + [(ensure_tree(store.blobs, spec.inputs[step], root)[0], dest)
+                  for dest, step in sorted(spec.mounts.items())]
 
 
-def podman_full_image(store: Store, spec: dict, work: Path) -> str:
+def podman_full_image(store: Store, spec: ServerSpec, work: Path) -> str:
     """The same image with the server's inputs inside, in one more layer."""
     import copy
     import hashlib
@@ -111,7 +112,7 @@ def podman_full_image(store: Store, spec: dict, work: Path) -> str:
 
     from snapbuild.image.layers import Layer
 
-    config, layers = container.write_layers(store.blobs, spec["image"], work / "layers")
+    config, layers = write_layers(store.blobs, spec.image, work / "layers")
     tar_path, h = work / "inputs.tar", hashlib.sha256()
 
     class Hashing:  # the layer's diff_id, computed while it is written
@@ -128,7 +129,7 @@ def podman_full_image(store: Store, spec: dict, work: Path) -> str:
     config = copy.deepcopy(config)
     config["rootfs"]["diff_ids"].append("sha256:" + h.hexdigest())
     config.setdefault("history", []).append({"created_by": "snapbuild bench: the server's inputs"})
-    tag = f"localhost/snapbuild-bench-full:{spec['image'].split(':')[1][:12]}"
+    tag = f"localhost/snapbuild-bench-full:{spec.image.split(':')[1][:12]}"
     with open(work / "full.tar", "wb") as f:
         write_docker_archive(f, config, layers + [Layer("sha256:" + h.hexdigest(), tar_path.stat().st_size,
                                                         tar_path)], tag)
@@ -138,10 +139,10 @@ def podman_full_image(store: Store, spec: dict, work: Path) -> str:
     return tag
 
 
-def podman_run_args(store: Store, spec: dict, image: str, run_dir: Path, name: str,
+def podman_run_args(store: Store, spec: ServerSpec, image: str, run_dir: Path, name: str,
                     inputs_in_image: bool = False) -> list[str]:
     env = container.container_env(spec)
-    argv = [_expand(a, env) for a in spec["argv"]]
+    argv = [_expand(a, env) for a in spec.argv]
     args = ["podman", "run", "-d", "--name", name, "--network", "host", "--read-only", *PODMAN_LIMITS,
             "-v", f"{run_dir}:{container.RUN}"]
     if not inputs_in_image:
@@ -149,30 +150,30 @@ def podman_run_args(store: Store, spec: dict, image: str, run_dir: Path, name: s
             args += ["-v", f"{src}:{dest}:ro"]
     for k, v in env.items():
         args += ["-e", f"{k}={v}"]
-    cwd = spec.get("cwd") or spec["image_config"].get("WorkingDir") or "/"
+    cwd = spec.cwd or (spec.image_config or {}).get("WorkingDir") or "/"
     wrapper = f'exec "$@" </dev/null >>{container.RUN}/{container.LOG_NAME} 2>&1'
     return args + ["-w", _expand(cwd, env), image, "/bin/sh", "-c", wrapper, "sh", *argv]
 
 
-def empty_node(runtime: dict, store: Store, work: Path) -> Store:
+def empty_node(runtime: Runtime, store: Store, work: Path) -> Store:
     """A node that has never seen the snapshot: a new store, and this snapshot's
     written-out layers, input trees and checkpoint images gone."""
     from snapbuild.rootfs import MARKER as LAYER_MARKER
     from snapbuild.rootfs import forget_layer
-    from snapbuild.runner.restore import _images_root
     from snapbuild.runtime.container import read_image
-    from snapbuild.runtime.trees import discard, tree_dir
+    from snapbuild.runtime.layout import images_root, tree_dir
+    from snapbuild.runtime.trees import discard
 
-    spec = runtime["server"]
-    root = Path(spec["run_root"])
+    spec = runtime.server
+    root = Path(spec.run_root)
     from snapbuild.runtime import mounts
 
-    for digest in spec["inputs"].values():
+    for digest in spec.inputs.values():
         for point in mounts.mount_points_of(tree_dir(root, digest)):  # a host server's `mounts:` of it
             mounts.unmount(point)
         discard(tree_dir(root, digest))  # a tree mounted from its image: unmounted, its image file deleted
-    shutil.rmtree(tree_dir(_images_root(spec), runtime["artifact"]), ignore_errors=True)
-    for layer in read_image(store.blobs, spec["image"])[0]["layers"]:
+    shutil.rmtree(tree_dir(images_root(spec.run_root), runtime.images_tree), ignore_errors=True)
+    for layer in read_image(store.blobs, spec.image)[0]["layers"]:
         hexd = layer["digest"].split(":", 1)[1]
         (root / "layers" / f"{hexd}{LAYER_MARKER}").unlink(missing_ok=True)
         forget_layer(root / "layers" / hexd)
@@ -198,10 +199,10 @@ def main() -> None:
             raise SystemExit(f"{tool} is not installed (run ci/setup.sh as root)")
 
     store = Store()
-    runtime = pull(a.ref, store=store)["config"]["runtime"]
-    spec = runtime["server"]
-    port = probes.address(spec["ready"])[1]
-    url = f"http://127.0.0.1:{port}{spec['ready']['http'].split(str(port), 1)[1]}"
+    runtime = pull(a.ref, store=store)["snapshot"].runtime
+    spec = runtime.server
+    port = probes.address(spec.ready)[1]
+    url = f"http://127.0.0.1:{port}{spec.ready['http'].split(str(port), 1)[1]}"
     name = "snapbuild-bench"
     work = Path(tempfile.mkdtemp(prefix="snapbuild-bench-"))
     run_dir = work / "run"
@@ -306,7 +307,7 @@ def main() -> None:
     result = {"ref": a.ref, "runs": a.runs, "modes": {k: summary(v) for k, v in times.items()},
               "podman_export_s": round(export_s, 3), "podman_export_bytes": export_bytes,
               "answers_match": len(answers) == 1,
-              "snapbuild_checkpoint_images_bytes": runtime.get("stats", {}).get("images_bytes")}
+              "snapbuild_checkpoint_images_bytes": runtime.stats.get("images_bytes")}
     if phases:
         result["empty_node_phases_median_s"] = {k: round(statistics.median(t.get(k, 0) for t in phases), 3)
                                                 for k in phases[0] if k.endswith("_s")}

@@ -19,7 +19,7 @@ import pytest
 
 from snapbuild.build import build
 from snapbuild.runner.restore import run, stop
-from snapbuild.runtime import treeimages
+from snapbuild.runtime import erofs
 from snapbuild.store import Store
 
 from testkit import free_port, post  # tests/integration/testkit.py
@@ -76,7 +76,7 @@ def test_container_numpy_restores_on_a_clean_node_side_by_side(base_rootfs, dock
         # The base layer (a Debian root, thousands of files) came as an EROFS image, mounted.
         assert started[0]["tree_images"] == "used", started[0]
         layers = Path(os.environ["SNAPBUILD_RUN_ROOT"]) / "layers"
-        assert any(treeimages.is_image_mount(p) for p in layers.iterdir() if len(p.name) == 64)
+        assert any(erofs.is_image_mount(p) for p in layers.iterdir() if len(p.name) == 64)
         a, b = post(p1, "/infer"), post(p2, "/infer")
         assert a["calls"] == b["calls"] == 4, "the warm-up's 3 calls, then this one: warm state came back"
         assert a["digest"] == b["digest"]
@@ -255,7 +255,8 @@ def test_bases_from_archives_and_the_engine_keep_the_layers(base_rootfs, dockerd
     loaded into the Docker engine comes back with the same layer digests from each."""
     from snapbuild.image import docker as engine
     from snapbuild.image.layers import write_docker_archive
-    from snapbuild.runtime.container import read_image, write_layers
+    from snapbuild.image.layers import write_layers
+    from snapbuild.runtime.container import read_image
 
     (project / "srv").mkdir()
     (project / "srv" / "app.py").write_text("print('hi')\n")
@@ -291,7 +292,7 @@ def test_bases_from_archives_and_the_engine_keep_the_layers(base_rootfs, dockerd
 
 
 def test_node_gc_lets_go_of_unpacked_layers_no_pin_uses(base_rootfs, dockerd, recipe, project, store, tmp_path):
-    from snapbuild.runner.restore import node_gc
+    from snapbuild.runtime.gc import node_gc
 
     path = counter_container(recipe, project, base_rootfs, "gc", free_port(), exercise="")
     [res] = build(path, store=store)
@@ -317,7 +318,8 @@ def test_a_registry_base_is_pulled_and_pinned_to_its_digest(base_rootfs, dockerd
     repository digest, and its layers come back as pushed."""
     from snapbuild.image import docker as engine
     from snapbuild.image.layers import write_docker_archive
-    from snapbuild.runtime.container import read_image, write_layers
+    from snapbuild.image.layers import write_layers
+    from snapbuild.runtime.container import read_image
 
     [res] = build(recipe(f"""
         name: base

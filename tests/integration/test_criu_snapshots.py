@@ -20,6 +20,8 @@ from snapbuild.errors import IntegrityError, UsageError
 from snapbuild.registry import open_registry, parse_ref
 from snapbuild.registry.transfer import push
 from snapbuild.runner.restore import RestoreFailed, run, stop
+from snapbuild.runtime.layout import run_root
+from snapbuild.schema import Runtime
 from snapbuild.store import Store
 from snapbuild.store.fsutil import canonical_json
 from snapbuild.store.snapshot import load_config, parse_manifest
@@ -68,6 +70,8 @@ def test_counter_snapshot_restores_warm_state_and_boots_cold(recipe, store):
     assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
     assert [r.status for r in res.steps.values()] == ["built", "built", "built"]
     assert port_free(port) and no_server_left("counter_server.py"), "the warm-up server must not outlive the build"
+    doc = load_runtime(store, "counter:v1")  # what the build wrote reads back, field for field, for this node
+    assert Runtime.from_json(doc, node_root=run_root()).to_json() == doc
 
     out = run("counter:v1", store=store)
     try:
@@ -320,7 +324,7 @@ def test_runner_cli_restore_and_stop(run_cli, recipe, store):
 
 
 def test_node_gc_keeps_what_pinned_snapshots_use(recipe, store, tmp_path, monkeypatch):
-    from snapbuild.runner.restore import node_gc
+    from snapbuild.runtime.gc import node_gc
 
     port = free_port()
     path = counter_recipe(recipe, port)

@@ -25,7 +25,7 @@ from snapbuild.registry.transfer import push
 from snapbuild.remote_cache import ARTIFACT_TYPE as CACHE_TYPE
 from snapbuild.remote_cache import CONFIG_MEDIA_TYPE as CACHE_CONFIG
 from snapbuild.remote_cache import REPO as CACHE_REPO
-from snapbuild.runtime import server
+from snapbuild.schema import RUNTIME_FORMAT
 from snapbuild.store.blobs import BlobStore
 from snapbuild.store.chunks import media_type, put_chunk
 from snapbuild.store.fsutil import canonical_json
@@ -96,7 +96,7 @@ class Forge:
         spec = {"name": "evil", "argv": ["sleep", "600"], "env": {}, "cwd": None, "ready": {"tcp": "127.0.0.1:9"},
                 "run_root": root, "run_dir": f"{root}/run/evil-{'0' * 16}", "inputs": {"app": app}, "mounts": {},
                 **server_fields}
-        return {"format": server.FORMAT, "engine": "host", "process": "warm", "server": spec, "pids": [4242],
+        return {"format": RUNTIME_FORMAT, "engine": "host", "process": "warm", "server": spec, "pids": [4242],
                 "fingerprint": {}, "gpu": None, "after_restore": [], "stats": {}, "step": "ckpt",
                 "artifact": checkpoint}
 
@@ -328,11 +328,11 @@ def test_a_hostile_snapshot_on_the_real_oci_registry_is_refused(name, forge, sen
 # -- what only a node that restores meets: tree images and container layers ---------------
 
 def test_a_tree_image_that_is_not_an_erofs_image_is_never_mounted(forge, tmp_path, run_cli, monkeypatch):
-    from snapbuild.runtime import treeimages
+    from snapbuild.runtime import erofs
 
-    assert treeimages.can_mount(), "EROFS mounts need root and the erofs module (see ENVIRONMENT)"
+    assert erofs.can_mount(), "EROFS mounts need root and the erofs module (see ENVIRONMENT)"
     app, ckpt = _app_and_checkpoint(forge)
-    junk = forge.tree(forge.file(treeimages.FILE, os.urandom(8192), 0o444))
+    junk = forge.tree(forge.file(erofs.FILE, os.urandom(8192), 0o444))
     runtime = forge.host_runtime(app, ckpt)
     manifest = forge.snapshot({"app": app, "ckpt": ckpt}, runtime=runtime, extra_trees=(junk,),
                               tree_images={"format": "erofs", "trees": {app: junk}})

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from snapbuild.build import build
-from snapbuild.runner.restore import node_gc, run, stop
+from snapbuild.runner.restore import run, stop
+from snapbuild.runtime.gc import node_gc
 from snapbuild.runtime import mounts
-from snapbuild.runtime.trees import MARKER as TREE_MARKER
+from snapbuild.runtime.layout import TREE_MARKER
 from snapbuild.store import Store
 
 from test_criu_snapshots import load_runtime

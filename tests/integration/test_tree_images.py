@@ -16,9 +16,13 @@ import pytest
 
 from snapbuild.build import build
 from snapbuild.runner.pull import pull
-from snapbuild.runner.restore import node_gc, run, stop
-from snapbuild.runtime import treeimages
-from snapbuild.runtime.trees import discard, release, tree_dir
+from snapbuild.runner.restore import run, stop
+from snapbuild.runtime.gc import node_gc
+from snapbuild.runtime import erofs
+from snapbuild.runtime import layout
+from snapbuild.runtime.layout import tree_dir
+from snapbuild.schema import TreeImages
+from snapbuild.runtime.trees import discard, release
 from snapbuild.store import Store
 from snapbuild.store.snapshot import image_selection
 from snapbuild.store.tree import load_tree, tree_blobs
@@ -42,18 +46,18 @@ def test_the_same_tree_always_gives_the_same_image(tmp_path):
         dest = tmp_path / f"copy{n}"
         shutil.copytree(src, dest, symlinks=True, copy_function=shutil.copy)  # new times
         os.utime(dest / "d1" / "f1.py", (n * 1000, n * 1000))
-        treeimages.make(dest, tmp_path / f"image{n}", exclude=("d3/f3.py",))
+        erofs.make(dest, tmp_path / f"image{n}", exclude=("d3/f3.py",))
         copies.append((tmp_path / f"image{n}").read_bytes())
     assert copies[0] == copies[1]
     mnt = tmp_path / "mnt"
-    treeimages.mount(tmp_path / "image1", mnt)
+    erofs.mount(tmp_path / "image1", mnt)
     try:
-        assert treeimages.is_image_mount(mnt)
+        assert erofs.is_image_mount(mnt)
         assert (mnt / "d2" / "f6.py").read_text() == "x = 6\n" and os.readlink(mnt / "link") == "d0/f0.py"
         assert not (mnt / "d3" / "f3.py").exists(), "excluded"
         assert os.stat(mnt / "d1" / "f1.py").st_mtime == 0 and os.stat(mnt / "d1" / "f1.py").st_uid == 0
     finally:
-        assert treeimages.unmount(mnt)
+        assert erofs.unmount(mnt)
 
 
 def test_a_layer_image_keeps_times_owners_and_overlay_marks(tmp_path):
@@ -64,18 +68,18 @@ def test_a_layer_image_keeps_times_owners_and_overlay_marks(tmp_path):
     os.chown(src / "app.py", 1000, 1000)
     os.setxattr(src / "opaque", "trusted.overlay.opaque", b"y")
     os.mknod(src / "gone", 0o020000, os.makedev(0, 0))  # a whiteout
-    treeimages.make(src, tmp_path / "a.img", keep_owners=True)
-    treeimages.make(src, tmp_path / "b.img", keep_owners=True)
+    erofs.make(src, tmp_path / "a.img", keep_owners=True)
+    erofs.make(src, tmp_path / "b.img", keep_owners=True)
     assert (tmp_path / "a.img").read_bytes() == (tmp_path / "b.img").read_bytes()
     mnt = tmp_path / "mnt"
-    treeimages.mount(tmp_path / "a.img", mnt)
+    erofs.mount(tmp_path / "a.img", mnt)
     try:
         st = os.stat(mnt / "app.py")
         assert (st.st_mtime, st.st_uid, st.st_gid) == (1_000_000_000, 1000, 1000)
         assert os.getxattr(mnt / "opaque", "trusted.overlay.opaque") == b"y"
         assert os.stat(mnt / "gone").st_rdev == 0 and os.path.exists(mnt / "gone")
     finally:
-        treeimages.unmount(mnt)
+        erofs.unmount(mnt)
 
 
 def lib_recipe(recipe, project: Path, port: int) -> tuple[Path, bytes]:
@@ -140,7 +144,7 @@ def test_an_empty_node_mounts_the_image_instead_of_writing_the_tree(lib_snapshot
         assert answer["count"] == 3 and answer["digest"] == hashlib.sha256(weights).hexdigest()
         assert answer["read_only"], "the mapped file lives on the read-only image"
         lib_dir = tree_dir(Path(config["runtime"]["server"]["run_root"]), lib)
-        assert treeimages.is_image_mount(lib_dir)
+        assert erofs.is_image_mount(lib_dir)
         assert (lib_dir / "pkg3" / "mod13.py").read_text() == "VALUE = 13\n" * 20
         # The node fetched the image, not the tree's own chunks.
         lib_chunks = set(tree_blobs(load_tree(node.blobs, lib)))
@@ -157,10 +161,10 @@ def test_an_empty_node_mounts_the_image_instead_of_writing_the_tree(lib_snapshot
     assert all(node.blobs.has(d) for d in lib_chunks)
 
     # Let go: unmounted, image file and users file gone.
-    image_file = treeimages.image_of(lib_dir)
+    image_file = layout.image_file(lib_dir)
     assert image_file.is_file()
     assert release(lib_dir, node.home) is True
-    assert not treeimages.is_image_mount(lib_dir) and not lib_dir.exists() and not image_file.exists()
+    assert not erofs.is_image_mount(lib_dir) and not lib_dir.exists() and not image_file.exists()
     assert not lib_dir.with_name(lib_dir.name + ".users").exists()
 
 
@@ -175,7 +179,7 @@ def test_images_of_an_unverified_snapshot_are_not_mounted(lib_snapshot, store, t
     try:
         assert out["mode"] == "restore" and out["tree_images"].startswith("not used: the snapshot is not verified")
         lib_dir = tree_dir(Path(os.environ["SNAPBUILD_RUN_ROOT"]), res.steps["lib"].artifact)
-        assert lib_dir.is_dir() and not treeimages.is_image_mount(lib_dir)
+        assert lib_dir.is_dir() and not erofs.is_image_mount(lib_dir)
         assert post(port, "/count")["count"] == 3
     finally:
         stop(out["pid"])
@@ -186,9 +190,9 @@ def test_a_node_that_cannot_mount_images_writes_the_trees_out(lib_snapshot, stor
     lib = res.steps["lib"].artifact
 
     def refuse(image, dest):
-        raise treeimages.ImageUnusable(f"cannot mount the tree image {image}: no EROFS here (test)")
+        raise erofs.ImageUnusable(f"cannot mount the tree image {image}: no EROFS here (test)")
 
-    monkeypatch.setattr(treeimages, "mount", refuse)
+    monkeypatch.setattr(erofs, "mount", refuse)
     node = Store(tmp_path / "node")
     out = run("libcounter:v1", registry=f"file://{store.home / 'registry'}", store=node)
     try:
@@ -196,9 +200,9 @@ def test_a_node_that_cannot_mount_images_writes_the_trees_out(lib_snapshot, stor
         answer = post(port, "/count")
         assert answer["count"] == 3 and answer["digest"] == hashlib.sha256(weights).hexdigest()
         lib_dir = tree_dir(Path(os.environ["SNAPBUILD_RUN_ROOT"]), lib)
-        assert not treeimages.is_image_mount(lib_dir) and (lib_dir / "pkg1" / "mod1.py").is_file()
+        assert not erofs.is_image_mount(lib_dir) and (lib_dir / "pkg1" / "mod1.py").is_file()
         assert all(node.blobs.has(d) for d in tree_blobs(load_tree(node.blobs, lib)))
-        assert not treeimages.image_of(lib_dir).exists(), "no half-used image left"
+        assert not layout.image_file(lib_dir).exists(), "no half-used image left"
     finally:
         stop(out["pid"])
 
@@ -210,7 +214,7 @@ def test_images_can_be_turned_off_at_build_and_on_the_node(recipe, project, stor
     [res] = build(path, store=store)
     assert res.ok
     assert "tree_images" not in pull("libcounter:v1", store=store)["config"]
-    assert not treeimages.can_mount() and not treeimages.can_build()
+    assert not erofs.can_mount() and not erofs.can_build()
     # Without mkfs.erofs the build says what it does without, and how to get it.
     monkeypatch.setenv("SNAPBUILD_TREE_IMAGES", "1")
     monkeypatch.setenv("SNAPBUILD_MKFS_EROFS", "/nonexistent/mkfs.erofs")
@@ -227,21 +231,21 @@ def test_node_gc_unmounts_images_no_snapshot_needs(lib_snapshot, store, tmp_path
     try:
         root = Path(os.environ["SNAPBUILD_RUN_ROOT"])
         lib_dir = tree_dir(root, res.steps["lib"].artifact)
-        assert treeimages.is_image_mount(lib_dir)
+        assert erofs.is_image_mount(lib_dir)
         leftover = root / "tree-images" / ("0" * 64 + ".erofs")  # a write-out cut short
         leftover.write_bytes(b"partial")
         assert node_gc(node)["trees_removed"] == 0, "the pinned snapshot still needs its trees"
-        assert treeimages.is_image_mount(lib_dir) and not leftover.exists()
+        assert erofs.is_image_mount(lib_dir) and not leftover.exists()
         for pin in node.pin_files():
             pin.unlink()
         # No pin any more, but the server maps a file of the mounted tree: gc leaves it.
         busy = node_gc(node)
         assert str(lib_dir) in busy["in_use"], busy
-        assert treeimages.is_image_mount(lib_dir) and post(port, "/count")["count"] == 3
+        assert erofs.is_image_mount(lib_dir) and post(port, "/count")["count"] == 3
     finally:
         stop(out["pid"])
     assert node_gc(node)["trees_removed"] >= 1
-    assert not treeimages.is_image_mount(lib_dir) and not any((root / "tree-images").iterdir())
+    assert not erofs.is_image_mount(lib_dir) and not any((root / "tree-images").iterdir())
 
 
 def test_image_selection_skips_only_chunks_no_other_tree_needs(store, tmp_path):
@@ -257,9 +261,9 @@ def test_image_selection_skips_only_chunks_no_other_tree_needs(store, tmp_path):
     ta, _ = build_tree(store.blobs, [(p.name, p) for p in sorted(a.iterdir())])
     tb, _ = build_tree(store.blobs, [(p.name, p) for p in sorted(b.iterdir())])
     (tmp_path / "img").write_bytes(os.urandom(MiB + 5))
-    ti, _ = build_tree(store.blobs, [(treeimages.FILE, tmp_path / "img")])
+    ti, _ = build_tree(store.blobs, [(erofs.FILE, tmp_path / "img")])
     digest, _ = assemble(store.blobs, name="x", variant={}, steps=[], outputs={"a": ta, "b": tb},
-                         tree_images={"format": "erofs", "trees": {ta: ti}, "layers": {}})
+                         tree_images=TreeImages(trees={ta: ti}))
     manifest = json.loads(store.blobs.get(digest))
     chosen = image_selection(store.blobs, manifest, load_config(store.blobs, manifest))
     own = set(tree_blobs(load_tree(store.blobs, ta))) - set(tree_blobs(load_tree(store.blobs, tb)))
@@ -334,7 +338,7 @@ def test_a_restore_killed_at_any_moment_completes_when_run_again(lib_snapshot, s
         try:
             assert out["mode"] == "restore", (delay, out)
             assert post(port, "/count")["digest"] == hashlib.sha256(weights).hexdigest()
-            assert treeimages.is_image_mount(lib_dir)
+            assert erofs.is_image_mount(lib_dir)
         finally:
             stop(out["pid"])
         discard(lib_dir)  # the node empty again (its store keeps what it fetched)
@@ -351,12 +355,12 @@ def test_a_tree_whose_mount_went_with_a_reboot_is_mounted_again(lib_snapshot, st
     lib = res.steps["lib"].artifact
     root = Path(os.environ["SNAPBUILD_RUN_ROOT"])
     path, created = ensure_tree(node.blobs, lib, root, config["tree_images"]["trees"][lib])
-    assert created and treeimages.is_image_mount(path)
+    assert created and erofs.is_image_mount(path)
     users = path.with_name(path.name + ".users")
     users.write_text(users.read_text() + "/another/store\n")
     subprocess.run(["umount", str(path)], check=True)  # what a reboot does to it
     path, created = ensure_tree(node.blobs, lib, root, config["tree_images"]["trees"][lib])
-    assert created and treeimages.is_image_mount(path) and (path / "pkg0" / "mod0.py").is_file()
+    assert created and erofs.is_image_mount(path) and (path / "pkg0" / "mod0.py").is_file()
     assert sorted(users.read_text().splitlines()) == sorted([str(node.home), "/another/store"])
 
 
@@ -369,7 +373,7 @@ def test_what_is_not_a_tree_image_is_never_unmounted_or_emptied(tmp_path):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], check=True)
     try:
         (path / "keep.txt").write_text("not ours\n")
-        assert treeimages.unmount(path) is False
+        assert erofs.unmount(path) is False
         with pytest.raises(SnapbuildError, match="another file system is mounted there"):
             discard(path)
         assert (path / "keep.txt").read_text() == "not ours\n"

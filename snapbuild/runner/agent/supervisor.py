@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from ...errors import SnapbuildError
@@ -39,7 +39,7 @@ from .proxy import Proxy, parse_address
 SHUTDOWN_WAIT_S = 10
 
 
-class State(str, Enum):
+class State(StrEnum):
     STARTING = "starting"
     READY = "ready"
     RESTARTING = "restarting"
@@ -135,7 +135,7 @@ class Agent:
         for name, rec in (servers if isinstance(servers, dict) else {}).items():
             ident = ProcessIdentity.from_json(rec)
             why = "the record has no start time and boot id" if ident is None else ident.why_not()
-            if why:
+            if ident is None or why:
                 self.log("not_adopted", server=name, pid=rec.get("pid") if isinstance(rec, dict) else None,
                          reason=why)
                 continue
@@ -165,7 +165,7 @@ class Agent:
                    cache_max=self.config.cache_max)
 
     def _prefetch(self, cfg: ServerConfig, digest: str) -> None:
-        from ...runtime.treeimages import can_mount
+        from ...runtime.erofs import can_mount
         from ..pull import pull
 
         pull(f"{cfg.snapshot_name}@{digest}", registry=cfg.registry, store=self.store, images=can_mount(),

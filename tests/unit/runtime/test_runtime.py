@@ -14,6 +14,7 @@ from snapbuild.errors import SnapbuildError, UsageError
 from snapbuild.runtime import probe as probes
 from snapbuild.runtime import process, server
 from snapbuild.runtime.trees import MARKER, ensure_tree, release
+from snapbuild.schema import ServerSpec
 from snapbuild.store.tree import build_tree
 
 
@@ -119,9 +120,9 @@ def test_run_exercises_repeat_and_check_the_exit_status(tmp_path):
         probes.run_exercise([{"run": "false"}], base=None, log=lambda m: None)
 
 
-def spec_for(tmp_path: Path, argv: list[str], ready: dict) -> dict:
-    return {"argv": argv, "env": {}, "cwd": None, "ready": ready, "inputs": {},
-            "run_root": str(tmp_path / "run-root"), "run_dir": str(tmp_path / "run-root" / "run" / "t")}
+def spec_for(tmp_path: Path, argv: list[str], ready: dict) -> ServerSpec:
+    return ServerSpec(name="t", argv=argv, ready=ready, run_root=str(tmp_path / "run-root"),
+                      run_dir=str(tmp_path / "run-root" / "run" / "t"))
 
 
 def test_a_server_is_not_started_on_a_taken_port(store, tmp_path):
@@ -137,13 +138,13 @@ def test_a_server_is_not_started_on_a_taken_port(store, tmp_path):
 def test_a_cold_boot_waits_for_its_own_log_line(store, tmp_path):
     code = "import time; time.sleep(0.5); print('serving', flush=True); time.sleep(30)"
     spec = spec_for(tmp_path, [sys.executable, "-c", code], {"log": "serving", "timeout": 10})
-    log = Path(spec["run_dir"]) / server.LOG_NAME
+    log = Path(spec.run_dir) / server.LOG_NAME
     log.parent.mkdir(parents=True)
     log.write_text("serving (a previous run)\n")
     started = server.start(spec, store.blobs, fresh_log=False)
     try:
         t0 = time.monotonic()
-        started.wait_ready(spec["ready"])
+        started.wait_ready(spec.ready)
         assert time.monotonic() - t0 >= 0.4, "the old line in the log must not count"
         assert log.read_text().count("serving") == 2
     finally:

@@ -1,4 +1,6 @@
 """Tree images: a big tree shipped as one EROFS file system image, mounted on the node.
+This module holds what a node does with them (and ``make``, which the build calls);
+the build's choice of which trees get one is :mod:`snapbuild.image.tree_images`.
 
 Writing a Python environment out file by file (15,000 files, most of a restore on an
 empty node) costs seconds that a node does not need to spend: the build makes an
@@ -26,11 +28,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 from .. import tools
 from ..errors import IntegrityError, SnapbuildError
+from . import layout
+from .mountinfo import fs_type
 
 FORMAT = "erofs"
 FILE = "tree.erofs"  # the image tree's one file
@@ -143,15 +146,7 @@ def unmount(dest: Path) -> bool:
 def is_image_mount(path: Path) -> bool:
     """Whether ``path`` is the mount point of an EROFS file system (a tree image, or a
     bind mount of one)."""
-    from .mounts import fs_type
-
     return fs_type(path) == FORMAT
-
-
-def image_of(folder: Path) -> Path:
-    """Where the image file of a tree or layer folder (``<root>/trees/<hex>``,
-    ``<root>/layers/<hex>``) is kept on a node: ``<root>/tree-images/<hex>.erofs``."""
-    return folder.parent.parent / "tree-images" / f"{folder.name}.{FORMAT}"
 
 
 def take_down(folder: Path) -> None:
@@ -164,7 +159,7 @@ def take_down(folder: Path) -> None:
                                  hint="stop the servers that use it first")
         raise SnapbuildError(f"cannot unmount the image at {folder}: another file system is mounted there",
                              hint=f"unmount it (`umount {folder}`) if nothing needs it")
-    image_of(folder).unlink(missing_ok=True)
+    layout.image_file(folder).unlink(missing_ok=True)
 
 
 def write_image(blobs, image_tree: str, dest: Path) -> None:
@@ -176,9 +171,7 @@ def write_image(blobs, image_tree: str, dest: Path) -> None:
     entries = [e for e in load_tree(blobs, image_tree)["entries"] if e["type"] == "file"]
     if len(entries) != 1 or entries[0]["path"] != FILE:
         raise SnapbuildError(f"{image_tree} is not a tree image (it should hold only {FILE})")
-    from .trees import secure_dir
-
-    secure_dir(dest.parent)  # trusted once written: nobody else may write there
+    layout.secure_dir(dest.parent)  # trusted once written: nobody else may write there
     tmp = dest.with_name(dest.name + ".partial")
     write_file(blobs, entries[0], tmp, mode=0o444)
     with open(tmp, "rb") as f:
@@ -191,96 +184,13 @@ def write_image(blobs, image_tree: str, dest: Path) -> None:
 
 
 def mount_tree(blobs, image_tree: str, dest: Path) -> None:
-    """Write out ``image_tree`` (unless its file is already there: :func:`image_of`) and
+    """Write out ``image_tree`` (unless its file is already there: layout.image_file) and
     mount it at the tree or layer folder ``dest``."""
-    image_file = image_of(dest)
-    if not image_file.is_file():
-        write_image(blobs, image_tree, image_file)
+    path = layout.image_file(dest)
+    if not path.is_file():
+        write_image(blobs, image_tree, path)
     try:
-        mount(image_file, dest)
+        mount(path, dest)
     except ImageUnusable:
-        image_file.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
         raise
-
-
-# --- build side ---------------------------------------------------------------------------
-
-def for_snapshot(store, runtime: dict, say=lambda text: None) -> dict | None:
-    """Images for a snapshot's input trees and container layers with many files (made
-    once per tree and kept in the store's cache), as the config's ``tree_images``; None
-    when there are none or ``mkfs.erofs`` is missing (the snapshot works without).
-    ``say`` hears of each image made and of a missing mkfs.erofs."""
-    from ..store.tree import load_tree
-    from .trees import MARKER, ensure_tree
-
-    if not runtime:
-        return None
-    if not can_build():
-        if enabled():
-            say("tree images: none (mkfs.erofs is not installed: `apt-get install erofs-utils`); "
-                "nodes will write the trees out file by file")
-        return None
-    spec = runtime["server"]
-    root = Path(spec["run_root"])
-
-    def tree_image(digest: str, out: Path) -> bool:
-        if len(load_tree(store.blobs, digest)["entries"]) < MIN_ENTRIES:
-            return False
-        make(ensure_tree(store.blobs, digest, root)[0], out, exclude=(MARKER,))
-        return True
-
-    trees = {d: _cached(store, d, lambda out, d=d: tree_image(d, out), say)
-             for d in dict.fromkeys(spec["inputs"].values())}
-    layers: dict[str, str | None] = {}
-    if spec.get("image"):
-        from .container import layer_dirs, read_image
-
-        dirs: list[Path] = []
-
-        def layer_image(i: int, out: Path) -> bool:
-            if not dirs:  # unpacked (on a machine that has not yet) only when an image is made
-                dirs.extend(layer_dirs(store.blobs, spec["image"], root / "layers"))
-            if _count(dirs[i]) < MIN_ENTRIES:
-                return False
-            make(dirs[i], out, keep_owners=True)
-            return True
-
-        for i, layer in enumerate(read_image(store.blobs, spec["image"])[0]["layers"]):
-            layers[layer["digest"]] = _cached(store, layer["digest"], lambda out, i=i: layer_image(i, out), say)
-    trees = {k: v for k, v in trees.items() if v}
-    layers = {k: v for k, v in layers.items() if v}
-    if not trees and not layers:
-        return None
-    return {"format": FORMAT, "trees": trees, "layers": layers}
-
-
-def _count(path: Path) -> int:
-    return sum(len(dirs) + len(files) for _, dirs, files in os.walk(path))
-
-
-def _cached(store, digest: str, make_image, say) -> str | None:
-    """The image tree of ``digest``: from the store's cache, else made by
-    ``make_image(file)`` and stored as a one-file tree. None when ``make_image``
-    declines (too few files to gain anything): remembered too."""
-    from ..store.fsutil import atomic_write_json, read_json
-    from ..store.tree import build_tree, load_tree, tree_blobs
-
-    entry = store.home / "cache" / "tree-images" / f"{digest.split(':', 1)[1]}.json"
-    try:
-        image = read_json(entry)["image"]
-        if image is None or (store.blobs.has(image)
-                             and all(store.blobs.has(d) for d in tree_blobs(load_tree(store.blobs, image)))):
-            return image
-    except (OSError, ValueError, KeyError, SnapbuildError):
-        pass
-    work = store.scratch("tree-image-")
-    t = time.monotonic()
-    try:
-        image = build_tree(store.blobs, [(FILE, work / FILE)])[0] if make_image(work / FILE) else None
-        if image is not None:
-            say(f"tree image of {digest[:19]} made: {(work / FILE).stat().st_size / (1 << 20):.1f} MiB "
-                f"in {time.monotonic() - t:.1f}s")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    atomic_write_json(entry, {"tree": digest, "format": FORMAT, "image": image}, tmp_dir=store.home / "tmp")
-    return image

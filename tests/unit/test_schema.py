@@ -1,0 +1,164 @@
+"""snapbuild.schema: what crosses from build to node, read back field by field.
+
+The documents here have the shape steps/checkpoint.py writes (its integration test,
+test_criu_snapshots, round-trips a really built one); each bad case names the field
+that is wrong, and a newer format says to upgrade snapbuild.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from snapbuild.errors import IntegrityError
+from snapbuild.schema import (CONFIG_FORMAT, RUNTIME_FORMAT, Runtime, SchemaError, ServerSpec, SnapshotConfig,
+                              TreeImages, read_config)
+
+D = {c: "sha256:" + c * 64 for c in "abcdef"}
+ROOT = "/var/lib/snapbuild"
+
+
+def host_runtime() -> dict:
+    spec = ServerSpec(name="counter", argv=["python", "$SNAPBUILD_INPUTS/app/server.py"],
+                      ready={"http": "http://127.0.0.1:8080/healthz", "timeout": 30}, run_root=ROOT,
+                      run_dir=f"{ROOT}/run/counter-0123456789abcdef", env={"MODE": "warm"},
+                      inputs={"app": D["a"], "model": D["b"]}, mounts={"/models/m": "model"})
+    return Runtime(engine="host", process="server", server=spec, pids=[4242, 4243],
+                   fingerprint={"arch": "x86_64"}, stats={"pages_bytes": 1 << 20}, step="snap",
+                   artifact=D["c"]).to_json()
+
+
+def container_runtime() -> dict:
+    doc = host_runtime()
+    doc["engine"] = "runc"
+    doc["pids"] = []
+    doc["server"].update(mounts={}, image=D["d"], image_step="base", engine_options={},
+                         image_config={"Env": ["PATH=/usr/bin"]})
+    return doc
+
+
+def config(runtime: dict | None) -> dict:
+    outputs = {"snap": D["c"], "app": D["a"], "model": D["b"], "base": D["d"]}
+    return SnapshotConfig(name="counter", outputs=outputs, variant={}, steps=[], created_by="snapbuild test",
+                          runtime=Runtime.from_json(runtime) if runtime else None,
+                          tree_images=TreeImages(trees={D["a"]: D["e"]})).to_json() | {
+        "outputs": {**outputs, "img": D["e"]}}
+
+
+@pytest.mark.parametrize("make", [host_runtime, container_runtime])
+def test_a_runtime_section_round_trips_through_json(make):
+    doc = json.loads(json.dumps(make()))
+    rt = Runtime.from_json(doc, node_root=None)
+    assert rt.to_json() == doc
+    assert rt.in_container == (doc["engine"] == "runc")
+    assert "tree_images" not in rt.to_json()["server"], "the runner's own field is never stored"
+
+
+def test_a_snapshot_config_round_trips_and_names_its_types():
+    doc = config(host_runtime())
+    snap = SnapshotConfig.from_json(doc, node_root=None)
+    assert snap.format == CONFIG_FORMAT and snap.runtime is not None and snap.runtime.format == RUNTIME_FORMAT
+    assert snap.runtime.server.inputs["model"] == D["b"] and snap.tree_images.images() == [D["e"]]
+    assert snap.to_json() == doc
+
+
+def broken(path: str, value) -> dict:
+    """A host runtime section with the field at ``path`` (dots) set to ``value``."""
+    doc = host_runtime()
+    *parents, last = path.split(".")
+    d = doc
+    for p in parents:
+        d = d[p]
+    d[last] = value
+    return doc
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("engine", "docker", r"runtime\.engine: 'docker' is not one of host, runc, runsc"),
+    ("pids", [1], r"runtime\.pids: are not process ids"),
+    ("pids", ["1"], r"runtime\.pids: is not a list of int"),
+    ("step", "../x", r"runtime\.step: is not a plain step name"),
+    ("artifact", "md5:x", r"runtime\.artifact: 'md5:x' does not match"),
+    ("server.name", "Bad Name", r"runtime\.server\.name: 'Bad Name' does not match"),
+    ("server.argv", [], r"runtime\.server\.argv: is not a non-empty list of strings"),
+    ("server.env", {"A": 1}, r"runtime\.server\.env: does not map strings to strings"),
+    ("server.run_dir", "/etc", r"runtime\.server\.run_dir: '/etc' is not /var/lib/snapbuild/run/counter-<key>"),
+    ("server.mounts", {"/etc": "model"}, r"runtime\.server\.mounts\['/etc'\]: .*system path"),
+    ("server.mounts", {"/models/x": "nope"}, r"runtime\.server\.mounts\['/models/x'\]: names 'nope'"),
+    ("server.inputs", {"../app": D["a"]}, r"runtime\.server\.inputs\['\.\./app'\]: must map a plain step name"),
+    ("server.ready", {"file": "/etc/passwd"}, r"runtime\.server\.ready\.file: ready file '/etc/passwd' must be"),
+    ("server.ready", "soon", r"runtime\.server\.ready: is not an object"),
+])
+def test_a_bad_field_is_named(path, value, message):
+    with pytest.raises(SchemaError, match=message):
+        Runtime.from_json(broken(path, value))
+
+
+def test_schema_errors_are_integrity_errors():
+    """A bad snapshot from a registry is exit 5, like a corrupt blob."""
+    assert issubclass(SchemaError, IntegrityError) and SchemaError("x").exit_code == 5
+
+
+def test_a_container_field_on_a_container_engine_is_checked():
+    doc = container_runtime()
+    doc["server"]["engine_options"] = {"privileged": True}
+    with pytest.raises(SchemaError, match=r"engine_options: privileged are not options of a container engine"):
+        Runtime.from_json(doc)
+    doc = container_runtime()
+    doc["server"]["ready"] = {"file": "/tmp/ready"}
+    with pytest.raises(SchemaError, match="a container's ready probe cannot be a file on the node"):
+        Runtime.from_json(doc)
+
+
+@pytest.mark.parametrize("what,make", [
+    ("checkpoint", lambda: {**host_runtime(), "format": RUNTIME_FORMAT + 1}),
+    ("snapshot", lambda: {**config(None), "format": CONFIG_FORMAT + 1}),
+])
+def test_a_newer_format_says_to_upgrade(what, make):
+    reader = Runtime.from_json if what == "checkpoint" else SnapshotConfig.from_json
+    with pytest.raises(SchemaError) as info:
+        reader(make())
+    assert f"{what} format {(RUNTIME_FORMAT if what == 'checkpoint' else CONFIG_FORMAT) + 1} is newer" \
+        in info.value.message
+    assert "upgrade snapbuild" in info.value.hint
+
+
+def test_a_format_below_one_does_not_exist():
+    with pytest.raises(SchemaError, match=r"runtime\.format: checkpoint format 0 does not exist"):
+        Runtime.from_json({**host_runtime(), "format": 0})
+
+
+def test_the_node_checks_the_run_root(monkeypatch):
+    monkeypatch.setenv("SNAPBUILD_RUN_ROOT", "/srv/snapbuild")
+    with pytest.raises(SchemaError) as info:
+        read_config(config(host_runtime()), "counter:v1")
+    assert "snapshot counter:v1: config.runtime.server.run_root: '/var/lib/snapbuild' is not this node's run " \
+           "root '/srv/snapbuild'" in info.value.message
+    assert "SNAPBUILD_RUN_ROOT=/var/lib/snapbuild" in info.value.hint
+    monkeypatch.setenv("SNAPBUILD_RUN_ROOT", ROOT)
+    assert read_config(config(host_runtime()), "counter:v1").runtime.server.run_root == ROOT
+
+
+def test_the_runtime_must_name_trees_the_snapshot_ships():
+    doc = config(host_runtime())
+    del doc["outputs"]["model"]
+    with pytest.raises(SchemaError, match=rf"config\.runtime: needs tree {D['b']}, which is not one of the outputs"):
+        SnapshotConfig.from_json(doc)
+
+
+def test_tree_images_must_be_erofs_and_map_digests():
+    with pytest.raises(SchemaError, match=r"tree_images\.format: 'squashfs' is not erofs"):
+        TreeImages.from_json({"format": "squashfs"})
+    with pytest.raises(SchemaError, match=r"tree_images\.trees\['x'\]: must map a digest to a digest"):
+        TreeImages.from_json({"format": "erofs", "trees": {"x": D["a"]}})
+
+
+def test_not_an_object_is_said_so():
+    with pytest.raises(SchemaError, match="runtime is not an object"):
+        Runtime.from_json([1, 2])
+    doc = copy.deepcopy(host_runtime())
+    doc["server"] = "x"
+    with pytest.raises(SchemaError, match=r"runtime\.server is not an object"):
+        Runtime.from_json(doc)
