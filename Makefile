@@ -2,7 +2,7 @@
 VENV    := .venv
 PY      := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup:
 	@ci/setup.sh
@@ -10,8 +10,13 @@ setup:
 demo: setup
 	@ci/demo.sh
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q
+
+# ruff over everything; mypy over the schema and the node side (pyproject.toml says which).
+lint: setup
+	$(VENV)/bin/ruff check snapbuild tests ci
+	$(VENV)/bin/mypy
 
 # The unit tests alone (well under a minute): no CRIU, registry or Docker started.
 test-fast: setup

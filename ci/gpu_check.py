@@ -14,7 +14,6 @@ every check passed, 1 when one failed, 2 when there is no GPU to check.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics

@@ -196,7 +196,7 @@ class Policy:
     path: Path
 
     @classmethod
-    def load(cls, path: Path) -> "Policy":
+    def load(cls, path: Path) -> Policy:
         try:
             doc = json.loads(Path(path).read_text())
         except OSError as e:

@@ -114,7 +114,7 @@ def execute(plan: Plan, store: Store, *, jobs: int = 1, keep_going: bool = False
         statuses[name] = StepResult(name, ps.kind, ps.key, SKIPPED, reason=reason)
         reporter.step_done(statuses[name])
     # A warm-up that failed inside its checkpoint is reported as the failed step too.
-    for name, res in list(statuses.items()):
+    for res in list(statuses.values()):
         if res.status == FAILED and res.culprit and res.culprit in statuses:
             c = statuses[res.culprit]
             statuses[res.culprit] = StepResult(c.name, c.kind, c.key, FAILED, reason=c.reason, error=res.error,

@@ -80,7 +80,7 @@ def load_recipe(path: str | Path, sets: dict | None = None) -> list[Recipe]:
             raise src.error(("matrix", k), f"matrix {k!r} has no values")
         if k in sets:  # `--set model=x` picks one combination instead of adding a var
             matrix[k] = [sets.pop(k)]
-    combos = [dict(zip(matrix, vals)) for vals in itertools.product(*matrix.values())] or [{}]
+    combos = [dict(zip(matrix, vals, strict=True)) for vals in itertools.product(*matrix.values())] or [{}]
 
     recipes = [_one(path, src, header, combo, sets) for combo in combos]
     if len(recipes) > 1:

@@ -11,7 +11,8 @@ import hashlib
 import random
 import time
 from pathlib import Path
-from typing import Callable, Protocol, TypeVar, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
+from collections.abc import Callable
 
 from ..errors import IntegrityError, RegistryError
 from .ref import Ref
@@ -64,7 +65,7 @@ def sha256_of(data: bytes) -> str:
 def fetch_verified(fetch: Callable[[], bytes], digest: str, where: str) -> bytes:
     """``fetch()`` the blob; bytes that do not hash to ``digest`` are fetched once more,
     then refused: a registry never hands out unverified bytes."""
-    for attempt in (1, 2):
+    for _attempt in (1, 2):
         data = fetch()
         if sha256_of(data) == digest:
             return data

@@ -28,7 +28,7 @@ def push(reg: Registry, ref: Ref, manifest_digest: str, blobs: list[str], source
     blobs = list(dict.fromkeys(blobs))
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         present = list(pool.map(lambda d: reg.has_blob(ref.name, d), blobs))
-        missing = [d for d, there in zip(blobs, present) if not there]
+        missing = [d for d, there in zip(blobs, present, strict=True) if not there]
 
         def send(d: str) -> int:
             if not source.verify(d):

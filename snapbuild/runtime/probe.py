@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import urljoin, urlparse
 
 PROBE_KINDS = ("http", "tcp", "log", "file")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..errors import IntegrityError, NotFound
 from .fsutil import publish_file, temp_file

@@ -32,7 +32,8 @@ import io
 import os
 import threading
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
+from collections.abc import Iterator
 
 import zstandard
 

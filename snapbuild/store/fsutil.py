@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def _read_umask() -> int:
@@ -157,7 +157,7 @@ class ParallelWrites:
             if e is not None:
                 raise e
 
-    def __enter__(self) -> "ParallelWrites":
+    def __enter__(self) -> ParallelWrites:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -111,7 +111,7 @@ class Beneath:
         self._fds.clear()
         os.close(self._root_fd)
 
-    def __enter__(self) -> "Beneath":
+    def __enter__(self) -> Beneath:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -24,7 +24,7 @@ import stat
 import tempfile
 import threading
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from ..errors import IntegrityError
 from .blobs import BlobStore

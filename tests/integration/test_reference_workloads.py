@@ -153,7 +153,7 @@ def test_minilm_gives_the_same_embeddings_restored_and_cold(built):
     assert fresh["calls"] == 1 and fresh["digest"] == warm["digest"], "same model, same numbers"
     a, b, c = warm["embeddings"]
     assert len(a) == 384 and abs(sum(x * x for x in a) - 1) < 1e-4, "unit-length 384-dim embeddings"
-    dot = lambda u, v: sum(x * y for x, y in zip(u, v))  # noqa: E731
+    dot = lambda u, v: sum(x * y for x, y in zip(u, v, strict=True))  # noqa: E731
     assert dot(a, b) > dot(a, c) + 0.3, "a real sentence model: the cat is nearer the kitten than the stocks"
 
 

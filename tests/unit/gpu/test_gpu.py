@@ -11,7 +11,6 @@ import sys
 
 import pytest
 
-from snapbuild.errors import SnapbuildError
 from snapbuild.gpu import cuda
 from snapbuild.gpu import fingerprint as gpu_fp
 from snapbuild.gpu import snapshot as gpu_snapshot
