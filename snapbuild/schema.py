@@ -28,9 +28,10 @@ from .errors import IntegrityError
 from .runtime.layout import run_root
 from .store.securefs import unsafe_name
 
-#: The snapshot config's ``format``, and the runtime section's (checkpoint.json).
+#: The snapshot config's ``format``, and the newest runtime section (checkpoint.json)
+#: this snapbuild reads: 2 adds ``shm_files`` (written only by checkpoints that have some).
 CONFIG_FORMAT = 1
-RUNTIME_FORMAT = 1
+RUNTIME_FORMAT = 2
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")  # a recipe's name
@@ -256,12 +257,14 @@ class Runtime:
     engine: str
     process: str
     server: ServerSpec
-    format: int = RUNTIME_FORMAT
+    format: int = 1  # 2 when shm_files has any (an older runner then says to upgrade)
     pids: list[int] = field(default_factory=list)
     fingerprint: dict[str, Any] = field(default_factory=dict)
     gpu: dict[str, Any] | None = None
     after_restore: list[dict[str, Any]] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    #: A host tree's files in /dev/shm, carried in the artifact's ``shm/`` (runtime.shmfiles).
+    shm_files: list[dict[str, Any]] = field(default_factory=list)
     step: str | None = None
     artifact: str | None = None
 
@@ -292,7 +295,8 @@ class Runtime:
         step = d.text("step", optional=True)
         if step is not None and unsafe_name(step):
             raise d.fail("step", "is not a plain step name")
-        return cls(format=fmt, engine=engine, process=d.text("process"),
+        shm_files = _shm_files(d, fmt, engine)
+        return cls(format=fmt, engine=engine, process=d.text("process"), shm_files=shm_files,
                    server=ServerSpec.from_json(d.doc.get("server"), f"{where}.server", engine, node_root),
                    pids=pids, fingerprint=d.mapping("fingerprint", optional=True) or {},
                    gpu=d.mapping("gpu", optional=True), after_restore=d.items("after_restore", dict),
@@ -304,7 +308,31 @@ class Runtime:
         for k in ("step", "artifact"):
             if out[k] is None:
                 del out[k]
+        if not self.shm_files:
+            del out["shm_files"]  # format 1 has none
         return out
+
+
+def _shm_files(d: _Doc, fmt: int, engine: str) -> list[dict[str, Any]]:
+    """``shm_files``: plain, distinct names (they are written to /dev/shm/NAME as root),
+    a permission mode and a size, for a host process only."""
+    files = d.items("shm_files", dict)
+    if files and (fmt < 2 or engine != "host"):
+        raise d.fail("shm_files", "are for host-process checkpoints of format 2")
+    names: set[str] = set()
+    out = []
+    for i, rec in enumerate(files):
+        r = _Doc(rec, f"{d.where}.shm_files[{i}]")
+        name = r.text("name")
+        why = unsafe_name(name) or ("is used twice" if name in names else None)
+        if why:
+            raise r.fail("name", f"{name!r} {why}")
+        mode, size = r.integer("mode"), r.integer("size")
+        if not 0 <= mode <= 0o777 or size < 0:
+            raise r.fail("mode" if not 0 <= mode <= 0o777 else "size", "is out of range")
+        names.add(name)
+        out.append({"name": name, "mode": mode, "size": size})
+    return out
 
 
 @dataclass(frozen=True)

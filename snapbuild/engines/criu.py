@@ -68,10 +68,49 @@ def errors_from_log(log: Path, n: int = 8) -> str:
     return "\n".join((errs or lines)[-n:])
 
 
+#: What CRIU cannot checkpoint, by the line its log says it with: the resource, and what to change.
+LIMITS = [
+    (re.compile(r"External socket is used|Can't dump half of stream unix connection"),
+     "a process of the server holds a unix socket connected to a process outside its tree (a log daemon, "
+     "a parent shell, a sidecar): the peer is not in the checkpoint and no node would have it",
+     "open such connections after the checkpoint (an `after_restore:` call can make the server reconnect), "
+     "or start the peer inside the server's process tree"),
+    (re.compile(r"Connected TCP socket.*external|Can't dump established TCP"),
+     "a TCP connection to a peer that the checkpoint cannot carry",
+     "close client connections before the warm-up ends (the exercise's connections are closed for you)"),
+    (re.compile(r"io_uring|uring"),
+     "an io_uring instance (CRIU cannot checkpoint io_uring)",
+     "turn io_uring off in the server (for example an event loop option), or create it after the restore"),
+    (re.compile(r"fanotify|inotify.*(?:Can't|Unable)"),
+     "a file-system watch (inotify or fanotify) on a path that a node may not have",
+     "watch files only after the restore, or disable auto-reload (uvicorn --reload, gunicorn --reload)"),
+    (re.compile(r"is outside of the dumped tree|foreign process group|session leader .* not"),
+     "a process of the tree belongs to a session or process group outside it",
+     "let the server be the leader of its own session (snapbuild starts it so): do not setsid or setpgid "
+     "children across the tree's boundary"),
+    (re.compile(r"Unable to seize|Can't freeze|exited unexpectedly|No such process"),
+     "a process of the tree exited while it was being checkpointed",
+     "let workers settle before the warm-up ends (a last exercise call that waits for them), and do not "
+     "recycle workers during the warm-up (gunicorn --max-requests)"),
+]
+
+
+def explain(excerpt: str) -> tuple[str, str] | None:
+    """(what cannot be checkpointed, what to change) for a CRIU failure it recognises."""
+    for pattern, what, change in LIMITS:
+        if pattern.search(excerpt):
+            return what, change
+    return None
+
+
 def run(args: list[str], *, log: Path, what: str) -> None:
     r = tools.run([binary(), *args, "-o", str(log.name), "-v4"], tool="criu", what=f"criu {what}", error=CriuError)
     if r.returncode != 0:
         excerpt = errors_from_log(log) or r.stderr.strip()[-1000:]
+        known = explain(excerpt)
+        if known:
+            raise CriuError(f"criu {what} failed: {known[0]}\n{excerpt}", log_excerpt=excerpt,
+                            hint=f"{known[1]} (full log: {log})")
         raise CriuError(f"criu {what} failed (exit {r.returncode}):\n{excerpt}", log_excerpt=excerpt,
                         hint=f"full log: {log}")
 
@@ -79,7 +118,9 @@ def run(args: list[str], *, log: Path, what: str) -> None:
 def dump(pid: int, images: Path, *, extra: list[str] = ()) -> None:
     """Dump the process tree rooted at ``pid`` into ``images``; the tree is killed after."""
     images.mkdir(parents=True, exist_ok=True)
-    run(["dump", "-t", str(pid), "-D", str(images), "--tcp-established", "--file-locks", *extra],
+    # --link-remap: files a process holds after they were deleted (multiprocessing's
+    # semaphores in /dev/shm) are linked back in for the restore (runtime.shmfiles).
+    run(["dump", "-t", str(pid), "-D", str(images), "--tcp-established", "--file-locks", "--link-remap", *extra],
         log=images / "dump.log", what=f"dump of pid {pid}")
 
 

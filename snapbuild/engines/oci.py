@@ -58,8 +58,12 @@ class OciEngine:
         r = tools.run(argv, tool=self.binary, what=f"{self.binary} {what}", error=OciRuntimeError)
         if r.returncode != 0:
             excerpt = (criu.errors_from_log(log) if log and log.exists() else "") or r.stderr.strip()[-1500:]
-            raise OciRuntimeError(f"{self.binary} {what} failed (exit {r.returncode}):\n{excerpt}",
-                                  hint=f"full log: {log}" if log and log.exists() else None)
+            where = f"full log: {log}" if log and log.exists() else None
+            known = criu.explain(excerpt)
+            if known:
+                raise OciRuntimeError(f"{self.binary} {what} failed: {known[0]}\n{excerpt}",
+                                      hint=f"{known[1]} ({where})" if where else known[1])
+            raise OciRuntimeError(f"{self.binary} {what} failed (exit {r.returncode}):\n{excerpt}", hint=where)
 
     def option_flags(self, options: dict) -> list[str]:
         """Global flags from the recipe's engine options (none for runc)."""

@@ -22,7 +22,7 @@ from ..engines import container_engine, get_engine, process_engine
 from ..engines.fingerprint import compare
 from ..errors import NotFound, SnapbuildError, UsageError
 from ..runtime import probe as probes
-from ..runtime import erofs, process, server
+from ..runtime import erofs, process, server, shmfiles
 from ..runtime.layout import images_root
 from ..store import Store
 from ..runtime.trees import ensure_tree
@@ -157,12 +157,17 @@ def _restore(runtime: Runtime, store: Store, timings: dict) -> int:
         if busy:
             raise _NoRestore(f"PID {busy[0]} is in use by another process (a host-process snapshot restores "
                              "with its original PIDs; is the same snapshot already running here?)")
+        try:  # the tree's /dev/shm files, where CRIU expects them
+            shm = shmfiles.put_back(runtime.shm_files, ckpt / "shm")
+        except SnapbuildError as e:
+            raise _NoRestore(e.message) from None
         timings["materialize_s"] = round(time.monotonic() - t, 4)
         t = time.monotonic()
         try:
             pid = engine.restore(images, work)
         except SnapbuildError as e:
             process.wait_gone(runtime.pids, timeout=3)  # what a failed restore left behind
+            shmfiles.remove(shm)
             raise _NoRestore(f"restore failed: {e.message}") from None
         timings["restore_s"] = round(time.monotonic() - t, 4)
     finally:

@@ -45,6 +45,7 @@ INPUTS = "/snapbuild/inputs"
 RUN = "/snapbuild/run"
 LOG_NAME = "server.log"
 IMAGE_JSON = "image.json"
+CRIU_CONF = "criu.conf"  # CRIU options for runc (see prepare)
 
 
 @dataclass
@@ -235,8 +236,13 @@ def prepare(spec: ServerSpec, blobs: BlobStore, engine: str, host_port: int | No
         bundle.mkdir(parents=True, exist_ok=True)
         rootfs.assemble(layers, bundle / "rootfs", work=bundle / "overlay")
         inst.netns = _netns_create(inst.id)
-        (bundle / "config.json").write_text(json.dumps(config_json(spec, inputs, Path(inst.run_dir), inst.netns),
-                                                       indent=1))
+        config = config_json(spec, inputs, Path(inst.run_dir), inst.netns)
+        # runc hands CRIU the options of the file this annotation names, for checkpoint and
+        # restore: deleted files a process holds (multiprocessing's semaphores in the
+        # container's /dev/shm) are linked back in, inside the tmpfs the checkpoint carries.
+        (bundle / CRIU_CONF).write_text("link-remap\n")
+        config["annotations"] = {"org.criu.config": str(bundle / CRIU_CONF)}
+        (bundle / "config.json").write_text(json.dumps(config, indent=1))
         save(inst)
     except BaseException:
         destroy(inst)

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..engines import CONTAINER_ENGINES, container_engine, get_engine, process_engine
 from ..errors import SnapbuildError, StepError
 from ..runtime import probe as probes
-from ..runtime import process, server
+from ..runtime import process, server, shmfiles
 from ..runtime.layout import run_dir, run_root
 from ..schema import Runtime, ServerSpec
 from ..store.tree import build_tree, walk
@@ -176,9 +176,13 @@ class CheckpointStep:
                     from ..gpu import snapshot as gpu_snapshot
 
                     gpu = gpu_snapshot.suspend_host(pids, spec.cuda_options(), say)
+                held = shmfiles.held_inodes(process.tree(started.pid))  # now: the tree may have grown
                 engine.dump(started.pid, images)
+                shm = shmfiles.collect(held, scratch / "shm")
             except SnapbuildError as e:
                 raise StepError(e.message, hint=e.hint) from None
+            except OSError as e:
+                raise StepError(f"cannot keep the server's /dev/shm files with its checkpoint: {e}") from None
             dump_s = time.monotonic() - t1
             started.proc.wait(timeout=10)
             (images / "dump.log").unlink(missing_ok=True)
@@ -186,6 +190,9 @@ class CheckpointStep:
                 + process.tail(started.log_path, 40).rstrip() + "\n---")
             pages = sum(p.stat().st_size for p in images.glob("pages-*.img"))
             say(f"dumped {len(pids)} process(es) in {dump_s:.2f}s: {pages / 2**20:.1f} MiB of memory pages")
+            if shm:
+                say(f"carried {len(shm)} file(s) the tree held in /dev/shm ({sum(f['size'] for f in shm)} bytes): "
+                    + ", ".join(f["name"] for f in shm[:8]) + (" ..." if len(shm) > 8 else ""))
             say(f"memory at the dump: {mem['anonymous_bytes'] / 2**20:.1f} MiB anonymous (in the checkpoint), "
                 f"{mem['file_backed_bytes'] / 2**20:.1f} MiB file-backed (left out while unchanged)")
             if mem["anonymous_bytes"] > ANON_TIP_BYTES:
@@ -193,7 +200,7 @@ class CheckpointStep:
                     "holds model weights, memory-map them from a weights input (e.g. torch.load(mmap=True)) "
                     "to leave them out: smaller snapshots restore faster")
             stats = {"warm_s": round(warm_s, 3), "dump_s": round(dump_s, 3), "pages_bytes": pages, **mem}
-            return _store(spec, ctx, scratch, server_spec, pids, stats, gpu)
+            return _store(spec, ctx, scratch, server_spec, pids, stats, gpu, shm)
         finally:
             if started is not None:
                 process.stop(started.pid)  # no orphan server after success or failure
@@ -276,10 +283,12 @@ def _engine_options(spec: CheckpointSpec) -> dict:
 
 
 def _store(spec: CheckpointSpec, ctx: BuildContext, scratch, server_spec: ServerSpec, pids: list[int],
-           stats: dict, gpu: dict | None = None) -> str:
-    """``checkpoint.json`` and the engine's images (in ``scratch/images``) as the artifact."""
+           stats: dict, gpu: dict | None = None, shm: list[dict] | None = None) -> str:
+    """``checkpoint.json``, the engine's images (in ``scratch/images``) and the tree's
+    /dev/shm files (``scratch/shm``) as the artifact."""
     images = scratch / "images"
     manifest = Runtime(
+        format=2 if shm else 1, shm_files=shm or [],
         engine=spec.engine, process=spec.process, server=server_spec, pids=pids,
         fingerprint=ctx.pins["fingerprint"], gpu=gpu,
         after_restore=[e.model_dump(exclude_none=True) for e in spec.after_restore],
@@ -288,5 +297,7 @@ def _store(spec: CheckpointSpec, ctx: BuildContext, scratch, server_spec: Server
     (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     items = [(MANIFEST, scratch / MANIFEST), ("images", images)]
     items += [(f"images/{rel}", p) for rel, p in walk(images)]
+    if shm:
+        items += [("shm", scratch / "shm")] + [(f"shm/{f['name']}", scratch / "shm" / f["name"]) for f in shm]
     digest, _ = build_tree(ctx.store.blobs, items)
     return digest

@@ -74,3 +74,12 @@ def test_a_missing_runtime_says_how_to_get_it(fake, monkeypatch, tmp_path):
         RunscEngine().check()
     assert "gVisor" in e.value.hint
     assert shutil.which("runsc") is None
+
+
+def test_criu_failures_it_cannot_get_past_are_put_in_words():
+    from snapbuild.engines import criu
+
+    what, change = criu.explain("Error (criu/sk-unix.c:874): unix: External socket is used. "
+                                "Consider using --ext-unix-sk option.")
+    assert "unix socket connected to a process outside its tree" in what and "after_restore" in change
+    assert criu.explain("Error (criu/files-reg.c:1122): Can't open file: No such file") is None

@@ -59,7 +59,7 @@ def test_a_runtime_section_round_trips_through_json(make):
 def test_a_snapshot_config_round_trips_and_names_its_types():
     doc = config(host_runtime())
     snap = SnapshotConfig.from_json(doc, node_root=None)
-    assert snap.format == CONFIG_FORMAT and snap.runtime is not None and snap.runtime.format == RUNTIME_FORMAT
+    assert snap.format == CONFIG_FORMAT and snap.runtime is not None and snap.runtime.format == 1
     assert snap.runtime.server.inputs["model"] == D["b"] and snap.tree_images.images() == [D["e"]]
     assert snap.to_json() == doc
 
@@ -162,3 +162,23 @@ def test_not_an_object_is_said_so():
     doc["server"] = "x"
     with pytest.raises(SchemaError, match=r"runtime\.server is not an object"):
         Runtime.from_json(doc)
+
+
+@pytest.mark.parametrize("files,fmt,message", [
+    ([{"name": "../etc/passwd", "mode": 0o600, "size": 1}], 2, r"shm_files\[0\]\.name: '\.\./etc/passwd'"),
+    ([{"name": "a/b", "mode": 0o600, "size": 1}], 2, r"shm_files\[0\]\.name: 'a/b' has a '/'"),
+    ([{"name": "a", "mode": 0o600, "size": 1}] * 2, 2, r"shm_files\[1\]\.name: 'a' is used twice"),
+    ([{"name": "a", "mode": 0o4755, "size": 1}], 2, r"shm_files\[0\]\.mode: is out of range"),
+    ([{"name": "a", "mode": 0o600, "size": 1}], 1, r"runtime\.shm_files: are for host-process checkpoints of format 2"),
+])
+def test_shm_files_are_plain_names_of_format_two(files, fmt, message):
+    """They are written to /dev/shm/NAME as root: nothing else may be named."""
+    with pytest.raises(SchemaError, match=message):
+        Runtime.from_json({**host_runtime(), "format": fmt, "shm_files": files})
+
+
+def test_shm_files_round_trip_and_are_left_out_when_there_are_none():
+    files = [{"name": "psm_1", "mode": 0o600, "size": 4096}, {"name": "link_remap.3", "mode": 0o600, "size": 32}]
+    doc = {**host_runtime(), "format": 2, "shm_files": files}
+    assert Runtime.from_json(doc).to_json() == doc
+    assert "shm_files" not in host_runtime()
