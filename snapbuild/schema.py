@@ -26,6 +26,7 @@ from typing import Any
 
 from .errors import IntegrityError
 from .runtime.layout import run_root
+from .runtime.sockdirs import SCRATCH, place
 from .store.securefs import unsafe_name
 
 #: The snapshot config's ``format``, and the newest runtime section (checkpoint.json)
@@ -265,6 +266,8 @@ class Runtime:
     stats: dict[str, Any] = field(default_factory=dict)
     #: A host tree's files in /dev/shm, carried in the artifact's ``shm/`` (runtime.shmfiles).
     shm_files: list[dict[str, Any]] = field(default_factory=list)
+    #: The folders of a host tree's path-bound unix sockets, made before a restore (runtime.sockdirs).
+    socket_dirs: list[str] = field(default_factory=list)
     step: str | None = None
     artifact: str | None = None
 
@@ -296,8 +299,15 @@ class Runtime:
         if step is not None and unsafe_name(step):
             raise d.fail("step", "is not a plain step name")
         shm_files = _shm_files(d, fmt, engine)
-        return cls(format=fmt, engine=engine, process=d.text("process"), shm_files=shm_files,
-                   server=ServerSpec.from_json(d.doc.get("server"), f"{where}.server", engine, node_root),
+        server = ServerSpec.from_json(d.doc.get("server"), f"{where}.server", engine, node_root)
+        socket_dirs = d.items("socket_dirs", str)
+        if socket_dirs and (fmt < 2 or engine != "host"):
+            raise d.fail("socket_dirs", "are for host-process checkpoints of format 2")
+        for i, folder in enumerate(socket_dirs):
+            if place(folder, server.run_dir) is None:
+                raise d.fail(f"socket_dirs[{i}]", f"{folder!r} is not below {', '.join(SCRATCH)} or the run folder")
+        return cls(format=fmt, engine=engine, process=d.text("process"), shm_files=shm_files, socket_dirs=socket_dirs,
+                   server=server,
                    pids=pids, fingerprint=d.mapping("fingerprint", optional=True) or {},
                    gpu=d.mapping("gpu", optional=True), after_restore=d.items("after_restore", dict),
                    stats=d.mapping("stats", optional=True) or {}, step=step, artifact=d.digest("artifact", optional=True))
@@ -308,8 +318,9 @@ class Runtime:
         for k in ("step", "artifact"):
             if out[k] is None:
                 del out[k]
-        if not self.shm_files:
-            del out["shm_files"]  # format 1 has none
+        for k in ("shm_files", "socket_dirs"):
+            if not out[k]:
+                del out[k]  # format 1 has none
         return out
 
 

@@ -22,7 +22,7 @@ from ..engines import container_engine, get_engine, process_engine
 from ..engines.fingerprint import compare
 from ..errors import NotFound, SnapbuildError, UsageError
 from ..runtime import probe as probes
-from ..runtime import erofs, process, server, shmfiles
+from ..runtime import erofs, process, server, shmfiles, sockdirs
 from ..runtime.layout import images_root
 from ..store import Store
 from ..runtime.trees import ensure_tree
@@ -157,7 +157,8 @@ def _restore(runtime: Runtime, store: Store, timings: dict) -> int:
         if busy:
             raise _NoRestore(f"PID {busy[0]} is in use by another process (a host-process snapshot restores "
                              "with its original PIDs; is the same snapshot already running here?)")
-        try:  # the tree's /dev/shm files, where CRIU expects them
+        try:  # the tree's /dev/shm files and socket folders, where CRIU expects them
+            sockdirs.recreate(runtime.socket_dirs, spec.run_dir)
             shm = shmfiles.put_back(runtime.shm_files, ckpt / "shm")
         except SnapbuildError as e:
             raise _NoRestore(e.message) from None

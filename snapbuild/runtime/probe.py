@@ -152,7 +152,10 @@ def http_call(spec: dict, base: str | None, timeout: float = 60) -> tuple[int, b
     url = target if "://" in target else urljoin((base or "http://127.0.0.1") + "/", target.lstrip("/"))
     body = spec.get("body")
     data = body.encode() if isinstance(body, str) else body
-    req = urllib.request.Request(url, data=data, method=method.upper(), headers=spec.get("headers") or {})
+    headers = dict(spec.get("headers") or {})
+    if data is not None and not any(k.lower() == "content-type" for k in headers):
+        headers["Content-Type"] = "application/json"  # what an inference API expects; `headers:` overrides it
+    req = urllib.request.Request(url, data=data, method=method.upper(), headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read()

@@ -34,9 +34,11 @@ def pid_gone(pid: int) -> bool:
 
 
 def wait_gone(pids: list[int], timeout: float = 10.0) -> bool:
-    """Wait until no process holds these PIDs (a killed process lingers until reaped)."""
+    """Wait until no process holds these PIDs (a killed process lingers until reaped:
+    those that are our children, adopted ones included, are reaped here)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        reap(pids)
         if all(pid_gone(p) for p in pids):
             return True
         time.sleep(0.02)

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..engines import CONTAINER_ENGINES, container_engine, get_engine, process_engine
 from ..errors import SnapbuildError, StepError
 from ..runtime import probe as probes
-from ..runtime import process, server, shmfiles
+from ..runtime import process, server, shmfiles, sockdirs
 from ..runtime.layout import run_dir, run_root
 from ..schema import Runtime, ServerSpec
 from ..store.tree import build_tree, walk
@@ -83,7 +83,7 @@ class CheckpointSpec(StepSpec):
 
 class CheckpointStep:
     name = "checkpoint"
-    version = 1
+    version = 2  # 2: the tree's /dev/shm files and socket folders travel with it
     Spec = CheckpointSpec
     ephemeral = False
 
@@ -176,7 +176,10 @@ class CheckpointStep:
                     from ..gpu import snapshot as gpu_snapshot
 
                     gpu = gpu_snapshot.suspend_host(pids, spec.cuda_options(), say)
-                held = shmfiles.held_inodes(process.tree(started.pid))  # now: the tree may have grown
+                tree = process.tree(started.pid)  # now: the tree may have grown since the warm-up
+                pids = tree
+                held = shmfiles.held_inodes(tree)
+                socket_dirs = _socket_dirs(tree, server_spec)
                 engine.dump(started.pid, images)
                 shm = shmfiles.collect(held, scratch / "shm")
             except SnapbuildError as e:
@@ -185,6 +188,7 @@ class CheckpointStep:
                 raise StepError(f"cannot keep the server's /dev/shm files with its checkpoint: {e}") from None
             dump_s = time.monotonic() - t1
             started.proc.wait(timeout=10)
+            process.wait_gone(tree, timeout=10)  # the dumped tree's PIDs free (reaped, if ours)
             (images / "dump.log").unlink(missing_ok=True)
             say(f"--- server log (last 40 lines of {started.log_path}) ---\n"
                 + process.tail(started.log_path, 40).rstrip() + "\n---")
@@ -200,7 +204,7 @@ class CheckpointStep:
                     "holds model weights, memory-map them from a weights input (e.g. torch.load(mmap=True)) "
                     "to leave them out: smaller snapshots restore faster")
             stats = {"warm_s": round(warm_s, 3), "dump_s": round(dump_s, 3), "pages_bytes": pages, **mem}
-            return _store(spec, ctx, scratch, server_spec, pids, stats, gpu, shm)
+            return _store(spec, ctx, scratch, server_spec, pids, stats, gpu, shm, socket_dirs)
         finally:
             if started is not None:
                 process.stop(started.pid)  # no orphan server after success or failure
@@ -274,6 +278,18 @@ class CheckpointStep:
         return runtime, trees
 
 
+def _socket_dirs(tree: list[int], server_spec: ServerSpec) -> list[str]:
+    """The folders of the tree's path-bound unix sockets, which a node makes before the
+    restore; a socket elsewhere than a scratch folder is refused with what to change."""
+    folders = sockdirs.bound_dirs(tree)
+    bad = [f for f in folders if sockdirs.place(f, server_spec.run_dir) is None]
+    if bad:
+        raise StepError(f"the server listens on a unix socket in {bad[0]}, a folder a node may not have and "
+                        "snapbuild makes only below " + ", ".join(sockdirs.SCRATCH) + " or the run folder",
+                        hint="put the socket below /tmp (e.g. /tmp/NAME/) or $SNAPBUILD_RUN")
+    return folders
+
+
 def _engine_options(spec: CheckpointSpec) -> dict:
     """The runtime's options from the recipe; gpu: cuda under gVisor needs its nvproxy."""
     options = spec.runsc.model_dump() if spec.runsc else {}
@@ -283,12 +299,13 @@ def _engine_options(spec: CheckpointSpec) -> dict:
 
 
 def _store(spec: CheckpointSpec, ctx: BuildContext, scratch, server_spec: ServerSpec, pids: list[int],
-           stats: dict, gpu: dict | None = None, shm: list[dict] | None = None) -> str:
+           stats: dict, gpu: dict | None = None, shm: list[dict] | None = None,
+           socket_dirs: list[str] | None = None) -> str:
     """``checkpoint.json``, the engine's images (in ``scratch/images``) and the tree's
     /dev/shm files (``scratch/shm``) as the artifact."""
     images = scratch / "images"
     manifest = Runtime(
-        format=2 if shm else 1, shm_files=shm or [],
+        format=2 if shm or socket_dirs else 1, shm_files=shm or [], socket_dirs=socket_dirs or [],
         engine=spec.engine, process=spec.process, server=server_spec, pids=pids,
         fingerprint=ctx.pins["fingerprint"], gpu=gpu,
         after_restore=[e.model_dump(exclude_none=True) for e in spec.after_restore],

@@ -182,3 +182,12 @@ def test_shm_files_round_trip_and_are_left_out_when_there_are_none():
     doc = {**host_runtime(), "format": 2, "shm_files": files}
     assert Runtime.from_json(doc).to_json() == doc
     assert "shm_files" not in host_runtime()
+
+
+def test_socket_dirs_are_scratch_folders_of_format_two():
+    doc = {**host_runtime(), "format": 2, "socket_dirs": ["/tmp/zmq-1", f"{ROOT}/run/counter-0123456789abcdef/ipc"]}
+    assert Runtime.from_json(doc).to_json() == doc
+    with pytest.raises(SchemaError, match=r"runtime\.socket_dirs\[0\]: '/etc/cron.d' is not below /tmp"):
+        Runtime.from_json({**doc, "socket_dirs": ["/etc/cron.d"]})
+    with pytest.raises(SchemaError, match=r"runtime\.socket_dirs: are for host-process checkpoints of format 2"):
+        Runtime.from_json({**doc, "format": 1})
