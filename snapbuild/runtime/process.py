@@ -66,6 +66,23 @@ def stop(pid: int, *, timeout: float = 10.0) -> bool:
     return True
 
 
+def fds(pid: int) -> list[tuple[str, str]]:
+    """(its path under /proc, what it links to) for each open file descriptor of ``pid``;
+    those that close while being read are left out, and a gone process has none."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    out = []
+    for fd in names:
+        path = f"/proc/{pid}/fd/{fd}"
+        try:
+            out.append((path, os.readlink(path)))
+        except OSError:
+            continue
+    return out
+
+
 def tree(pid: int) -> list[int]:
     """``pid`` and all its descendants."""
     children: dict[int, list[int]] = {}

@@ -26,6 +26,7 @@ import stat
 from pathlib import Path
 
 from ..errors import SnapbuildError
+from .process import fds
 
 SHM = Path("/dev/shm")
 
@@ -46,17 +47,13 @@ def held_inodes(pids: list[int], shm: Path = SHM) -> set[tuple[int, int]]:
             if len(parts) == 6 and parts[5].startswith(prefix):
                 major, _, minor = parts[3].partition(":")
                 out.add((os.makedev(int(major, 16), int(minor, 16)), int(parts[4])))
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
-                    st = os.stat(f"/proc/{pid}/fd/{fd}")
-                    out.add((st.st_dev, st.st_ino))
-            except OSError:
-                continue
+        for path, target in fds(pid):
+            if target.startswith(prefix):
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                out.add((st.st_dev, st.st_ino))
     return out
 
 

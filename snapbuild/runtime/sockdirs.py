@@ -17,25 +17,14 @@ from pathlib import Path
 
 from ..errors import SnapbuildError
 from ..store.securefs import Beneath, UnsafeDisk
+from .process import fds
 
 SCRATCH = ("/tmp", "/var/tmp", "/run", "/dev/shm")
 
 
 def bound_dirs(pids: list[int]) -> list[str]:
     """The folders of the path-bound unix sockets that ``pids`` hold, sorted."""
-    inodes: set[int] = set()
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if link.startswith("socket:["):
-                inodes.add(int(link[8:-1]))
+    inodes = {int(link[8:-1]) for pid in pids for _, link in fds(pid) if link.startswith("socket:[")}
     paths: set[str] = set()
     for pid in pids[:1]:  # one network namespace: the tree's
         try:

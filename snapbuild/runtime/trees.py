@@ -46,11 +46,11 @@ def ensure_tree(blobs: BlobStore, digest: str, root: Path, image: str | None = N
         tmp = layout.tree_partial(final)
         shutil.rmtree(tmp, ignore_errors=True)
         # (an image tree whose mount went with a reboot keeps its users)
-        users = [u for u in (_read(_sidecar(final)) or "").splitlines(keepends=True) if u != user]
+        users = [u for u in (_read(layout.tree_users(final)) or "").splitlines(keepends=True) if u != user]
         discard(final)  # an incomplete earlier attempt
         if image is not None:
             erofs.mount_tree(blobs, image, final)
-            fsutil.atomic_write(_sidecar(final), "".join(users + [user]).encode())  # last: the tree is complete
+            fsutil.atomic_write(layout.tree_users(final), "".join(users + [user]).encode())  # last: the tree is complete
             return final, True
         materialize(blobs, load_tree(blobs, digest), tmp)
         (tmp / MARKER).write_text(user)
@@ -99,12 +99,9 @@ def release(path: Path, store_root: Path, *, dry_run: bool = False, before=None)
         return True
 
 
-_sidecar = layout.tree_users
-
-
 def _marker(path: Path) -> Path:
     """The file that lists a tree's users: beside a tree mounted from its image, else inside."""
-    side = _sidecar(path)
+    side = layout.tree_users(path)
     return side if side.exists() else path / MARKER
 
 
@@ -118,7 +115,7 @@ def _read(path: Path) -> str | None:
 def _users_text(path: Path) -> str | None:
     """The marker's content: None while the tree is absent or incomplete (or an image
     tree no longer mounted, after a reboot)."""
-    text = _read(_sidecar(path))
+    text = _read(layout.tree_users(path))
     if text is not None:
         return text if os.path.ismount(path) else None
     try:
@@ -188,7 +185,7 @@ def modified(sigs: dict[str, tuple[int, int, int]]) -> list[str]:
 def discard(path: Path) -> None:
     """Forget a materialized tree (it will be written out again when next needed); a
     tree mounted from its image is unmounted and its image file deleted too."""
-    side = _sidecar(path)
+    side = layout.tree_users(path)
     if side.exists() or os.path.ismount(path):
         erofs.take_down(path)
         side.unlink(missing_ok=True)
