@@ -35,6 +35,7 @@ CONFIG_FORMAT = 1
 RUNTIME_FORMAT = 2
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")  # a recipe's name
 ENGINES = ("host", "runc", "runsc")
 CONTAINER_ENGINES = ("runc", "runsc")
@@ -268,6 +269,8 @@ class Runtime:
     shm_files: list[dict[str, Any]] = field(default_factory=list)
     #: The folders of a host tree's path-bound unix sockets, made before a restore (runtime.sockdirs).
     socket_dirs: list[str] = field(default_factory=list)
+    #: Check requests with their warm-up answers, replayed after each restore (runtime.probe).
+    verify: list[dict[str, Any]] = field(default_factory=list)
     step: str | None = None
     artifact: str | None = None
 
@@ -307,9 +310,9 @@ class Runtime:
             if place(folder, server.run_dir) is None:
                 raise d.fail(f"socket_dirs[{i}]", f"{folder!r} is not below {', '.join(SCRATCH)} or the run folder")
         return cls(format=fmt, engine=engine, process=d.text("process"), shm_files=shm_files, socket_dirs=socket_dirs,
-                   server=server,
+                   server=server, verify=_checks(d, fmt),
                    pids=pids, fingerprint=d.mapping("fingerprint", optional=True) or {},
-                   gpu=d.mapping("gpu", optional=True), after_restore=d.items("after_restore", dict),
+                   gpu=d.mapping("gpu", optional=True), after_restore=_exercises(d, "after_restore"),
                    stats=d.mapping("stats", optional=True) or {}, step=step, artifact=d.digest("artifact", optional=True))
 
     def to_json(self) -> dict:
@@ -318,10 +321,59 @@ class Runtime:
         for k in ("step", "artifact"):
             if out[k] is None:
                 del out[k]
-        for k in ("shm_files", "socket_dirs"):
+        for k in ("shm_files", "socket_dirs", "verify"):
             if not out[k]:
                 del out[k]  # format 1 has none
         return out
+
+
+_EXERCISE_KEYS = {"http", "run", "body", "headers", "expect", "repeat"}
+
+
+def _exercise(r: _Doc, extra: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """One exercise item (``{"http": "POST /x", ...}`` or ``{"run": "..."}``), checked
+    as the recipe's ``Exercise`` is; ``extra``: keys the caller reads itself."""
+    unknown = sorted(set(r.doc) - _EXERCISE_KEYS - extra)
+    if unknown:
+        raise r.fail(unknown[0], "is not a field of an exercise")
+    if r.has("http") == r.has("run"):
+        raise SchemaError(f"{r.where}: an exercise needs exactly one of http, run")
+    kind = "http" if r.has("http") else "run"
+    item: dict[str, Any] = {kind: r.text(kind), "headers": r.strings("headers")}
+    if r.has("body"):
+        item["body"] = r.text("body")
+    for key in ("expect", "repeat"):
+        if r.has(key):
+            item[key] = r.integer(key)
+    if item.get("repeat", 1) < 1:
+        raise r.fail("repeat", "is not a positive count")
+    return item
+
+
+def _exercises(d: _Doc, key: str) -> list[dict[str, Any]]:
+    return [_exercise(_Doc(rec, f"{d.where}.{key}[{i}]")) for i, rec in enumerate(d.items(key, dict))]
+
+
+def _checks(d: _Doc, fmt: int) -> list[dict[str, Any]]:
+    """``verify``: HTTP requests to the server (a path on its probe's origin) with the
+    answer the warm-up got: status, size, sha256 of the body and its first characters."""
+    checks = d.items("verify", dict)
+    if checks and fmt < 2:
+        raise d.fail("verify", "is for checkpoints of format 2")
+    out = []
+    for i, rec in enumerate(checks):
+        r = _Doc(rec, f"{d.where}.verify[{i}]")
+        item = _exercise(r, frozenset({"answer"}))
+        target = str(item.get("http", "")).strip().rpartition(" ")[2]
+        if "run" in item or "repeat" in item or not target.startswith("/"):
+            raise r.fail("http", "is not a request to the server (`METHOD /path`), asked once")
+        a = _Doc(r.mapping("answer"), f"{r.where}.answer")
+        answer = {"status": a.integer("status"), "bytes": a.integer("bytes"),
+                  "sha256": a.text("sha256", pattern=HEX64_RE), "head": a.text("head")}
+        if len(answer["head"]) > 4 * 80:
+            raise a.fail("head", "is longer than the start of an answer")
+        out.append({**item, "answer": answer})
+    return out
 
 
 def _shm_files(d: _Doc, fmt: int, engine: str) -> list[dict[str, Any]]:

@@ -421,6 +421,9 @@ def bench_snapshot(ref, registry, runs, drop_caches, as_json):
                        f"{phase['speedup']:>7.1f}x")
     click.echo(f"  first restore on this node (writes the images out): {r['restore_first_s']:.3f}s")
     click.echo(f"  answers identical across modes: {'yes' if r['answers_match'] else 'NO'}")
+    if r.get("verify"):
+        click.echo("  check requests after each restore: "
+                   + ", ".join(f"{n} {how}" for how, n in sorted(r["verify"].items())))
     if r.get("note"):
         click.echo(f"  note: {r['note']}")
 

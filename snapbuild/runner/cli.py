@@ -113,6 +113,8 @@ def print_restore(result: dict, as_json: bool) -> None:
           f"restore {t.get('restore_s', 0):.2f}s, ready {t.get('ready_s', 0):.2f}s)")
     if result["reason"]:
         print(f"  why not restored: {result['reason']}")
+    if result.get("verify"):
+        print(f"  check requests (verify): {result['verify']}")
     for m in result.get("mismatches", []):
         if not m["fatal"]:
             print(f"  note: {m['message']}")

@@ -4,7 +4,8 @@
     inputs (once per node) and images (tmpfs) -> restore -> readiness probe
 
 Any reason not to restore (a fingerprint mismatch, a PID still taken, a failed
-restore, a restored process that never gets ready) falls back to a cold boot of the
+restore, a restored process that never gets ready or answers a check request of the
+checkpoint's ``verify`` otherwise than at the warm-up) falls back to a cold boot of the
 same command from the same artifact, unless ``fallback="fail"``; the reason is
 always reported. A node is never left without a server when one can be started.
 """
@@ -83,7 +84,9 @@ def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str |
     out = {"ref": fetched["ref"], "digest": fetched["digest"], "mode": None, "reason": None, "pid": None,
            "log": str(Path(spec.run_dir) / server.LOG_NAME), "mismatches": [], "timings": timings,
            "fetch": {k: fetched[k] for k in ("blobs_fetched", "bytes_fetched", "blobs_total")},
-           "tree_images": "used" if fetched.get("tree_images") else None}
+           "tree_images": "used" if fetched.get("tree_images") else None,
+           # the check requests: None (the snapshot has none), "same", "different", "not asked"
+           "verify": "not asked" if runtime.verify else None}
     if fetched.get("tree_images_refused") and snapshot.tree_images is not None:
         out["tree_images"] = f"not used: {fetched['tree_images_refused']}"
     in_container = runtime.in_container
@@ -100,8 +103,11 @@ def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str |
             else:
                 out["pid"] = _restore(runtime, store, timings)
             out["mode"] = "restore"
+            out["verify"] = "same" if runtime.verify else None
         except _NoRestore as e:
             reason = str(e)
+            if isinstance(e, _Differs):
+                out["verify"] = "different"
     if out["mode"] is None:
         if fallback == "fail" and mode != "cold":
             raise RestoreFailed(f"cannot restore {fetched['ref']}: {reason}",
@@ -117,6 +123,12 @@ def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str |
 
 class _NoRestore(Exception):
     pass
+
+
+class _Differs(_NoRestore):
+    """The restored server answered a check request otherwise than at the warm-up."""
+
+    PREFIX = "restored server answered the check request differently"
 
 
 def _why_not_restorable(runtime: Runtime, out: dict) -> str | None:
@@ -176,6 +188,7 @@ def _restore(runtime: Runtime, store: Store, timings: dict) -> int:
     _resume_gpu(runtime, timings, lambda: process.stop(pid))
     _after_restore(runtime, spec.ready, timings, lambda: process.stop(pid))
     _wait_restored(spec.ready, log, lambda: process.alive(pid), lambda: process.stop(pid), timings)
+    _verify(runtime, spec.ready, timings, lambda: process.stop(pid))
     return pid
 
 
@@ -192,6 +205,19 @@ def _after_restore(runtime: Runtime, ready: dict, timings: dict, give_up) -> Non
         give_up()
         raise _NoRestore(f"after_restore failed: {e}") from None
     timings["after_restore_s"] = round(time.monotonic() - t, 4)
+
+
+def _verify(runtime: Runtime, ready: dict, timings: dict, give_up) -> None:
+    """Replay the checkpoint's check requests on the ready, restored server; an answer
+    other than the warm-up's stops it (the caller boots cold, with the difference)."""
+    if not runtime.verify:
+        return
+    t = time.monotonic()
+    why = probes.check_answers(runtime.verify, base=probes.base_url(ready))
+    timings["verify_s"] = round(time.monotonic() - t, 4)
+    if why is not None:
+        give_up()
+        raise _Differs(f"{_Differs.PREFIX}: {why}")
 
 
 def _resume_gpu(runtime: Runtime, timings: dict, give_up, prefix: list[str] | None = None) -> None:
@@ -302,6 +328,7 @@ def _restore_container(runtime: Runtime, store: Store, timings: dict, host_port:
     _after_restore(runtime, container.host_probe(spec, inst), timings, lambda: container.destroy(inst))
     _wait_restored(container.host_probe(spec, inst), inst.log_path, lambda: container.alive(inst),
                    lambda: container.destroy(inst), timings)
+    _verify(runtime, container.host_probe(spec, inst), timings, lambda: container.destroy(inst))
     return inst
 
 

@@ -11,10 +11,15 @@ Exercises (warm caches and JIT paths before a checkpoint)::
 
     {"http": "POST /infer", "body": "{...}", "headers": {...}, "expect": 200}
     {"run": "curl -s localhost:8000/warm"}
+
+Check requests (a checkpoint's ``verify``): an HTTP exercise whose answer the warm-up
+records (:func:`record_checks`) and the runner compares after each restore
+(:func:`check_answers`): status and sha256 of the body, with its first bytes to show.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import socket
 import subprocess
@@ -195,3 +200,56 @@ def run_exercise(items: list[dict], *, base: str | None, log: Callable[[str], No
                 raise ProbeFailed(f"exercise {i} ({item['http']}) answered {status}, expected {expect}: "
                                   f"{body[:200]!r}")
         log(f"exercise {i}: {item['http']} x{repeat} -> {status}")
+
+
+ANSWER_HEAD = 80  # characters of a check answer kept to show in a mismatch
+
+
+def answer_of(item: dict, base: str | None, timeout: float = 60) -> dict:
+    """What one check request answers: status, size and sha256 of the body, its start."""
+    status, body = http_call(item, base, timeout)
+    return {"status": status, "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest(),
+            "head": body[:ANSWER_HEAD].decode(errors="replace")}
+
+
+def same_answer(a: dict, b: dict) -> bool:
+    return a["status"] == b["status"] and a["sha256"] == b["sha256"]
+
+
+def describe_answer(a: dict) -> str:
+    return f"HTTP {a['status']}, {a['bytes']} bytes (sha256 {a['sha256'][:12]}): {a['head']!r}"
+
+
+def record_checks(items: list[dict], *, base: str | None, log: Callable[[str], None]) -> list[dict]:
+    """Ask each check request twice at warm-up and keep its answer with it; an answer
+    that changes from one call to the next could never prove a restore right."""
+    recorded = []
+    for i, item in enumerate(items):
+        expect = int(item.get("expect", 200))
+        first = answer_of(item, base)
+        if first["status"] != expect:
+            raise ProbeFailed(f"verify {i} ({item['http']}) answered {first['status']}, expected {expect}: "
+                              f"{first['head']!r}")
+        second = answer_of(item, base)
+        if not same_answer(first, second):
+            raise ProbeFailed(f"verify {i} ({item['http']}) answered differently on two calls in a row "
+                              f"({describe_answer(first)}, then {describe_answer(second)}): a check request must "
+                              "answer the same every time; ask for something that depends only on the model and the "
+                              "input (no counters, clocks or sampling: fix the seed, or temperature 0)")
+        log(f"verify {i}: {item['http']} -> {describe_answer(first)}")
+        recorded.append({**{k: v for k, v in item.items() if k != "repeat"}, "answer": first})
+    return recorded
+
+
+def check_answers(recorded: list[dict], *, base: str | None, timeout: float = 60) -> str | None:
+    """Replay the recorded check requests; the first that answers otherwise, in words
+    (None: all the same). A request that gets no answer counts as answering otherwise."""
+    for i, item in enumerate(recorded):
+        try:
+            now = answer_of(item, base, timeout)
+        except ProbeFailed as e:
+            return f"verify {i} ({item['http']}) got no answer: {e}"
+        if not same_answer(item["answer"], now):
+            return (f"verify {i} ({item['http']}) answered {describe_answer(now)}; at the warm-up "
+                    f"{describe_answer(item['answer'])}")
+    return None

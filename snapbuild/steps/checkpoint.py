@@ -3,6 +3,7 @@
 ```yaml
 snap: {kind: checkpoint, process: server, engine: host}
 snap: {kind: checkpoint, process: server, gpu: cuda, cuda: {timeout: 900}}
+snap: {kind: checkpoint, process: server, verify: [{http: "POST /infer", body: '{"x": 1}'}]}
 ```
 
 With ``gpu: cuda`` the server's CUDA processes are locked and their GPU state moved
@@ -10,7 +11,8 @@ to host memory before the dump (snapbuild/gpu/), and the GPUs' fingerprint is re
 
 The artifact holds the engine's images under ``images/`` and ``checkpoint.json``:
 the server spec (command, env, probe, inputs by digest) for restore and cold boot
-alike, the machine fingerprint, and sizes. The key includes the engine fingerprint
+alike, the machine fingerprint, sizes, and the answers to the ``verify`` requests (asked twice
+at the warm-up, after its exercises: the runner replays them after each restore). The key includes the engine fingerprint
 (CPU, kernel, CRIU version): a checkpoint is only as portable as that.
 """
 
@@ -63,6 +65,9 @@ class CheckpointSpec(StepSpec):
     # What the runner does to a restored server before probing it ready (not after a cold
     # boot): e.g. vLLM's `POST /wake_up` when the warm-up ended with `POST /sleep`.
     after_restore: list[Exercise] = Field(default_factory=list)
+    # Check requests: answered at the warm-up (recorded) and by every restored server
+    # before it is declared ready; a different answer stops it and boots cold instead.
+    verify: list[Exercise] = Field(default_factory=list)
     # How CUDA state is moved changes nothing in the output: the options are not keyed.
     KEYLESS: ClassVar[frozenset[str]] = StepSpec.KEYLESS | {"cuda"}
 
@@ -72,6 +77,15 @@ class CheckpointSpec(StepSpec):
             raise ValueError(f"`runsc:` options need engine: runsc (this checkpoint uses {self.engine})")
         if self.cuda is not None and self.gpu != "cuda":
             raise ValueError("`cuda:` options need gpu: cuda")
+        for i, check in enumerate(self.verify):
+            if check.http is None:
+                raise ValueError(f"verify[{i}]: a check is an HTTP request (`http: METHOD PATH`), whose answer the "
+                                 "runner compares; `run:` belongs in `exercise:`")
+            if not check.http.strip().rpartition(" ")[2].startswith("/"):
+                raise ValueError(f"verify[{i}]: {check.http!r}: a check request goes to the server: give a path "
+                                 "(`POST /infer`), which the runner asks on the server's probe address")
+            if check.repeat != 1:
+                raise ValueError(f"verify[{i}]: a check request is asked once per restore; drop `repeat:`")
         if self.gpu == "cuda" and self.engine == "runc":
             raise ValueError("gpu: cuda works with engine host (a process on the GPU node) or runsc (gVisor's "
                              "nvproxy); runc containers get no NVIDIA devices from snapbuild")
@@ -161,10 +175,9 @@ class CheckpointStep:
                 say(f"ready after {ready_s:.2f}s ({probes.describe(server_spec.ready)})")
                 probes.run_exercise([e.model_dump(exclude_none=True) for e in wspec.exercise],
                                     base=probes.base_url(server_spec.ready), log=say, env=started.env)
+                checks = probes.record_checks(_checks(spec), base=probes.base_url(server_spec.ready), log=say)
             except probes.ProbeFailed as e:
-                raise StepError(f"warmup {spec.process}: {e}", step=spec.process,
-                                log_tail=process.tail(started.log_path),
-                                hint="the server's log is above; `ready:` sets the probe and its timeout") from None
+                raise _warmup_failed(spec, e, started.log_path) from None
             warm_s = time.monotonic() - t0
             pids = process.tree(started.pid)
             mem = process.memory(pids)
@@ -204,7 +217,7 @@ class CheckpointStep:
                     "holds model weights, memory-map them from a weights input (e.g. torch.load(mmap=True)) "
                     "to leave them out: smaller snapshots restore faster")
             stats = {"warm_s": round(warm_s, 3), "dump_s": round(dump_s, 3), "pages_bytes": pages, **mem}
-            return _store(spec, ctx, scratch, server_spec, pids, stats, gpu, shm, socket_dirs)
+            return _store(spec, ctx, scratch, server_spec, pids, stats, gpu, shm, socket_dirs, checks)
         finally:
             if started is not None:
                 process.stop(started.pid)  # no orphan server after success or failure
@@ -233,10 +246,9 @@ class CheckpointStep:
                 probes.run_exercise([e.model_dump(exclude_none=True) for e in wspec.exercise],
                                     base=probes.base_url(ready), log=say,
                                     shell=lambda line, t: engine.exec(inst.id, ["/bin/sh", "-c", line], t))
+                checks = probes.record_checks(_checks(spec), base=probes.base_url(ready), log=say)
             except probes.ProbeFailed as e:
-                raise StepError(f"warmup {spec.process}: {e}", step=spec.process,
-                                log_tail=process.tail(inst.log_path),
-                                hint="the server's log is above; `ready:` sets the probe and its timeout") from None
+                raise _warmup_failed(spec, e, inst.log_path) from None
             warm_s = time.monotonic() - t0
             mem = process.memory(process.tree(inst.pid))
             images = scratch / "images"
@@ -256,7 +268,8 @@ class CheckpointStep:
             say(f"--- server log (last 40 lines of {inst.log_path}) ---\n"
                 + process.tail(inst.log_path, 40).rstrip() + "\n---")
             stats = {"warm_s": round(warm_s, 3), "dump_s": round(dump_s, 3), "pages_bytes": pages, **mem}
-            return _store(spec, ctx, scratch, server_spec, [], stats, gpu)  # a container's PIDs are its own
+            # a container's PIDs are its own
+            return _store(spec, ctx, scratch, server_spec, [], stats, gpu, checks=checks)
         finally:
             if inst is not None:
                 container.destroy(inst)  # no container, mount, netns or forwarder left behind
@@ -290,6 +303,16 @@ def _socket_dirs(tree: list[int], server_spec: ServerSpec) -> list[str]:
     return folders
 
 
+def _warmup_failed(spec: CheckpointSpec, e: probes.ProbeFailed, log_path) -> StepError:
+    hint = ("`verify:` in the checkpoint step lists the check requests" if str(e).startswith("verify ") else
+            "the server's log is above; `ready:` sets the probe and its timeout")
+    return StepError(f"warmup {spec.process}: {e}", step=spec.process, log_tail=process.tail(log_path), hint=hint)
+
+
+def _checks(spec: CheckpointSpec) -> list[dict]:
+    return [e.model_dump(exclude_none=True) for e in spec.verify]
+
+
 def _engine_options(spec: CheckpointSpec) -> dict:
     """The runtime's options from the recipe; gpu: cuda under gVisor needs its nvproxy."""
     options = spec.runsc.model_dump() if spec.runsc else {}
@@ -300,12 +323,13 @@ def _engine_options(spec: CheckpointSpec) -> dict:
 
 def _store(spec: CheckpointSpec, ctx: BuildContext, scratch, server_spec: ServerSpec, pids: list[int],
            stats: dict, gpu: dict | None = None, shm: list[dict] | None = None,
-           socket_dirs: list[str] | None = None) -> str:
+           socket_dirs: list[str] | None = None, checks: list[dict] | None = None) -> str:
     """``checkpoint.json``, the engine's images (in ``scratch/images``) and the tree's
     /dev/shm files (``scratch/shm``) as the artifact."""
     images = scratch / "images"
     manifest = Runtime(
-        format=2 if shm or socket_dirs else 1, shm_files=shm or [], socket_dirs=socket_dirs or [],
+        format=2 if shm or socket_dirs or checks else 1, shm_files=shm or [], socket_dirs=socket_dirs or [],
+        verify=checks or [],
         engine=spec.engine, process=spec.process, server=server_spec, pids=pids,
         fingerprint=ctx.pins["fingerprint"], gpu=gpu,
         after_restore=[e.model_dump(exclude_none=True) for e in spec.after_restore],

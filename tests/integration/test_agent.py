@@ -560,3 +560,23 @@ def test_one_hung_slot_does_not_stop_another_from_rolling(agent, recipe, store):
         assert json.loads(a.get("/healthz"))["ok"] is True, "the loop runs while a worker hangs"
     finally:
         blackhole.close()
+
+
+def test_a_restore_that_fails_its_check_request_shows_in_the_state_and_the_metrics(agent, recipe, store, tmp_path):
+    from test_restore_checks import DIFFERS, checked
+
+    port, answer = free_port(), tmp_path / "answer.json"
+    answer.write_text('{"token": 17}')
+    [res] = build(checked(recipe, port, answer), store=store)
+    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    answer.write_text('{"token": 18}')
+    a = agent('[[server]]\nname = "checked"\nref = "checked:v1"\n')
+    s = a.wait(lambda s: s["state"] == "ready", what="ready", name="checked")
+    assert s["mode"] == "cold" and s["verify"] == "different" and s["reason"].startswith(DIFFERS), s
+    metrics = a.get("/metrics")
+    assert metric(metrics, "snapbuild_restore_checks_total", server="checked", result="different") == 1
+    assert metric(metrics, "snapbuild_fallbacks_total", server="checked", reason="verify") == 1
+    [started] = [e for e in a.events() if e["event"] == "started"]
+    assert started["verify"] == "different" and started["reason"].startswith(DIFFERS)
+    kept = json.loads((tmp_path / "agent-state" / "agent.json").read_text())["servers"]["checked"]
+    assert kept["verify"] == "different" and kept["reason"] == s["reason"], "an agent that adopts it says why, too"

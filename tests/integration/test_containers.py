@@ -186,7 +186,8 @@ def _tiny_rootfs() -> bytes:
 
 
 def counter_container(recipe, project: Path, base_rootfs: Path, name: str, port: int, *,
-                      command: str | None = None, engine: str = "runc", exercise: str | None = None) -> Path:
+                      command: str | None = None, engine: str = "runc", exercise: str | None = None,
+                      checkpoint: str = "") -> Path:
     """A recipe: the counter server in a container on the Debian base, checkpointed."""
     (project / "app").mkdir(exist_ok=True)
     shutil.copy(COUNTER, project / "app" / "counter_server.py")
@@ -202,7 +203,7 @@ def counter_container(recipe, project: Path, base_rootfs: Path, name: str, port:
             command: {command}
             ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 60}}
             exercise: [{exercise if exercise is not None else '{http: "POST /count", repeat: 2}'}]
-          snap: {{kind: checkpoint, process: server, engine: {engine}}}
+          snap: {{kind: checkpoint, process: server, engine: {engine}{checkpoint}}}
         publish: {{tag: "{name}:v1"}}
     """)
 
@@ -233,6 +234,31 @@ def test_restore_with_a_file_missing_from_the_rootfs_boots_cold_and_says_why(bas
     finally:
         stop(out["container"])
     assert leftovers("sb-held") == []
+
+
+def test_a_restored_container_is_checked_by_its_verify_requests(base_rootfs, dockerd, recipe, project, store):
+    port = free_port()
+    (project / "app").mkdir()
+    (project / "app" / "answer.txt").write_text("token 17")
+    path = counter_container(recipe, project, base_rootfs, "verified", port, checkpoint=', verify: [{http: "GET /answer"}]',
+                             command=f'[python3, /app/counter_server.py, --port, "{port}", --answer-file, /app/answer.txt]')
+    [res] = build(path, store=store)
+    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    out = run("verified:v1", store=store, publish="0")
+    try:
+        assert out["mode"] == "restore" and out["verify"] == "same", out
+    finally:
+        stop(out["container"])
+    for p in Path(os.environ["SNAPBUILD_RUN_ROOT"]).glob("layers/*/app/answer.txt"):
+        p.write_text("token 18")  # the node's copy of the layer no longer gives the warm answer
+    out = run("verified:v1", store=store, publish="0")
+    try:
+        assert out["mode"] == "cold" and out["verify"] == "different", out
+        assert out["reason"].startswith("restored server answered the check request differently"), out["reason"]
+        assert "'token 18'" in out["reason"] and "'token 17'" in out["reason"]
+    finally:
+        stop(out["container"])
+    assert leftovers("sb-verified") == [], "the restored container was removed before the cold boot"
 
 
 @pytest.mark.skipif(shutil.which("runsc") is None,

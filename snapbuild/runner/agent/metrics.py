@@ -13,6 +13,8 @@ class Metrics:
         self.starts = Counter("snapbuild_server_starts", "Servers started, by how", ["server", "mode"], registry=r)
         self.fallbacks = Counter("snapbuild_fallbacks", "Cold boots instead of a restore, by reason",
                                  ["server", "reason"], registry=r)
+        self.checks = Counter("snapbuild_restore_checks", "Restored servers' answers to the check requests "
+                              "(verify), by whether they matched the warm-up's", ["server", "result"], registry=r)
         self.crashes = Counter("snapbuild_server_crashes", "Servers found dead", ["server"], registry=r)
         self.rolls = Counter("snapbuild_rolls", "Rolls to a new digest", ["server", "result"], registry=r)
         self.errors = Counter("snapbuild_start_errors", "Starts that failed (registry down, ...)", ["server"],
@@ -31,6 +33,8 @@ class Metrics:
 
     def started(self, name: str, out: dict, fetched: dict | None) -> None:
         self.starts.labels(name, out["mode"]).inc()
+        if out.get("verify") in ("same", "different"):
+            self.checks.labels(name, out["verify"]).inc()
         if out["mode"] == "cold" and out.get("reason"):
             self.fallbacks.labels(name, reason_kind(out["reason"])).inc()
         for phase, seconds in out["timings"].items():
@@ -54,7 +58,8 @@ def reason_kind(reason: str) -> str:
     for prefix, kind in (("cold boot requested", "requested"), ("fingerprint mismatch", "fingerprint"),
                          ("restore failed", "restore_failed"), ("the restored server did not get ready", "not_ready"),
                          ("the GPU state", "gpu"), ("after_restore", "after_restore"), ("PID", "pid_taken"),
-                         ("engine unusable", "engine")):
+                         ("engine unusable", "engine"),
+                         ("restored server answered the check request differently", "verify")):
         if reason.startswith(prefix) or prefix in reason[:40]:
             return kind
     return "other"

@@ -56,6 +56,7 @@ class Slot:
     digest: str | None = None
     mode: str | None = None
     reason: str | None = None
+    verify: str | None = None  # how the restored server answered the check requests (restore's "verify")
     address: str | None = None  # where the server is (a container's own host port)
     started_at: float | None = None
     restarts: int = 0
@@ -80,7 +81,8 @@ class Slot:
     def view(self) -> dict:
         now = time.monotonic()
         return {"name": self.cfg.name, "ref": self.cfg.ref, "state": self.state.value, "digest": self.digest,
-                "mode": self.mode, "reason": self.reason, "pid": self.pid, "container": self.container,
+                "mode": self.mode, "reason": self.reason, "verify": self.verify, "pid": self.pid,
+                "container": self.container,
                 "address": self.address, "publish": self.cfg.publish, "restarts": self.restarts,
                 "restore_failures": self.restore_failures, "last_error": self.last_error,
                 "busy": {"job": self.job, "for_s": round(now - self.job_since, 1)} if self.job else None,
@@ -107,7 +109,8 @@ class Agent:
         with self._lock:
             data = {"servers": {
                 n: {**s.ident.to_json(), "container": s.container, "digest": s.digest, "mode": s.mode,
-                    "address": s.address} for n, s in self.slots.items() if s.ident}}
+                    "reason": s.reason, "verify": s.verify, "address": s.address}
+                for n, s in self.slots.items() if s.ident}}
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.state_path, data)
 
@@ -146,6 +149,7 @@ class Agent:
                 continue
             slot.ident, slot.container, slot.digest = ident, rec.get("container"), rec.get("digest")
             slot.mode, slot.address, slot.state = rec.get("mode"), rec.get("address"), State.READY
+            slot.reason, slot.verify = rec.get("reason"), rec.get("verify")
             slot.started_at = time.monotonic()
             if slot.cfg.publish and slot.container:
                 slot.proxy = Proxy(slot.cfg.publish)
@@ -195,7 +199,7 @@ class Agent:
             slot.restore_failures = 0
         self.metrics.started(cfg.name, out, out.get("fetch"))
         self.log("started", server=cfg.name, ref=ref, digest=out["digest"], mode=out["mode"], reason=out["reason"],
-                 pid=out["pid"], timings=out["timings"])
+                 verify=out.get("verify"), pid=out["pid"], timings=out["timings"])
         return out
 
     def _adopt_out(self, slot: Slot, out: dict) -> bool:
@@ -220,6 +224,7 @@ class Agent:
         with self._lock:
             slot.ident, slot.container, slot.digest = ident, out.get("container"), out["digest"]
             slot.mode, slot.reason, slot.address = out["mode"], out["reason"], out.get("address")
+            slot.verify = out.get("verify")
             slot.state, slot.started_at, slot.last_error = State.READY, time.monotonic(), None
         if slot.proxy and slot.container:
             slot.proxy.backend = parse_address(slot.address)

@@ -4,6 +4,8 @@ GET /healthz -> 200;  POST /count -> {"pid": ..., "count": n}  (n counts request
 --connect-unix PATH keeps a connection to an outside unix socket (CRIU cannot dump that).
 --weights PATH memory-maps that file; POST then also answers "digest" (sha256 of the
 mapped bytes) and "read_only" (whether writing beside the file fails with EROFS).
+--answer-file PATH: GET /answer -> that file's bytes, read at each request (a check
+request whose answer a test can change between the warm-up and a restore).
 """
 
 import argparse
@@ -20,6 +22,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--port", type=int, required=True)
 p.add_argument("--connect-unix")
 p.add_argument("--weights")
+p.add_argument("--answer-file")
 args = p.parse_args()
 if args.connect_unix:
     keep = socket.socket(socket.AF_UNIX)
@@ -50,6 +53,14 @@ class H(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
+        if self.path == "/answer" and args.answer_file:
+            with open(args.answer_file, "rb") as f:
+                body = f.read()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         self._send({"ok": True})
 
     def do_POST(self):
