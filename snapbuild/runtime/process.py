@@ -83,6 +83,59 @@ def fds(pid: int) -> list[tuple[str, str]]:
     return out
 
 
+def all_pids() -> list[int]:
+    """Every process of this PID namespace but this one."""
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != os.getpid()]
+
+
+def escaped_holders(pids: list[int]) -> list[tuple[int, str]]:
+    """Processes outside ``pids`` that hold one of their sockets itself (inherited or
+    passed, not a peer): ``(pid, "socket:[INODE]")``, one per process. Such a process
+    escaped the tree (a daemon that double-forked, setsid): a checkpoint leaves it out,
+    and it keeps the socket, a listening port say, on this machine after the dump."""
+    sockets = {t for p in pids for _, t in fds(p) if t.startswith("socket:[")}
+    inside = set(pids)
+    out = []
+    for p in all_pids() if sockets else []:
+        if p not in inside:
+            held = next((t for _, t in fds(p) if t in sockets), None)
+            if held:
+                out.append((p, held))
+    return out
+
+
+def socket_name(target: str) -> str:
+    """``socket:[INODE]`` in words: ``TCP 127.0.0.1:8000 (listening)`` when it is an
+    IPv4 or IPv6 TCP socket of this network namespace, else the target itself."""
+    inode = target[len("socket:["):-1]
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/net/{table}") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) > 9 and cols[9] == inode:
+                host, _, port = cols[1].partition(":")
+                raw = bytes.fromhex(host)
+                if len(raw) == 4:
+                    addr = ".".join(str(b) for b in reversed(raw))
+                else:  # four little-endian 32-bit words
+                    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                    addr = "[" + ":".join(words[i:i + 2].hex() for i in range(0, 16, 2)) + "]"
+                return f"TCP {addr}:{int(port, 16)}" + (" (listening)" if cols[3] == "0A" else "")
+    return target
+
+
+def command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:160]
+    except OSError:
+        return "?"
+
+
 def tree(pid: int) -> list[int]:
     """``pid`` and all its descendants."""
     children: dict[int, list[int]] = {}

@@ -26,7 +26,7 @@ import stat
 from pathlib import Path
 
 from ..errors import SnapbuildError
-from .process import fds
+from .process import all_pids, fds
 
 SHM = Path("/dev/shm")
 
@@ -75,15 +75,11 @@ def collect(inodes: set[tuple[int, int]], dest: Path, shm: Path = SHM) -> list[d
     for name, st in sorted(found):
         shutil.copyfile(shm / name, dest / name, follow_symlinks=False)
         out.append({"name": name, "mode": stat.S_IMODE(st.st_mode), "size": st.st_size})
-    still_held = held_inodes(_all_pids(), shm)
+    still_held = held_inodes(all_pids(), shm)
     for name, st in found:
         if (st.st_dev, st.st_ino) not in still_held:
             (shm / name).unlink(missing_ok=True)
     return out
-
-
-def _all_pids() -> list[int]:
-    return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != os.getpid()]
 
 
 def put_back(files: list[dict], src: Path, shm: Path = SHM) -> list[Path]:

@@ -191,6 +191,7 @@ class CheckpointStep:
                     gpu = gpu_snapshot.suspend_host(pids, spec.cuda_options(), say)
                 tree = process.tree(started.pid)  # now: the tree may have grown since the warm-up
                 pids = tree
+                _refuse_escaped(tree)
                 held = shmfiles.held_inodes(tree)
                 socket_dirs = _socket_dirs(tree, server_spec)
                 engine.dump(started.pid, images)
@@ -289,6 +290,25 @@ class CheckpointStep:
         if runtime.server.image is not None and runtime.server.image_step is not None:  # its image travels too
             trees[runtime.server.image_step] = runtime.server.image
         return runtime, trees
+
+
+def _refuse_escaped(tree: list[int]) -> None:
+    """A process outside the tree (and its session) that holds one of the tree's own
+    sockets is not in the checkpoint, and would keep the socket, a listening port say,
+    on this machine: it is stopped, and the build says what escaped."""
+    escaped = process.escaped_holders(tree)
+    if not escaped:
+        return
+    pid, target = escaped[0]
+    what = f"process {pid} ({process.command_line(pid)})"
+    for p, _ in escaped:
+        process.stop(p)
+    more = f" (and {len(escaped) - 1} more)" if len(escaped) > 1 else ""
+    raise StepError(f"{what}{more} holds the server's socket {process.socket_name(target)} but is outside its "
+                    "process tree: it left the tree (a daemon that double-forked or called setsid), so a checkpoint "
+                    "would leave it out while it kept the socket on this machine; it was stopped",
+                    hint="keep every process of the server in its tree (no daemon mode: e.g. gunicorn without "
+                         "--daemon), or have the helper close the descriptors it inherits")
 
 
 def _socket_dirs(tree: list[int], server_spec: ServerSpec) -> list[str]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import threading
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,93 @@ def test_the_same_tree_in_a_runc_container_restores_on_a_clean_node(base_rootfs,
         assert warm == [post(cold_port, "/infer") for _ in range(2)], "restored and cold containers answer alike"
     finally:
         stop(cold["container"])
+
+
+FORK_SERVER = Path(__file__).parent / "data" / "fork_server.py"
+
+
+def fork_recipe(recipe, port: int, *flags: str) -> Path:
+    path = recipe(f"""
+        name: forky
+        steps:
+          app: {{kind: files, root: app}}
+          server:
+            kind: warmup
+            needs: [app]
+            command: ["{sys.executable}", "$SNAPBUILD_INPUTS/app/fork_server.py", --port, "{port}", {", ".join(flags)}]
+            ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 30}}
+            exercise: [{{http: "POST /infer", repeat: 2}}]
+          snap: {{kind: checkpoint, process: server}}
+        publish: {{tag: "forky:v1"}}
+    """, name=f"forky{''.join(flags)}.yaml")
+    (path.parent / "app").mkdir(exist_ok=True)
+    shutil.copy(FORK_SERVER, path.parent / "app" / "fork_server.py")
+    return path
+
+
+def get(port: int, path: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def restore_on_a_clean_node(store: Store, tmp_path: Path) -> dict:
+    return run("forky:v1", registry=f"file://{store.home / 'registry'}", store=Store(tmp_path / "node"),
+               fallback="fail")
+
+
+def test_a_child_forked_after_readiness_is_in_the_checkpoint(recipe, store, tmp_path):
+    """The tree is taken at the dump, not at the probe: a helper the first request forks
+    (a lazily started engine) is checkpointed and restored with the server."""
+    port = free_port()
+    [res] = build(fork_recipe(recipe, port, "--lazy"), store=store)
+    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    assert len(checkpoint_json(store, res.steps["snap"].artifact)["pids"]) == 2, "the server and its late helper"
+    out = restore_on_a_clean_node(store, tmp_path)
+    try:
+        assert len(process.tree(out["pid"])) == 2, "the helper came back"
+        warm = post(port, "/infer")["helper"]
+    finally:
+        stop(out["pid"])
+        process.wait_gone(process.tree(out["pid"]), timeout=10)
+    cold = run("forky:v1", registry=f"file://{store.home / 'registry'}", store=store, mode="cold")
+    try:
+        assert post(port, "/infer")["helper"] == warm, "the restored helper answers as a fresh one"
+    finally:
+        stop(cold["pid"])
+
+
+def test_children_that_exit_around_the_dump_are_kept_as_zombies_or_left_out(recipe, store, tmp_path):
+    """CRIU freezes the tree before it dumps it: a child that has exited but is not yet
+    reaped is dumped as a zombie and restored as one, with its exit status for its
+    parent; children forked and reaped in a loop while the dump runs (--churn) never
+    break it, and the loop goes on after the restore."""
+    port = free_port()
+    [res] = build(fork_recipe(recipe, port, "--zombie", "--churn"), store=store)
+    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    out = restore_on_a_clean_node(store, tmp_path)
+    try:
+        assert out["mode"] == "restore", out
+        before = get(port, "/churned")["churned"]
+        assert get(port, "/reap") == {"reaped": True, "status": 7}, "the zombie's exit status came back"
+        deadline = time.monotonic() + 10
+        while get(port, "/churned")["churned"] == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert get(port, "/churned")["churned"] > before, "the restored server keeps forking children"
+    finally:
+        stop(out["pid"])
+        process.wait_gone(process.tree(out["pid"]), timeout=10)
+
+
+def test_a_daemon_that_left_the_tree_holding_its_socket_fails_the_build(recipe, store):
+    """A double-forked daemon in a session of its own keeps the listening socket: it is
+    not in the checkpoint, and it would keep the port on the build machine."""
+    port = free_port()
+    [res] = build(fork_recipe(recipe, port, "--escape"), store=store)
+    snap = res.steps["snap"]
+    assert snap.status == "failed", snap
+    assert f"holds the server's socket TCP 127.0.0.1:{port} (listening) but is outside its process tree" \
+        in snap.error, snap.error
+    assert "no daemon mode" in (snap.hint or ""), snap.hint
+    assert port_free(port), "the escaped daemon was stopped with the server"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -149,3 +150,37 @@ def test_a_cold_boot_waits_for_its_own_log_line(store, tmp_path):
         assert log.read_text().count("serving") == 2
     finally:
         process.stop(started.pid)
+
+
+@pytest.mark.parametrize("family,host,shown", [(socket.AF_INET, "127.0.0.1", "127.0.0.1"),
+                                               (socket.AF_INET6, "::1", "[0000:0000:0000:0000:0000:0000:0000:0001]")])
+def test_a_socket_is_named_by_its_address(family, host, shown):
+    with socket.socket(family) as s, socket.socket(family) as c:
+        s.bind((host, 0))
+        s.listen()
+        target = os.readlink(f"/proc/self/fd/{s.fileno()}")
+        port = s.getsockname()[1]
+        assert process.socket_name(target) == f"TCP {shown}:{port} (listening)"
+        c.connect((host, port))
+        assert process.socket_name(os.readlink(f"/proc/self/fd/{c.fileno()}")) == f"TCP {shown}:{c.getsockname()[1]}"
+    assert process.socket_name("socket:[1]") == "socket:[1]", "unknown inodes are shown as they are"
+
+
+def test_a_process_outside_the_tree_holding_its_socket_is_found(tmp_path):
+    """A child holds the listening socket it inherited: seen from a tree of only the
+    child, this process (the outside one) is excluded as the caller; seen from a tree
+    of this process, the child is outside and holds it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], pass_fds=[s.fileno()])
+        try:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not process.escaped_holders([os.getpid()]):
+                time.sleep(0.02)
+            [(pid, target)] = process.escaped_holders([os.getpid()])
+            assert pid == child.pid and target == os.readlink(f"/proc/self/fd/{s.fileno()}")
+            assert process.escaped_holders([os.getpid(), child.pid]) == [], "inside the tree it is no escape"
+        finally:
+            child.kill()
+            child.wait()
