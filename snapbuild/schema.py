@@ -363,7 +363,13 @@ def _checks(d: _Doc, fmt: int) -> list[dict[str, Any]]:
     out = []
     for i, rec in enumerate(checks):
         r = _Doc(rec, f"{d.where}.verify[{i}]")
-        item = _exercise(r, frozenset({"answer"}))
+        item = _exercise(r, frozenset({"answer", "compare"}))
+        if r.has("compare"):
+            paths = r.doc["compare"]
+            if not isinstance(paths, list) or not 1 <= len(paths) <= 32 or \
+                    not all(isinstance(x, str) and x and "\0" not in x for x in paths):
+                raise r.fail("compare", "is not a list of 1 to 32 JSON paths")
+            item["compare"] = list(paths)
         target = str(item.get("http", "")).strip().rpartition(" ")[2]
         if "run" in item or "repeat" in item or not target.startswith("/"):
             raise r.fail("http", "is not a request to the server (`METHOD /path`), asked once")

@@ -206,10 +206,38 @@ ANSWER_HEAD = 80  # characters of a check answer kept to show in a mismatch
 
 
 def answer_of(item: dict, base: str | None, timeout: float = 60) -> dict:
-    """What one check request answers: status, size and sha256 of the body, its start."""
+    """What one check request answers: status, size and sha256 of the body (of the
+    ``compare`` paths of its JSON, when the item names some), and its start."""
     status, body = http_call(item, base, timeout)
-    return {"status": status, "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest(),
-            "head": body[:ANSWER_HEAD].decode(errors="replace")}
+    shown = body
+    if item.get("compare"):
+        shown = _select(body, item["compare"])
+    return {"status": status, "bytes": len(body), "sha256": hashlib.sha256(shown).hexdigest(),
+            "head": shown[:ANSWER_HEAD].decode(errors="replace")}
+
+
+def _select(body: bytes, paths: list[str]) -> bytes:
+    """The values at ``paths`` (dots between keys and list indexes) of a JSON body, as
+    canonical JSON; a path that is not there is ``null``, a body that is not JSON is
+    shown as such."""
+    import json
+
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return b"not JSON: " + body[:ANSWER_HEAD]
+    picked = {}
+    for path in paths:
+        v = doc
+        for part in path.split("."):
+            if isinstance(v, dict):
+                v = v.get(part)
+            elif isinstance(v, list) and part.isdigit() and int(part) < len(v):
+                v = v[int(part)]
+            else:
+                v = None
+        picked[path] = v
+    return json.dumps(picked, sort_keys=True, separators=(",", ":")).encode()
 
 
 def same_answer(a: dict, b: dict) -> bool:

@@ -12,7 +12,8 @@ to host memory before the dump (snapbuild/gpu/), and the GPUs' fingerprint is re
 The artifact holds the engine's images under ``images/`` and ``checkpoint.json``:
 the server spec (command, env, probe, inputs by digest) for restore and cold boot
 alike, the machine fingerprint, sizes, and the answers to the ``verify`` requests (asked twice
-at the warm-up, after its exercises: the runner replays them after each restore). The key includes the engine fingerprint
+once the server is ready, before the exercises, which may end with it asleep; the
+runner replays them after each restore, after ``after_restore``). The key includes the engine fingerprint
 (CPU, kernel, CRIU version): a checkpoint is only as portable as that.
 """
 
@@ -56,6 +57,14 @@ class CudaOptions(BaseModel):
     timeout: float = Field(default=600, gt=0)  # seconds to move GPU memory out or back (big models: minutes)
 
 
+class Check(Exercise):
+    """A check request: an HTTP exercise whose answer must not change. ``compare``:
+    dotted paths into a JSON answer (``choices.0.logprobs``) to compare instead of the
+    whole body, for answers that carry an id or a timestamp."""
+
+    compare: list[str] | None = Field(default=None, min_length=1, max_length=32)
+
+
 class CheckpointSpec(StepSpec):
     process: str
     engine: Literal["host", "runc", "runsc"] = "host"
@@ -67,7 +76,7 @@ class CheckpointSpec(StepSpec):
     after_restore: list[Exercise] = Field(default_factory=list)
     # Check requests: answered at the warm-up (recorded) and by every restored server
     # before it is declared ready; a different answer stops it and boots cold instead.
-    verify: list[Exercise] = Field(default_factory=list)
+    verify: list[Check] = Field(default_factory=list)
     # How CUDA state is moved changes nothing in the output: the options are not keyed.
     KEYLESS: ClassVar[frozenset[str]] = StepSpec.KEYLESS | {"cuda"}
 
@@ -173,9 +182,9 @@ class CheckpointStep:
             try:
                 ready_s = started.wait_ready(server_spec.ready)
                 say(f"ready after {ready_s:.2f}s ({probes.describe(server_spec.ready)})")
+                checks = probes.record_checks(_checks(spec), base=probes.base_url(server_spec.ready), log=say)
                 probes.run_exercise([e.model_dump(exclude_none=True) for e in wspec.exercise],
                                     base=probes.base_url(server_spec.ready), log=say, env=started.env)
-                checks = probes.record_checks(_checks(spec), base=probes.base_url(server_spec.ready), log=say)
             except probes.ProbeFailed as e:
                 raise _warmup_failed(spec, e, started.log_path) from None
             warm_s = time.monotonic() - t0
@@ -244,10 +253,10 @@ class CheckpointStep:
             try:
                 ready_s = probes.wait_ready(ready, log_path=inst.log_path, alive=lambda: container.alive(inst))
                 say(f"ready after {ready_s:.2f}s ({probes.describe(ready)})")
+                checks = probes.record_checks(_checks(spec), base=probes.base_url(ready), log=say)
                 probes.run_exercise([e.model_dump(exclude_none=True) for e in wspec.exercise],
                                     base=probes.base_url(ready), log=say,
                                     shell=lambda line, t: engine.exec(inst.id, ["/bin/sh", "-c", line], t))
-                checks = probes.record_checks(_checks(spec), base=probes.base_url(ready), log=say)
             except probes.ProbeFailed as e:
                 raise _warmup_failed(spec, e, inst.log_path) from None
             warm_s = time.monotonic() - t0

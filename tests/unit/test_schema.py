@@ -197,7 +197,8 @@ ANSWER = {"status": 200, "bytes": 11, "sha256": "0" * 64, "head": '{"y": 42.0}'}
 
 
 def test_check_requests_round_trip_with_their_answers():
-    checks = [{"http": "POST /infer", "body": '{"x": 1}', "headers": {}, "answer": ANSWER}]
+    checks = [{"http": "POST /infer", "body": '{"x": 1}', "headers": {}, "answer": ANSWER},
+              {"http": "POST /v1/completions", "headers": {}, "compare": ["choices.0.text"], "answer": ANSWER}]
     doc = {**host_runtime(), "format": 2, "verify": checks}
     assert Runtime.from_json(doc).to_json() == doc
     assert "verify" not in host_runtime(), "format 1 has none"
@@ -212,6 +213,8 @@ def test_check_requests_round_trip_with_their_answers():
     ({"http": "GET /x", "answer": {**ANSWER, "sha256": "abc"}}, r"verify\[0\]\.answer\.sha256: 'abc' does not match"),
     ({"http": "GET /x", "answer": {**ANSWER, "head": "x" * 1000}}, r"verify\[0\]\.answer\.head: is longer"),
     ({"http": "GET /x", "answer": ANSWER, "shell": "id"}, r"verify\[0\]\.shell: is not a field"),
+    ({"http": "GET /x", "answer": ANSWER, "compare": "id"}, r"verify\[0\]\.compare: is not a list of 1 to 32"),
+    ({"http": "GET /x", "answer": ANSWER, "compare": []}, r"verify\[0\]\.compare: is not a list of 1 to 32"),
 ])
 def test_a_check_request_goes_to_the_server_and_carries_an_answer(check, message):
     """A runner replays these on every restore: from a hostile snapshot, they must not

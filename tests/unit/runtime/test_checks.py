@@ -4,6 +4,7 @@ a restore (runtime/probe.py), against a real HTTP server on 127.0.0.1."""
 from __future__ import annotations
 
 import http.server
+import json
 import threading
 
 import pytest
@@ -88,3 +89,28 @@ def test_a_recipe_check_is_one_request_to_the_server(check, message):
     with pytest.raises(ValueError, match=message):
         CheckpointSpec(kind="checkpoint", process="server", verify=[check])
     assert CheckpointSpec(kind="checkpoint", process="server", verify=[{"http": "/x"}]).verify[0].http == "/x"
+
+
+def test_compare_paths_leave_out_ids_and_times(server):
+    """An OpenAI-style answer carries an id and a timestamp: the whole body changes on
+    every call, the compared paths do not."""
+    answers = iter(range(100))
+
+    def body() -> bytes:
+        n = next(answers)
+        return json.dumps({"id": f"cmpl-{n}", "created": 1700000000 + n,
+                           "choices": [{"text": " Paris", "logprobs": {"token_logprobs": [-0.0123]}}]}).encode()
+
+    server["body"], server["next"] = body(), body()
+    with pytest.raises(probes.ProbeFailed, match="answered differently on two calls"):
+        probes.record_checks([CHECK], base=server["base"], log=lambda m: None)
+    check = {**CHECK, "compare": ["choices.0.text", "choices.0.logprobs", "usage.missing"]}
+    server["body"] = body()
+    [rec] = probes.record_checks([check], base=server["base"], log=lambda m: None)
+    assert rec["answer"]["head"].startswith('{"choices.0.logprobs":{"token_logprobs":[-0.0123]}')
+    assert probes.check_answers([rec], base=server["base"]) is None
+    server["next"] = json.dumps({"id": "cmpl-x", "choices": [{"text": " Lyon", "logprobs": None}]}).encode()
+    server["body"] = server["next"]
+    assert "Lyon" in probes.check_answers([rec], base=server["base"])
+    server["body"] = server["next"] = b"<html>oops</html>"
+    assert "not JSON: <html>" in probes.check_answers([rec], base=server["base"])
