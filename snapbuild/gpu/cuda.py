@@ -224,19 +224,25 @@ def suspend(be, pids: list[int], *, lock_timeout_s: float, timeout_s: float) -> 
 
 
 def resume(be, pids: list[int], *, timeout_s: float) -> dict:
-    """After a restore: GPU state back to the GPU, then unlock, for every CUDA process."""
+    """After a restore: GPU state back to the GPU for every CUDA process of the tree,
+    then unlock them all. In that order, as for the dump (every process locked before
+    any is checkpointed): a process unlocked while a peer's GPU state is still on the
+    host could touch memory it shares with that peer (CUDA IPC handles, a shared
+    allocator) before it is back."""
     timings = {"gpu_restore_s": 0.0, "unlock_s": 0.0}
-    for pid in pids:
-        state = be.state(pid)
-        if state == "running":
-            continue  # nothing to do: restored from a checkpoint without GPU state
-        t = time.monotonic()
-        if state == "checkpointed":
+    states = {pid: be.state(pid) for pid in pids}
+    todo = [pid for pid in pids if states[pid] != "running"]  # running: taken without GPU state
+    t = time.monotonic()
+    for pid in todo:
+        if states[pid] == "checkpointed":
             be.restore(pid, timeout_s)
-        timings["gpu_restore_s"] += time.monotonic() - t
-        t = time.monotonic()
+    timings["gpu_restore_s"] = time.monotonic() - t
+    t = time.monotonic()
+    for pid in todo:
         be.unlock(pid, timeout_s)
-        timings["unlock_s"] += time.monotonic() - t
-        if be.state(pid) != "running":
-            raise _fail("unlock", pid, f"the process is {be.state(pid)} afterwards, not running")
+    timings["unlock_s"] = time.monotonic() - t
+    for pid in todo:
+        state = be.state(pid)
+        if state != "running":
+            raise _fail("unlock", pid, f"the process is {state} afterwards, not running")
     return {k: round(v, 3) for k, v in timings.items()}

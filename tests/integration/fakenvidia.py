@@ -49,6 +49,25 @@ moves = {{("lock", "running"): "locked", ("checkpoint", "locked"): "checkpointed
 if (action, state) not in moves:
     print(f"Error: cannot {{action}} process {{pid}} in state {{state}}")
     sys.exit(1)
+def cuda_peers():
+    """The other processes of this one's session that map libcuda.so.1."""
+    sid, out = os.getsid(int(pid)), []
+    for p in os.listdir("/proc"):
+        if p.isdigit() and p != pid:
+            try:
+                if os.getsid(int(p)) == sid and "libcuda.so.1" in open(f"/proc/{{p}}/maps").read():
+                    out.append(p)
+            except OSError:
+                pass
+    return out
+def state_of(p):
+    f = os.path.join(folder, "state-" + p)
+    return open(f).read() if os.path.exists(f) else "running"
+blocking = {{"checkpoint": "running", "unlock": "checkpointed"}}.get(action)
+for peer in cuda_peers() if blocking else []:
+    if state_of(peer) == blocking:
+        print(f"Error: cannot {{action}} process {{pid}}: process {{peer}} of its tree is still {{blocking}}")
+        sys.exit(1)
 if os.path.exists(os.path.join(folder, "fail-" + action)):
     print(f"Error: {{action}} failed (injected)")
     sys.exit(1)

@@ -217,6 +217,10 @@ def test_the_gpu_example_recipes_validate_and_plan_here(store, monkeypatch):
     snap = p.steps["snap"].material["spec"]
     assert snap["gpu"] == "cuda" and snap["after_restore"] == [{"http": "POST /wake_up", "headers": {}, "repeat": 1,
                                                                  "body": None, "expect": None, "run": None}]
+    [check] = snap["verify"]
+    assert check["compare"] == ["choices.0.text", "choices.0.logprobs"] and '"temperature": 0' in check["body"]
+    assert p.steps["server"].material["spec"]["env"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0", \
+        "one GPU process unless asked: the two-process shape is untested on a GPU"
 
 
 def test_the_device_check_script_says_when_there_is_nothing_to_check(tmp_path):
@@ -238,3 +242,49 @@ def test_doctor_reports_the_gpus(nvidia, run_cli):
     (folder / "gpus.csv").write_text(fakenvidia.H200.replace("Disabled", "Enabled"))
     [gpu] = [c for c in run_cli("doctor", "--json").json()["checks"] if c["name"] == "nvidia-gpu"]
     assert not gpu["works"] and "MIG" in gpu["detail"]
+
+
+def test_every_cuda_process_of_a_tree_is_locked_checkpointed_and_restored_in_the_drivers_order(nvidia, recipe,
+                                                                                               store):
+    """A server and a helper it forked, both CUDA processes (they map the stand-in
+    libcuda): all are locked before any is checkpointed, and all get their GPU state
+    back before any is unlocked; the stand-in refuses any other order, as processes
+    sharing GPU memory need."""
+    folder, lib = nvidia
+    port = free_port()
+    path = recipe(f"""
+        name: gputree
+        steps:
+          app: {{kind: files, root: app}}
+          server:
+            kind: warmup
+            needs: [app]
+            command: ["{sys.executable}", "$SNAPBUILD_INPUTS/app/fork_server.py", --port, "{port}", --map, "{lib}"]
+            ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 30}}
+            exercise: [{{http: "POST /infer"}}]
+          snap: {{kind: checkpoint, process: server, gpu: cuda}}
+        publish: {{tag: "gputree:v1"}}
+    """)
+    (path.parent / "app").mkdir(exist_ok=True)
+    shutil.copy(Path(__file__).parent / "data" / "fork_server.py", path.parent / "app" / "fork_server.py")
+    [res] = build(path, store=store)
+    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    manifest = parse_manifest(store.blobs.get(res.snapshot), res.snapshot)
+    pids = load_config(store.blobs, manifest)["runtime"]["gpu"]["pids"]
+    assert len(pids) == 2, "the server and its helper both hold CUDA"
+    actions = [c.split()[1] for c in fakenvidia.calls(folder) if c.startswith("--action")]
+    assert actions == ["lock", "lock", "checkpoint", "checkpoint"], fakenvidia.calls(folder)
+
+    out = run("gputree:v1", store=store, fallback="fail")
+    try:
+        actions = [c.split()[1] for c in fakenvidia.calls(folder) if c.startswith("--action")][4:]
+        assert actions == ["restore", "restore", "unlock", "unlock"], fakenvidia.calls(folder)
+        assert all((folder / f"state-{p}").read_text() == "running" for p in pids)
+        first = post(port, "/infer")["helper"]
+    finally:
+        stop(out["pid"])
+    cold = run("gputree:v1", store=store, mode="cold")
+    try:
+        assert post(port, "/infer")["helper"] == first
+    finally:
+        stop(cold["pid"])

@@ -7,6 +7,8 @@
 --escape: after binding its port, double-forks a daemon into a session of its own
   that keeps the listening socket (what `daemon(3)` does): a process outside the
   server's tree and session holding its socket.
+--map PATH: memory-maps that file before any fork, so every process of the tree maps
+  it (with the GPU stand-ins, a fake libcuda.so.1 makes each a "CUDA process").
 --churn: a thread forks a short-lived child every few milliseconds, each exiting at
   once and reaped by the parent (a supervisor recycling workers, a shell-out per
   request): children come and go while the checkpoint is taken.
@@ -30,6 +32,7 @@ ap.add_argument("--lazy", action="store_true")
 ap.add_argument("--churn", action="store_true")
 ap.add_argument("--zombie", action="store_true")
 ap.add_argument("--escape", action="store_true")
+ap.add_argument("--map")
 args = ap.parse_args()
 state = {"helper": None, "churned": 0, "zombie": None}
 lock = threading.Lock()
@@ -96,6 +99,11 @@ class H(BaseHTTPRequestHandler):
         pass
 
 
+if args.map:
+    import mmap
+
+    with open(args.map, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 server = ThreadingHTTPServer(("127.0.0.1", args.port), H)
 if args.escape and os.fork() == 0:
     os.setsid()

@@ -161,8 +161,9 @@ def test_driver_api_suspend_then_resume():
     assert be.state(11) == be.state(12) == "checkpointed"
     cu.calls.clear()
     cuda.resume(be, [11, 12], timeout_s=600)
-    assert cu.calls == [("restore", 11), ("unlock", 11), ("restore", 12), ("unlock", 12)]
-    assert be.state(11) == "running"
+    assert cu.calls == [("restore", 11), ("restore", 12), ("unlock", 11), ("unlock", 12)], \
+        "every process's GPU state back before any is unlocked"
+    assert be.state(11) == be.state(12) == "running"
 
 
 def test_a_failed_checkpoint_puts_the_processes_back_and_names_the_error():
@@ -231,7 +232,9 @@ def test_inside_gvisor_the_tool_runs_through_runsc_exec_with_nvproxy():
                                                             "--timeout", "10000"]
     calls.clear()
     gpu_snapshot.resume(got, prefix=prefix, run=fake_run)
-    assert calls[1] == prefix + ["cuda-checkpoint", "--action", "restore", "--pid", "1"]
+    actions = [c[len(prefix):] for c in calls if "--action" in c]
+    assert actions == [["cuda-checkpoint", "--action", a, "--pid", p] for a in ("restore", "unlock") for p in ("1", "23")]
+    assert all(c[:4] == prefix for c in calls), "every call inside the sandbox"
 
 
 def test_ctypes_path_speaks_the_driver_api_with_64_byte_args():
