@@ -11,7 +11,8 @@ own loop (snapbuild/runner/bench.py): cold and restore alternated, each timed fr
 runner's start to a passing readiness probe, then one POST /infer compared across
 modes, with the page cache warm (and dropped, as root). Printed: stack, engine,
 processes in the tree, checkpoint MiB (memory pages), cold and restore medians,
-speedup (ratio of medians), and whether every answer was identical.
+speedup (ratio of medians), whether every answer was identical, and how the restored
+servers answered the recipe's check requests (`verify:`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ STACKS = {  # name: (recipe, --set values, tag)
     "gunicorn-sync": ("gunicorn-preload.yaml", {"worker_class": "sync"}, "gunicorn-preload-sync:dev"),
     "gunicorn-gthread": ("gunicorn-preload.yaml", {"worker_class": "gthread"}, "gunicorn-preload-gthread:dev"),
     "zmq-engine": ("zmq-engine.yaml", {}, "zmq-engine:dev"),
+    "hypercorn-workers": ("hypercorn-workers.yaml", {}, "hypercorn-workers:dev"),
+    "aiohttp-gunicorn": ("aiohttp-gunicorn.yaml", {}, "aiohttp-gunicorn:dev"),
+    "torch-mp-workers": ("torch-mp-workers.yaml", {}, "torch-mp-workers:dev"),
+    "uvicorn-transformers": ("uvicorn-transformers.yaml", {}, "uvicorn-transformers:dev"),
 }
 
 
@@ -65,20 +70,24 @@ def main() -> None:
             rows.append({"stack": name, "engine": runtime.engine, "processes": len(runtime.pids),
                          "checkpoint_mib": round((r["checkpoint_bytes"] or 0) / 2**20, 1),
                          "cold_s": r["cold_s"], "restore_s": r["restore_s"], "speedup": r["speedup"],
-                         "answers_identical": r["answers_match"], "dropped": r.get("page_cache_dropped")})
+                         "answers_identical": r["answers_match"], "checks": r.get("verify"),
+                         "dropped": r.get("page_cache_dropped")})
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     if a.json:
         print(json.dumps({"runs": a.runs, "stacks": rows}, indent=2))
         return
-    print(f"{a.runs} runs per mode, alternated; seconds from runner start to ready; medians, page cache warm")
-    print(f"{'stack':<18} {'engine':<6} {'procs':>5} {'ckpt MiB':>8} {'cold s':>7} {'restore s':>9} "
-          f"{'speedup':>7}  answers identical")
+    print(f"{a.runs} runs per mode, alternated; seconds from runner start to ready; medians, page cache warm "
+          "(and, as root, dropped before every run)")
+    print(f"{'stack':<21} {'engine':<6} {'procs':>5} {'ckpt MiB':>8} {'cold s':>7} {'restore s':>9} "
+          f"{'speedup':>7} {'dropped':>8}  answers identical  verify")
     for x in rows:
-        print(f"{x['stack']:<18} {x['engine']:<6} {x['processes']:>5} {x['checkpoint_mib']:>8} {x['cold_s']:>7.3f} "
-              f"{x['restore_s']:>9.3f} {x['speedup']:>6.1f}x  {'yes' if x['answers_identical'] else 'NO'}")
-
+        dropped = f"{x['dropped']['speedup']:.1f}x" if x["dropped"] else "-"
+        print(f"{x['stack']:<21} {x['engine']:<6} {x['processes']:>5} {x['checkpoint_mib']:>8} {x['cold_s']:>7.3f} "
+              f"{x['restore_s']:>9.3f} {x['speedup']:>6.1f}x {dropped:>8}  "
+              f"{'yes' if x['answers_identical'] else 'NO':<17}  "
+              + (", ".join(f"{n} {how}" for how, n in sorted(x["checks"].items())) if x["checks"] else "-"))
 
 if __name__ == "__main__":
     main()
