@@ -39,6 +39,25 @@ def _unmount_below(path: Path) -> None:
         subprocess.run(["umount", "-l", point], capture_output=True)
 
 
+def _is_subreaper() -> bool:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    flag = ctypes.c_int(0)
+    libc.prctl(37, ctypes.byref(flag), 0, 0, 0)  # PR_GET_CHILD_SUBREAPER
+    return bool(flag.value)
+
+
+@pytest.fixture(autouse=True)
+def _no_subreaper_left():
+    """A test that makes the test process a child subreaper (snapbuild bench does, for
+    its own process) would leave every later test's orphans as its zombies, holding
+    their PIDs: later restores then fail at random. Run such code in a child."""
+    before = _is_subreaper()
+    yield
+    assert _is_subreaper() == before, "this test left the test process a child subreaper"
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """A fresh $SNAPBUILD_HOME for this test (also seen by CLI subprocesses)."""

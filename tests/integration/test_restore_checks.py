@@ -10,6 +10,7 @@ process whose state is not the warm-up's (a missing device buffer, a wrong mappi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import urllib.request
@@ -113,22 +114,46 @@ def test_a_check_whose_answer_changes_between_calls_fails_the_build(recipe, stor
     assert port_free(port) and no_server_left("counter_server.py")
 
 
+def in_a_child(fn) -> dict:
+    """``fn()`` in a forked child, its result (or its exception's type and message) as
+    JSON: bench makes its process a child subreaper, which must not outlive the call
+    in the test process (orphans of later tests would be left as its zombies)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(r)
+        try:
+            out = {"result": fn()}
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            out = {"error": type(e).__name__, "message": str(e)}
+        with os.fdopen(w, "w") as f:
+            json.dump(out, f, default=str)
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
 def test_bench_counts_how_restored_servers_answered(snapshot, store):
     from snapbuild.runner.bench import bench
 
     port, answer = snapshot
-    r = bench("checked:v1", runs=1, store=store, drop=False)
+    r = in_a_child(lambda: bench("checked:v1", runs=1, store=store, drop=False))["result"]
     assert r["verify"] == {"same": 2} and "note" not in r, r  # the first restore on the node, then one run
 
     def change_after_the_first_run(msg: str) -> None:  # the second run's restore answers otherwise
         if "run 1/2 restore" in msg:
             answer.write_text("changed")
 
-    r = bench("checked:v1", runs=2, store=store, drop=False, progress=change_after_the_first_run)
+    r = in_a_child(lambda: bench("checked:v1", runs=2, store=store, drop=False,
+                                 progress=change_after_the_first_run))["result"]
     assert r["verify"] == {"same": 2, "different": 1}, r
     assert r["note"].startswith("1 restore(s) fell back to a cold boot (left out of restore_s), first because: "
                                 + DIFFERS), r["note"]
     assert len(r["warm"]["restore_s"]["runs"]) == 1 and len(r["warm"]["cold_s"]["runs"]) == 2
-    with pytest.raises(RestoreFailed, match="the first restore of checked:v1 fell back to a cold boot: " + DIFFERS):
-        bench("checked:v1", runs=1, store=store, drop=False)
+    failed = in_a_child(lambda: bench("checked:v1", runs=1, store=store, drop=False))
+    assert failed["error"] == "RestoreFailed", failed
+    assert failed["message"].startswith("the first restore of checked:v1 fell back to a cold boot: " + DIFFERS)
     assert port_free(port)
