@@ -48,7 +48,8 @@ def push(reg: Registry, ref: Ref, manifest_digest: str, blobs: list[str], source
 
 
 def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: str | None = None,
-          skip_check: bool = False, parse=parse_manifest, progress=None, select=None, check=None) -> dict:
+          skip_check: bool = False, parse=parse_manifest, progress=None, select=None, check=None,
+          started=None, arrived=None) -> dict:
     """Bring snapshot ``ref`` (resolved to ``digest`` when given) from ``reg`` into the
     store of ``dest``: the blobs it lacks, verified. ``skip_check`` trusts that the
     store holds them all; ``parse`` checks the manifest (a snapshot's by default).
@@ -56,6 +57,9 @@ def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: st
     other blob is fetched), raises for a snapshot that must not be used (see
     schema.check_snapshot). ``select(manifest)``, called then, may name the
     only blobs wanted (a set), or None for all (see snapshot.image_selection).
+    ``started(manifest)`` is called once those are done, before the other blobs are
+    fetched, and ``arrived(digest)`` after each blob is stored (from worker threads):
+    a reader can then use the blobs as they come (see store.arriving).
     Returns the manifest, its digest, counts and timings."""
     t0 = time.monotonic()
     digest = digest or reg.resolve(ref)
@@ -69,6 +73,8 @@ def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: st
     def get(d: str) -> int:
         data = reg.get_blob(ref.name, d)  # verified against its digest
         dest.put(data)
+        if arrived is not None:
+            arrived(d)
         if progress:
             progress("fetched", total[0], len(data))
         return len(data)
@@ -84,6 +90,8 @@ def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: st
             chosen = select(manifest)
             if chosen is not None:
                 wanted = [d for d in wanted if d in chosen]
+        if started is not None:
+            started(manifest)
         missing = [] if skip_check else [d for d in wanted if not dest.has(d)]
         total[0] = count + len(missing)
         fetched += sum(pool.map(get, missing))

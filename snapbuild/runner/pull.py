@@ -22,7 +22,7 @@ from ..store.tree import load_tree, materialize
 
 def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
          store: Store | None = None, jobs: int = 16, trust_policy: Path | None = None,
-         cache_max: int | None = None, images: bool = False) -> dict:
+         cache_max: int | None = None, images: bool = False, early=None, arriving=None) -> dict:
     """Fetch the blobs of snapshot ``text`` that the node lacks (verified), and, with
     ``dest``, write each output to ``dest/<step>/``. With ``trust_policy``, the snapshot
     must carry a signature the policy accepts, checked before anything else is fetched.
@@ -32,6 +32,11 @@ def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
     instead of the chunks of the trees they replace (for a node that mounts them; not
     with ``dest``, which writes every output out). ``tree_images`` in the result says
     whether that happened.
+    ``early(partial)``: called once the snapshot's config and trees are in and checked,
+    before its other blobs are fetched, with the result so far (``snapshot``, ``ref``,
+    ``digest``, ...); ``arriving`` (a store.arriving.Arriving over this store's blobs)
+    hears of each blob as it is stored. Together they let a restore write its trees out
+    while the pull goes on.
     Returns what happened, with timings."""
     from .node_cache import evict, limit_from_env, stored_bytes
 
@@ -41,7 +46,8 @@ def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
     while True:
         try:
             with store.using():  # keeps `cache gc` from running under a pull
-                out = _pull(text, registry, dest, store, jobs, trust_policy, images and dest is None)
+                out = _pull(text, registry, dest, store, jobs, trust_policy, images and dest is None, early,
+                            arriving)
             break
         except OSError as e:
             if e.errno != errno.ENOSPC:
@@ -65,7 +71,7 @@ def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
 
 
 def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs: int,
-          trust_policy: Path | None = None, images: bool = False) -> dict:
+          trust_policy: Path | None = None, images: bool = False, early=None, arriving=None) -> dict:
     t0 = time.monotonic()
     reg = open_registry(registry or default_registry_url(store.home))
     ref = parse_ref(text)
@@ -88,13 +94,26 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
     def select(manifest: dict):
         return image_selection(store.blobs, manifest, load_config(store.blobs, manifest))
 
+    def described(manifest: dict):
+        config = load_config(store.blobs, manifest)
+        snapshot = read_config(config, str(ref))  # typed, for this node (checked in full above, if fetched now)
+        # Images were used by this pull, or by the complete one before it.
+        with_images = images and snapshot.tree_images is not None and (not complete or store.pinned_with_images(pin))
+        return config, snapshot, with_images
+
+    def started(manifest: dict) -> None:
+        config, snapshot, with_images = described(manifest)
+        early({"ref": str(ref), "digest": digest, "name": config["name"], "config": config, "snapshot": snapshot,
+               "trust": trust, "tree_images": with_images, "tree_images_refused": refused,
+               "blobs_fetched": 0, "bytes_fetched": 0, "blobs_total": len(referenced_blobs(manifest)) + 1,
+               "timings": {"total_s": round(time.monotonic() - t0, 4)}})
+
     got = fetch(reg, ref, store.blobs, jobs=jobs, digest=digest, skip_check=complete,
                 select=select if images else None,
-                check=lambda manifest: check_snapshot(store.blobs, manifest, str(ref)))
-    config = load_config(store.blobs, got["manifest"])
-    snapshot = read_config(config, str(ref))  # typed, for this node (checked in full above, if fetched now)
-    # Images were used by this pull, or by the complete one before it.
-    with_images = images and snapshot.tree_images is not None and (not complete or store.pinned_with_images(pin))
+                check=lambda manifest: check_snapshot(store.blobs, manifest, str(ref)),
+                started=started if early is not None else None,
+                arrived=arriving.arrived if arriving is not None else None)
+    config, snapshot, with_images = described(got["manifest"])
     # The node keeps the last pull of each name until a newer one replaces it.
     store.pin_snapshot(pin, digest, images=with_images)
     t_fetch = time.monotonic()

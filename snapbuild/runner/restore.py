@@ -59,14 +59,70 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
         return pull(ref, registry=registry, store=store, jobs=jobs, trust_policy=trust_policy, cache_max=cache_max,
                     images=images)
 
+    def start(images: bool) -> dict:
+        if not pipelined():
+            return _start(fetch(images), store, fallback, mode, publish)
+        return _start_while_pulling(ref, registry, store, jobs, trust_policy, cache_max, images,
+                                    lambda partial, view: _start(partial, view, fallback, mode, publish))
+
     try:
-        out = _start(fetch(erofs.can_mount()), store, fallback, mode, publish)
+        out = start(erofs.can_mount())
     except erofs.ImageUnusable as e:
         # This node cannot mount the snapshot's tree images after all: its trees are
         # fetched and written out as they are instead.
-        out = _start(fetch(False), store, fallback, mode, publish)
+        out = start(False)
         out["tree_images"] = f"not used: {e.message}"
     out["timings"]["total_s"] = round(time.monotonic() - t0, 4)
+    return out
+
+
+def pipelined() -> bool:
+    """Whether a restore writes its trees out while the pull goes on (the default;
+    ``SNAPBUILD_PULL_PIPELINE=0`` fetches everything first, for comparison)."""
+    import os
+
+    return os.environ.get("SNAPBUILD_PULL_PIPELINE", "1") != "0"
+
+
+def _start_while_pulling(ref: str, registry: str | None, store: Store, jobs: int, trust_policy: Path | None,
+                         cache_max: int | None, images: bool, start) -> dict:
+    """Pull ``ref`` and, as soon as its config and trees are in, ``start(partial,
+    store_view)`` beside the pull: the store view's reads of a blob not there yet wait
+    for it (store.arriving). The result is ``start``'s, with the pull's own figures."""
+    import copy
+
+    from ..store.arriving import Arriving
+
+    view = copy.copy(store)
+    view.blobs = arriving = Arriving(store.blobs)  # type: ignore[assignment]
+    beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="start")
+    job: list = []
+
+    def early(partial: dict) -> None:
+        if not job:  # once, even when a full disk makes the pull start over
+            job.append(beside.submit(start, partial, view))
+
+    try:
+        try:
+            fetched = pull(ref, registry=registry, store=store, jobs=jobs, trust_policy=trust_policy,
+                           cache_max=cache_max, images=images, early=early, arriving=arriving)
+        except BaseException as e:
+            arriving.finish(e)
+            if job:  # it fails too, on the blobs that never came; the pull's error is the one to tell
+                from concurrent.futures import wait
+
+                wait(job)
+                if job[0].exception() is None:  # it got what it needed first: stop what it started
+                    got = job[0].result()
+                    stop(got.get("container") or got["pid"])
+            raise
+        arriving.finish()
+        out = job[0].result() if job else start(fetched, store)
+    finally:
+        beside.shutdown(wait=True)
+    out["fetch"] = {k: fetched[k] for k in ("blobs_fetched", "bytes_fetched", "blobs_total")}
+    out["timings"]["fetch_s"] = fetched["timings"]["total_s"]  # overlapping what follows it
+    out["pipelined"] = {"reads_that_waited": arriving.waits}
     return out
 
 
