@@ -93,14 +93,19 @@ def unpack(stream: BinaryIO, dest: Path, *, layer: str = "layer") -> None:
     chown = os.geteuid() == 0
     with ParallelWrites() as writes, tarfile.open(fileobj=stream, mode="r|") as tar:
         def remove(path: Path) -> None:
-            if path.is_dir() and not path.is_symlink():
+            """Whatever is at ``path`` before an entry takes its place (called for every
+            entry but folders: on a fresh layer there is nothing, and that costs one lstat)."""
+            writes.wait(path)  # a file of this name still being written
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return
+            if stat.S_ISDIR(st.st_mode):
                 writes.drain()  # files being written below it
-            else:
-                writes.wait(path)
+                # What was a folder here may become a symlink: it is checked again when used.
+                gone = path.relative_to(dest).as_posix()
+                known_dirs.difference_update({d for d in known_dirs if d == gone or d.startswith(gone + "/")})
             _remove(path)
-            # What was a folder here may become a symlink: it is checked again when used.
-            gone = path.relative_to(dest).as_posix()
-            known_dirs.difference_update({d for d in known_dirs if d == gone or d.startswith(gone + "/")})
 
         for m in tar:
             rel = _clean(m.name, layer)
