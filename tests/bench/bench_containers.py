@@ -30,6 +30,12 @@ a Podman user ships such a server) is pushed once to the same registry, a contai
 it is warmed and exported the same way, and before each run the image is removed from
 Podman's storage; the run is ``podman pull`` from the registry plus ``podman container
 restore --import`` (the export, 26 MiB, stays on local disk: still in Podman's favour).
+--empty-node also measures snapbuild writing the trees out while it pulls
+(``SNAPBUILD_PULL_PIPELINE=1``) against pulling first (the default), and the **wire
+limit** beside them: the time to GET every blob of
+the snapshot from the same registry with as many parallel plain HTTP requests as the
+pull uses (16) and write each to a file on the store's disk (fsync'd, as the store
+does), without verifying, decompressing or writing anything out of them.
 Needs root, runc, CRIU and podman (ci/setup.sh installs them).
 """
 
@@ -181,6 +187,29 @@ def empty_node(runtime: Runtime, store: Store, work: Path) -> Store:
     return Store(fresh)
 
 
+def wire_limit(host: str, repo: str, blobs: list[str], dest: Path, jobs: int = 16) -> float:
+    """Seconds to GET ``blobs`` from the registry at ``host`` with ``jobs`` parallel
+    plain HTTP requests and write each, fsync'd, into a new folder ``dest``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    dest.mkdir(parents=True)
+
+    def get(digest: str) -> None:
+        with urllib.request.urlopen(f"http://{host}/v2/{repo}/blobs/{digest}", timeout=120) as r, \
+                open(dest / digest.split(":", 1)[1], "wb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+
+    t = time.monotonic()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(get, blobs))
+    took = time.monotonic() - t
+    shutil.rmtree(dest, ignore_errors=True)
+    return took
+
+
 def summary(values: list[float]) -> dict:
     return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
             "max": round(max(values), 4), "runs": [round(v, 4) for v in values]}
@@ -211,6 +240,7 @@ def main() -> None:
                                                        "podman restore --import")}
     answers: set[str] = set()
     phases: list[dict] = []  # the empty node's restore timings, by phase
+    phases_first: list[dict] = []  # the same, pulling first
     registry_proc = registry_url = remote_image = None
     if a.empty_node:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
@@ -225,7 +255,15 @@ def main() -> None:
         copy(open_registry(default_registry_url(store.home)), parse_ref(a.ref), open_registry(registry_url),
              parse_ref(a.ref), store.blobs)
         times["snapbuild restore, empty node"] = []
+        times["snapbuild restore, empty node, pull first"] = []
+        times["wire limit: GET + write, 16 parallel"] = []
         times["podman restore --import, empty node"] = []
+        from snapbuild.store.snapshot import parse_manifest, referenced_blobs
+
+        manifest_digest = open_registry(registry_url).resolve(parse_ref(a.ref))
+        # every blob but the manifest (a few KiB, served from /manifests/)
+        snapshot_blobs = referenced_blobs(parse_manifest(store.blobs.get(manifest_digest), manifest_digest))
+        repo = f"bench/{parse_ref(a.ref).name}"
     sh("podman", "rm", "-f", name, check=False)
     image = podman_image(store, spec, work)
     full_image = None
@@ -272,11 +310,18 @@ def main() -> None:
                     answers.add(infer(port))
                     sh("podman", "rm", "-f", "-t", "0", name)
                     sh("podman", "load", "-q", "-i", str(work / "image.tar"))  # for the other modes
-                elif mode == "snapbuild restore, empty node":
+                elif mode == "wire limit: GET + write, 16 parallel":
+                    times[mode].append(wire_limit(host, repo, snapshot_blobs, work / f"wire-{i}"))
+                elif mode.startswith("snapbuild restore, empty node"):
                     node = empty_node(runtime, store, work)
-                    total, out, answer = _once(a.ref, "restore", node, registry_url, spec)
+                    first = mode.endswith("pull first")
+                    os.environ["SNAPBUILD_PULL_PIPELINE"] = "0" if first else "1"  # whatever the default
+                    try:
+                        total, out, answer = _once(a.ref, "restore", node, registry_url, spec)
+                    finally:
+                        os.environ.pop("SNAPBUILD_PULL_PIPELINE", None)
                     times[mode].append(total)
-                    phases.append(out["timings"])
+                    (phases_first if first else phases).append(out["timings"])
                     answers.add(_digest_only(answer))
                     shutil.rmtree(node.home, ignore_errors=True)
                 elif mode.startswith("snapbuild"):
@@ -308,20 +353,25 @@ def main() -> None:
               "podman_export_s": round(export_s, 3), "podman_export_bytes": export_bytes,
               "answers_match": len(answers) == 1,
               "snapbuild_checkpoint_images_bytes": runtime.stats.get("images_bytes")}
-    if phases:
-        result["empty_node_phases_median_s"] = {k: round(statistics.median(t.get(k, 0) for t in phases), 3)
-                                                for k in phases[0] if k.endswith("_s")}
+    for key, rows in (("empty_node_phases_median_s", phases), ("empty_node_pull_first_phases_median_s", phases_first)):
+        if rows:
+            result[key] = {k: round(statistics.median(t.get(k, 0) for t in rows), 3) for k in rows[0] if k.endswith("_s")}
     med = {k: v["median"] for k, v in result["modes"].items()}
     result["ratios"] = {
-        "snapbuild restore vs snapbuild cold": round(med["snapbuild cold"] / med["snapbuild restore"], 2),
-        "podman restore vs podman cold": round(med["podman cold"] / med["podman restore --import"], 2),
-        "snapbuild restore vs podman restore": round(med["podman restore --import"] / med["snapbuild restore"], 2),
+        "snapbuild restore vs snapbuild cold": round(med["snapbuild cold"] / med["snapbuild restore"], 3),
+        "podman restore vs podman cold": round(med["podman cold"] / med["podman restore --import"], 3),
+        "snapbuild restore vs podman restore": round(med["podman restore --import"] / med["snapbuild restore"], 3),
     }
     if "snapbuild restore, empty node" in med:
         result["ratios"]["snapbuild restore on an empty node vs podman restore"] = round(
-            med["podman restore --import"] / med["snapbuild restore, empty node"], 2)
+            med["podman restore --import"] / med["snapbuild restore, empty node"], 3)
         result["ratios"]["both on an empty node: snapbuild vs podman"] = round(
-            med["podman restore --import, empty node"] / med["snapbuild restore, empty node"], 2)
+            med["podman restore --import, empty node"] / med["snapbuild restore, empty node"], 3)
+        result["ratios"]["empty node: writing trees out while pulling vs pulling first"] = round(
+            med["snapbuild restore, empty node, pull first"] / med["snapbuild restore, empty node"], 3)
+        result["empty_node_multiple_of_wire_limit"] = round(
+            med["snapbuild restore, empty node"] / med["wire limit: GET + write, 16 parallel"], 2)
+        result["snapshot_blob_bytes"] = sum(store.blobs.size(d) for d in snapshot_blobs)
     if a.json:
         print(json.dumps(result, indent=2))
         return
@@ -331,13 +381,17 @@ def main() -> None:
     for k, v in result["modes"].items():
         print(f"  {k:<38}{v['median']:>8.3f}{v['min']:>8.3f}{v['max']:>8.3f}")
     for k, v in result["ratios"].items():
-        print(f"  {k}: " + (f"{v}x faster" if v >= 1 else f"{1 / v:.2f}x slower"))
+        print(f"  {k}: " + (f"{v:.2f}x faster" if v >= 1 else f"{1 / v:.2f}x slower"))
     print(f"  podman checkpoint --export: {result['podman_export_s']:.2f}s, "
           f"{(result['podman_export_bytes'] or 0) / 2**20:.1f} MiB; snapbuild checkpoint images: "
           f"{(result['snapbuild_checkpoint_images_bytes'] or 0) / 2**20:.1f} MiB")
-    if phases:
-        print("  empty node, by phase (medians): " + ", ".join(
-            f"{k} {v:.2f}s" for k, v in result["empty_node_phases_median_s"].items()))
+    for key, label in (("empty_node_phases_median_s", "empty node"),
+                       ("empty_node_pull_first_phases_median_s", "empty node, pull first")):
+        if key in result:  # the phases overlap when the trees are written out while pulling
+            print(f"  {label}, by phase (medians): " + ", ".join(f"{k} {v:.2f}s" for k, v in result[key].items()))
+    if "empty_node_multiple_of_wire_limit" in result:
+        print(f"  empty-node restore = {result['empty_node_multiple_of_wire_limit']}x the wire limit "
+              f"({result['snapshot_blob_bytes'] / 2**20:.0f} MiB of blobs)")
     print(f"  answers identical across modes: {'yes' if result['answers_match'] else 'NO'}")
 
 
