@@ -24,7 +24,7 @@ from snapbuild.store import Store
 from snapbuild.store.chunks import read_file
 from snapbuild.store.tree import load_tree
 
-from testkit import free_port, port_free, post  # tests/integration/testkit.py
+from testkit import free_port, get, port_free, post  # tests/integration/testkit.py
 
 pytestmark = pytest.mark.integration
 
@@ -186,11 +186,8 @@ def fork_recipe(recipe, port: int, *flags: str) -> Path:
     return path
 
 
-def get(port: int, path: str) -> dict:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
-        return json.loads(r.read())
+def get_json(port: int, path: str) -> dict:
+    return json.loads(get(port, path))
 
 
 def restore_on_a_clean_node(store: Store, tmp_path: Path) -> dict:
@@ -230,12 +227,12 @@ def test_children_that_exit_around_the_dump_are_kept_as_zombies_or_left_out(reci
     out = restore_on_a_clean_node(store, tmp_path)
     try:
         assert out["mode"] == "restore", out
-        before = get(port, "/churned")["churned"]
-        assert get(port, "/reap") == {"reaped": True, "status": 7}, "the zombie's exit status came back"
+        before = get_json(port, "/churned")["churned"]
+        assert get_json(port, "/reap") == {"reaped": True, "status": 7}, "the zombie's exit status came back"
         deadline = time.monotonic() + 10
-        while get(port, "/churned")["churned"] == before and time.monotonic() < deadline:
+        while get_json(port, "/churned")["churned"] == before and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert get(port, "/churned")["churned"] > before, "the restored server keeps forking children"
+        assert get_json(port, "/churned")["churned"] > before, "the restored server keeps forking children"
     finally:
         stop(out["pid"])
         process.wait_gone(process.tree(out["pid"]), timeout=10)

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from snapbuild.build import build
 from snapbuild.runner.restore import RestoreFailed, run, stop
 
 from test_criu_snapshots import load_runtime, no_server_left  # tests/integration/
-from testkit import free_port, port_free
+from testkit import free_port, get, port_free
 
 pytestmark = pytest.mark.integration
 
@@ -47,11 +46,6 @@ def checked(recipe, port: int, answer: Path, verify: str = '{http: "GET /answer"
     (path.parent / "app").mkdir(exist_ok=True)
     shutil.copy(COUNTER, path.parent / "app" / "counter_server.py")
     return path
-
-
-def get(port: int, path: str) -> bytes:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
-        return r.read()
 
 
 @pytest.fixture

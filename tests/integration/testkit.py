@@ -29,6 +29,11 @@ def post(port: int, path: str) -> dict:
         return json.loads(r.read())
 
 
+def get(port: int, path: str) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+        return r.read()
+
+
 COUNTER = Path(__file__).parent / "data" / "counter_server.py"
 
 
