@@ -23,6 +23,29 @@ def _rest(source: str) -> str:
     return source.split("://", 1)[1]
 
 
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What the Hub client raises when it gets no answer: OSError, and the transport
+    errors (refused, DNS, TLS, timeout) of the httpx its HTTP backend uses, which are
+    not OSErrors."""
+    import importlib
+
+    errors: list[type[BaseException]] = [OSError]
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+def _unreachable(spec: WeightsSpec, endpoint: str | None, e: BaseException) -> StepError:
+    first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    return StepError(f"{spec.source}: the Hub at {endpoint or 'https://huggingface.co'} cannot be reached "
+                     f"({type(e).__name__}: {first})",
+                     hint="check this machine's network and DNS, or point HF_ENDPOINT (or the step's `endpoint:`) "
+                          "at a mirror it can reach")
+
+
 class FileSource:
     """``file://PATH``: a local folder (relative to the recipe's folder), by content."""
 
@@ -70,8 +93,11 @@ class HubSource:
             raise StepError(f"{spec.source}: no {spec.repo_type} repository {repo!r} (or no access to it)",
                             hint="check the name; for a private repository set HF_TOKEN or run `hf auth login`") \
                 from None
-        except (HfHubHTTPError, OSError) as e:
-            raise StepError(f"{spec.source}: the Hub cannot be reached ({str(e).splitlines()[0][:200]})") from None
+        except HfHubHTTPError as e:
+            raise StepError(f"{spec.source}: the Hub answered with an error ({str(e).splitlines()[0][:200]})") \
+                from None
+        except _network_errors() as e:
+            raise _unreachable(spec, self.endpoint(spec), e) from None
         files = {}
         for s in info.siblings or []:
             if spec.selected(s.rfilename):
@@ -90,8 +116,11 @@ class HubSource:
         for name in sorted(ctx.pins["files"]):
             if ctx.cancel.is_set():
                 raise StepError("interrupted")
-            path = hf_hub_download(repo, name, revision=commit, repo_type=spec.repo_type,
-                                   endpoint=self.endpoint(spec), cache_dir=scratch / "hub")
+            try:
+                path = hf_hub_download(repo, name, revision=commit, repo_type=spec.repo_type,
+                                       endpoint=self.endpoint(spec), cache_dir=scratch / "hub")
+            except _network_errors() as e:
+                raise _unreachable(spec, self.endpoint(spec), e) from None
             out[name] = Path(path).resolve()
             ctx.log.write(f"fetched {name}\n")
         return out
