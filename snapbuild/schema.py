@@ -64,6 +64,12 @@ def mount_point_problem(dest: str) -> str | None:
     return None
 
 
+def on_the_server(http: str) -> bool:
+    """Whether an HTTP exercise item (``"POST /infer"``, ``"/healthz"``) names a path on
+    the server's own address rather than a URL: what a check request must be."""
+    return http.strip().rpartition(" ")[2].startswith("/")
+
+
 def ready_file_problem(path: str) -> str | None:
     """Why ``path`` cannot be a ``file`` readiness probe (None when it can): the runner
     deletes a stale ready file before each start, so it must be a scratch path."""
@@ -370,8 +376,7 @@ def _checks(d: _Doc, fmt: int) -> list[dict[str, Any]]:
                     not all(isinstance(x, str) and x and "\0" not in x for x in paths):
                 raise r.fail("compare", "is not a list of 1 to 32 JSON paths")
             item["compare"] = list(paths)
-        target = str(item.get("http", "")).strip().rpartition(" ")[2]
-        if "run" in item or "repeat" in item or not target.startswith("/"):
+        if "run" in item or "repeat" in item or not on_the_server(item["http"]):
             raise r.fail("http", "is not a request to the server (`METHOD /path`), asked once")
         a = _Doc(r.mapping("answer"), f"{r.where}.answer")
         answer = {"status": a.integer("status"), "bytes": a.integer("bytes"),

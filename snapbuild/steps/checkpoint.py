@@ -32,7 +32,7 @@ from ..errors import SnapbuildError, StepError
 from ..runtime import probe as probes
 from ..runtime import process, server, shmfiles, sockdirs
 from ..runtime.layout import run_dir, run_root
-from ..schema import Runtime, ServerSpec
+from ..schema import Runtime, ServerSpec, on_the_server
 from ..store.tree import build_tree, walk
 from .base import BuildContext, PinContext, StepSpec
 from .warmup import Exercise
@@ -90,7 +90,7 @@ class CheckpointSpec(StepSpec):
             if check.http is None:
                 raise ValueError(f"verify[{i}]: a check is an HTTP request (`http: METHOD PATH`), whose answer the "
                                  "runner compares; `run:` belongs in `exercise:`")
-            if not check.http.strip().rpartition(" ")[2].startswith("/"):
+            if not on_the_server(check.http):
                 raise ValueError(f"verify[{i}]: {check.http!r}: a check request goes to the server: give a path "
                                  "(`POST /infer`), which the runner asks on the server's probe address")
             if check.repeat != 1:
