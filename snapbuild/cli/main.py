@@ -10,6 +10,7 @@ import click
 
 from .. import __version__
 from .common import Group, TransferProgress, emit_json, json_option, registry_option, render_error, set_option
+from ..runner.cli import LAZY_HELP
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -379,17 +380,20 @@ def lock_cmd(recipe, sets, update, as_json):
 @click.option("--publish", metavar="HOST[:CONTAINER]",
               help="Container snapshots: the host port that reaches the server (default: its container port; "
                    "0 picks a free one).")
+@click.option("--lazy-pages", type=click.Choice(["on", "off"]), default=None, help=LAZY_HELP)
 @json_option
-def run_snapshot(ref, registry, fallback, publish, as_json):
+def run_snapshot(ref, registry, fallback, publish, lazy_pages, as_json):
     """Start a snapshot's server here: restore it warm, or boot it cold and say why.
 
     The same as `snapbuild-runner restore`. The server keeps running; stop it with
     `snapbuild-runner stop PID`.
     """
+    from ..runner.cli import lazy_pages as lazy_choice
     from ..runner.cli import print_restore
     from ..runner.restore import run
 
-    print_restore(run(ref, registry=registry, fallback=fallback, publish=publish), as_json)
+    print_restore(run(ref, registry=registry, fallback=fallback, publish=publish,
+                      lazy_pages=lazy_choice(lazy_pages)), as_json)
 
 
 @cli.command(name="bench")

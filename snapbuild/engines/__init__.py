@@ -8,7 +8,10 @@ from __future__ import annotations
 import importlib
 import subprocess
 from pathlib import Path
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
+
+if TYPE_CHECKING:
+    from .criu import LazyPages
 
 _ENGINES = {
     "host": "snapbuild.engines.host:HostEngine",
@@ -35,6 +38,13 @@ class ProcessEngine(Engine, Protocol):
 
     def restore(self, images: Path, work: Path) -> int:
         """Bring the process tree back, detached; returns its root PID."""
+
+    def restore_lazily(self, images: Path, work: Path) -> tuple[int, LazyPages]:
+        """:meth:`restore`, its memory served on demand by the returned daemon, which the
+        caller waits for (criu.LazyPages)."""
+
+    def lazy_unsupported(self) -> str | None:
+        """None when :meth:`restore_lazily` can work here, else why not."""
 
 
 class ContainerEngine(Engine, Protocol):

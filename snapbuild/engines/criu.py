@@ -11,6 +11,7 @@ import functools
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 from .. import tools
@@ -132,3 +133,84 @@ def restore(images: Path, *, work: Path, extra: list[str] = ()) -> int:
     run(["restore", "-d", "-D", str(images), "-W", str(work), "--tcp-close", "--file-locks",
          "--pidfile", str(pidfile), *extra], log=work / "restore.log", what="restore")
     return int(pidfile.read_text().strip())
+
+
+class LazyPages:
+    """A ``criu lazy-pages`` daemon serving a restored tree's private memory from its
+    images through userfaultfd: pages a process touches first come at once, the rest are
+    copied behind them, and the daemon exits when every page is in place.
+
+    Until then the tree depends on it: were it to die early, the kernel would fill the
+    pages it never sent with zeros. So its exit status is the verdict on the restore
+    (:meth:`wait`), and whoever restored the tree stops it when that verdict is bad.
+    """
+
+    def __init__(self, images: Path, work: Path):
+        self.log = work / "lazy-pages.log"
+        r, w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [binary(), "lazy-pages", "-D", str(images), "-W", str(work), "-o", self.log.name, "-v1",
+                 "--status-fd", str(w)],
+                pass_fds=[w], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                text=True, process_group=0)
+        except OSError as e:
+            os.close(r)
+            os.close(w)
+            raise CriuError(f"cannot start criu lazy-pages: {e}", hint=SETUP_HINT) from None
+        os.close(w)
+        with os.fdopen(r, "rb") as status:  # "\0" once it listens; nothing if it died first
+            ready = status.read(1) == b"\0"
+        if not ready:
+            self.proc.wait()
+            raise CriuError("criu lazy-pages did not start:\n" + self._why(), hint=f"full log: {self.log}")
+
+    def _why(self) -> str:
+        stderr = self.proc.stderr.read() if self.proc.stderr and self.proc.poll() is not None else ""
+        return errors_from_log(self.log) or (stderr or "").strip()[-1000:] or f"exit {self.proc.returncode}"
+
+    def failed(self) -> str | None:
+        """Why the daemon ended before every page was in place, or None (running, or done)."""
+        rc = self.proc.poll()
+        if rc in (None, 0):
+            return None
+        return f"criu lazy-pages failed (exit {rc}) before every page was in place:\n{self._why()}"
+
+    def wait(self, timeout: float) -> None:
+        """Return once every page is in place; raise CriuError if the daemon failed or
+        did not finish within ``timeout`` seconds (it is killed then)."""
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise CriuError(f"criu lazy-pages had not sent every page within {timeout:g} s",
+                            hint=f"full log: {self.log}") from None
+        if rc != 0:
+            raise CriuError(self.failed() or "", hint=f"full log: {self.log}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def restore_lazily(images: Path, *, work: Path, extra: list[str] = ()) -> tuple[int, LazyPages]:
+    """:func:`restore` with ``--lazy-pages``: the tree runs as soon as its structure is
+    back, its memory follows on demand. Returns the root PID and the daemon to wait for."""
+    work.mkdir(parents=True, exist_ok=True)
+    pages = LazyPages(images, work)
+    try:
+        return restore(images, work=work, extra=["--lazy-pages", *extra]), pages
+    except BaseException:
+        pages.kill()
+        raise
+
+
+@functools.lru_cache(maxsize=1)
+def lazy_pages_unsupported() -> str | None:
+    """None when this kernel and CRIU can restore lazily (userfaultfd, non-cooperative
+    events), else what ``criu check`` said."""
+    r = tools.run([binary(), "check", "--feature", "uffd-noncoop"], tool="criu", timeout=30,
+                  what="criu check --feature uffd-noncoop", error=CriuError)
+    said = (r.stdout + r.stderr).strip().splitlines()
+    return None if r.returncode == 0 else (said[-1] if said else "criu check --feature uffd-noncoop failed")

@@ -27,3 +27,9 @@ class HostEngine:
 
     def restore(self, images: Path, work: Path) -> int:
         return criu.restore(images, work=work)
+
+    def restore_lazily(self, images: Path, work: Path) -> tuple[int, criu.LazyPages]:
+        return criu.restore_lazily(images, work=work)
+
+    def lazy_unsupported(self) -> str | None:
+        return criu.lazy_pages_unsupported()

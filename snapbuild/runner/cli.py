@@ -81,6 +81,10 @@ TRUST_HELP = ("a trust policy (JSON) naming the public keys that may sign each s
               "does not accept is refused before it is fetched (exit 10). Default: $SNAPBUILD_TRUST_POLICY, "
               "else /etc/snapbuild/policy.json when it exists; without one, snapshots are not verified")
 
+LAZY_HELP = ("host-process snapshots: restore with CRIU's lazy pages, the server running while its memory "
+             "follows on demand, the command returning once all of it is in place (default: "
+             "$SNAPBUILD_LAZY_PAGES, else on; docs/runner.md)")
+
 
 def add_restore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ref", help="NAME:TAG or NAME@sha256:...")
@@ -92,8 +96,14 @@ def add_restore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--publish", metavar="HOST[:CONTAINER]",
                    help="container snapshots: the host port that reaches the server (default: the same "
                         "number as its port in the container; 0 picks a free one)")
+    p.add_argument("--lazy-pages", choices=["on", "off"], default=None, help=LAZY_HELP)
     p.add_argument("--json", action="store_true",
                    help='print {"mode", "reason", "pid", "timings": {...}} as JSON')
+
+
+def lazy_pages(choice: str | None) -> bool | None:
+    """``--lazy-pages on|off``; None (not given) leaves it to restore.lazy_default."""
+    return None if choice is None else choice == "on"
 
 
 def _size_arg(text: str | None) -> int | None:
@@ -156,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"WARNING {UNVERIFIED_WARNING}", file=sys.stderr)
 
             print_restore(run(args.ref, registry=args.registry, fallback=args.fallback, publish=args.publish,
-                              trust_policy=args.trust_policy, cache_max=_size_arg(args.cache_max)), args.json)
+                              trust_policy=args.trust_policy, cache_max=_size_arg(args.cache_max),
+                              lazy_pages=lazy_pages(args.lazy_pages)), args.json)
         elif args.command == "logs":
             from .restore import server_log
 

@@ -39,7 +39,7 @@ class RestoreFailed(SnapbuildError):
 
 def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: str = "auto",
         store: Store | None = None, jobs: int = 16, publish: str | None = None,
-        trust_policy: Path | None = None, cache_max: int | None = None) -> dict:
+        trust_policy: Path | None = None, cache_max: int | None = None, lazy_pages: bool | None = None) -> dict:
     """Start the server of snapshot ``ref`` and return what happened, with timings.
 
     ``mode``: ``auto`` (restore, else fall back), ``restore`` (never boot cold), or
@@ -47,7 +47,11 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
     port (``HOST`` or ``HOST:CONTAINER``; ``0`` picks a free one) that reaches the
     server; the default is the container's own port number. ``trust_policy``: a
     snapshot the policy does not accept is refused before it is fetched (exit 10).
+    ``lazy_pages``: a host process restores with CRIU's lazy pages (its memory follows
+    on demand; the call returns once every page is in place, ``pages_s``); None:
+    :func:`lazy_default`.
     """
+    lazy_pages = lazy_default() if lazy_pages is None else lazy_pages
     if fallback not in ("cold", "fail") or mode not in ("auto", "restore", "cold"):
         raise UsageError(f"fallback must be cold|fail and mode auto|restore|cold, not {fallback}/{mode}")
     if mode == "restore":
@@ -61,9 +65,9 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
 
     def start(images: bool) -> dict:
         if not pipelined():
-            return _start(fetch(images), store, fallback, mode, publish)
+            return _start(fetch(images), store, fallback, mode, publish, lazy_pages)
         return _start_while_pulling(ref, registry, store, jobs, trust_policy, cache_max, images,
-                                    lambda partial, view: _start(partial, view, fallback, mode, publish))
+                                    lambda partial, view: _start(partial, view, fallback, mode, publish, lazy_pages))
 
     try:
         out = start(erofs.can_mount())
@@ -74,6 +78,17 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
         out["tree_images"] = f"not used: {e.message}"
     out["timings"]["total_s"] = round(time.monotonic() - t0, 4)
     return out
+
+
+def lazy_default() -> bool:
+    """``$SNAPBUILD_LAZY_PAGES`` (on|off), else on: lazy pages were never slower to the
+    first answer nor to every page in place (docs/benchmarks.md)."""
+    import os
+
+    choice = os.environ.get("SNAPBUILD_LAZY_PAGES") or "on"
+    if choice not in ("on", "off"):
+        raise UsageError(f"SNAPBUILD_LAZY_PAGES must be on or off, not {choice!r}")
+    return choice == "on"
 
 
 def pipelined() -> bool:
@@ -127,7 +142,8 @@ def _start_while_pulling(ref: str, registry: str | None, store: Store, jobs: int
     return out
 
 
-def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str | None) -> dict:
+def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str | None,
+           lazy_pages: bool = False) -> dict:
     """Restore (or boot cold) the server of the pulled snapshot ``fetched``."""
     snapshot: SnapshotConfig = fetched["snapshot"]  # checked in full for this node (schema)
     runtime = snapshot.runtime
@@ -143,7 +159,9 @@ def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str |
            "fetch": {k: fetched[k] for k in ("blobs_fetched", "bytes_fetched", "blobs_total")},
            "tree_images": "used" if fetched.get("tree_images") else None,
            # the check requests: None (the snapshot has none), "same", "different", "not asked"
-           "verify": "not asked" if runtime.verify else None}
+           "verify": "not asked" if runtime.verify else None,
+           "lazy_pages": "not used: a container restores all its memory first" if lazy_pages and
+           runtime.in_container else None}
     if fetched.get("tree_images_refused") and snapshot.tree_images is not None:
         out["tree_images"] = f"not used: {fetched['tree_images_refused']}"
     in_container = runtime.in_container
@@ -158,7 +176,7 @@ def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str |
             if in_container:
                 _describe(out, _restore_container(runtime, store, timings, host_port))
             else:
-                out["pid"] = _restore(runtime, store, timings)
+                out["pid"] = _restore(runtime, store, timings, lazy_pages, out)
             out["mode"] = "restore"
             out["verify"] = "same" if runtime.verify else None
         except _NoRestore as e:
@@ -206,7 +224,8 @@ def _why_not_restorable(runtime: Runtime, out: dict) -> str | None:
     return "fingerprint mismatch: " + "; ".join(fatal) if fatal else None
 
 
-def _restore(runtime: Runtime, store: Store, timings: dict) -> int:
+def _restore(runtime: Runtime, store: Store, timings: dict, lazy_pages: bool = False,
+             out: dict | None = None) -> int:
     spec = runtime.server
     engine = process_engine(runtime.engine)
     t = time.monotonic()
@@ -221,6 +240,12 @@ def _restore(runtime: Runtime, store: Store, timings: dict) -> int:
     log.touch()  # CRIU reopens the server's log by path
     images = ckpt / "images"
     work = Path(tempfile.mkdtemp(prefix="snapbuild-restore-"))
+    lazy = None
+    if lazy_pages:
+        why_not = engine.lazy_unsupported()
+        if out is not None:
+            out["lazy_pages"] = f"not used: {why_not}" if why_not else "used"
+        lazy_pages = why_not is None
     try:
         busy = [p for p in runtime.pids if not process.wait_gone([p], timeout=3)]
         if busy:
@@ -234,19 +259,53 @@ def _restore(runtime: Runtime, store: Store, timings: dict) -> int:
         timings["materialize_s"] = round(time.monotonic() - t, 4)
         t = time.monotonic()
         try:
-            pid = engine.restore(images, work)
+            if lazy_pages:
+                pid, lazy = engine.restore_lazily(images, work)
+            else:
+                pid = engine.restore(images, work)
         except SnapbuildError as e:
             process.wait_gone(runtime.pids, timeout=3)  # what a failed restore left behind
             shmfiles.remove(shm)
             raise _NoRestore(f"restore failed: {e.message}") from None
         timings["restore_s"] = round(time.monotonic() - t, 4)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-    _resume_gpu(runtime, timings, lambda: process.stop(pid))
-    _after_restore(runtime, spec.ready, timings, lambda: process.stop(pid))
-    _wait_restored(spec.ready, log, lambda: process.alive(pid), lambda: process.stop(pid), timings)
-    _verify(runtime, spec.ready, timings, lambda: process.stop(pid))
+        if lazy is None:  # else its daemon works there until every page is in place
+            shutil.rmtree(work, ignore_errors=True)
+    try:
+        _resume_gpu(runtime, timings, lambda: process.stop(pid))
+        _after_restore(runtime, spec.ready, timings, lambda: process.stop(pid))
+        _wait_restored(spec.ready, log, lambda: process.alive(pid), lambda: process.stop(pid), timings)
+        if lazy is not None:  # before the check requests, which then see the memory complete
+            _wait_pages(lazy, timings, lambda: process.stop(pid))
+        _verify(runtime, spec.ready, timings, lambda: process.stop(pid))
+    except _NoRestore as e:
+        lost = lazy.failed() if lazy is not None else None
+        if lost and not str(e).startswith(LOST_PAGES):  # the cause of what went wrong: pages that never came fault (SIGBUS) or read as zeros
+            raise _NoRestore(f"{LOST_PAGES}: {lost} (then: {e})") from None
+        raise
+    finally:
+        if lazy is not None:
+            lazy.kill()
+            shutil.rmtree(work, ignore_errors=True)
     return pid
+
+
+LOST_PAGES = "the restored server's memory did not all arrive"
+
+
+def _wait_pages(lazy, timings: dict, give_up) -> None:
+    """Wait for the lazy-pages daemon to put every page in place (``pages_s``, from the
+    end of the restore's own work). A daemon that failed leaves memory that was never
+    sent: the server is stopped and the restore counts as failed."""
+    from .. import tools
+
+    t = time.monotonic()
+    try:
+        lazy.wait(timeout=tools.limit("criu"))
+    except SnapbuildError as e:
+        give_up()
+        raise _NoRestore(f"{LOST_PAGES}: {e.message}") from None
+    timings["pages_s"] = round(time.monotonic() - t, 4)
 
 
 def _after_restore(runtime: Runtime, ready: dict, timings: dict, give_up) -> None:

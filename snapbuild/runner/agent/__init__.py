@@ -16,6 +16,7 @@ and rolls to a new digest when its tag moves::
     name = "embedder"
     ref = "minilm-embedder:prod"
     publish = 8713          # containers only: the node port the agent serves it on
+    lazy_pages = true       # host processes: CRIU lazy pages (default $SNAPBUILD_LAZY_PAGES, else on)
 
 Restarts back off (``backoff_s`` doubling up to ``backoff_max_s``); after
 ``cold_after`` restores in a row that fell back or failed, the server is booted cold

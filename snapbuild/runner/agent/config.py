@@ -25,6 +25,7 @@ class ServerConfig:
     restart_window_s: float = 300
     backoff_s: float = 1
     backoff_max_s: float = 60
+    lazy_pages: bool | None = None  # None: $SNAPBUILD_LAZY_PAGES, else on (snapbuild-runner restore --lazy-pages)
 
     @property
     def snapshot_name(self) -> str:
@@ -48,16 +49,17 @@ AGENT_KEYS = {"registry", "trust_policy", "poll_s", "api", "state_dir", "cache_m
 _TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "ref": (str,), "registry": (str,), "publish": (int,), "trust_policy": (str,),
     "cold_after": (int,), "max_restarts": (int,), "restart_window_s": (int, float), "backoff_s": (int, float),
-    "backoff_max_s": (int, float), "poll_s": (int, float), "api": (str,), "state_dir": (str,),
+    "backoff_max_s": (int, float), "lazy_pages": (bool,), "poll_s": (int, float), "api": (str,), "state_dir": (str,),
     "cache_max": (str, int), "stale_after_s": (int, float), "server": (list,)}
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", bool: "true or false"}
 
 
 def _check_types(doc: dict, where: str) -> None:
     for key, value in doc.items():
         want = _TYPES.get(key)
-        if want and (not isinstance(value, want) or isinstance(value, bool)):
-            names = " or ".join({str: "a string", int: "an integer", float: "a number", list: "a list"}[t]
-                                for t in want)
+        if want and (not isinstance(value, want) or (isinstance(value, bool) and bool not in want)):
+            names = " or ".join(_TYPE_NAMES[t] for t in want)
             raise UsageError(f"{where}: `{key}` must be {names}, not {value!r}")
 
 

@@ -166,7 +166,8 @@ class Agent:
         publish = "0" if cfg.publish else None  # a container gets a free port; the proxy fronts it
         return run(ref, registry=cfg.registry, mode=mode, store=self.store, publish=publish,
                    trust_policy=Path(cfg.trust_policy) if cfg.trust_policy else None,
-                   cache_max=self.config.cache_max)
+                   cache_max=self.config.cache_max,
+                   lazy_pages=cfg.lazy_pages)
 
     def _prefetch(self, cfg: ServerConfig, digest: str) -> None:
         from ...runtime.erofs import can_mount

@@ -1,0 +1,44 @@
+"""A server whose state is a large block of private anonymous memory: MIB mebibytes,
+each filled from its own index, built before it listens. GET /digest hashes all of it,
+so a restore that lost or zeroed any page answers otherwise than the warm-up did.
+GET /healthz is ready. Used for CRIU's lazy pages (tests/integration/test_lazy_pages.py)
+and the size sweep (tests/bench/bench_sizes.py)."""
+
+import argparse
+import hashlib
+import http.server
+
+MIB = 1 << 20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--mib", type=int, required=True)
+    args = ap.parse_args()
+    memory = bytearray(args.mib * MIB)
+    for i in range(args.mib):
+        memory[i * MIB:(i + 1) * MIB] = hashlib.sha256(i.to_bytes(8, "little")).digest() * (MIB // 32)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/digest":
+                body = hashlib.sha256(memory).hexdigest().encode()
+            elif self.path == "/healthz":
+                body = b"ok"
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    http.server.HTTPServer(("127.0.0.1", args.port), Handler).serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Host-process restores with CRIU's lazy pages, with the real CRIU and userfaultfd: the
+server runs as soon as its tree is back and its memory follows on demand from a
+``criu lazy-pages`` daemon; the restore counts only once every page is in place.
+
+The server (data/memory_server.py) holds 256 MiB of private memory, each MiB filled
+from its index, and GET /digest hashes all of it: a page lost or zeroed on the way
+answers otherwise than the warm-up did.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from snapbuild.build import build
+from snapbuild.runner.restore import run, stop
+
+from testkit import free_port, get
+
+pytestmark = pytest.mark.integration
+
+MEMORY_SERVER = Path(__file__).parent / "data" / "memory_server.py"
+
+#: Stands in for criu; for ``criu lazy-pages`` it runs the real daemon and kills it as
+#: soon as the restore it serves has finished, the way a daemon that crashed, ran out of
+#: memory or was killed by an operator would leave a restored tree.
+DAEMON_KILLER = """#!{python}
+import os, subprocess, sys, time
+args = sys.argv[1:]
+work = args[args.index("-W") + 1] if "-W" in args else None
+if args[:1] == ["restore"] and work:  # then say it is done, in its work folder
+    rc = subprocess.call([{criu!r}, *args])
+    open(os.path.join(work, "restore.done"), "w").close()
+    sys.exit(rc)
+if args[:1] != ["lazy-pages"]:
+    os.execv({criu!r}, [{criu!r}, *args])
+status = int(args[args.index("--status-fd") + 1])
+daemon = subprocess.Popen([{criu!r}, *args], pass_fds=[status])
+os.close(status)
+while not os.path.exists(os.path.join(work, "restore.done")) and daemon.poll() is None:
+    time.sleep(0.001)
+daemon.kill()
+daemon.wait()
+sys.exit(1)
+"""
+
+
+@pytest.fixture
+def snapshot(recipe, store):
+    port = free_port()
+    path = recipe(f"""
+        name: memory
+        steps:
+          app: {{kind: files, root: app}}
+          server:
+            kind: warmup
+            needs: [app]
+            run: "{sys.executable} $SNAPBUILD_INPUTS/app/memory_server.py --port {port} --mib 256"
+            ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 60}}
+          snap: {{kind: checkpoint, process: server, verify: [{{http: "GET /digest"}}]}}
+        publish: {{tag: "memory:v1"}}
+    """)
+    (path.parent / "app").mkdir(exist_ok=True)
+    shutil.copy(MEMORY_SERVER, path.parent / "app" / "memory_server.py")
+    [res] = build(path, store=store)
+    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    return port
+
+
+def test_a_lazy_restore_answers_with_all_of_its_memory(snapshot, store):
+    out = run("memory:v1", store=store, lazy_pages=True)
+    try:
+        assert out["mode"] == "restore" and out["lazy_pages"] == "used", out
+        assert "pages_s" in out["timings"] and out["verify"] == "same", out
+        digest = get(snapshot, "/digest")
+    finally:
+        stop(out["pid"])
+    cold = run("memory:v1", store=store, mode="cold")
+    try:
+        assert get(snapshot, "/digest") == digest, "the lazily restored memory is the cold boot's"
+    finally:
+        stop(cold["pid"])
+
+
+def test_lazy_pages_off_restores_every_page_first(snapshot, store):
+    out = run("memory:v1", store=store, lazy_pages=False)
+    try:
+        assert out["mode"] == "restore" and out["lazy_pages"] is None and "pages_s" not in out["timings"], out
+        assert out["verify"] == "same"
+    finally:
+        stop(out["pid"])
+
+
+def test_a_lazy_pages_daemon_that_dies_means_a_cold_boot(snapshot, store, tmp_path, monkeypatch):
+    killer = tmp_path / "criu"
+    real = shutil.which("criu") or "/usr/local/sbin/criu"
+    killer.write_text(DAEMON_KILLER.format(python=sys.executable, criu=real))
+    killer.chmod(0o755)
+    monkeypatch.setenv("SNAPBUILD_CRIU", str(killer))
+    out = run("memory:v1", store=store, lazy_pages=True)
+    try:
+        assert out["mode"] == "cold", out
+        assert "memory did not all arrive" in out["reason"] and "lazy-pages failed" in out["reason"], out
+        assert get(snapshot, "/healthz") == b"ok"
+    finally:
+        stop(out["pid"])
+
+
+def test_both_clis_take_lazy_pages_and_the_environment_sets_the_default(snapshot, store, run_cli):
+    r = run_cli("restore", "memory:v1", "--lazy-pages", "off", "--json", tool="snapbuild-runner",
+                env={"SNAPBUILD_LAZY_PAGES": "on"})
+    assert r.code == 0, r
+    stop(r.json()["pid"])
+    assert r.json()["mode"] == "restore" and r.json()["lazy_pages"] is None, "the option wins over the environment"
+    r = run_cli("run", "memory:v1", "--json", env={"SNAPBUILD_LAZY_PAGES": "on"})
+    assert r.code == 0, r
+    stop(r.json()["pid"])
+    assert r.json()["lazy_pages"] == "used" and "pages_s" in r.json()["timings"], r
+    r = run_cli("run", "memory:v1", env={"SNAPBUILD_LAZY_PAGES": "sometimes"})
+    assert r.code == 2 and "SNAPBUILD_LAZY_PAGES must be on or off" in r.err and "Traceback" not in r.err, r
