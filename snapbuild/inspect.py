@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from .errors import IntegrityError
-from .registry import default_registry_url, open_registry, parse_ref
+from .registry import default_registry_url, locate, open_registry, parse_ref
 from .schema import SnapshotConfig, TreeImages, secret_names
 from .signing import is_referrers_tag
 from .store import Store
@@ -21,6 +21,7 @@ def list_registry(registry: str | None = None, store: Store | None = None) -> li
 
 
 def inspect_snapshot(text: str, registry: str | None = None, store: Store | None = None) -> dict:
+    text, registry = locate(text, registry)
     store = store or Store()
     reg = open_registry(registry or default_registry_url(store.home))
     ref = parse_ref(text)

@@ -28,7 +28,9 @@ def cli():
       snapbuild build recipes/examples/pipeline.yaml --tag pipeline:dev
       snapbuild ls && snapbuild inspect pipeline:dev
 
-    The store lives in $SNAPBUILD_HOME (default ~/.cache/snapbuild).
+    A REF is NAME:TAG (or NAME@sha256:...) with --registry URL, or a full reference
+    that names its registry: oci://HOST[:PORT]/REPO/NAME:TAG, s3://BUCKET/PREFIX/NAME:TAG,
+    file:///PATH/NAME:TAG. The store lives in $SNAPBUILD_HOME (default ~/.cache/snapbuild).
     """
 
 
@@ -208,29 +210,41 @@ def inspect(ref, registry, as_json):
 
 @cli.command()
 @click.argument("ref")
-@click.argument("dest", metavar="DEST_URL")
-@click.option("--as", "as_ref", metavar="NAME:TAG", help="Name and tag at the destination (default: the same as REF).")
+@click.argument("dest", metavar="DEST")
+@click.option("--as", "as_ref", metavar="NAME:TAG", help="Name and tag at the destination (default: the same as REF; "
+              "or give DEST as a full reference).")
 @registry_option
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=8, show_default=True,
               help="Blobs in flight at once.")
 @json_option
 def push(ref, dest, as_ref, registry, jobs, as_json):
-    """Copy snapshot REF from the local registry (or --registry) to DEST_URL.
+    """Copy snapshot REF from the local registry (or --registry) to DEST: a registry
+    URL (the snapshot keeps its name and tag there), or a full reference that names
+    the repository and tag to push to.
 
-    Only the blobs DEST_URL lacks are sent, in parallel, each checked against its
+    Only the blobs DEST lacks are sent, in parallel, each checked against its
     digest; the tag is written last, so a push that is interrupted shows nothing at
     the destination, and running it again sends what is still missing.
 
     \b
       snapbuild push torch-mlp:dev oci://registry.example:5000/snapshots
+      snapbuild push torch-mlp:dev oci://registry.example:5000/team/torch-mlp:v2
       snapbuild push torch-mlp:dev s3://my-bucket/snapshots --s3-endpoint http://127.0.0.1:9000
     """
-    from ..registry import default_registry_url, open_registry, parse_ref
+    from ..errors import UsageError
+    from ..registry import default_registry_url, locate, open_registry, parse_ref
+    from ..registry.ref import names_a_snapshot, split_full
     from ..registry.transfer import copy
     from ..store import Store
 
     store = Store()
+    ref, registry = locate(ref, registry)
     src_ref = parse_ref(ref)
+    full = split_full(dest) if names_a_snapshot(dest) else None
+    if full:
+        if as_ref:
+            raise UsageError(f"DEST {dest} names the tag to push to already: leave out --as {as_ref}")
+        dest, as_ref = full
     with store.using():
         out = copy(open_registry(registry or default_registry_url(store.home)), src_ref, open_registry(dest),
                    parse_ref(as_ref) if as_ref else src_ref, store.blobs, jobs=jobs,
@@ -256,12 +270,13 @@ def pull(ref, registry, jobs, as_json):
     Every blob is checked against its digest; what the store already holds is not
     fetched again.
     """
-    from ..registry import default_registry_url, open_registry, parse_ref
+    from ..registry import default_registry_url, locate, open_registry, parse_ref
     from ..registry.transfer import copy
     from ..store.snapshot import check_snapshot
     from ..store import Store
 
     store = Store()
+    ref, registry = locate(ref, registry)
     r = parse_ref(ref)
     local = default_registry_url(store.home)
     with store.using():
@@ -284,9 +299,10 @@ def remove(ref, registry, as_json):
     registry. On oci:// the manifest itself is deleted, with every tag that names it
     (the distribution API deletes by digest). Blobs stay until the registry's own
     garbage collection (`snapbuild cache gc` for the local one)."""
-    from ..registry import default_registry_url, open_registry, parse_ref
+    from ..registry import default_registry_url, locate, open_registry, parse_ref
     from ..store import Store
 
+    ref, registry = locate(ref, registry)
     reg = open_registry(registry or default_registry_url(Store().home))
     r = parse_ref(ref)
     digest = reg.resolve(r)
@@ -326,10 +342,11 @@ def sign(ref, key_path, registry, as_json):
     (with the OCI 1.1 fallback tag `sha256-<hex>` for registries without the referrers
     API). Nodes check it with `snapbuild-runner restore --trust-policy FILE`.
     """
-    from ..registry import default_registry_url, open_registry, parse_ref
+    from ..registry import default_registry_url, locate, open_registry, parse_ref
     from ..signing import sign as do_sign
     from ..store import Store
 
+    ref, registry = locate(ref, registry)
     out = do_sign(open_registry(registry or default_registry_url(Store().home)), parse_ref(ref), Path(key_path))
     if as_json:
         emit_json(out)

@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 
 from ..errors import UsageError
 from .base import Registry
-from .ref import Ref, parse_ref, snapshot_ref
+from .ref import GRAMMAR, Ref, locate, names_a_snapshot, parse_ref, snapshot_ref
 
 SCHEMES = ("file", "s3", "oci")
 
@@ -19,6 +19,11 @@ def default_registry_url(home: Path) -> str:
 
 
 def open_registry(url: str, *, s3_endpoint: str | None = None) -> Registry:
+    if names_a_snapshot(url):
+        registry, _, name = url.rpartition("/")
+        raise UsageError(f"registry URL {url!r} ends in a snapshot reference ({name}), where a registry was expected",
+                         hint=f"give the registry, {registry} (the snapshot's name is appended), or use the full "
+                              f"reference {url} in place of REF; {GRAMMAR}")
     parsed = urlparse(url)
     if parsed.scheme == "file" or (not parsed.scheme and url.startswith("/")):
         if parsed.netloc not in ("", "localhost"):
@@ -38,4 +43,5 @@ def open_registry(url: str, *, s3_endpoint: str | None = None) -> Registry:
                      hint="use file:///absolute/path, s3://BUCKET/PREFIX or oci://HOST[:PORT]/REPO")
 
 
-__all__ = ["Ref", "Registry", "SCHEMES", "default_registry_url", "open_registry", "parse_ref", "snapshot_ref"]
+__all__ = ["GRAMMAR", "Ref", "Registry", "SCHEMES", "default_registry_url", "locate", "open_registry", "parse_ref",
+           "snapshot_ref"]

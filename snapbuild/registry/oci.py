@@ -7,11 +7,10 @@ process saw them (a second snapshot name, the remote cache); manifests go up wit
 by tag or digest; every blob read is checked against its digest. Loopback hosts are spoken to over plain HTTP, others over HTTPS
 (``SNAPBUILD_REGISTRY_PLAIN_HTTP=1`` forces HTTP, for a registry on a private network).
 
-Credentials, first found wins: ``SNAPBUILD_REGISTRY_USERNAME`` and
-``SNAPBUILD_REGISTRY_PASSWORD``; the containers auth file (``$REGISTRY_AUTH_FILE``,
-``$XDG_RUNTIME_DIR/containers/auth.json``); Docker's (``$DOCKER_CONFIG/config.json``,
-``~/.docker/config.json``). A registry that asks for Basic auth gets them; one that
-asks for a Bearer token gets them at its token service (or anonymously).
+Credentials come from where docker and podman keep them, credential helpers
+included (:mod:`.credentials`), looked up when the registry first asks. A registry
+that asks for Basic auth gets them; one that asks for a Bearer token gets them at
+its token service (or anonymously).
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from urllib.parse import urljoin, urlparse
 from ..errors import NotFound, RegistryError, UsageError
 from ..store.snapshot import MANIFEST_MEDIA_TYPE
 from .base import fetch_verified, retrying
+from .credentials import credentials
 from .ref import Ref
 
 CHUNK = 16 << 20  # blobs above this go up in chunks of this size
@@ -50,30 +50,6 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def credentials(host: str) -> tuple[str, str] | None:
-    """(username, password) for ``host`` from the environment or the standard auth files."""
-    user, password = os.environ.get("SNAPBUILD_REGISTRY_USERNAME"), os.environ.get("SNAPBUILD_REGISTRY_PASSWORD")
-    if user and password:
-        return user, password
-    files = []
-    if os.environ.get("REGISTRY_AUTH_FILE"):
-        files.append(Path(os.environ["REGISTRY_AUTH_FILE"]))
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        files.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
-    files.append(Path(os.environ.get("DOCKER_CONFIG", Path.home() / ".docker")) / "config.json")
-    for f in files:
-        try:
-            auths = json.loads(f.read_text()).get("auths", {})
-        except (OSError, ValueError):
-            continue
-        for key in (host, f"https://{host}", f"http://{host}"):
-            entry = auths.get(key) or {}
-            if entry.get("auth"):
-                user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-                return user, password
-    return None
-
-
 class OciRegistry:
     scheme = "oci"
 
@@ -93,9 +69,15 @@ class OciRegistry:
         self.session.mount("https://", adapter)
         self._auth: dict[str, str] = {}  # scope -> Authorization header value
         self._lock = threading.Lock()
-        self._creds = credentials(host)
+        self._found: list[tuple[str, str] | None] = []  # the credentials, once looked up
         self._seen = _SEEN.setdefault(host, {})
         self.mounted = 0  # blobs this object mounted from another repository instead of uploading
+
+    @property
+    def _creds(self) -> tuple[str, str] | None:
+        if not self._found:
+            self._found.append(credentials(urlparse(f"//{self.host}").netloc or self.host))
+        return self._found[0]
 
     # -- HTTP ----------------------------------------------------------------------------
     def _repo(self, name: str) -> str:

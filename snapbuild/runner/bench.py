@@ -65,6 +65,9 @@ def _summary(values: list[float]) -> dict:
 
 def bench(ref: str, *, runs: int = 5, registry: str | None = None, store: Store | None = None,
           drop: bool | None = None, progress=lambda msg: None) -> dict:
+    from ..registry import locate
+
+    ref, registry = locate(ref, registry)
     store = store or Store()
     runtime = pull(ref, registry=registry, store=store)["snapshot"].runtime
     if runtime is None:

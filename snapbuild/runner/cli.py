@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="fetch a snapshot (verified) and optionally write its outputs out",
                           description="Fetch the blobs of a snapshot that this node lacks, verifying each "
                                       "against its digest; with --dest, write every output to DEST/<step>/.")
-    pull.add_argument("ref", help="NAME:TAG or NAME@sha256:...")
+    pull.add_argument("ref", help=REF_HELP)
     pull.add_argument("--registry", metavar="URL", help=REGISTRY_HELP)
     pull.add_argument("--dest", metavar="DIR", type=Path, help="write the snapshot's outputs here")
     pull.add_argument("--jobs", type=int, default=16, help="parallel blob fetches (default: 16)")
@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("logs", help="print the log of a snapshot's server on this node",
                         description="Print the end of the server log of a snapshot started here (restored "
                                     "or cold): the same file before and after a restore.")
-    lg.add_argument("ref", help="NAME:TAG or NAME@sha256:...")
+    lg.add_argument("ref", help=REF_HELP)
     lg.add_argument("--registry", metavar="URL", help=REGISTRY_HELP)
     lg.add_argument("-n", "--lines", type=int, default=50, help="how many lines from the end (default: 50)")
     gc = sub.add_parser("gc", help="free node caches that no pulled snapshot uses",
@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+REF_HELP = ("NAME:TAG or NAME@sha256:... (with --registry), or a full reference such as "
+            "oci://HOST[:PORT]/REPO/NAME:TAG, s3://BUCKET/PREFIX/NAME:TAG or file:///PATH/NAME:TAG")
 REGISTRY_HELP = ("registry URL: file:///PATH, s3://BUCKET/PREFIX or oci://HOST[:PORT]/REPO (default: "
                  "file://$SNAPBUILD_HOME/registry; s3:// takes its endpoint from SNAPBUILD_S3_ENDPOINT or "
                  "AWS_ENDPOINT_URL)")
@@ -87,7 +89,7 @@ LAZY_HELP = ("host-process snapshots: restore with CRIU's lazy pages, the server
 
 
 def add_restore_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ref", help="NAME:TAG or NAME@sha256:...")
+    p.add_argument("ref", help=REF_HELP)
     p.add_argument("--registry", metavar="URL", help=REGISTRY_HELP)
     p.add_argument("--trust-policy", metavar="FILE", type=Path, help=TRUST_HELP)
     p.add_argument("--cache-max", metavar="SIZE", help=CACHE_HELP)

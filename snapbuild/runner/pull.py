@@ -38,6 +38,9 @@ def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
     hears of each blob as it is stored. Together they let a restore write its trees out
     while the pull goes on.
     Returns what happened, with timings."""
+    from ..registry import locate
+
+    text, registry = locate(text, registry)
     from .node_cache import evict, limit_from_env, stored_bytes
 
     store = store or Store()

@@ -52,6 +52,9 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
     :func:`lazy_default`.
     """
     lazy_pages = lazy_default() if lazy_pages is None else lazy_pages
+    from ..registry import locate
+
+    ref, registry = locate(ref, registry)
     if fallback not in ("cold", "fail") or mode not in ("auto", "restore", "cold"):
         raise UsageError(f"fallback must be cold|fail and mode auto|restore|cold, not {fallback}/{mode}")
     if mode == "restore":
@@ -469,6 +472,9 @@ def _cold_container(runtime: Runtime, store: Store, timings: dict, host_port: in
 
 def server_log(ref: str, *, registry: str | None = None, lines: int = 50, store: Store | None = None) -> str:
     """The end of the server log of snapshot ``ref`` on this node."""
+    from ..registry import locate
+
+    ref, registry = locate(ref, registry)
     runtime = pull(ref, registry=registry, store=store or Store())["snapshot"].runtime
     if runtime is None:
         raise NotFound(f"snapshot {ref} holds no checkpoint: it has no server log")

@@ -237,6 +237,47 @@ def test_bearer_tokens_carry_the_scopes_each_call_needs(oci_registry_token, buil
     assert open_registry(f"oci://{host}/{prefix}").resolve(parse_ref("copy:v1")) == digest
 
 
+def test_a_credential_helper_logs_in_for_push_and_pull(auth_registry, built, monkeypatch, tmp_path):
+    """The real registry with htpasswd auth, then the one with Bearer tokens, reached
+    with credentials from a stand-in docker-credential helper named in credHelpers
+    (how ECR, GCR and ACR are reached), for a push and for a pull into a new store."""
+    import json
+    import sys
+
+    host, user, password = auth_registry
+    for var in ("SNAPBUILD_REGISTRY_USERNAME", "SNAPBUILD_REGISTRY_PASSWORD", "REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "bin").mkdir()
+    asked = tmp_path / "asked"
+    helper = tmp_path / "bin" / "docker-credential-standin"
+    helper.write_text(f"""#!{sys.executable}
+import json, sys
+host = sys.stdin.read().strip()
+open({str(asked)!r}, "a").write(sys.argv[1] + " " + host + "\\n")
+if host != {host!r}:
+    print("credentials not found"); sys.exit(1)
+print(json.dumps({{"ServerURL": host, "Username": {user!r}, "Secret": {password!r}}}))
+""")
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    (tmp_path / "dc").mkdir()
+    (tmp_path / "dc" / "config.json").write_text(json.dumps({"credHelpers": {host: "standin"}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "dc"))
+
+    store, digest, blobs, _ = built
+    url = f"oci://{host}/helper{time.monotonic_ns()}"
+    push(open_registry(url), parse_ref("contract:v1"), digest, blobs, store.blobs)
+    from snapbuild.runner.pull import pull
+
+    got = pull(f"{url}/contract:v1", store=Store(tmp_path / "node"))
+    assert got["digest"] == digest and got["blobs_fetched"] > 0
+    assert asked.read_text().splitlines()[0] == f"get {host}", "the helper was asked, with docker's protocol"
+    (tmp_path / "dc" / "config.json").write_text(json.dumps({"credHelpers": {host: "missing"}}))
+    with pytest.raises(RegistryError, match="docker-credential-missing is not on PATH"):
+        open_registry(url).resolve(parse_ref("contract:v1"))
+
+
 def test_a_registry_that_is_down_fails_clearly_after_bounded_retries():
     port = free_port()  # nothing listens there
     t0 = time.monotonic()
@@ -409,3 +450,86 @@ def test_blobs_another_repository_has_are_mounted_not_sent(oci_registry, built, 
     assert out["bytes_sent"] == 0
     got = fetch(open_registry(url), parse_ref("copy/contract:v1"), Store(tmp_path / "node").blobs)
     assert got["digest"] == digest and got["blobs_fetched"] == len(blobs)
+
+
+def test_full_references_work_in_every_command_without_registry(oci_registry, s3_server, aws_env, built, run_cli,
+                                                                 tmp_path, recipe, store):
+    """`push np:1 oci://HOST/team/np:2`, then that reference (and s3://, file://) in pull,
+    inspect, sign, rm and the runner's pull, restore and logs: as docker, skopeo, oras
+    and crane take them."""
+    _, digest, _, _ = built
+    team = f"team{time.monotonic_ns()}"
+    full = f"oci://{oci_registry}/{team}/contract:v2"
+    r = run_cli("push", "contract:v1", full, "--json")
+    assert r.code == 0 and r.json()["ref"] == "contract:v2", r
+    r = run_cli("ls", "--registry", f"oci://{oci_registry}/{team}", "--json")
+    assert r.json()["snapshots"] == [{"name": "contract", "tag": "v2", "digest": digest}], r
+    r = run_cli("inspect", full, "--json")
+    assert r.code == 0 and r.json()["digest"] == digest, r
+    r = run_cli("inspect", f"oci://{oci_registry}/{team}/contract@{digest}", "--json")
+    assert r.code == 0 and r.json()["digest"] == digest, r
+
+    node = {"SNAPBUILD_HOME": str(tmp_path / "node-home")}
+    r = run_cli("pull", full, "--json", env=node)
+    assert r.code == 0 and r.json()["blobs_fetched"] > 0, r
+    r = run_cli("inspect", "contract:v2", "--json", env=node)  # tagged in the node's own registry by its name
+    assert r.code == 0 and r.json()["digest"] == digest, r
+    out = tmp_path / "out"
+    r = run_cli("pull", full, "--dest", out, tool="snapbuild-runner", env={"SNAPBUILD_HOME": str(tmp_path / "rh")})
+    assert r.code == 0 and (out / "data" / "out.txt").read_text() == "print('v1')\n", r
+
+    r = run_cli("keygen", tmp_path / "key")
+    assert r.code == 0, r
+    r = run_cli("sign", full, "--key", tmp_path / "key", "--json")
+    assert r.code == 0 and r.json()["digest"] == digest, r
+
+    bucket = f"refs-{time.monotonic_ns()}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    s3_env = {"SNAPBUILD_S3_ENDPOINT": s3_server}
+    r = run_cli("push", "contract:v1", f"s3://{bucket}/snaps/contract:v3", env=s3_env)
+    assert r.code == 0, r
+    r = run_cli("inspect", f"s3://{bucket}/snaps/contract:v3", "--json", env=s3_env)
+    assert r.code == 0 and r.json()["digest"] == digest, r
+    files = tmp_path / "files-registry"
+    r = run_cli("push", "contract:v1", f"file://{files}/contract:v4")
+    assert r.code == 0, r
+    r = run_cli("inspect", f"file://{files}/contract:v4", "--json")
+    assert r.code == 0 and r.json()["digest"] == digest, r
+
+    r = run_cli("rm", full)
+    assert r.code == 0 and "removed contract:v2" in r.out, r
+    r = run_cli("inspect", full)
+    assert r.code == 6, r
+
+    # the forms that are refused, each showing both
+    r = run_cli("pull", "contract:v1", "--registry", f"oci://{oci_registry}/{team}/contract:v2")
+    assert r.code == 2 and "where a registry was expected" in r.err and "in place of REF" in r.err, r
+    assert "Traceback" not in r.err
+    r = run_cli("pull", full, "--registry", f"oci://{oci_registry}/{team}")
+    assert r.code == 2 and "leave out --registry" in r.err, r
+    r = run_cli("push", "contract:v1", full, "--as", "contract:v9")
+    assert r.code == 2 and "leave out --as" in r.err, r
+
+
+def test_a_process_snapshot_restores_from_a_full_reference(oci_registry, recipe, store, tmp_path, run_cli):
+    from test_criu_snapshots import counter_recipe
+    from snapbuild.runner.restore import stop
+    from testkit import post
+
+    port = free_port()
+    [res] = build(counter_recipe(recipe, port), store=store)
+    assert res.ok
+    full = f"oci://{oci_registry}/refs{time.monotonic_ns()}/counter:v1"
+    assert run_cli("push", "counter:v1", full).code == 0
+    node = {"SNAPBUILD_HOME": str(tmp_path / "node")}
+    r = run_cli("restore", full, "--json", tool="snapbuild-runner", env=node)
+    assert r.code == 0, r
+    try:
+        assert r.json()["mode"] == "restore", r
+        assert post(port, "/count")["count"] == 3
+        logs = run_cli("logs", full, tool="snapbuild-runner", env=node)
+        assert logs.code == 0, logs
+    finally:
+        stop(r.json()["pid"])

@@ -91,7 +91,7 @@ def load_config(path: Path) -> AgentConfig:
         if s["name"] in seen:
             raise UsageError(f"{where}: a second server named {s['name']!r}")
         seen.add(s["name"])
-        servers.append(ServerConfig(**{**defaults, **s}))
+        servers.append(_located(ServerConfig(**{**defaults, **s}), s.get("registry"), where))
     if not servers:
         raise UsageError(f"{path} declares no [[server]]", hint='add [[server]] with name = "..." and ref = "NAME:TAG"')
     from ..node_cache import parse_size
@@ -100,6 +100,19 @@ def load_config(path: Path) -> AgentConfig:
                        state_dir=Path(doc.get("state_dir", "/var/lib/snapbuild/agent")),
                        cache_max=parse_size(doc["cache_max"]) if "cache_max" in doc else None,
                        stale_after_s=float(doc.get("stale_after_s", 60)))
+
+
+def _located(server: ServerConfig, registry: str | None, where: str) -> ServerConfig:
+    """A server whose ``ref`` is a full reference (oci://HOST/REPO/NAME:TAG) gets its
+    registry from it: the agent's default registry gives way, an explicit one is an error."""
+    from ...registry import locate
+
+    try:
+        server.ref, located = locate(server.ref, registry)
+    except UsageError as e:
+        raise UsageError(f"{where}: {e.message}", hint=e.hint) from None
+    server.registry = located if located is not None else server.registry
+    return server
 
 
 def config_from_flags(servers: list[str], *, registry: str | None = None,
@@ -114,6 +127,7 @@ def config_from_flags(servers: list[str], *, registry: str | None = None,
         head, _, last = ref.rpartition(":")
         if head and last.isdigit() and ":" in head:  # NAME:TAG:PORT
             ref, publish = head, int(last)
-        out.append(ServerConfig(name=name, ref=ref, registry=registry,
-                                trust_policy=str(trust_policy) if trust_policy else None, publish=publish))
+        out.append(_located(ServerConfig(name=name, ref=ref, registry=registry,
+                                         trust_policy=str(trust_policy) if trust_policy else None,
+                                         publish=publish), registry, f"--server {text!r}"))
     return AgentConfig(servers=out)
