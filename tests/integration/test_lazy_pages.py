@@ -67,7 +67,13 @@ def snapshot(recipe, store):
     shutil.copy(MEMORY_SERVER, path.parent / "app" / "memory_server.py")
     [res] = build(path, store=store)
     assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
-    return port
+    yield port
+    # 256 MiB of images on the node's tmpfs: not left for the next tests
+    from snapbuild.runner.pull import pull
+    from snapbuild.runtime.layout import images_root, tree_dir
+
+    runtime = pull("memory:v1", store=store)["snapshot"].runtime
+    shutil.rmtree(tree_dir(images_root(runtime.server.run_root), runtime.images_tree), ignore_errors=True)
 
 
 def test_a_lazy_restore_answers_with_all_of_its_memory(snapshot, store):
