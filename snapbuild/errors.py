@@ -104,6 +104,14 @@ class StepError(SnapbuildError):
         self.step = step
 
 
+class SourceUnreachable(StepError):
+    """A source of a step (the Hugging Face Hub, S3, a mirror) that cannot be reached:
+    a name that does not resolve, a refused connection, a TLS error, a timeout. Exits
+    like a registry that cannot be reached."""
+
+    exit_code = 7
+
+
 class IntegrityError(SnapbuildError):
     """Stored data does not match its digest: corruption, truncation or tampering."""
 

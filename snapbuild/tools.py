@@ -36,6 +36,8 @@ LIMITS = {
     "mkfs.erofs": 1800.0,
     "nvidia-smi": 30.0,
     "cuda-checkpoint": 900.0,
+    "s3": 60.0,  # a weights step's S3 source: each request's read timeout (steps.weight_sources)
+    "hub": 60.0,  # a weights step's Hugging Face Hub: the metadata requests' timeout
 }
 DEFAULT_LIMIT = 300.0
 

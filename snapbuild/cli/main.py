@@ -131,6 +131,9 @@ def build(recipe, sets, tag, registry, jobs, keep_going, progress, push_to, cach
     if failed or not all(r.ok for r in results):
         err = BuildFailed(f"build failed: {', '.join(failed) or 'steps were skipped'}",
                           hint=f"see a step's full log with: snapbuild logs {recipe} STEP")
+        codes = {r.steps[n].exit_code for r in results for n in r.failed}
+        if codes == {7}:  # every failure was a source that cannot be reached
+            err.exit_code = 7
         click.echo(render_error(err), err=True)
         sys.exit(err.exit_code)
 

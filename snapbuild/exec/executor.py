@@ -36,6 +36,7 @@ class StepResult:
     hint: str | None = None
     log_tail: str | None = None
     culprit: str | None = None  # another step at fault (StepError.step)
+    exit_code: int | None = None  # of a failure: the error's (7 for a source that cannot be reached)
 
     def to_json(self) -> dict:
         out = {"name": self.name, "kind": self.kind, "key": self.key, "status": self.status,
@@ -194,6 +195,7 @@ def _run_step(plan: Plan, ps: PlannedStep, store: Store, statuses: dict[str, Ste
                     log.flush()
                     res = _failed(store, recipe.build_id, ps, log_path, t0, e.message, e.hint, e.log_tail)
                     res.culprit = e.step
+                    res.exit_code = e.exit_code
                     return res
                 except SnapbuildError as e:
                     log.write(f"\n{e.message}\n")

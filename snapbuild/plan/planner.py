@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import SnapbuildError, StepError
+from ..errors import SnapbuildError, SourceUnreachable, StepError
 from ..recipe import Recipe
 from ..steps import PinContext
 from ..store import Store
@@ -56,6 +56,8 @@ def make_plan(recipe: Recipe, store: Store) -> Plan:
         step = recipe.steps[name]
         try:
             pins = step.kind.pins(step.spec, ctx)
+        except SourceUnreachable as e:  # not the recipe's fault: exits 7, like an unreachable registry
+            raise SourceUnreachable(f"step {name!r}: {e.message}", hint=e.hint) from None
         except StepError as e:
             if recipe.source is not None:  # point at the step in the recipe, like any recipe error
                 raise recipe.source.error(("steps", name), e.message, key=True, hint=e.hint) from None

@@ -12,7 +12,8 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import StepError
+from ..errors import SourceUnreachable, StepError
+from ..tools import limit
 from ..store.fsutil import file_digest
 
 if TYPE_CHECKING:  # the spec's class lives in steps.weights, which imports this module
@@ -40,10 +41,23 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 def _unreachable(spec: WeightsSpec, endpoint: str | None, e: BaseException) -> StepError:
     first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-    return StepError(f"{spec.source}: the Hub at {endpoint or 'https://huggingface.co'} cannot be reached "
+    return SourceUnreachable(f"{spec.source}: the Hub at {endpoint or 'https://huggingface.co'} cannot be reached "
                      f"({type(e).__name__}: {first})",
                      hint="check this machine's network and DNS, or point HF_ENDPOINT (or the step's `endpoint:`) "
                           "at a mirror it can reach")
+
+
+def _s3_error(spec: WeightsSpec, endpoint: str | None, e: Exception) -> StepError:
+    """A botocore error that is not an answer from S3: no credentials, or no S3 to talk to."""
+    from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+    if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
+        return StepError(f"{spec.source}: {e}", hint="give boto3 credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID and "
+                                                     "AWS_SECRET_ACCESS_KEY, an instance role...)")
+    return SourceUnreachable(f"{spec.source}: S3 at {endpoint or 'its AWS endpoint'} cannot be reached "
+                             f"({type(e).__name__}: {str(e)[:200]})",
+                             hint="check this machine's network and DNS, and the endpoint (the step's `endpoint:`, "
+                                  "SNAPBUILD_S3_ENDPOINT or AWS_ENDPOINT_URL)")
 
 
 class FileSource:
@@ -85,7 +99,10 @@ class HubSource:
         repo, revision = self.parse(spec)
         api = HfApi(endpoint=self.endpoint(spec))
         try:
-            info = api.repo_info(repo, repo_type=spec.repo_type, revision=revision, files_metadata=True)
+            # bounded: a Hub that accepts connections and never answers fails the step
+            # in SNAPBUILD_HUB_TIMEOUT seconds instead of hanging the plan
+            info = api.repo_info(repo, repo_type=spec.repo_type, revision=revision, files_metadata=True,
+                                 timeout=limit("hub"))
         except RevisionNotFoundError:
             raise StepError(f"{spec.source}: revision {revision!r} does not exist in {repo}",
                             hint="use a branch, a tag or a commit sha of the repository") from None
@@ -118,7 +135,8 @@ class HubSource:
                 raise StepError("interrupted")
             try:
                 path = hf_hub_download(repo, name, revision=commit, repo_type=spec.repo_type,
-                                       endpoint=self.endpoint(spec), cache_dir=scratch / "hub")
+                                       endpoint=self.endpoint(spec), cache_dir=scratch / "hub",
+                                       etag_timeout=limit("hub"))
             except _network_errors() as e:
                 raise _unreachable(spec, self.endpoint(spec), e) from None
             out[name] = Path(path).resolve()
@@ -139,7 +157,14 @@ class S3Source:
     def client(self, spec: WeightsSpec):
         import boto3
 
-        return boto3.client("s3", endpoint_url=spec.endpoint_url, region_name=spec.region)
+        from botocore.config import Config
+
+        # bounded: an S3 that accepts connections and never answers fails the step in
+        # SNAPBUILD_S3_TIMEOUT seconds (per try) instead of hanging the build
+        wait = limit("s3")
+        return boto3.client("s3", endpoint_url=spec.endpoint_url, region_name=spec.region,
+                            config=Config(connect_timeout=min(wait, 10), read_timeout=wait,
+                                          retries={"max_attempts": 3, "mode": "standard"}))
 
     def resolve(self, spec: WeightsSpec, base_dir: Path) -> dict:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -169,12 +194,12 @@ class S3Source:
                             hint="check the bucket and prefix, and the credentials boto3 finds "
                                  "(AWS_PROFILE, AWS_ACCESS_KEY_ID, ...)") from None
         except BotoCoreError as e:
-            raise StepError(f"{spec.source}: S3 cannot be reached ({e})") from None
+            raise _s3_error(spec, spec.endpoint_url or os.environ.get("AWS_ENDPOINT_URL"), e) from None
         return {"files": files}
 
     def fetch(self, spec: WeightsSpec, ctx, scratch: Path) -> dict[str, Path]:
         from boto3.s3.transfer import TransferConfig
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         bucket, prefix = self.parse(spec)
         s3 = self.client(spec)
@@ -192,6 +217,8 @@ class S3Source:
             except ClientError as e:
                 raise StepError(f"{spec.source}: cannot download {rel}: "
                                 f"{e.response.get('Error', {}).get('Code', e)}") from None
+            except BotoCoreError as e:
+                raise _s3_error(spec, spec.endpoint_url or os.environ.get("AWS_ENDPOINT_URL"), e) from None
             out[rel] = dest
             ctx.log.write(f"fetched {rel} ({meta['size']} bytes)\n")
         return out
