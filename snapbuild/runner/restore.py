@@ -245,7 +245,10 @@ def _restore(runtime: Runtime, store: Store, timings: dict, lazy_pages: bool = F
     work = Path(tempfile.mkdtemp(prefix="snapbuild-restore-"))
     lazy = None
     if lazy_pages:
-        why_not = engine.lazy_unsupported()
+        try:
+            why_not = engine.lazy_unsupported()
+        except SnapbuildError as e:  # `criu check` itself failed: restore without them
+            why_not = e.message
         if out is not None:
             out["lazy_pages"] = f"not used: {why_not}" if why_not else "used"
         lazy_pages = why_not is None
