@@ -75,7 +75,7 @@ def test_the_agent_takes_full_references(tmp_path):
     assert (a.ref, a.registry) == ("np:2", "oci://h:5000/team"), "a full reference wins over the default"
     assert (b.ref, b.registry) == ("np:3", "oci://default:5000/x")
     cfg.write_text('[[server]]\nname = "a"\nref = "oci://h:5000/team/np:2"\nregistry = "oci://other/y"\n')
-    with pytest.raises(UsageError, match=r"\[\[server\]\].*leave out --registry|leave out --registry"):
+    with pytest.raises(UsageError, match="leave out --registry"):
         load_config(cfg)
     [c] = config_from_flags(["web=oci://h:5000/team/np:2:8080"]).servers
     assert (c.ref, c.registry, c.publish) == ("np:2", "oci://h:5000/team", 8080)
