@@ -135,6 +135,15 @@ def restore(images: Path, *, work: Path, extra: list[str] = ()) -> int:
     return int(pidfile.read_text().strip())
 
 
+def _die_with_parent() -> None:
+    """In the lazy-pages daemon, before exec: SIGKILL when the runner dies, so a runner
+    killed mid-restore leaves no daemon to finish a restore nobody will check."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class LazyPages:
     """A ``criu lazy-pages`` daemon serving a restored tree's private memory from its
     images through userfaultfd: pages a process touches first come at once, the rest are
@@ -153,7 +162,7 @@ class LazyPages:
                 [binary(), "lazy-pages", "-D", str(images), "-W", str(work), "-o", self.log.name, "-v1",
                  "--status-fd", str(w)],
                 pass_fds=[w], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                text=True, process_group=0)
+                text=True, process_group=0, preexec_fn=_die_with_parent)
         except OSError as e:
             os.close(r)
             os.close(w)
