@@ -158,15 +158,24 @@ class LazyPages:
         self.log = work / "lazy-pages.log"
         r, w = os.pipe()
         try:
+            err = open(work / "lazy-pages.stderr", "wb")
+        except OSError:
+            os.close(r)
+            os.close(w)
+            raise
+        try:
             self.proc = subprocess.Popen(
                 [binary(), "lazy-pages", "-D", str(images), "-W", str(work), "-o", self.log.name, "-v1",
                  "--status-fd", str(w)],
-                pass_fds=[w], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                text=True, process_group=0, preexec_fn=_die_with_parent)
+                # stderr to a file, not a pipe nobody reads while it runs: a full pipe would block it
+                pass_fds=[w], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=err, process_group=0, preexec_fn=_die_with_parent)
         except OSError as e:
             os.close(r)
             os.close(w)
             raise CriuError(f"cannot start criu lazy-pages: {e}", hint=SETUP_HINT) from None
+        finally:
+            err.close()  # the daemon has its own copy
         os.close(w)
         with os.fdopen(r, "rb") as status:  # "\0" once it listens; nothing if it died first
             ready = status.read(1) == b"\0"
@@ -175,8 +184,11 @@ class LazyPages:
             raise CriuError("criu lazy-pages did not start:\n" + self._why(), hint=f"full log: {self.log}")
 
     def _why(self) -> str:
-        stderr = self.proc.stderr.read() if self.proc.stderr and self.proc.poll() is not None else ""
-        return errors_from_log(self.log) or (stderr or "").strip()[-1000:] or f"exit {self.proc.returncode}"
+        try:
+            stderr = (self.log.parent / "lazy-pages.stderr").read_text(errors="replace")
+        except OSError:
+            stderr = ""
+        return errors_from_log(self.log) or stderr.strip()[-1000:] or f"exit {self.proc.returncode}"
 
     def failed(self) -> str | None:
         """Why the daemon ended before every page was in place, or None (running, or done)."""
