@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,9 +19,24 @@ from .store import Store
 from .store.snapshot import assemble
 
 
-def plan(recipe_path: str | Path, *, sets: dict | None = None, store: Store | None = None) -> list[Plan]:
+def plan(recipe_path: str | Path, *, sets: dict | None = None, store: Store | None = None,
+         offline: bool = False) -> list[Plan]:
     store = store or Store()
-    return [make_plan(r, store) for r in load_recipe(recipe_path, sets)]
+    return [_make_plan(recipe_path, r, store, offline) for r in load_recipe(recipe_path, sets)]
+
+
+def offline_env() -> bool:
+    """``HF_HUB_OFFLINE=1`` (huggingface_hub's switch) makes a build offline, as ``--offline`` does."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _make_plan(recipe_path: str | Path, recipe: Recipe, store: Store, offline: bool) -> Plan:
+    from . import lock
+
+    if not (offline or offline_env()):
+        return make_plan(recipe, store)
+    return make_plan(recipe, store, offline=True, locked=lock.read(recipe_path)["builds"].get(recipe.build_id),
+                     lock_file=lock.lock_path(recipe_path).name)
 
 
 def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | None = None,
@@ -28,7 +44,8 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
           registry: str | None = None, reporter: Reporter | None = None,
           locked: bool = False, push: tuple[str, ...] | list[str] = (),
           cache_from: tuple[str, ...] | list[str] = (), cache_to: tuple[str, ...] | list[str] = (),
-          sign_key: Path | None = None, cache_trust: tuple[Path, ...] | list[Path] = ()) -> list[BuildResult]:
+          sign_key: Path | None = None, cache_trust: tuple[Path, ...] | list[Path] = (),
+          offline: bool = False) -> list[BuildResult]:
     """Build every matrix combination of a recipe; publish each that succeeds and has a tag.
 
     Returns one :class:`BuildResult` per combination; a failed one has ``ok == False`` and
@@ -39,6 +56,10 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
     are looked up in the ``cache_from`` registries before running (see
     :mod:`.remote_cache`), taking only entries signed by a ``cache_trust`` key when
     any is given, and sent to the ``cache_to`` ones after (signed with ``sign_key``).
+    ``offline`` (or ``HF_HUB_OFFLINE=1``) plans from the lock file's pins and builds from
+    the store and local caches (the Hugging Face cache, the Docker engine's images),
+    reaching neither the Hub, S3 nor an image registry; registries named by the options
+    above are still used.
     """
     from . import lock
 
@@ -73,7 +94,7 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
         with store.using():
             for recipe in recipes:
                 t0 = time.monotonic()
-                p = make_plan(recipe, store)
+                p = _make_plan(recipe_path, recipe, store, offline)
                 resolved[recipe.build_id] = lock.entries(p)
                 if locked:
                     lock.check(recipe_path, recipe.build_id, resolved[recipe.build_id])

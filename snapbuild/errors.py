@@ -112,6 +112,13 @@ class SourceUnreachable(StepError):
     exit_code = 7
 
 
+class MissingPin(SnapbuildError):
+    """An offline build needs a floating reference's pin that the lock file does not
+    hold. Exits like lock drift."""
+
+    exit_code = 3
+
+
 class IntegrityError(SnapbuildError):
     """Stored data does not match its digest: corruption, truncation or tampering."""
 

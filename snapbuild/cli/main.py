@@ -12,6 +12,10 @@ from .. import __version__
 from .common import Group, TransferProgress, emit_json, json_option, registry_option, render_error, set_option
 from ..runner.cli import LAZY_HELP
 
+OFFLINE_HELP = ("Reach neither the Hub, S3 nor an image registry: floating references come from RECIPE.lock, "
+                "files from the store, the Hugging Face cache and the Docker engine's images "
+                "(also HF_HUB_OFFLINE=1).")
+
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="snapbuild")
@@ -37,8 +41,9 @@ def cli():
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @set_option
+@click.option("--offline", is_flag=True, help=OFFLINE_HELP)
 @json_option
-def plan(recipe, sets, as_json):
+def plan(recipe, sets, offline, as_json):
     """Show each step's key, whether it runs or is cached, and why it runs.
 
     \b
@@ -49,7 +54,7 @@ def plan(recipe, sets, as_json):
     from ..plan import short
     from ..recipe import parse_sets
 
-    plans = make_plans(recipe, sets=parse_sets(sets))
+    plans = make_plans(recipe, sets=parse_sets(sets), offline=offline)
     if as_json:
         if len(plans) == 1:
             emit_json(plans[0].to_json())
@@ -90,9 +95,10 @@ def plan(recipe, sets, as_json):
 @click.option("--locked", is_flag=True,
               help="Refuse to build when a floating reference (Hub revision, S3 object, image tag) resolves "
                    "differently from RECIPE.lock.")
+@click.option("--offline", is_flag=True, help=OFFLINE_HELP)
 @json_option
 def build(recipe, sets, tag, registry, jobs, keep_going, progress, push_to, cache_from, cache_to, sign_key,
-          cache_trust, locked, as_json):
+          cache_trust, locked, offline, as_json):
     """Build a recipe: run what is not cached, then assemble and publish the snapshot.
 
     \b
@@ -107,7 +113,8 @@ def build(recipe, sets, tag, registry, jobs, keep_going, progress, push_to, cach
 
     results = run_build(recipe, sets=parse_sets(sets), jobs=jobs, keep_going=keep_going, tag=tag,
                         registry=registry, reporter=make_reporter(progress), locked=locked, push=push_to,
-                        cache_from=cache_from, cache_to=cache_to, sign_key=sign_key, cache_trust=cache_trust)
+                        cache_from=cache_from, cache_to=cache_to, sign_key=sign_key, cache_trust=cache_trust,
+                        offline=offline)
     if as_json:
         if len(results) == 1:
             emit_json(results[0].to_json())

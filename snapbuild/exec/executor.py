@@ -188,7 +188,7 @@ def _run_step(plan: Plan, ps: PlannedStep, store: Store, statuses: dict[str, Ste
                                    inputs={d: statuses[d].artifact for d in step.deps},
                                    pins=ps.material["pins"], cancel=cancel, recipe=recipe,
                                    artifacts={n: r.artifact for n, r in statuses.items()},
-                                   input_keys=dict(ps.material["inputs"]))
+                                   input_keys=dict(ps.material["inputs"]), offline=plan.offline)
                 try:
                     artifact = step.kind.build(step.spec, ctx)
                 except StepError as e:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import SnapbuildError, SourceUnreachable, StepError
 from ..recipe import Recipe
@@ -34,6 +34,7 @@ class PlannedStep:
 class Plan:
     recipe: Recipe
     steps: dict[str, PlannedStep]  # in topological order
+    offline: bool = False  # planned from the lock file; its steps reach no network source
 
     @property
     def to_run(self) -> list[str]:
@@ -49,11 +50,15 @@ class PlanError(SnapbuildError):
     exit_code = 3
 
 
-def make_plan(recipe: Recipe, store: Store) -> Plan:
-    ctx = PinContext(base_dir=recipe.base_dir, store=store)
+def make_plan(recipe: Recipe, store: Store, *, offline: bool = False, locked: dict | None = None,
+              lock_file: str = "RECIPE.lock") -> Plan:
+    """``offline``: floating references come from ``locked`` (this build's entries of
+    the lock file named ``lock_file``), not from their sources."""
+    base = PinContext(base_dir=recipe.base_dir, store=store, offline=offline, lock_file=lock_file)
     planned: dict[str, PlannedStep] = {}
     for name in recipe.order():
         step = recipe.steps[name]
+        ctx = replace(base, step=name, locked=(locked or {}).get(name))
         try:
             pins = step.kind.pins(step.spec, ctx)
         except SourceUnreachable as e:  # not the recipe's fault: exits 7, like an unreachable registry
@@ -82,4 +87,4 @@ def make_plan(recipe: Recipe, store: Store) -> Plan:
             if users:
                 planned[name].action = "run"
                 planned[name].reason = f"needed by {', '.join(users)}"
-    return Plan(recipe=recipe, steps=planned)
+    return Plan(recipe=recipe, steps=planned, offline=offline)

@@ -45,6 +45,30 @@ class PinContext:
 
     base_dir: Path  # the recipe's directory; relative paths in specs start here
     store: Store
+    #: ``--offline``: kinds with floating references take them from ``locked`` (the lock
+    #: file's entry for this step, see :mod:`snapbuild.lock`) instead of asking the source
+    offline: bool = False
+    step: str = ""
+    locked: dict | None = None
+    lock_file: str = "RECIPE.lock"
+
+    def locked_pins(self, source: str) -> dict:
+        """What the lock file resolved ``source`` to, for an offline plan; an error
+        that names the step and the pin when the lock file has none."""
+        from ..errors import MissingPin
+
+        entry = self.locked
+        if entry is None:
+            raise MissingPin(f"step {self.step!r}: {source} has no pin in {self.lock_file}, and an offline build "
+                             "takes floating references only from the lock file",
+                             hint="build (or `snapbuild lock --update RECIPE`) once where the source can be "
+                                  "reached, or build without --offline (and without HF_HUB_OFFLINE=1)")
+        if entry.get("source") != source:
+            raise MissingPin(f"step {self.step!r}: {self.lock_file} pins {entry.get('source')}, the recipe now "
+                             f"says {source}; an offline build cannot resolve the new reference",
+                             hint="refresh the lock file where the source can be reached: "
+                                  "snapbuild lock --update RECIPE")
+        return entry["resolved"]
 
 
 @dataclass
@@ -64,6 +88,7 @@ class BuildContext:
     input_keys: dict[str, str] = field(default_factory=dict)  # step name -> key, for this step's inputs
     #: Set when the build is interrupted: long-running kinds poll it and stop early.
     cancel: threading.Event = field(default_factory=threading.Event)
+    offline: bool = False  # reach no network source: only the store and local caches
 
     def materialize_input(self, name: str, dest: Path) -> None:
         from ..store.tree import load_tree, materialize

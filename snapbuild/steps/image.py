@@ -123,7 +123,9 @@ class ImageStep:
     def pins(self, spec: ImageSpec, ctx: PinContext) -> dict:
         pins: dict = {}
         if not spec.base_step():
-            pins["from"] = _pin_external(spec.from_, ctx.base_dir)
+            # offline, a registry tag is the Docker engine's image by the id the lock file holds
+            floating = ctx.offline and spec.from_.startswith("docker://")
+            pins["from"] = ctx.locked_pins(spec.from_) if floating else _pin_external(spec.from_, ctx.base_dir)
         if spec.has_instructions():
             pins["context"] = _context_digests(spec, ctx.base_dir)
         return pins
@@ -169,7 +171,16 @@ class ImageStep:
 
             c = docker.client()
             archive = scratch / "pulled.tar"
-            docker.save(c, ctx.pins["from"]["image_id"], archive)
+            image_id = ctx.pins["from"]["image_id"]
+            if ctx.offline:
+                try:
+                    c.images.get(image_id)
+                except Exception:
+                    raise StepError(f"base {spec.from_}: offline, and the Docker engine has no image {image_id[:19]} "
+                                    "(the id the lock file pins)",
+                                    hint="pull it once where the registry can be reached, or `docker load` it, "
+                                         "or build without --offline") from None
+            docker.save(c, image_id, archive)
             return _read_archive(archive, "docker-archive", out, spec.epoch)
         path = (ctx.base_dir / ref).resolve()
         say(f"base: {kind} {path}")

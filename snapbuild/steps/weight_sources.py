@@ -126,6 +126,7 @@ class HubSource:
 
     def fetch(self, spec: WeightsSpec, ctx, scratch: Path) -> dict[str, Path]:
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
 
         repo, _ = self.parse(spec)
         commit = ctx.pins["commit"]
@@ -134,9 +135,22 @@ class HubSource:
             if ctx.cancel.is_set():
                 raise StepError("interrupted")
             try:
-                path = hf_hub_download(repo, name, revision=commit, repo_type=spec.repo_type,
-                                       endpoint=self.endpoint(spec), cache_dir=scratch / "hub",
-                                       etag_timeout=limit("hub"))
+                if ctx.offline:  # the user's Hugging Face cache (HF_HUB_CACHE), by commit
+                    path = hf_hub_download(repo, name, revision=commit, repo_type=spec.repo_type,
+                                           local_files_only=True)
+                else:
+                    path = hf_hub_download(repo, name, revision=commit, repo_type=spec.repo_type,
+                                           endpoint=self.endpoint(spec), cache_dir=scratch / "hub",
+                                           etag_timeout=limit("hub"))
+            except LocalEntryNotFoundError:
+                if not ctx.offline:
+                    raise
+                from huggingface_hub.constants import HF_HUB_CACHE
+
+                raise StepError(f"{spec.source}: offline, and {name} at commit {commit[:12]} is neither in the store "
+                                f"nor in the Hugging Face cache ({HF_HUB_CACHE})",
+                                hint=f"fetch it once where the Hub can be reached (`hf download {repo} "
+                                     f"--revision {commit}`, or a build), or build without --offline") from None
             except _network_errors() as e:
                 raise _unreachable(spec, self.endpoint(spec), e) from None
             out[name] = Path(path).resolve()
@@ -201,6 +215,11 @@ class S3Source:
         from boto3.s3.transfer import TransferConfig
         from botocore.exceptions import BotoCoreError, ClientError
 
+        if ctx.offline:
+            raise StepError(f"{spec.source}: offline, and this step's result is not in the store (S3 objects have "
+                            "no cache outside it)",
+                            hint="build once where S3 can be reached, fill the store from a remote cache "
+                                 "(--cache-from), or build without --offline")
         bucket, prefix = self.parse(spec)
         s3 = self.client(spec)
         config = TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20, max_concurrency=4)

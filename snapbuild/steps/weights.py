@@ -80,7 +80,13 @@ class WeightsStep:
 
     def pins(self, spec: WeightsSpec, ctx: PinContext) -> dict:
         source = _source(spec)
-        pins = source.resolve(spec, ctx.base_dir)
+        if ctx.offline and not spec.source.startswith("file://"):
+            # the lock file's pins, narrowed to what include/exclude select now (a
+            # pattern that widens the selection cannot be followed offline)
+            pins = dict(ctx.locked_pins(spec.source))
+            pins["files"] = {p: m for p, m in pins.get("files", {}).items() if spec.selected(p)}
+        else:
+            pins = source.resolve(spec, ctx.base_dir)
         if not pins["files"]:
             raise StepError(f"no file of {spec.source} matches include {spec.include} (exclude {spec.exclude})",
                             hint="patterns are shell-style (fnmatch) on paths relative to the source")

@@ -226,3 +226,59 @@ def test_a_build_killed_mid_download_leaves_no_half_file(hub, recipe, store, run
     assert files_of(store, res.steps["w"].artifact) == {"model.safetensors": data, "config.json": b"{}"}
     assert run_cli("cache", "gc").code == 0
     assert not any((store.home / "work").iterdir()), "gc clears what the killed build left in its work folder"
+
+
+def test_offline_builds_plan_from_the_lock_file_and_reach_no_source(hub, s3, s3_server, recipe, store, run_cli,
+                                                                     tmp_path):
+    commit = hub.publish("acme/off", {"model.safetensors": b"\x05" * 4000, "config.json": b"{}"})
+    bucket = f"off-{os.getpid()}-{time.monotonic_ns()}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="m/w.bin", Body=b"s" * 1000)
+    path = recipe(f"""
+        name: offl
+        steps:
+          w: {{kind: weights, source: "hf://acme/off@main"}}
+          s: {{kind: weights, source: "s3://{bucket}/m/", endpoint_url: "{s3_server}"}}
+    """)
+    r = run_cli("plan", path, "--offline")
+    assert r.code == 3 and "step 's': s3://" in r.err and "has no pin in recipe.lock" in r.err, r
+    assert "Traceback" not in r.err
+    assert run_cli("build", path).code == 0  # online: writes recipe.lock
+
+    asked = len(hub.requests)
+    dead = {"HF_ENDPOINT": "http://127.0.0.1:9", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    r = run_cli("build", path, "--offline", "--json", env=dead)
+    assert r.code == 0, r
+    assert {s["name"]: s["status"] for s in json.loads(r.out)["steps"]} == {"w": "cached", "s": "cached"}
+    r = run_cli("plan", path, "--json", env={**dead, "HF_HUB_OFFLINE": "1"})
+    assert r.code == 0 and all(s["action"] == "cached" for s in json.loads(r.out)["steps"]), r
+    assert len(hub.requests) == asked, "an offline plan asks the Hub nothing"
+
+    # A fresh store: the Hub's files come from the Hugging Face cache, by the locked
+    # commit; S3's have no cache outside the store, and the error says so.
+    fresh = {**dead, "SNAPBUILD_HOME": str(tmp_path / "fresh"), "HF_HUB_CACHE": str(tmp_path / "hf-cache")}
+    r = run_cli("build", path, "--offline", "-k", env=fresh)
+    assert r.code == 4, r
+    assert "is neither in the store nor in the Hugging Face cache" in r.err and f"commit {commit[:12]}" in r.err, r
+    assert "offline, and this step's result is not in the store" in r.err, r
+    from huggingface_hub import hf_hub_download
+
+    for name in ("model.safetensors", "config.json"):  # as `hf download` would
+        hf_hub_download("acme/off", name, revision=commit, cache_dir=tmp_path / "hf-cache", endpoint=hub.url)
+    asked = len(hub.requests)
+    only_hub = recipe('name: offl\nsteps:\n  w: {kind: weights, source: "hf://acme/off@main"}\n', name="hub.yaml")
+    (path.parent / "hub.lock").write_text((path.parent / "recipe.lock").read_text())
+    r = run_cli("build", only_hub, "--offline", "--json", env=fresh)
+    assert r.code == 0, r
+    assert len(hub.requests) == asked
+    from snapbuild.store import Store
+
+    [p] = plan(only_hub, store=Store(tmp_path / "fresh"), offline=True)
+    assert p.steps["w"].action == "cached"
+    assert files_of(Store(tmp_path / "fresh"), p.steps["w"].artifact) == {"model.safetensors": b"\x05" * 4000,
+                                                                          "config.json": b"{}"}
+
+    # a source the lock file pins differently cannot be resolved offline
+    moved = recipe(path.read_text().replace("acme/off@main", "acme/off@v2"), name="recipe.yaml")
+    r = run_cli("build", moved, "--offline", env=dead)
+    assert r.code == 3 and "recipe.lock pins hf://acme/off@main, the recipe now says hf://acme/off@v2" in r.err, r
