@@ -9,6 +9,31 @@ Where a built-in exception fits, the class also inherits it, so callers can catc
 from __future__ import annotations
 
 
+#: Every exit status of ``snapbuild`` and ``snapbuild-runner``, one table for both (the
+#: README's "Exit status" repeats it; a test keeps them equal). Each error class below
+#: exits with one of these.
+EXIT_CODES: dict[int, str] = {
+    0: "success",
+    1: "a check that found problems (`doctor`), or an error of no other kind",
+    2: "usage: a bad option, reference or registry URL, or a port already taken",
+    3: "recipe error, or a lock file that does not match (drift, or a pin an offline build needs)",
+    4: "a step failed (or was skipped because of a failure)",
+    5: "integrity: data that does not match its digest, or hostile content refused",
+    6: "not found: no such snapshot, tag, step, log or process",
+    7: "unreachable: a registry, or a step's source (the Hub, S3)",
+    8: "checkpoint engine: CRIU or runc missing, too old, or failing",
+    9: "not restored, and no cold boot (forbidden, or it failed too)",
+    10: "untrusted: the trust policy refuses the snapshot",
+    11: "node: a mount the server needs cannot be made",
+    130: "interrupted",
+}
+
+
+def exit_codes_help(codes: tuple[int, ...] | None = None) -> str:
+    """The table (or some of its codes) as a ``--help`` epilog."""
+    return "Exit status:\n" + "\n".join(f"  {c:>3}  {EXIT_CODES[c]}" for c in (codes or tuple(EXIT_CODES)))
+
+
 class SnapbuildError(Exception):
     """Base class. ``exit_code`` is what the CLI exits with."""
 
@@ -125,6 +150,13 @@ class IntegrityError(SnapbuildError):
     exit_code = 5
 
 
+class NodeError(SnapbuildError):
+    """This node cannot set up what a server needs (a mount point taken or unusable):
+    not the user's command line, not the snapshot."""
+
+    exit_code = 11
+
+
 class NotFound(SnapbuildError, LookupError):
     """A blob, artifact, tag, step or log that does not exist."""
 
@@ -135,3 +167,22 @@ class RegistryError(SnapbuildError):
     """A registry that cannot be reached, read or written."""
 
     exit_code = 7
+
+
+def render_error(e: SnapbuildError) -> str:
+    """``ERROR what happened`` and, where there is one, ``TIP what to do``."""
+    text = e.render() if isinstance(e, RecipeError) else str(e)
+    out = f"ERROR {text}"
+    if e.hint:
+        out += f"\nTIP   {e.hint}"
+    return out
+
+
+def error_json(e: SnapbuildError) -> dict:
+    """The error as ``--json`` prints it: ``{"error": {"type", "message", "exit_code", ...}}``."""
+    err = {"type": type(e).__name__, "message": e.message, "exit_code": e.exit_code}
+    if e.hint:
+        err["hint"] = e.hint
+    if isinstance(e, RecipeError):
+        err.update(file=e.file, line=e.line, column=e.column, key_path=list(e.key_path))
+    return {"error": err}

@@ -21,6 +21,7 @@ resolved inside the container.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import stat
@@ -33,6 +34,8 @@ from . import tools
 from .errors import IntegrityError, SnapbuildError
 from .runtime import erofs, layout
 from .store.fsutil import ParallelWrites, flock
+
+log = logging.getLogger(__name__)
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -377,7 +380,9 @@ def assemble(layers: list[Path], dest: Path, *, work: Path | None = None) -> str
         try:
             overlay_mount(layers, work / "upper", work / "work", dest)
             return "overlay"
-        except SnapbuildError:
-            pass
+        except SnapbuildError as e:
+            log.warning("%s; copying the layers to %s instead (slower, and it takes disk space)", e.message, dest)
+    else:
+        log.info("root filesystem at %s: copying the layers (an overlay mount needs root)", dest)
     copy_assemble(layers, dest)
     return "copy"

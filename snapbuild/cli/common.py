@@ -8,32 +8,47 @@ import sys
 
 import click
 
-from ..errors import RecipeError, SnapbuildError
+from ..errors import SnapbuildError, error_json, render_error
 
 
 def emit_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2))
 
 
-def render_error(e: SnapbuildError) -> str:
-    text = e.render() if isinstance(e, RecipeError) else str(e)
-    out = f"ERROR {text}"
-    if e.hint:
-        out += f"\nTIP   {e.hint}"
-    return out
+_VERBOSE_META = "snapbuild.verbose"
 
 
-def error_json(e: SnapbuildError) -> dict:
-    err = {"type": type(e).__name__, "message": e.message, "exit_code": e.exit_code}
-    if e.hint:
-        err["hint"] = e.hint
-    if isinstance(e, RecipeError):
-        err.update(file=e.file, line=e.line, column=e.column, key_path=list(e.key_path))
-    return {"error": err}
+def _verbosity(ctx, _param, value):
+    # -v counts before and after the command's name (`snapbuild -v build` and
+    # `snapbuild build -vv`): ctx.meta is shared by the whole context tree.
+    from .. import log
+
+    if value or _VERBOSE_META not in ctx.meta:
+        ctx.meta[_VERBOSE_META] = ctx.meta.get(_VERBOSE_META, 0) + value
+        try:
+            log.setup(ctx.meta[_VERBOSE_META])
+        except SnapbuildError as e:
+            click.echo(render_error(e), err=True)
+            sys.exit(e.exit_code)
+    return value
+
+
+def verbose_option(f):
+    return click.option("-v", "--verbose", count=True, expose_value=False, is_eager=True, callback=_verbosity,
+                        help="Log more on stderr: -v what is done, -vv debugging detail "
+                             "(also SNAPBUILD_LOG=debug|info|warning|error).")(f)
 
 
 class Group(click.Group):
-    """Turns :class:`SnapbuildError` into ``ERROR``/``TIP`` lines and its exit code."""
+    """Turns :class:`SnapbuildError` into ``ERROR``/``TIP`` lines and its exit code;
+    gives every command ``-v/--verbose``."""
+
+    def add_command(self, cmd, name=None):
+        if isinstance(cmd, click.Group) and not isinstance(cmd, Group):
+            raise TypeError(f"{cmd.name}: sub-groups take cls=Group, so their commands get -v too")
+        if not any(p.name == "verbose" for p in cmd.params):
+            verbose_option(cmd)
+        super().add_command(cmd, name)
 
     def invoke(self, ctx):
         try:

@@ -9,16 +9,19 @@ from pathlib import Path
 import click
 
 from .. import __version__
-from .common import Group, TransferProgress, emit_json, json_option, registry_option, render_error, set_option
-from ..runner.cli import LAZY_HELP
+from ..errors import exit_codes_help
+from .common import (Group, TransferProgress, emit_json, json_option, registry_option, render_error,
+                     s3_endpoint_option, set_option, verbose_option)
 
 OFFLINE_HELP = ("Reach neither the Hub, S3 nor an image registry: floating references come from RECIPE.lock, "
                 "files from the store, the Hugging Face cache and the Docker engine's images "
                 "(also HF_HUB_OFFLINE=1).")
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             epilog="\b\n" + exit_codes_help())
 @click.version_option(__version__, prog_name="snapbuild")
+@verbose_option
 def cli():
     """Build warmed, checkpointed inference servers as cached snapshots.
 
@@ -71,7 +74,7 @@ def plan(recipe, sets, offline, as_json):
             click.echo("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + r[4])
 
 
-@cli.command()
+@cli.command(epilog="\b\n" + exit_codes_help((0, 2, 3, 4, 5, 6, 7, 130)))
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @set_option
 @click.option("--tag", metavar="NAME:TAG", help="Publish the snapshot under this tag (default: the recipe's `publish.tag`).")
@@ -99,13 +102,7 @@ def plan(recipe, sets, offline, as_json):
 @json_option
 def build(recipe, sets, tag, registry, jobs, keep_going, progress, push_to, cache_from, cache_to, sign_key,
           cache_trust, locked, offline, as_json):
-    """Build a recipe: run what is not cached, then assemble and publish the snapshot.
-
-    \b
-    Exit status:
-      0 built        2 bad option     3 recipe error   4 a step failed
-      5 corrupt data 6 not found      7 registry error 130 interrupted
-    """
+    """Build a recipe: run what is not cached, then assemble and publish the snapshot."""
     from ..build import build as run_build
     from ..errors import BuildFailed
     from ..exec.report import make_reporter
@@ -374,8 +371,8 @@ def lock_cmd(recipe, sets, update, as_json):
     """Check RECIPE.lock against what the recipe's floating references (Hub revisions,
     S3 objects, image tags) resolve to now; with --update, refresh it.
 
-    Exits 1 when the lock file is out of date (without --update). `build` writes the
-    lock file after every successful build; `build --locked` refuses to start on drift.
+    Exits 3 when the lock file is out of date (without --update), as `build --locked`
+    does. `build` writes the lock file after every successful build.
     """
     from .. import lock
     from ..build import plan as make_plans
@@ -396,31 +393,34 @@ def lock_cmd(recipe, sets, update, as_json):
         elif not any(drift.values()):
             click.echo(f"up to date: {lock.lock_path(recipe)}")
     if not update and any(drift.values()):
-        sys.exit(1)
+        sys.exit(lock.LockDrift.exit_code)
+
+
+def restore_options(f):
+    """The runner's restore options (snapbuild.runner.cli.RESTORE_OPTIONS), as click options."""
+    from ..runner.cli import RESTORE_OPTIONS
+
+    for o in reversed(RESTORE_OPTIONS):
+        kind = click.Choice(o.choices) if o.choices else click.Path(dir_okay=False, path_type=Path) if o.path else str
+        f = click.option(o.flag, o.dest, metavar=o.metavar, type=kind, default=o.default,
+                         help=o.help[0].upper() + o.help[1:] + ".")(f)
+    return f
 
 
 @cli.command(name="run")
 @click.argument("ref")
-@registry_option
-@click.option("--fallback", type=click.Choice(["cold", "fail"]), default="cold", show_default=True,
-              help="When restoring is impossible: boot the server cold, or fail (exit 9).")
-@click.option("--publish", metavar="HOST[:CONTAINER]",
-              help="Container snapshots: the host port that reaches the server (default: its container port; "
-                   "0 picks a free one).")
-@click.option("--lazy-pages", type=click.Choice(["on", "off"]), default=None, help=LAZY_HELP)
+@restore_options
+@s3_endpoint_option
 @json_option
-def run_snapshot(ref, registry, fallback, publish, lazy_pages, as_json):
+def run_snapshot(ref, as_json, **options):
     """Start a snapshot's server here: restore it warm, or boot it cold and say why.
 
-    The same as `snapbuild-runner restore`. The server keeps running; stop it with
-    `snapbuild-runner stop PID`.
+    The same as `snapbuild-runner restore`, with the same options. The server keeps
+    running; stop it with `snapbuild-runner stop PID`.
     """
-    from ..runner.cli import lazy_pages as lazy_choice
-    from ..runner.cli import print_restore
-    from ..runner.restore import run
+    from ..runner.cli import restore
 
-    print_restore(run(ref, registry=registry, fallback=fallback, publish=publish,
-                      lazy_pages=lazy_choice(lazy_pages)), as_json)
+    restore(ref, options, as_json)
 
 
 @cli.command(name="bench")

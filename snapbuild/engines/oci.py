@@ -32,7 +32,7 @@ class OciEngine:
     def path(self) -> str:
         found = shutil.which(self.binary)
         if not found:
-            raise SnapbuildError(f"{self.binary} is not installed", hint=self.install_hint)
+            raise OciRuntimeError(f"{self.binary} is not installed", hint=self.install_hint)  # like a missing criu
         return found
 
     def check(self) -> None:

@@ -5,18 +5,31 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import SnapbuildError, UsageError
+from ..errors import SnapbuildError, UsageError, error_json, exit_codes_help, render_error
+
+
+def _verbosity(dest: str) -> argparse.ArgumentParser:
+    v = argparse.ArgumentParser(add_help=False)
+    v.add_argument("-v", "--verbose", dest=dest, action="count", default=0,
+                   help="log more on stderr: -v what is done, -vv debugging detail "
+                        "(also SNAPBUILD_LOG=debug|info|warning|error)")
+    return v
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="snapbuild-runner",
-        description="Pull snapshots built by `snapbuild build` onto this node.",
-        epilog="The node's store is $SNAPBUILD_HOME (default ~/.cache/snapbuild).")
+        prog="snapbuild-runner", parents=[_verbosity("verbose")],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Pull snapshots built by `snapbuild build` onto this node, restore their servers, "
+                    "keep them running.",
+        epilog="The node's store is $SNAPBUILD_HOME (default ~/.cache/snapbuild).\n\n" + exit_codes_help())
+    # -v before or after the command's name: two counts, added up
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    pull = sub.add_parser("pull", help="fetch a snapshot (verified) and optionally write its outputs out",
+    after = [_verbosity("verbose_after")]
+    pull = sub.add_parser("pull", parents=after, help="fetch a snapshot (verified) and optionally write its outputs out",
                           description="Fetch the blobs of a snapshot that this node lacks, verifying each "
                                       "against its digest; with --dest, write every output to DEST/<step>/.")
     pull.add_argument("ref", help=REF_HELP)
@@ -27,19 +40,19 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--cache-max", metavar="SIZE", help=CACHE_HELP)
     pull.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    rs = sub.add_parser("restore", help="start a snapshot's server: restored warm, or booted cold",
+    rs = sub.add_parser("restore", parents=after, help="start a snapshot's server: restored warm, or booted cold",
                         description="Fetch a snapshot (verified), check this node can take it, restore its "
                                     "server with CRIU and probe it ready; when it cannot be restored (other "
                                     "CPU, PID taken, failed restore...) boot the same server cold, and say why. "
                                     "The server keeps running; stop it with `snapbuild-runner stop PID`.")
     add_restore_args(rs)
-    lg = sub.add_parser("logs", help="print the log of a snapshot's server on this node",
+    lg = sub.add_parser("logs", parents=after, help="print the log of a snapshot's server on this node",
                         description="Print the end of the server log of a snapshot started here (restored "
                                     "or cold): the same file before and after a restore.")
     lg.add_argument("ref", help=REF_HELP)
     lg.add_argument("--registry", metavar="URL", help=REGISTRY_HELP)
     lg.add_argument("-n", "--lines", type=int, default=50, help="how many lines from the end (default: 50)")
-    gc = sub.add_parser("gc", help="free node caches that no pulled snapshot uses",
+    gc = sub.add_parser("gc", parents=after, help="free node caches that no pulled snapshot uses",
                         description="Let go of the written-out input trees, checkpoint images and unpacked "
                                     "container layers that this store used and that no snapshot pinned in "
                                     "it (the last pull of each name) uses; remove them when no other store "
@@ -47,12 +60,12 @@ def _parser() -> argparse.ArgumentParser:
                                     "servers belong to pinned snapshots.")
     gc.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
     gc.add_argument("--json", action="store_true", help="print the result as JSON")
-    st = sub.add_parser("stop", help="stop a server started by restore", description="Stop a server (and "
+    st = sub.add_parser("stop", parents=after, help="stop a server started by restore", description="Stop a server (and "
                         "everything in its session): SIGTERM, then SIGKILL after 10 s. A container is "
                         "removed with its port forwarder, mounts and network namespace.")
     st.add_argument("pid", metavar="PID|CONTAINER",
                     help="the pid that restore printed, or a container's id")
-    sv = sub.add_parser("serve", help="run the node agent: keep the configured snapshots running",
+    sv = sub.add_parser("serve", parents=after, help="run the node agent: keep the configured snapshots running",
                         description="Keep a declared set of snapshots running on this node: restore each (or "
                                     "boot it cold, with the reason), restart a server that dies (with backoff; "
                                     "marked failed after repeated deaths), roll to a new digest when its tag "
@@ -88,24 +101,56 @@ LAZY_HELP = ("host-process snapshots: restore with CRIU's lazy pages, the server
              "$SNAPBUILD_LAZY_PAGES, else on; docs/runner.md)")
 
 
+@dataclass(frozen=True)
+class Option:
+    """One option of a restore, defined once for ``snapbuild-runner restore`` (argparse)
+    and ``snapbuild run`` (click), so the two take the same options."""
+
+    flag: str
+    help: str
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    default: str | None = None
+    path: bool = False
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+RESTORE_OPTIONS = (
+    Option("--registry", REGISTRY_HELP, metavar="URL"),
+    Option("--trust-policy", TRUST_HELP, metavar="FILE", path=True),
+    Option("--cache-max", CACHE_HELP, metavar="SIZE"),
+    Option("--fallback", "when restoring is impossible: boot cold (default) or fail (exit 9)",
+           choices=("cold", "fail"), default="cold"),
+    Option("--publish", "container snapshots: the host port that reaches the server (default: the same "
+                        "number as its port in the container; 0 picks a free one)", metavar="HOST[:CONTAINER]"),
+    Option("--lazy-pages", LAZY_HELP, choices=("on", "off")),
+)
+
+
 def add_restore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ref", help=REF_HELP)
-    p.add_argument("--registry", metavar="URL", help=REGISTRY_HELP)
-    p.add_argument("--trust-policy", metavar="FILE", type=Path, help=TRUST_HELP)
-    p.add_argument("--cache-max", metavar="SIZE", help=CACHE_HELP)
-    p.add_argument("--fallback", choices=["cold", "fail"], default="cold",
-                   help="when restoring is impossible: boot cold (default) or fail (exit 9)")
-    p.add_argument("--publish", metavar="HOST[:CONTAINER]",
-                   help="container snapshots: the host port that reaches the server (default: the same "
-                        "number as its port in the container; 0 picks a free one)")
-    p.add_argument("--lazy-pages", choices=["on", "off"], default=None, help=LAZY_HELP)
+    for o in RESTORE_OPTIONS:
+        p.add_argument(o.flag, metavar=o.metavar, choices=o.choices, default=o.default,
+                       type=Path if o.path else str, help=o.help)
     p.add_argument("--json", action="store_true",
                    help='print {"mode", "reason", "pid", "timings": {...}} as JSON')
 
 
-def lazy_pages(choice: str | None) -> bool | None:
-    """``--lazy-pages on|off``; None (not given) leaves it to restore.lazy_default."""
-    return None if choice is None else choice == "on"
+def restore(ref: str, options: dict, as_json: bool) -> None:
+    """Run a restore with ``options`` (``{Option.dest: value}``) and print its result."""
+    from ..signing import UNVERIFIED_WARNING, node_policy
+    from .restore import run
+
+    if node_policy(options["trust_policy"]) is None:
+        print(f"WARNING {UNVERIFIED_WARNING}", file=sys.stderr)
+    lazy = options["lazy_pages"]
+    print_restore(run(ref, registry=options["registry"], fallback=options["fallback"] or "cold",
+                      publish=options["publish"], trust_policy=options["trust_policy"],
+                      cache_max=_size_arg(options["cache_max"]),
+                      lazy_pages=None if lazy is None else lazy == "on"), as_json)
 
 
 def _size_arg(text: str | None) -> int | None:
@@ -137,8 +182,11 @@ def print_restore(result: dict, as_json: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .. import log
+
     args = _parser().parse_args(argv)
     try:
+        log.setup(args.verbose + getattr(args, "verbose_after", 0), json_lines=args.command == "serve")
         if args.command == "pull":
             from ..runtime.erofs import can_mount
             from .pull import pull
@@ -161,15 +209,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"  node cache over {c['max_bytes']} bytes: let go of {', '.join(c['evicted'])} "
                           f"({c['bytes_freed']} bytes)")
         elif args.command == "restore":
-            from ..signing import UNVERIFIED_WARNING, node_policy
-            from .restore import run
-
-            if node_policy(args.trust_policy) is None:
-                print(f"WARNING {UNVERIFIED_WARNING}", file=sys.stderr)
-
-            print_restore(run(args.ref, registry=args.registry, fallback=args.fallback, publish=args.publish,
-                              trust_policy=args.trust_policy, cache_max=_size_arg(args.cache_max),
-                              lazy_pages=lazy_pages(args.lazy_pages)), args.json)
+            restore(args.ref, {o.dest: getattr(args, o.dest) for o in RESTORE_OPTIONS}, args.json)
         elif args.command == "logs":
             from .restore import server_log
 
@@ -218,11 +258,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except SnapbuildError as e:
         if getattr(args, "json", False):
-            print(json.dumps({"error": {"type": type(e).__name__, "message": e.message, "hint": e.hint,
-                                        "exit_code": e.exit_code}}, indent=2))
-        print(f"ERROR {e}", file=sys.stderr)
-        if e.hint:
-            print(f"TIP   {e.hint}", file=sys.stderr)
+            print(json.dumps(error_json(e), indent=2))
+        print(render_error(e), file=sys.stderr)
         sys.exit(e.exit_code)
 
 

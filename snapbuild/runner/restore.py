@@ -12,6 +12,7 @@ always reported. A node is never left without a server when one can be started.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
@@ -29,6 +30,8 @@ from ..store import Store
 from ..runtime.trees import ensure_tree
 from ..schema import Runtime, ServerSpec, SnapshotConfig
 from .pull import pull
+
+log = logging.getLogger(__name__)
 
 
 class RestoreFailed(SnapbuildError):
@@ -77,6 +80,7 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
     except erofs.ImageUnusable as e:
         # This node cannot mount the snapshot's tree images after all: its trees are
         # fetched and written out as they are instead.
+        log.warning("%s: tree images cannot be mounted here (%s); writing the trees out instead", ref, e.message)
         out = start(False)
         out["tree_images"] = f"not used: {e.message}"
     out["timings"]["total_s"] = round(time.monotonic() - t0, 4)
@@ -190,6 +194,8 @@ def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str |
         if fallback == "fail" and mode != "cold":
             raise RestoreFailed(f"cannot restore {fetched['ref']}: {reason}",
                                 hint="run with --fallback cold to boot the server cold instead")
+        if mode != "cold":
+            log.warning("%s: not restored (%s); booting it cold", fetched["ref"], reason)
         if in_container:
             _describe(out, _cold_container(runtime, store, timings, host_port))
         else:
@@ -239,8 +245,8 @@ def _restore(runtime: Runtime, store: Store, timings: dict, lazy_pages: bool = F
         checkpoint = beside.submit(ensure_tree, store.blobs, runtime.images_tree, images_root(spec.run_root))
         run_dir, _env, _mounted = server.prepare(spec, store.blobs)  # mounts stay for the server
     ckpt, _ = checkpoint.result()
-    log = run_dir / server.LOG_NAME
-    log.touch()  # CRIU reopens the server's log by path
+    server_log_path = run_dir / server.LOG_NAME
+    server_log_path.touch()  # CRIU reopens the server's log by path
     images = ckpt / "images"
     work = Path(tempfile.mkdtemp(prefix="snapbuild-restore-"))
     lazy = None
@@ -251,6 +257,8 @@ def _restore(runtime: Runtime, store: Store, timings: dict, lazy_pages: bool = F
             why_not = e.message
         if out is not None:
             out["lazy_pages"] = f"not used: {why_not}" if why_not else "used"
+        if why_not:
+            log.warning("lazy pages not used (%s); restoring all memory before the server runs", why_not)
         lazy_pages = why_not is None
     try:
         busy = [p for p in runtime.pids if not process.wait_gone([p], timeout=3)]
@@ -280,7 +288,7 @@ def _restore(runtime: Runtime, store: Store, timings: dict, lazy_pages: bool = F
     try:
         _resume_gpu(runtime, timings, lambda: process.stop(pid))
         _after_restore(runtime, spec.ready, timings, lambda: process.stop(pid))
-        _wait_restored(spec.ready, log, lambda: process.alive(pid), lambda: process.stop(pid), timings)
+        _wait_restored(spec.ready, server_log_path, lambda: process.alive(pid), lambda: process.stop(pid), timings)
         if lazy is not None:  # before the check requests, which then see the memory complete
             _wait_pages(lazy, timings, lambda: process.stop(pid))
         _verify(runtime, spec.ready, timings, lambda: process.stop(pid))

@@ -26,6 +26,7 @@ the mkfs.erofs to use.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -34,6 +35,8 @@ from .. import tools
 from ..errors import IntegrityError, SnapbuildError
 from . import layout
 from .mountinfo import fs_type
+
+log = logging.getLogger(__name__)
 
 FORMAT = "erofs"
 FILE = "tree.erofs"  # the image tree's one file
@@ -87,12 +90,16 @@ def can_build() -> bool:
 def can_mount() -> bool:
     """Whether this node may use tree images: enabled, root, and EROFS in the kernel."""
     if not enabled() or os.geteuid() != 0:
+        log.info("tree images not used: %s", "turned off" if not enabled() else "mounting them needs root")
         return False
     try:
-        return any(line.split()[-1] == FORMAT for line in Path("/proc/filesystems").read_text().splitlines()
-                   if line.strip())
+        found = any(line.split()[-1] == FORMAT for line in Path("/proc/filesystems").read_text().splitlines()
+                    if line.strip())
     except OSError:
-        return False
+        found = False
+    if not found:
+        log.info("tree images not used: this kernel has no %s (modprobe erofs)", FORMAT)
+    return found
 
 
 def make(src: Path, out: Path, *, exclude: tuple[str, ...] = (), keep_owners: bool = False) -> None:

@@ -17,17 +17,15 @@ import os
 from pathlib import Path
 
 from .. import tools
-from ..errors import SnapbuildError
+from ..errors import NodeError
 from ..schema import mount_point_problem
 from .erofs import is_image_mount
 from .layout import TREE_MARKER
 from .mountinfo import is_mount_point, mount_points, source_deleted
 
 
-class MountError(SnapbuildError):
-    """A mount point that is taken or unusable: like a taken port, nothing starts."""
-
-    exit_code = 2
+class MountError(NodeError):
+    """A mount point that is taken or unusable: nothing starts (exit 11)."""
 
 
 def same_file(a: Path, b: Path) -> bool:

@@ -25,6 +25,7 @@ registry digest or input key), the instructions, and the build context's files.
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 import shutil
@@ -40,6 +41,8 @@ from ..store.tree import build_tree
 from .base import BuildContext, PinContext, StepSpec
 from ..store.fsutil import file_digest
 from .files import file_pin
+
+log = logging.getLogger(__name__)
 
 EXTERNAL_PREFIXES = ("rootfs:", "docker-archive:", "oci-archive:", "docker://")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -280,8 +283,9 @@ def _pin_registry(ref: str) -> dict:
         raise StepError(f"base docker://{ref}: {e.message}", hint=e.hint) from None
     try:
         c.images.pull(ref)
-    except Exception:
-        pass  # unreachable registry: a local image of that name still pins it
+    except Exception as e:  # unreachable registry: a local image of that name still pins it
+        log.warning("docker pull %s failed (%s); pinning the Docker engine's local image of that name instead",
+                    ref, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
     try:
         img = c.images.get(ref)
     except Exception:

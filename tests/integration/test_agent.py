@@ -486,6 +486,9 @@ def test_after_repeated_failed_restores_the_agent_boots_cold_directly(agent, rec
     assert [e["reason"].split(":")[0] for e in started] == ["host engine unusable here", "host engine unusable here",
                                                             "cold boot requested"]
     assert metric(a.get("/metrics"), "snapbuild_fallbacks_total", server="counter", reason="engine") == 2
+    warned = [e for e in a.events() if e["event"] == "log" and e["level"] == "warning"]
+    assert any(e["message"].startswith("counter:prod: not restored (host engine unusable here") and
+               e["logger"] == "snapbuild.runner.restore" for e in warned), a.events()
 
 
 def test_a_container_is_adopted_with_its_node_port_after_sigkill(agent, recipe, store, base_rootfs, tmp_path):

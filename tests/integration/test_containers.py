@@ -307,6 +307,9 @@ def test_bases_from_archives_and_the_engine_keep_the_layers(base_rootfs, dockerd
     want = [x["digest"] for x in meta["layers"]]
     for step in ("from-docker-archive", "from-oci-archive", "from-engine"):
         assert [x["digest"] for x in read_image(store.blobs, got.steps[step].artifact)[0]["layers"]] == want, step
+    r = run_cli("plan", path)  # localtest/ is no registry: the engine's own image, and a warning that says so
+    assert r.code == 0 and "WARNING docker pull localtest/app:1 failed (" in r.err, r
+    assert "pinning the Docker engine's local image of that name instead" in r.err
 
     missing = recipe("""
         name: bases

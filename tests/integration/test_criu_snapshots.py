@@ -321,6 +321,14 @@ def test_runner_cli_restore_and_stop(run_cli, recipe, store):
         assert r.code == 0 and "restored: pid" in r.out, r
     finally:
         assert pid is None or run_cli("stop", str(pid), tool="snapbuild-runner").code == 0
+    # a fallback is never silent: the cold boot is a WARNING with its reason on stderr
+    r = run_cli("run", "counter:v1", "--fallback", "cold", "--json", env={"SNAPBUILD_CRIU": "/nonexistent/criu"})
+    try:
+        assert r.code == 0 and r.json()["mode"] == "cold", r
+        assert "WARNING counter:v1: not restored (host engine unusable here: SNAPBUILD_CRIU=/nonexistent/criu" \
+            in r.err, r
+    finally:
+        assert run_cli("stop", str(r.json()["pid"]), tool="snapbuild-runner").code == 0
 
 
 def test_node_gc_keeps_what_pinned_snapshots_use(recipe, store, tmp_path, monkeypatch):

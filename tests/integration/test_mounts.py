@@ -38,7 +38,7 @@ def mapped_recipe(recipe, port: int, point: Path) -> tuple[Path, bytes]:
     return weights_counter_recipe(recipe, port, name="mapped", data="model", mount=point, size=3 << 20)
 
 
-def test_a_mounted_input_is_read_only_and_follows_the_snapshot(recipe, store, mount_point, tmp_path):
+def test_a_mounted_input_is_read_only_and_follows_the_snapshot(recipe, store, mount_point, tmp_path, run_cli):
     port = free_port()
     path, weights = mapped_recipe(recipe, port, mount_point)
     [res] = build(path, store=store)
@@ -65,6 +65,16 @@ def test_a_mounted_input_is_read_only_and_follows_the_snapshot(recipe, store, mo
     finally:
         stop(cold["pid"])
     assert mounts.is_mount_point(mount_point), "the node keeps the mount for the next restore"
+
+    # a mount point this node uses otherwise: nothing starts, and it is the node's
+    # problem (exit 11), not a usage error
+    while mounts.is_mount_point(mount_point):
+        mounts.unmount(mount_point)
+    (mount_point / "mine").write_text("not the snapshot's")
+    r = run_cli("restore", "mapped:v1", "--registry", reg, tool="snapbuild-runner",
+                env={"SNAPBUILD_HOME": str(node.home)})
+    assert r.code == 11 and "the mount would hide its files" in r.err, r
+    assert (mount_point / "mine").read_text() == "not the snapshot's"
 
 
 def test_a_mount_never_hides_files_or_another_mount(tmp_path, mount_point):
