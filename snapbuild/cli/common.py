@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -99,26 +100,18 @@ def registry_option(f):
                         help=f"Registry to use: {REGISTRY_URLS} (default: file://$SNAPBUILD_HOME/registry).")(f)
 
 
-class TransferProgress:
-    """``progress`` for registry transfers: a line on stderr at most every 2 seconds
-    (``sent 1200/14702 blobs, 118.3 MiB``), none when JSON is asked for."""
+progress_option = click.option("--progress", type=click.Choice(["auto", "tty", "plain", "none"]), default="auto",
+                               show_default=True,
+                               help="Progress display on stderr: live on a terminal, plain lines otherwise.")
 
-    def __init__(self, quiet: bool) -> None:
-        import threading
-        import time
 
-        self.quiet, self.time, self.lock = quiet, time.monotonic, threading.Lock()
-        self.count = self.bytes = 0
-        self.last = self.time()
-        self.verb = None
+@contextlib.contextmanager
+def transfer_display(mode: str, as_json: bool):
+    """A registry transfer's ``progress``: ``--progress`` (none with --json unless asked)."""
+    from ..exec.report import make_transfer_display
 
-    def __call__(self, verb: str, total: int, size: int) -> None:
-        with self.lock:
-            if verb != self.verb:
-                self.verb, self.count, self.bytes = verb, 0, 0
-            self.count += 1
-            self.bytes += size
-            now = self.time()
-            if not self.quiet and (now - self.last >= 2 or self.count == total):
-                self.last = now
-                click.echo(f"{verb} {self.count}/{total} blobs, {self.bytes / 2**20:.1f} MiB", err=True)
+    display = make_transfer_display("none" if as_json and mode == "auto" else mode)
+    try:
+        yield display
+    finally:
+        display.close()

@@ -10,8 +10,8 @@ import click
 
 from .. import __version__
 from ..errors import exit_codes_help
-from .common import (Group, TransferProgress, emit_json, json_option, registry_option, render_error,
-                     s3_endpoint_option, set_option, verbose_option)
+from .common import (Group, emit_json, json_option, registry_option, render_error,
+                     progress_option, s3_endpoint_option, set_option, transfer_display, verbose_option)
 
 OFFLINE_HELP = ("Reach neither the Hub, S3 nor an image registry: floating references come from RECIPE.lock, "
                 "files from the store, the Hugging Face cache and the Docker engine's images "
@@ -82,8 +82,7 @@ def plan(recipe, sets, offline, as_json):
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=2, show_default=True,
               help="How many independent steps run at once.")
 @click.option("-k", "--keep-going", is_flag=True, help="After a failure, finish the steps that do not depend on it.")
-@click.option("--progress", type=click.Choice(["auto", "tty", "plain", "none"]), default="auto", show_default=True,
-              help="Progress display on stderr: live on a terminal, one line per event otherwise.")
+@progress_option
 @click.option("--push", "push_to", metavar="URL", multiple=True,
               help="After publishing, push the snapshot to this registry too (repeatable).")
 @click.option("--cache-from", metavar="URL", multiple=True,
@@ -223,8 +222,9 @@ def inspect(ref, registry, as_json):
 @registry_option
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=8, show_default=True,
               help="Blobs in flight at once.")
+@progress_option
 @json_option
-def push(ref, dest, as_ref, registry, jobs, as_json):
+def push(ref, dest, as_ref, registry, jobs, progress, as_json):
     """Copy snapshot REF from the local registry (or --registry) to DEST: a registry
     URL (the snapshot keeps its name and tag there), or a full reference that names
     the repository and tag to push to.
@@ -252,10 +252,9 @@ def push(ref, dest, as_ref, registry, jobs, as_json):
         if as_ref:
             raise UsageError(f"DEST {dest} names the tag to push to already: leave out --as {as_ref}")
         dest, as_ref = full
-    with store.using():
+    with store.using(), transfer_display(progress, as_json) as show:
         out = copy(open_registry(registry or default_registry_url(store.home)), src_ref, open_registry(dest),
-                   parse_ref(as_ref) if as_ref else src_ref, store.blobs, jobs=jobs,
-                   progress=TransferProgress(as_json))
+                   parse_ref(as_ref) if as_ref else src_ref, store.blobs, jobs=jobs, progress=show)
     if as_json:
         emit_json(out)
         return
@@ -269,8 +268,9 @@ def push(ref, dest, as_ref, registry, jobs, as_json):
 @registry_option
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=16, show_default=True,
               help="Blobs in flight at once.")
+@progress_option
 @json_option
-def pull(ref, registry, jobs, as_json):
+def pull(ref, registry, jobs, progress, as_json):
     """Fetch snapshot REF from --registry into the local store and tag it in the local
     registry, so that `snapbuild run REF` and `inspect REF` work here without --registry.
 
@@ -286,9 +286,9 @@ def pull(ref, registry, jobs, as_json):
     ref, registry = locate(ref, registry)
     r = parse_ref(ref)
     local = default_registry_url(store.home)
-    with store.using():
+    with store.using(), transfer_display(progress, as_json) as show:
         out = copy(open_registry(registry or local), r, open_registry(local), r, store.blobs, jobs=jobs,
-                   progress=TransferProgress(as_json),
+                   progress=show,
                    check=lambda manifest: check_snapshot(store.blobs, manifest, str(r)))
     if as_json:
         emit_json(out)

@@ -7,6 +7,7 @@ tokens from a small token service of the tests' own: see tokenserver.py).
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -303,6 +304,10 @@ def test_commands_push_pull_ls_rm_and_build_push(oci_registry, s3_server, aws_en
     node = {"SNAPBUILD_HOME": str(tmp_path / "node-home"), "SNAPBUILD_S3_ENDPOINT": s3_server}
     r = run_cli("pull", "contract:v1", "--registry", s3, "--json", env=node)
     assert r.code == 0 and r.json()["blobs_fetched"] > 0, r
+    assert " blobs, " not in r.err, "--json: no progress lines"
+    r = run_cli("pull", "contract:v1", "--registry", oci, "--progress", "plain",
+                env={"SNAPBUILD_HOME": str(tmp_path / "plain-home")})
+    assert r.code == 0 and re.search(r"^fetched (\d+)/\1 blobs, [\d.]+ MiB$", r.err, re.M), r
     r = run_cli("inspect", "contract:v1", "--json", env=node)  # now in the node's own registry
     assert r.code == 0 and r.json()["digest"] == digest, r
     r = run_cli("pull", "contract:v1", "--registry", s3, "--json", env=node)
