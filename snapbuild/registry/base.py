@@ -8,6 +8,7 @@ snapshots (only the blobs the other side lacks, in parallel, the manifest last).
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from ..errors import IntegrityError, RegistryError
 from .ref import Ref
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -62,15 +64,19 @@ def sha256_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def fetch_verified(fetch: Callable[[], bytes], digest: str, where: str) -> bytes:
-    """``fetch()`` the blob; bytes that do not hash to ``digest`` are fetched once more,
-    then refused: a registry never hands out unverified bytes."""
-    for _attempt in (1, 2):
+def fetch_verified(fetch: Callable[[], bytes], digest: str, where: str, *, attempts: int = 2) -> bytes:
+    """``fetch()`` the blob; bytes that do not hash to ``digest`` are fetched again
+    (``attempts`` times in all), then refused: a registry never hands out unverified bytes."""
+    for i in range(attempts):
         data = fetch()
-        if sha256_of(data) == digest:
+        got = sha256_of(data)
+        if got == digest:
             return data
-    raise IntegrityError(f"blob {digest} in {where} is corrupt: its content hashes to {sha256_of(data)} "
-                         "(fetched twice)", hint="push the snapshot to the registry again to repair it")
+        if i < attempts - 1:
+            log.warning("blob %s in %s hashes to %s: fetching it again", digest, where, got)
+    times = "twice" if attempts == 2 else "once" if attempts == 1 else f"{attempts} times"
+    raise IntegrityError(f"blob {digest} in {where} is corrupt: its content hashes to {got} (fetched {times})",
+                         hint="push the snapshot to the registry again to repair it")
 
 
 def retrying(call: Callable[[], T], what: str, *, attempts: int = 4, transient: tuple = (OSError,),
@@ -84,5 +90,7 @@ def retrying(call: Callable[[], T], what: str, *, attempts: int = 4, transient: 
             if i == attempts - 1:
                 raise RegistryError(f"{what}: {e} (tried {attempts} times)",
                                     hint="check that the registry is up and reachable from here") from None
-            time.sleep(base_delay * (2 ** i) * (0.5 + random.random()))
+            delay = base_delay * (2 ** i) * (0.5 + random.random())
+            log.warning("%s: %s; trying again in %.1f s (%d of %d)", what, e, delay, i + 2, attempts)
+            time.sleep(delay)
     raise AssertionError("unreachable")
