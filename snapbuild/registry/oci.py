@@ -11,6 +11,15 @@ Credentials come from where docker and podman keep them, credential helpers
 included (:mod:`.credentials`), looked up when the registry first asks. A registry
 that asks for Basic auth gets them; one that asks for a Bearer token gets them at
 its token service (or anonymously).
+
+Reads honour containerd's registry host configuration (:mod:`.hosts`): blobs and
+manifests by digest come from the mirrors that may ``pull``, tags from those that may
+``resolve``, in the file's order, then from the origin. A mirror is asked with
+``?ns=HOST`` (the registry it stands in for), has its own auth, and is skipped, with a
+warning, when it fails in any way (it is never trusted: what it serves is verified by
+digest like anything else); one that cannot be connected to is skipped for the rest
+of the object's life. Only the origin's failure is an error. Writes, deletes and
+listings go to the origin alone.
 """
 
 from __future__ import annotations
@@ -18,17 +27,25 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urljoin, urlparse
+from typing import TypeVar
+from urllib.parse import quote, urljoin, urlparse
 
-from ..errors import NotFound, RegistryError, UsageError
+from ..errors import NotFound, RegistryError, SnapbuildError, UsageError
 from ..store.snapshot import MANIFEST_MEDIA_TYPE
+from . import hosts as hosts_config
 from .base import fetch_verified, retrying
 from .credentials import credentials
 from .ref import Ref
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 CHUNK = 16 << 20  # blobs above this go up in chunks of this size
 # Where blobs were last seen on each registry host (digest -> repository), for this
@@ -39,6 +56,40 @@ MANIFEST_ACCEPT = f"{MANIFEST_MEDIA_TYPE}, application/vnd.oci.image.index.v1+js
 
 class _Transient(Exception):
     """A 5xx answer or a 429: worth another try."""
+
+
+class _Unreachable(Exception):
+    """A mirror that cannot be connected to (refused, no route, TLS, timed out)."""
+
+
+class _Endpoint:
+    """One host that answers for the registry, a mirror or the origin, with its own
+    auth state (a mirror may ask for credentials of its own, looked up for its host)."""
+
+    def __init__(self, host: hosts_config.Host, creds_host: str, ns: str | None) -> None:
+        self.host = host
+        self.root = host.url  # the API root: request paths are appended to it
+        self.creds_host = creds_host
+        self.ns = ns  # the registry a mirror stands in for (None: this is the origin)
+        self.auth: dict[str, str] = {}  # scope -> Authorization header value
+        self.found: list[tuple[str, str] | None] = []  # the credentials, once looked up
+        self.headers = dict(host.header)
+        self.tls = host.tls()
+        self.down = False  # a mirror that could not be connected to: not asked again
+
+    @property
+    def creds(self) -> tuple[str, str] | None:
+        if not self.found:
+            self.found.append(credentials(self.creds_host))
+        return self.found[0]
+
+    def url(self, path: str) -> str:
+        if path.startswith("http"):
+            return path
+        url = self.root + path
+        if self.ns is not None:
+            url += ("&" if "?" in url else "?") + "ns=" + quote(self.ns, safe=":[]")
+        return url
 
 
 def _is_loopback(host: str) -> bool:
@@ -61,49 +112,52 @@ class OciRegistry:
         self.url = f"oci://{host}/{self.prefix}".rstrip("/")
         hostname = urlparse(f"//{host}").hostname or host
         plain = _is_loopback(hostname) or os.environ.get("SNAPBUILD_REGISTRY_PLAIN_HTTP") == "1"
-        self.base = f"{'http' if plain else 'https'}://{host}"
+        self.hosts = hosts_config.load(host, plain=plain)
+        creds_host = urlparse(f"//{host}").netloc or host
+        self._origin = _Endpoint(self.hosts.origin, creds_host, None)
+        self._mirrors = [_Endpoint(m, m.netloc, host) for m in self.hosts.mirrors]
+        self.base = self.hosts.origin.base
         self.timeout = timeout
         self.session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(jobs, 8))
+        adapter = HTTPAdapter(pool_connections=4 + len(self._mirrors), pool_maxsize=max(jobs, 8))
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        self._auth: dict[str, str] = {}  # scope -> Authorization header value
         self._lock = threading.Lock()
-        self._found: list[tuple[str, str] | None] = []  # the credentials, once looked up
         self._seen = _SEEN.setdefault(host, {})
         self.mounted = 0  # blobs this object mounted from another repository instead of uploading
-
-    @property
-    def _creds(self) -> tuple[str, str] | None:
-        if not self._found:
-            self._found.append(credentials(urlparse(f"//{self.host}").netloc or self.host))
-        return self._found[0]
 
     # -- HTTP ----------------------------------------------------------------------------
     def _repo(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
 
-    def _request(self, method: str, path: str, *, scope: str, what: str, ok=(200,), body: bool = False, **kw):
-        """One call, with auth (answering the registry's challenge once) and retries of
-        connection errors and 5xx answers. ``body``: the answer's body is read in one
-        piece (``r.content``), inside the retries: a blob of megabytes read that way
-        costs a third of what requests' own reading (10 KiB at a time) does."""
+    def _request(self, method: str, path: str, *, scope: str, what: str, ok=(200,), body: bool = False,
+                 at: _Endpoint | None = None, **kw):
+        """One call to ``at`` (the origin by default), with auth (answering the host's
+        challenge once) and, at the origin, retries of connection errors and 5xx answers
+        (a mirror gets one try: the next host is its retry). ``path`` is below the API
+        root (``/REPO/blobs/DIGEST``), or a whole URL. ``body``: the answer's body is
+        read in one piece (``r.content``), inside the retries: a blob of megabytes read
+        that way costs a third of what requests' own reading (10 KiB at a time) does."""
         import requests
         import urllib3
 
-        url = path if path.startswith("http") else self.base + path
-        base_headers = kw.pop("headers", None) or {}
+        ep = at or self._origin
+        url = ep.url(path)
+        base_headers = {**ep.headers, **(kw.pop("headers", None) or {})}
+        kw.update(ep.tls)
+        timeout = self.timeout if ep.host.dial_timeout is None else (ep.host.dial_timeout, self.timeout)
+        where = self.url if ep.ns is None else f"mirror {ep.root}"
 
         def call():
             headers = dict(base_headers)
-            auth = self._auth.get(scope)
+            auth = ep.auth.get(scope)
             if auth:
                 headers["Authorization"] = auth
-            r = self.session.request(method, url, headers=headers, timeout=self.timeout, **kw)
-            if r.status_code == 401 and self._authenticate(r, scope):
+            r = self.session.request(method, url, headers=headers, timeout=timeout, **kw)
+            if r.status_code == 401 and self._authenticate(ep, r, scope):
                 r.close()
-                headers["Authorization"] = self._auth[scope]
-                r = self.session.request(method, url, headers=headers, timeout=self.timeout, **kw)
+                headers["Authorization"] = ep.auth[scope]
+                r = self.session.request(method, url, headers=headers, timeout=timeout, **kw)
             if r.status_code >= 500 or r.status_code == 429:
                 raise _Transient(f"{r.status_code} {r.reason}")
             if body and r.status_code == 200:
@@ -116,27 +170,37 @@ class OciRegistry:
                 r._content, r._content_consumed = data, True  # what r.content returns
             return r
 
-        r = retrying(call, f"{what} at {self.url}", transient=(requests.ConnectionError, requests.Timeout, _Transient))
+        if ep.ns is None:
+            r = retrying(call, f"{what} at {where}", transient=(requests.ConnectionError, requests.Timeout, _Transient))
+        else:
+            try:
+                r = call()
+            except (requests.ConnectionError, requests.Timeout) as e:
+                if _cannot_connect(e):
+                    raise _Unreachable(str(e)) from None
+                raise RegistryError(f"{what} at {where}: {e}") from None
+            except _Transient as e:
+                raise RegistryError(f"{what} at {where}: {e}") from None
         if r.status_code in (401, 403):
-            raise RegistryError(f"{what} at {self.url}: {'not authorized' if r.status_code == 401 else 'forbidden'}"
+            raise RegistryError(f"{what} at {where}: {'not authorized' if r.status_code == 401 else 'forbidden'}"
                                 f" ({r.status_code}{': ' + _error_text(r) if _error_text(r) else ''})",
                                 hint="check the credentials: SNAPBUILD_REGISTRY_USERNAME and "
                                      "SNAPBUILD_REGISTRY_PASSWORD, or `skopeo login` / `docker login`")
         if r.status_code not in ok and r.status_code != 404:
-            raise RegistryError(f"{what} at {self.url}: {r.status_code} {r.reason} {_error_text(r)}".rstrip())
+            raise RegistryError(f"{what} at {where}: {r.status_code} {r.reason} {_error_text(r)}".rstrip())
         return r
 
-    def _authenticate(self, r, scope: str) -> bool:
+    def _authenticate(self, ep: _Endpoint, r, scope: str) -> bool:
         """Answer a 401's WWW-Authenticate challenge: Basic with the credentials, or a
-        Bearer token from the registry's token service. False when there is no answer."""
+        Bearer token from the host's token service. False when there is no answer."""
         challenge = r.headers.get("WWW-Authenticate", "")
         kind, _, params = challenge.partition(" ")
         if kind.lower() == "basic":
-            if not self._creds:
+            if not ep.creds:
                 return False
-            token = base64.b64encode(f"{self._creds[0]}:{self._creds[1]}".encode()).decode()
+            token = base64.b64encode(f"{ep.creds[0]}:{ep.creds[1]}".encode()).decode()
             with self._lock:
-                self._auth[scope] = f"Basic {token}"
+                ep.auth[scope] = f"Basic {token}"
             return True
         if kind.lower() == "bearer":
             fields = dict(re.findall(r'(\w+)="([^"]*)"', params))
@@ -144,36 +208,72 @@ class OciRegistry:
                 return False
             # One scope parameter per scope: a mount needs the source's too.
             query = {"service": fields.get("service", ""), "scope": fields.get("scope", scope).split()}
-            t = self.session.get(fields["realm"], params=query, auth=self._creds, timeout=self.timeout)
+            # The host's own TLS settings, where its token service is on the same host.
+            tls = ep.tls if urlparse(fields["realm"]).netloc == ep.host.netloc else {}
+            t = self.session.get(fields["realm"], params=query, auth=ep.creds, timeout=self.timeout, **tls)
             if t.status_code != 200:
                 return False
-            body = t.json()
-            token = body.get("token") or body.get("access_token")
+            try:
+                body = t.json()
+            except ValueError:  # not a token service's answer: no answer
+                return False
+            token = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
             if not token:
                 return False
             with self._lock:
-                self._auth[scope] = f"Bearer {token}"
+                ep.auth[scope] = f"Bearer {token}"
             return True
         return False
 
+    def _read(self, capability: str, what: str, attempt: Callable[[_Endpoint], T]) -> T:
+        """``attempt(host)`` at each mirror that has ``capability``, in order, then at the
+        origin: the first answer wins. A mirror's failure is a warning and the next host
+        is asked; the origin's is the error."""
+        for ep in self._mirrors:
+            if ep.down or capability not in ep.host.capabilities:
+                continue
+            try:
+                return attempt(ep)
+            except _Unreachable as e:
+                self._mark_down(ep, e)
+            except SnapbuildError as e:
+                log.warning("mirror %s: %s failed (%s); trying the next host", ep.root, what, e.message)
+        return attempt(self._origin)
+
+    def _mark_down(self, ep: _Endpoint, e: Exception) -> None:
+        with self._lock:
+            if ep.down:
+                return
+            ep.down = True
+        log.warning("mirror %s cannot be reached (%s): not asking it again for %s; trying the next host",
+                    ep.root, e, self.url)
+
     # -- blobs ---------------------------------------------------------------------------
     def has_blob(self, name: str, digest: str) -> bool:
-        r = self._request("HEAD", f"/v2/{self._repo(name)}/blobs/{digest}", scope=self._scope(name, "pull"),
+        """At the origin: this is what a push asks."""
+        r = self._request("HEAD", f"/{self._repo(name)}/blobs/{digest}", scope=self._scope(name, "pull"),
                           what=f"checking blob {digest[:19]}")
         if r.status_code == 200:
             self._seen[digest] = self._repo(name)
         return r.status_code == 200
 
     def get_blob(self, name: str, digest: str) -> bytes:
+        return self._read("pull", f"fetching blob {digest} of {name}", lambda ep: self._blob_at(ep, name, digest))
+
+    def _blob_at(self, ep: _Endpoint, name: str, digest: str) -> bytes:
         def fetch() -> bytes:
-            r = self._request("GET", f"/v2/{self._repo(name)}/blobs/{digest}", scope=self._scope(name, "pull"),
-                              what=f"fetching blob {digest[:19]} of {name}", body=True, stream=True)
+            r = self._request("GET", f"/{self._repo(name)}/blobs/{digest}", scope=self._scope(name, "pull"),
+                              what=f"fetching blob {digest[:19]} of {name}", body=True, stream=True, at=ep)
             if r.status_code == 404:
-                raise NotFound(f"blob {digest} of {name} is not in {self.url}",
+                raise NotFound(f"blob {digest} of {name} is not in {self._where(ep)}",
                                hint="the snapshot is incomplete there: push it again")
             return r.content
 
-        return fetch_verified(fetch, digest, f"{self.url}/{name}")
+        # A mirror is not asked twice: the next host is the second try.
+        return fetch_verified(fetch, digest, f"{self._where(ep)}/{name}", attempts=2 if ep.ns is None else 1)
+
+    def _where(self, ep: _Endpoint) -> str:
+        return self.url if ep.ns is None else f"mirror {ep.root}"
 
     def put_blob(self, name: str, digest: str, path: Path) -> bool:
         """Upload the blob; False when it was mounted from another repository instead."""
@@ -183,7 +283,7 @@ class OciRegistry:
         # A blob another repository of this registry has is mounted, not sent; when the
         # registry cannot mount it, the same request opens an ordinary upload (202).
         query = f"?mount={digest}&from={source}" if source and source != repo else ""
-        r = self._request("POST", f"/v2/{repo}/blobs/uploads/{query}", scope=scope, what=what, ok=(202, 201))
+        r = self._request("POST", f"/{repo}/blobs/uploads/{query}", scope=scope, what=what, ok=(202, 201))
         if r.status_code == 404:
             raise RegistryError(f"{what}: the registry has no upload endpoint for {repo}")
         if r.status_code == 201:
@@ -214,85 +314,151 @@ class OciRegistry:
 
     # -- manifests and tags ----------------------------------------------------------------
     def get_manifest(self, name: str, digest: str) -> bytes:
+        return self._read("pull", f"fetching manifest {digest} of {name}",
+                          lambda ep: self._manifest_at(ep, name, digest))
+
+    def _manifest_at(self, ep: _Endpoint, name: str, digest: str) -> bytes:
         def fetch() -> bytes:
-            r = self._request("GET", f"/v2/{self._repo(name)}/manifests/{digest}", scope=self._scope(name, "pull"),
+            r = self._request("GET", f"/{self._repo(name)}/manifests/{digest}", scope=self._scope(name, "pull"),
                               what=f"fetching manifest {digest[:19]} of {name}",
-                              headers={"Accept": MANIFEST_ACCEPT})
+                              headers={"Accept": MANIFEST_ACCEPT}, at=ep)
             if r.status_code == 404:
-                raise NotFound(f"manifest {digest} of {name} is not in {self.url}")
+                raise NotFound(f"manifest {digest} of {name} is not in {self._where(ep)}")
             return r.content
 
-        return fetch_verified(fetch, digest, f"{self.url}/{name}")
+        return fetch_verified(fetch, digest, f"{self._where(ep)}/{name}", attempts=2 if ep.ns is None else 1)
 
     def put_manifest(self, name: str, digest: str, data: bytes, tag: str | None) -> None:
-        self._request("PUT", f"/v2/{self._repo(name)}/manifests/{tag or digest}", scope=self._scope(name, "pull,push"),
+        self._request("PUT", f"/{self._repo(name)}/manifests/{tag or digest}", scope=self._scope(name, "pull,push"),
                       what=f"writing manifest of {name}", ok=(201,), data=data,
                       headers={"Content-Type": json.loads(data).get("mediaType", MANIFEST_MEDIA_TYPE)})
 
     def resolve(self, ref: Ref) -> str:
+        """A tag from the mirrors that may ``resolve``, a digest from those that may ``pull``
+        (it is only checked for; the manifest itself is verified when fetched)."""
+        return self._read("pull" if ref.digest else "resolve", f"resolving {ref}", lambda ep: self._resolve_at(ep, ref))
+
+    def _resolve_at(self, ep: _Endpoint, ref: Ref) -> str:
         target = ref.digest or ref.tag
-        r = self._request("HEAD", f"/v2/{self._repo(ref.name)}/manifests/{target}",
+        r = self._request("HEAD", f"/{self._repo(ref.name)}/manifests/{target}",
                           scope=self._scope(ref.name, "pull"), what=f"resolving {ref}",
-                          headers={"Accept": MANIFEST_ACCEPT})
+                          headers={"Accept": MANIFEST_ACCEPT}, at=ep)
         if r.status_code == 404:
+            if ep.ns is not None:
+                raise NotFound(f"{ref} is not in {self._where(ep)}")
             tags = ", ".join(t for t, _ in self.tagged(ref.name)) if not ref.digest else ""
             raise NotFound(f"{ref} is not in {self.url}" + (f" (tags: {tags or 'none'})" if not ref.digest else ""),
                            hint=f"list what is there with: snapbuild ls --registry {self.url}")
         digest = r.headers.get("Docker-Content-Digest")
         if ref.digest:
             return ref.digest
+        if ep.ns is not None and digest and not _DIGEST.fullmatch(digest):
+            digest = None  # a mirror's word is checked: hash the manifest instead
         if not digest:
             from .base import sha256_of
 
-            digest = sha256_of(self._request("GET", f"/v2/{self._repo(ref.name)}/manifests/{target}",
+            digest = sha256_of(self._request("GET", f"/{self._repo(ref.name)}/manifests/{target}",
                                              scope=self._scope(ref.name, "pull"), what=f"resolving {ref}",
-                                             headers={"Accept": MANIFEST_ACCEPT}).content)
+                                             headers={"Accept": MANIFEST_ACCEPT}, at=ep).content)
         return digest
 
     def referrers(self, name: str, digest: str) -> list[dict] | None:
         """Descriptors of the manifests whose ``subject`` is ``digest``, from the OCI 1.1
         referrers API; None when the registry does not offer it (it answers 404, as
-        distribution 2.8 does: the spec forbids a 404 from a registry that has the API)."""
-        r = self._request("GET", f"/v2/{self._repo(name)}/referrers/{digest}", scope=self._scope(name, "pull"),
-                          what=f"listing referrers of {digest[:19]} in {name}",
-                          headers={"Accept": "application/vnd.oci.image.index.v1+json"})
-        if r.status_code == 404:
-            return None
+        distribution 2.8 does: the spec forbids a 404 from a registry that has the API).
+        A mirror's 404 only means it has no such API: the next host is asked (quietly),
+        and when the origin cannot be reached after one, the answer is None (the
+        referrers only name candidates: every signature is still verified)."""
+        absent: list[str] = []
+        answered: list[bool] = []
+
+        def at(ep: _Endpoint) -> list[dict] | None:
+            r = self._request("GET", f"/{self._repo(name)}/referrers/{digest}", scope=self._scope(name, "pull"),
+                              what=f"listing referrers of {digest[:19]} in {name}",
+                              headers={"Accept": "application/vnd.oci.image.index.v1+json"}, at=ep)
+            answered.append(ep.ns is None)
+            if r.status_code == 404 and ep.ns is not None:
+                absent.append(ep.root)
+                raise _NoAnswer()
+            if r.status_code == 404:
+                return None
+            try:
+                return list(r.json().get("manifests") or [])
+            except ValueError:
+                raise RegistryError(f"the referrers of {digest[:19]} in {self._where(ep)}/{name} "
+                                    "are not an image index") from None
+
+        for ep in self._mirrors:
+            if ep.down or "pull" not in ep.host.capabilities:
+                continue
+            try:
+                return at(ep)
+            except _NoAnswer:
+                log.debug("mirror %s has no referrers API; asking the next host", ep.root)
+            except _Unreachable as e:
+                self._mark_down(ep, e)
+            except SnapbuildError as e:
+                log.warning("mirror %s: listing referrers of %s failed (%s); trying the next host",
+                            ep.root, digest, e.message)
         try:
-            return list(r.json().get("manifests") or [])
-        except ValueError:
-            raise RegistryError(f"the referrers of {digest[:19]} in {self.url}/{name} are not an image index") from None
+            return at(self._origin)
+        except RegistryError as e:
+            if not absent or answered[-1:] == [True]:  # only an origin that cannot be reached
+                raise
+            log.warning("%s (mirror %s has no referrers API): going on as if the registry had none",
+                        e.message, absent[0])
+            return None
 
     def names(self) -> list[str]:
-        out, path = [], "/v2/_catalog?n=1000"
+        out: list[str] = []
+        path: str | None = "/_catalog?n=1000"
         while path:
             r = self._request("GET", path, scope="registry:catalog:*", what="listing repositories")
             if r.status_code == 404:
                 break
             out += r.json().get("repositories") or []
             link = re.search(r"<([^>]+)>", r.headers.get("Link", ""))
-            path = link.group(1) if link else None
+            path = urljoin(self.base + "/", link.group(1)) if link else None
         pre = f"{self.prefix}/" if self.prefix else ""
         return sorted(n[len(pre):] for n in out if n.startswith(pre))
 
     def tagged(self, name: str) -> list[tuple[str, str]]:
-        r = self._request("GET", f"/v2/{self._repo(name)}/tags/list", scope=self._scope(name, "pull"),
+        """From the origin alone, tags and what they name alike."""
+        r = self._request("GET", f"/{self._repo(name)}/tags/list", scope=self._scope(name, "pull"),
                           what=f"listing tags of {name}")
         if r.status_code == 404:
             return []
         tags = sorted(r.json().get("tags") or [])
-        return [(t, self.resolve(Ref(name=name, tag=t))) for t in tags]
+        return [(t, self._resolve_at(self._origin, Ref(name=name, tag=t))) for t in tags]
 
     def delete(self, ref: Ref) -> None:
-        """The OCI API deletes manifests by digest: every tag pointing at it goes too."""
-        digest = self.resolve(ref)
-        r = self._request("DELETE", f"/v2/{self._repo(ref.name)}/manifests/{digest}",
+        """The OCI API deletes manifests by digest: every tag pointing at it goes too
+        (the digest is the origin's, never a mirror's)."""
+        digest = self._resolve_at(self._origin, ref)
+        r = self._request("DELETE", f"/{self._repo(ref.name)}/manifests/{digest}",
                           scope=self._scope(ref.name, "pull,push,delete"), what=f"deleting {ref}", ok=(202, 200))
         if r.status_code == 404:
             raise NotFound(f"{ref} is not in {self.url}")
 
     def _scope(self, name: str, actions: str) -> str:
         return f"repository:{self._repo(name)}:{actions}"
+
+
+class _NoAnswer(Exception):
+    """A mirror without the referrers API."""
+
+
+def _cannot_connect(e: Exception) -> bool:
+    """Whether a requests error means the host cannot be spoken to at all (refused, no
+    route, no name, TLS refused, or it does not answer in time), rather than one
+    connection that broke."""
+    import requests
+    import urllib3
+
+    if isinstance(e, (requests.Timeout, requests.exceptions.SSLError, requests.exceptions.ProxyError)):
+        return True
+    reason = getattr(e.args[0], "reason", None) if e.args else None
+    return isinstance(reason, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError))
 
 
 def _error_text(r) -> str:
