@@ -1,6 +1,6 @@
 """Real parts for the integration tests, started on 127.0.0.1 and stopped by fixtures: a
-private Docker engine, a base root filesystem, OCI registries (with and without auth)
-and an S3 server."""
+private Docker engine, a base root filesystem, OCI registries (with and without auth,
+and pull-through caches) and an S3 server."""
 
 from __future__ import annotations
 
@@ -11,6 +11,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _no_machine_hosts_toml(tmp_path, monkeypatch):
+    """Registries are read as the tests say, never through mirrors this machine's
+    containerd may be configured with (/etc/containerd/certs.d): an empty folder
+    stands in, and a test that wants mirrors points $SNAPBUILD_HOSTS_DIR elsewhere."""
+    if "SNAPBUILD_HOSTS_DIR" not in os.environ:
+        monkeypatch.setenv("SNAPBUILD_HOSTS_DIR", str(tmp_path / "no-hosts.d"))
 
 
 @pytest.fixture(scope="session")
@@ -51,10 +60,11 @@ def base_rootfs() -> Path:
     return Path(out.stdout.strip())
 
 
-def _serve_registry(root: Path, htpasswd: str | None = None, auth_config: str = ""):
+def _serve_registry(root: Path, htpasswd: str | None = None, auth_config: str = "", proxy: str | None = None):
     """Start docker-registry (CNCF distribution) on a free port of 127.0.0.1 with storage
-    under ``root`` (Basic auth with ``htpasswd``, or the given ``auth:`` config section);
-    returns (process, host:port)."""
+    under ``root`` (Basic auth with ``htpasswd``, or the given ``auth:`` config section;
+    with ``proxy``, a pull-through cache of the registry at that URL); returns (process,
+    host:port). Its log, access log included, goes to ``root/log``."""
     import shutil
     import socket
     import time
@@ -74,7 +84,8 @@ def _serve_registry(root: Path, htpasswd: str | None = None, auth_config: str = 
         "version: 0.1\n"
         "log: {level: warn}\n"
         f"storage: {{filesystem: {{rootdirectory: {root / 'data'}}}, delete: {{enabled: true}}}}\n"
-        f"http: {{addr: 127.0.0.1:{port}, secret: snapbuild-test}}\n" + auth)
+        f"http: {{addr: 127.0.0.1:{port}, secret: snapbuild-test}}\n" + auth
+        + (f"proxy: {{remoteurl: {proxy}}}\n" if proxy else ""))
     proc = subprocess.Popen([binary, "serve", str(root / "config.yml")], stdout=open(root / "log", "wb"),
                             stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
@@ -98,6 +109,46 @@ def oci_registry(tmp_path_factory):
     yield host
     proc.terminate()
     proc.wait(timeout=10)
+
+
+class RegistryServer:
+    """A docker-registry of one test's own (see :func:`serve_registry`)."""
+
+    def __init__(self, root: Path, proxy: str | None = None) -> None:
+        self.root = root
+        self.proc, self.host = _serve_registry(root, proxy=proxy)
+
+    def log(self) -> str:
+        return (self.root / "log").read_text(errors="replace")
+
+    def blobs(self) -> set[str]:
+        """The digests of the blobs in its storage."""
+        found = (self.root / "data").glob("docker/registry/v2/blobs/sha256/*/*/data")
+        return {f"sha256:{p.parent.name}" for p in found}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def serve_registry(tmp_path_factory):
+    """``serve_registry(proxy=None)`` starts a docker-registry for this test (a
+    pull-through cache of the registry at URL ``proxy``, when given), stopped at its
+    end or by ``.stop()``: for a registry the test takes down, or whose storage and
+    access log it reads."""
+    started: list[RegistryServer] = []
+
+    def start(*, proxy: str | None = None) -> RegistryServer:
+        # Not "registry*": test_registries corrupts blobs in every folder named so.
+        server = RegistryServer(tmp_path_factory.mktemp("own-registry"), proxy=proxy)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
