@@ -32,7 +32,8 @@ from .store.securefs import unsafe_name
 #: The snapshot config's ``format``, and the newest runtime section (checkpoint.json)
 #: this snapbuild reads: 2 adds ``shm_files`` (written only by checkpoints that have some).
 CONFIG_FORMAT = 1
-RUNTIME_FORMAT = 2
+RUNTIME_FORMAT = 3  # 3: a host process in namespaces of its own (server.isolation)
+ISOLATIONS = ("host", "namespaces")
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -199,6 +200,9 @@ class ServerSpec:
     cwd: str | None = None
     inputs: dict[str, str] = field(default_factory=dict)
     mounts: dict[str, str] = field(default_factory=dict)
+    #: a host process's: "host" (the machine's PIDs and network), or "namespaces" (its
+    #: own PID, network and IPC namespaces: replicas side by side, see runtime.nsinit)
+    isolation: str = "host"
     # a container's
     image: str | None = None
     image_step: str | None = None
@@ -235,8 +239,15 @@ class ServerSpec:
                 ready_file_problem(str(ready["file"]))
             if why:
                 raise d.fail("ready.file", why)
+        isolation = d.text("isolation", optional=True) or "host"
+        if isolation not in ISOLATIONS or (isolation != "host" and engine != "host"):
+            raise d.fail("isolation", f"{isolation!r} is not one of {', '.join(ISOLATIONS)} for a host process"
+                         if engine == "host" else "is for host processes; a container has namespaces of its own")
+        if isolation == "namespaces" and not ({"http", "tcp"} & set(ready)):
+            raise d.fail("ready", "of a server in namespaces of its own must be an http or tcp probe (the host "
+                                  "reaches it through a forwarder)")
         spec = cls(name=name, argv=argv, ready=ready, run_root=run_root, run_dir=run_dir, env=d.strings("env"),
-                   cwd=d.text("cwd", optional=True), inputs=inputs, mounts=mounts)
+                   cwd=d.text("cwd", optional=True), inputs=inputs, mounts=mounts, isolation=isolation)
         if engine not in CONTAINER_ENGINES:
             return spec
         options = d.mapping("engine_options", optional=True) or {}
@@ -252,6 +263,8 @@ class ServerSpec:
     def to_json(self) -> dict:
         out = {k: v for k, v in asdict(self).items()
                if k not in ("image", "image_step", "engine_options", "image_config", "tree_images")}
+        if self.isolation == "host":
+            del out["isolation"]  # as runtimes of format 1 and 2 are
         if self.image is not None:
             out.update(image=self.image, image_step=self.image_step, engine_options=self.engine_options,
                        image_config=self.image_config)
@@ -309,6 +322,8 @@ class Runtime:
             raise d.fail("step", "is not a plain step name")
         shm_files = _shm_files(d, fmt, engine)
         server = ServerSpec.from_json(d.doc.get("server"), f"{where}.server", engine, node_root)
+        if server.isolation != "host" and fmt < 3:
+            raise d.fail("format", f"{fmt}: a server with isolation {server.isolation!r} needs format 3")
         socket_dirs = d.items("socket_dirs", str)
         if socket_dirs and (fmt < 2 or engine != "host"):
             raise d.fail("socket_dirs", "are for host-process checkpoints of format 2")

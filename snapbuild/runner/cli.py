@@ -124,8 +124,9 @@ RESTORE_OPTIONS = (
     Option("--cache-max", CACHE_HELP, metavar="SIZE"),
     Option("--fallback", "when restoring is impossible: boot cold (default) or fail (exit 9)",
            choices=("cold", "fail"), default="cold"),
-    Option("--publish", "container snapshots: the host port that reaches the server (default: the same "
-                        "number as its port in the container; 0 picks a free one)", metavar="HOST[:CONTAINER]"),
+    Option("--publish", "container snapshots and host processes in namespaces of their own (isolation: "
+                        "namespaces): the host port that reaches the server (default: the same number as the "
+                        "server's own port; 0 picks a free one)", metavar="HOST[:CONTAINER]"),
     Option("--lazy-pages", LAZY_HELP, choices=("on", "off")),
 )
 
@@ -177,6 +178,8 @@ def print_restore(result: dict, as_json: bool) -> None:
             print(f"  note: {m['message']}")
     if result.get("container"):
         print(f"  container: {result['container']}, reachable at {result.get('address')}")
+    elif result.get("address"):
+        print(f"  in namespaces of its own, reachable at {result['address']}")
     print(f"  log: {result['log']}")
     print(f"  stop it with: snapbuild-runner stop {result.get('container') or result['pid']}")
 

@@ -172,10 +172,13 @@ def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str |
     if fetched.get("tree_images_refused") and snapshot.tree_images is not None:
         out["tree_images"] = f"not used: {fetched['tree_images_refused']}"
     in_container = runtime.in_container
-    host_port = _host_port(publish, spec) if in_container else None
-    if publish is not None and not in_container:
-        raise UsageError("--publish is for container snapshots; a host process listens on the port it was "
-                         "built with")
+    isolated = spec.isolation == "namespaces"
+    if publish is not None and not (in_container or isolated):
+        raise UsageError("--publish is for container snapshots and host processes in namespaces of their own; "
+                         "this host process listens on the port it was built with",
+                         hint="build it with `isolation: namespaces` in its checkpoint step to run replicas "
+                              "side by side, each on its own published port")
+    host_port = _host_port(publish, spec) if in_container or isolated else None
 
     reason = "cold boot requested" if mode == "cold" else _why_not_restorable(runtime, out)
     if reason is None:
@@ -183,7 +186,7 @@ def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str |
             if in_container:
                 _describe(out, _restore_container(runtime, store, timings, host_port))
             else:
-                out["pid"] = _restore(runtime, store, timings, lazy_pages, out)
+                out["pid"], out["address"] = _restore(runtime, store, timings, lazy_pages, out, host_port)
             out["mode"] = "restore"
             out["verify"] = "same" if runtime.verify else None
         except _NoRestore as e:
@@ -199,7 +202,7 @@ def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str |
         if in_container:
             _describe(out, _cold_container(runtime, store, timings, host_port))
         else:
-            out["pid"] = _cold(spec, store, timings)
+            out["pid"], out["address"] = _cold(spec, store, timings, host_port)
         out["mode"] = "cold"
         out["reason"] = reason
     return out
@@ -234,11 +237,27 @@ def _why_not_restorable(runtime: Runtime, out: dict) -> str | None:
 
 
 def _restore(runtime: Runtime, store: Store, timings: dict, lazy_pages: bool = False,
-             out: dict | None = None) -> int:
+             out: dict | None = None, host_port: int | None = None) -> tuple[int, str | None]:
+    """Restore a host-process tree; returns its root's PID and, for a server in
+    namespaces of its own, the address this machine reaches it on."""
+    spec = runtime.server
+    if spec.isolation == "namespaces":
+        from ..runtime.portfwd import listen
+
+        listener = listen(server.server_port(spec) if host_port is None else host_port)
+        try:
+            return _restore_tree(runtime, store, timings, lazy_pages, out, listener)
+        finally:
+            listener.close()
+    server.check_port_free(spec)
+    return _restore_tree(runtime, store, timings, lazy_pages, out, None)
+
+
+def _restore_tree(runtime: Runtime, store: Store, timings: dict, lazy_pages: bool, out: dict | None,
+                  listener) -> tuple[int, str | None]:
     spec = runtime.server
     engine = process_engine(runtime.engine)
     t = time.monotonic()
-    server.check_port_free(spec)
     # The images are written out (verified) once per node, on tmpfs when there is
     # one, and reused by later restores of the same checkpoint: CRIU only reads them.
     with ThreadPoolExecutor(max_workers=1) as beside:  # written out while the inputs are
@@ -285,14 +304,22 @@ def _restore(runtime: Runtime, store: Store, timings: dict, lazy_pages: bool = F
     finally:
         if lazy is None:  # else its daemon works there until every page is in place
             shutil.rmtree(work, ignore_errors=True)
+    ready, address, forwarder = spec.ready, None, None
+    if listener is not None:  # reached through a forwarder into its network namespace
+        from ..runtime.portfwd import spawn
+
+        forwarder, port = spawn(listener, f"/proc/{pid}/ns/net", server.server_port(spec), watch=pid)
+        ready, address = probes.pointed_at(spec.ready, port), f"127.0.0.1:{port}"
     try:
         _resume_gpu(runtime, timings, lambda: process.stop(pid))
-        _after_restore(runtime, spec.ready, timings, lambda: process.stop(pid))
-        _wait_restored(spec.ready, server_log_path, lambda: process.alive(pid), lambda: process.stop(pid), timings)
+        _after_restore(runtime, ready, timings, lambda: process.stop(pid))
+        _wait_restored(ready, server_log_path, lambda: process.alive(pid), lambda: process.stop(pid), timings)
         if lazy is not None:  # before the check requests, which then see the memory complete
             _wait_pages(lazy, timings, lambda: process.stop(pid))
-        _verify(runtime, spec.ready, timings, lambda: process.stop(pid))
+        _verify(runtime, ready, timings, lambda: process.stop(pid))
     except _NoRestore as e:
+        if forwarder is not None:  # the port, free for the cold boot
+            process.stop(forwarder)
         lost = lazy.failed() if lazy is not None else None
         if lost and not str(e).startswith(LOST_PAGES):  # the cause of what went wrong: pages that never came fault (SIGBUS) or read as zeros
             raise _NoRestore(f"{LOST_PAGES}: {lost} (then: {e})") from None
@@ -301,7 +328,7 @@ def _restore(runtime: Runtime, store: Store, timings: dict, lazy_pages: bool = F
         if lazy is not None:
             lazy.kill()
             shutil.rmtree(work, ignore_errors=True)
-    return pid
+    return pid, address
 
 
 LOST_PAGES = "the restored server's memory did not all arrive"
@@ -383,18 +410,18 @@ def _wait_restored(ready: dict, log: Path, alive, give_up, timings: dict) -> Non
     timings["ready_s"] = round(time.monotonic() - t, 4)
 
 
-def _cold(spec: ServerSpec, store: Store, timings: dict) -> int:
+def _cold(spec: ServerSpec, store: Store, timings: dict, host_port: int | None = None) -> tuple[int, str | None]:
     t = time.monotonic()
-    started = server.start(spec, store.blobs, fresh_log=False)
+    started = server.start(spec, store.blobs, fresh_log=False, host_port=host_port)
     timings["materialize_s"] = round(timings.get("materialize_s", 0) + time.monotonic() - t, 4)
     t = time.monotonic()
     try:
-        started.wait_ready(spec.ready)
+        started.wait_ready(started.probe(spec.ready))
     except probes.ProbeFailed as e:
-        process.stop(started.pid)
+        started.stop()
         raise RestoreFailed(f"cold boot failed too: {e}\n{process.tail(started.log_path, 10)}") from None
     timings["ready_s"] = round(time.monotonic() - t, 4)
-    return started.pid
+    return started.pid, f"127.0.0.1:{started.host_port}" if started.isolated else None
 
 
 def _host_port(publish: str | None, spec: ServerSpec) -> int | None:

@@ -22,9 +22,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
-import subprocess
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -189,22 +186,9 @@ def _netns_delete(name: str) -> None:
 
 def _forward(host_port: int, netns: str, container_port: int, host: str = "127.0.0.1") -> tuple[int, int]:
     """Start a forwarder; returns (its pid, the host port, which may have been 0)."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind((host, host_port))
-    except OSError as e:
-        listener.close()
-        raise SnapbuildError(f"host port {host_port} on {host} is already taken ({e.strerror})",
-                             hint="publish on another port: --publish HOST:CONTAINER") from None
-    listener.listen(128)
-    port = listener.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "snapbuild.runtime.portfwd", "--fd", str(listener.fileno()),
-                             "--netns", netns, "--port", str(container_port)],
-                            pass_fds=[listener.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    listener.close()
-    return proc.pid, port
+    from .portfwd import listen, spawn
+
+    return spawn(listen(host_port, host), netns, container_port)
 
 
 def _new_instance(spec: ServerSpec, engine: str, host_port: int | None) -> Instance:
@@ -263,13 +247,7 @@ def publish(inst: Instance) -> None:
 
 def host_probe(spec: ServerSpec, inst: Instance) -> dict:
     """The recipe's probe, pointed at the instance's host port."""
-    ready = dict(spec.ready)
-    addr = probes.address(ready)
-    if addr and inst.host_port:
-        for k in ("http", "tcp"):
-            if k in ready:
-                ready[k] = ready[k].replace(f":{addr[1]}", f":{inst.host_port}", 1)
-    return ready
+    return probes.pointed_at(spec.ready, inst.host_port)
 
 
 def start(spec: ServerSpec, blobs: BlobStore, engine, host_port: int | None = None) -> Instance:

@@ -6,10 +6,12 @@ port and, for each connection, connects to ``127.0.0.1:PORT`` *inside* the names
 it enters the namespace after creating its listening socket, and a socket belongs to
 the namespace it was created in. No bridge, no routes, no iptables.
 
-    python -m snapbuild.runtime.portfwd --fd N --netns /run/netns/NAME --port 8000
+    python -m snapbuild.runtime.portfwd --fd N --netns /run/netns/NAME --port 8000 [--watch PID]
 
 The listening socket is inherited as fd N, so the caller knows the port is taken
-before this process runs (no race, and port 0 works).
+before this process runs (no race, and port 0 works). With ``--watch PID`` it exits
+when that process does (a host process in namespaces of its own, whose network
+namespace is ``/proc/PID/ns/net``): stopping the server stops its forwarder.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import select
 import socket
+import subprocess
+import sys
 import threading
+import time
 
 CLONE_NEWNET = 0x40000000
 
@@ -65,14 +71,64 @@ def forward(client: socket.socket, address: tuple[str, int]) -> None:
     upstream.close()
 
 
+def listen(host_port: int, host: str = "127.0.0.1") -> socket.socket:
+    """The host side's listening socket (port 0: a free one); a taken port is an error."""
+    from ..errors import UsageError
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, host_port))
+    except OSError as e:
+        listener.close()
+        raise UsageError(f"host port {host_port} on {host} is already taken ({e.strerror})",
+                         hint="publish on another port: --publish PORT (0 picks a free one)") from None
+    listener.listen(128)
+    return listener
+
+
+def spawn(listener: socket.socket, netns: str, port: int, watch: int | None = None) -> tuple[int, int]:
+    """Start a forwarder on ``listener`` into ``netns``; returns (its pid, the host port).
+    The listener is the forwarder's from then on (closed here)."""
+    argv = [sys.executable, "-m", "snapbuild.runtime.portfwd", "--fd", str(listener.fileno()),
+            "--netns", netns, "--port", str(port)]
+    if watch is not None:
+        argv += ["--watch", str(watch)]
+    proc = subprocess.Popen(argv, pass_fds=[listener.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    host_port = listener.getsockname()[1]
+    listener.close()
+    return proc.pid, host_port
+
+
+def _exit_with(pid: int) -> None:
+    """Exit this process once ``pid`` has."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        os._exit(0)  # gone already
+    select.select([fd], [], [])
+    os._exit(0)
+
+
+def _poll_exit_with(pid: int) -> None:  # where pidfd_open is missing (kernels before 5.3)
+    while os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.2)
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fd", type=int, required=True, help="inherited listening socket")
     p.add_argument("--netns", required=True, help="path of the network namespace to connect into")
     p.add_argument("--port", type=int, required=True, help="port inside the namespace")
+    p.add_argument("--watch", type=int, help="exit when this process exits")
     a = p.parse_args(argv)
     listener = socket.socket(fileno=a.fd)
     enter_netns(a.netns)
+    if a.watch:
+        watcher = _exit_with if hasattr(os, "pidfd_open") else _poll_exit_with
+        threading.Thread(target=watcher, args=(a.watch,), daemon=True).start()
     while True:
         client, _ = listener.accept()
         threading.Thread(target=forward, args=(client, ("127.0.0.1", a.port)), daemon=True).start()

@@ -123,6 +123,18 @@ def address(probe: dict | None) -> tuple[str, int] | None:
     return None
 
 
+def pointed_at(probe: dict, host_port: int | None) -> dict:
+    """The probe, asking on ``host_port`` of this machine instead of the server's own port
+    (a server in a network namespace of its own, reached through a forwarder)."""
+    ready = dict(probe)
+    addr = address(ready)
+    if addr and host_port:
+        for k in ("http", "tcp"):
+            if k in ready:
+                ready[k] = ready[k].replace(f":{addr[1]}", f":{host_port}", 1)
+    return ready
+
+
 def port_in_use(addr: tuple[str, int] | None) -> bool:
     """Whether something accepts connections at ``addr`` (False when ``addr`` is None)."""
     if addr is None:

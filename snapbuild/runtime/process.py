@@ -53,6 +53,8 @@ def stop(pid: int, *, timeout: float = 10.0) -> bool:
     targets = _session_members(sid) if sid == pid else [pid]
     for p in targets:
         _signal(p, signal.SIGTERM)
+    if _ignores_sigterm(pid):  # the kernel drops it: no use waiting
+        timeout = 0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(alive(p) for p in targets):
         reap(targets)
@@ -64,6 +66,22 @@ def stop(pid: int, *, timeout: float = 10.0) -> bool:
         reap(targets)  # the PIDs are free once the exit is collected, by us or by init
         time.sleep(0.01)
     return True
+
+
+def _ignores_sigterm(pid: int) -> bool:
+    """Whether ``pid`` is PID 1 of a PID namespace (a server in namespaces of its own)
+    with no handler for SIGTERM: the kernel discards signals such an init does not
+    catch, so only SIGKILL (from outside the namespace) stops it."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":" in line)
+    except OSError:
+        return False
+    nspid = fields.get("NSpid", "").split()
+    if len(nspid) < 2 or nspid[-1] != "1":
+        return False
+    caught = int(fields.get("SigCgt", "0").strip() or "0", 16)
+    return not caught & (1 << (signal.SIGTERM - 1))
 
 
 def fds(pid: int) -> list[tuple[str, str]]:
@@ -188,6 +206,24 @@ def reap(pids: list[int]) -> None:
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
+
+
+def first_child(pid: int, *, alive, timeout: float = 10.0) -> int:
+    """The first child of ``pid`` once it has one (a launcher's server)."""
+    from ..errors import SnapbuildError
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            children = []
+        if children:
+            return int(children[0])
+        if not alive():
+            break
+        time.sleep(0.005)
+    raise SnapbuildError(f"the server's launcher (pid {pid}) started no server")
 
 
 def become_subreaper() -> bool:

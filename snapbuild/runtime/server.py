@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,14 +40,45 @@ class Started:
     env: dict
     log_offset: int = 0  # where this run's output starts in the log
     mounted: list[Path] = field(default_factory=list)  # mounts made for this start: unmount() them
+    #: isolation "namespaces": the server's PID here (PID 1 of its namespace; ``proc`` is
+    #: the launcher that waits for it) and the host port forwarded into its network
+    root: int | None = None
+    host_port: int | None = None
+
+    @property
+    def isolated(self) -> bool:
+        return self.root is not None
+
+    @property
+    def pid(self) -> int:
+        return self.root if self.root is not None else self.proc.pid
+
+    def probe(self, ready: dict) -> dict:
+        """``ready`` as this machine asks it: through the forwarder when isolated."""
+        return probes.pointed_at(ready, self.host_port) if self.isolated else ready
 
     def wait_ready(self, probe: dict, timeout: float | None = None) -> float:
         return probes.wait_ready(probe, log_path=self.log_path, log_offset=self.log_offset,
                                  alive=lambda: self.proc.poll() is None, timeout=timeout)
 
     @property
-    def pid(self) -> int:
-        return self.proc.pid
+    def shell(self):
+        """How an exercise's ``run:`` line runs: inside the server's network when isolated
+        (so 127.0.0.1:PORT is the server), else None (the default, here)."""
+        if not self.isolated:
+            return None
+        netns = f"--net=/proc/{self.root}/ns/net"
+        from ..tools import run_killing_group
+
+        return lambda line, t: run_killing_group(["nsenter", netns, "bash", "-c", line], timeout=t, env=self.env)
+
+    def wait_exit(self, timeout: float) -> None:
+        self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        process.stop(self.pid)
+        if self.isolated:  # the launcher goes with its server; make sure
+            process.stop(self.proc.pid)
 
 
 def prepare(spec: ServerSpec, blobs: BlobStore) -> tuple[Path, dict, list[Path]]:
@@ -93,12 +125,40 @@ def check_port_free(spec: ServerSpec) -> None:
                               "or give this server another port")
 
 
-def start(spec: ServerSpec, blobs: BlobStore, *, fresh_log: bool = True) -> Started:
+def server_port(spec: ServerSpec) -> int:
+    """The port the server listens on, from its probe (which names one for a server in
+    namespaces of its own: the schema and the recipe checks see to it)."""
+    addr = probes.address(spec.ready)
+    if addr is None:
+        raise UsageError(f"server {spec.name}: its ready probe names no port to publish")
+    return addr[1]
+
+
+def start(spec: ServerSpec, blobs: BlobStore, *, fresh_log: bool = True, host_port: int | None = None) -> Started:
     """Start the server as the spec says. The port must be free; a stale ready file is
-    removed first. ``fresh_log`` starts an empty log, else this run's output is appended."""
-    check_port_free(spec)
+    removed first. ``fresh_log`` starts an empty log, else this run's output is appended.
+    A server in namespaces of its own (``isolation``) is reached on ``host_port`` of
+    this machine (0: a free one; None: its own port number)."""
+    isolated = spec.isolation == "namespaces"
+    listener = None
+    if isolated:
+        from .portfwd import listen
+
+        listener = listen(server_port(spec) if host_port is None else host_port)
+    else:
+        check_port_free(spec)
+    try:
+        return _start(spec, blobs, fresh_log, listener)
+    finally:
+        if listener is not None:
+            listener.close()
+
+
+def _start(spec: ServerSpec, blobs: BlobStore, fresh_log: bool, listener) -> Started:
     run_dir, env, mounted = prepare(spec, blobs)
     argv = [_expand(a, env) for a in spec.argv]
+    if listener is not None:
+        argv = [sys.executable, "-m", "snapbuild.runtime.nsinit", "--", *argv]
     cwd = Path(_expand(spec.cwd, env)) if spec.cwd else run_dir
     log_path = run_dir / LOG_NAME
     if fresh_log:
@@ -110,7 +170,18 @@ def start(spec: ServerSpec, blobs: BlobStore, *, fresh_log: bool = True) -> Star
     except OSError as e:
         unmount(mounted)
         raise FileNotFoundError(f"cannot start {argv[0]!r}: {e.strerror}") from None
-    return Started(proc=proc, log_path=log_path, env=env, log_offset=offset, mounted=mounted)
+    started = Started(proc=proc, log_path=log_path, env=env, log_offset=offset, mounted=mounted)
+    if listener is not None:
+        from .portfwd import spawn
+
+        try:
+            started.root = process.first_child(proc.pid, alive=lambda: proc.poll() is None)
+        except SnapbuildError as e:
+            process.stop(proc.pid)
+            unmount(mounted)
+            raise SnapbuildError(f"{e.message}\n{process.tail(log_path, 5)}".rstrip()) from None
+        _, started.host_port = spawn(listener, f"/proc/{started.root}/ns/net", server_port(spec), watch=started.root)
+    return started
 
 
 _VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")

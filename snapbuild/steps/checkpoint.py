@@ -77,8 +77,17 @@ class CheckpointSpec(StepSpec):
     # Check requests: answered at the warm-up (recorded) and by every restored server
     # before it is declared ready; a different answer stops it and boots cold instead.
     verify: list[Check] = Field(default_factory=list)
+    # engine host: the server with the machine's PIDs and network (one at a time per node),
+    # or in PID, network and IPC namespaces of its own (replicas side by side; runtime.nsinit)
+    isolation: Literal["host", "namespaces"] = "host"
     # How CUDA state is moved changes nothing in the output: the options are not keyed.
     KEYLESS: ClassVar[frozenset[str]] = StepSpec.KEYLESS | {"cuda"}
+
+    def key_fields(self) -> dict:
+        out = super().key_fields()
+        if self.isolation == "host":  # the keys of checkpoints from before the key existed
+            del out["isolation"]
+        return out
 
     @model_validator(mode="after")
     def _options_match_engine(self):
@@ -95,6 +104,12 @@ class CheckpointSpec(StepSpec):
                                  "(`POST /infer`), which the runner asks on the server's probe address")
             if check.repeat != 1:
                 raise ValueError(f"verify[{i}]: a check request is asked once per restore; drop `repeat:`")
+        if self.isolation != "host" and self.engine != "host":
+            raise ValueError(f"isolation: {self.isolation} is for engine host; a container has namespaces of its "
+                             "own already")
+        if self.isolation != "host" and self.gpu != "none":
+            raise ValueError("isolation: namespaces does not take gpu: cuda yet (restoring GPU processes side by "
+                             "side needs each replica placed on its own GPU); use isolation: host")
         if self.gpu == "cuda" and self.engine == "runc":
             raise ValueError("gpu: cuda works with engine host (a process on the GPU node) or runsc (gVisor's "
                              "nvproxy); runc containers get no NVIDIA devices from snapbuild")
@@ -124,6 +139,9 @@ class CheckpointStep:
         if spec.engine not in CONTAINER_ENGINES and image:
             return (("engine",), f"warm-up {spec.process!r} runs in image {image!r}, which needs a container "
                     f"engine, not {spec.engine}", "use engine: runc (or runsc)")
+        if spec.isolation != "host" and warm.spec.ready.file is not None:
+            return (("isolation",), f"isolation: {spec.isolation} reaches the server through a forwarded port, but "
+                    f"warm-up {spec.process!r} is probed ready by a file", "give it an http or tcp ready probe")
         if image and steps[image].kind.name != "image":
             return (("process",), f"warm-up {spec.process!r}: `image: {image}` names a "
                     f"{steps[image].kind.name} step, not an image step", "point `image:` at a `kind: image` step")
@@ -165,6 +183,7 @@ class CheckpointStep:
                                   engine_options=_engine_options(spec),
                                   image_config=read_image(ctx.store.blobs, image)[0]["config"]["config"])
             return self._build_container(spec, ctx, server_spec, wspec)
+        server_spec = replace(server_spec, isolation=spec.isolation)
         engine = process_engine(spec.engine)
         log = ctx.log
         say = lambda msg: (log.write(msg + "\n"), log.flush())  # noqa: E731
@@ -173,18 +192,21 @@ class CheckpointStep:
         try:
             t0 = time.monotonic()
             try:
-                started = server.start(server_spec, ctx.store.blobs)
+                started = server.start(server_spec, ctx.store.blobs, host_port=0)
             except FileNotFoundError as e:
                 raise StepError(f"warmup {spec.process}: {e}", step=spec.process) from None
             except SnapbuildError as e:
                 raise StepError(f"warmup {spec.process}: {e.message}", step=spec.process, hint=e.hint) from None
-            say(f"started {server_spec.argv} as pid {started.pid}; log {started.log_path}")
+            say(f"started {server_spec.argv} as pid {started.pid}"
+                + (f" in namespaces of its own, port published on 127.0.0.1:{started.host_port}"
+                   if started.isolated else "") + f"; log {started.log_path}")
+            ready = started.probe(server_spec.ready)
             try:
-                ready_s = started.wait_ready(server_spec.ready)
-                say(f"ready after {ready_s:.2f}s ({probes.describe(server_spec.ready)})")
-                checks = probes.record_checks(_checks(spec), base=probes.base_url(server_spec.ready), log=say)
+                ready_s = started.wait_ready(ready)
+                say(f"ready after {ready_s:.2f}s ({probes.describe(ready)})")
+                checks = probes.record_checks(_checks(spec), base=probes.base_url(ready), log=say)
                 probes.run_exercise([e.model_dump(exclude_none=True) for e in wspec.exercise],
-                                    base=probes.base_url(server_spec.ready), log=say, env=started.env)
+                                    base=probes.base_url(ready), log=say, env=started.env, shell=started.shell)
             except probes.ProbeFailed as e:
                 raise _warmup_failed(spec, e, started.log_path) from None
             warm_s = time.monotonic() - t0
@@ -203,6 +225,8 @@ class CheckpointStep:
                 _refuse_escaped(tree)
                 held = shmfiles.held_inodes(tree)
                 socket_dirs = _socket_dirs(tree, server_spec)
+                if started.isolated:
+                    _refuse_shared_paths(held, socket_dirs)
                 engine.dump(started.pid, images)
                 shm = shmfiles.collect(held, scratch / "shm")
             except SnapbuildError as e:
@@ -210,7 +234,7 @@ class CheckpointStep:
             except OSError as e:
                 raise StepError(f"cannot keep the server's /dev/shm files with its checkpoint: {e}") from None
             dump_s = time.monotonic() - t1
-            started.proc.wait(timeout=10)
+            started.wait_exit(timeout=10)
             process.wait_gone(tree, timeout=10)  # the dumped tree's PIDs free (reaped, if ours)
             (images / "dump.log").unlink(missing_ok=True)
             say(f"--- server log (last 40 lines of {started.log_path}) ---\n"
@@ -227,10 +251,12 @@ class CheckpointStep:
                     "holds model weights, memory-map them from a weights input (e.g. torch.load(mmap=True)) "
                     "to leave them out: smaller snapshots restore faster")
             stats = {"warm_s": round(warm_s, 3), "dump_s": round(dump_s, 3), "pages_bytes": pages, **mem}
-            return _store(spec, ctx, scratch, server_spec, pids, stats, gpu, shm, socket_dirs, checks)
+            # in namespaces of its own, the PIDs are the namespace's: nothing on the node to wait for
+            return _store(spec, ctx, scratch, server_spec, [] if started.isolated else pids, stats, gpu, shm,
+                          socket_dirs, checks)
         finally:
             if started is not None:
-                process.stop(started.pid)  # no orphan server after success or failure
+                started.stop()  # no orphan server after success or failure
                 server.unmount(started.mounted)
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -332,6 +358,19 @@ def _socket_dirs(tree: list[int], server_spec: ServerSpec) -> list[str]:
     return folders
 
 
+def _refuse_shared_paths(held: dict, socket_dirs: list[str]) -> None:
+    """A server in namespaces of its own still shares the node's paths: replicas would
+    share its /dev/shm files and fight over its socket paths."""
+    if held:
+        raise StepError("isolation: namespaces: the server holds files in /dev/shm, which side-by-side replicas "
+                        "would share (namespaces of its own give it its own PIDs, network and IPC, not its own "
+                        "files)", hint="use isolation: host for this server, or a container engine (runc)")
+    if socket_dirs:
+        raise StepError("isolation: namespaces: the server binds unix sockets to paths (in "
+                        f"{', '.join(socket_dirs)}), which side-by-side replicas would fight over",
+                        hint="use abstract sockets (they are the namespace's own), isolation: host, or engine: runc")
+
+
 def _warmup_failed(spec: CheckpointSpec, e: probes.ProbeFailed, log_path) -> StepError:
     hint = ("`verify:` in the checkpoint step lists the check requests" if str(e).startswith("verify ") else
             "the server's log is above; `ready:` sets the probe and its timeout")
@@ -357,7 +396,7 @@ def _store(spec: CheckpointSpec, ctx: BuildContext, scratch, server_spec: Server
     /dev/shm files (``scratch/shm``) as the artifact."""
     images = scratch / "images"
     manifest = Runtime(
-        format=2 if shm or socket_dirs or checks else 1, shm_files=shm or [], socket_dirs=socket_dirs or [],
+        format=3 if server_spec.isolation != "host" else 2 if shm or socket_dirs or checks else 1, shm_files=shm or [], socket_dirs=socket_dirs or [],
         verify=checks or [],
         engine=spec.engine, process=spec.process, server=server_spec, pids=pids,
         fingerprint=ctx.pins["fingerprint"], gpu=gpu,

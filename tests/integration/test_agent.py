@@ -22,7 +22,7 @@ import pytest
 
 from snapbuild.build import build
 
-from testkit import free_port, post
+from testkit import free_port, port_free, post
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,7 @@ COUNTER = Path(__file__).parent / "data" / "counter_server.py"
 BIN = Path(sys.executable).parent
 
 
-def counter(recipe, store, port: int, tag: str = "counter:prod", calls: int = 2) -> str:
+def counter(recipe, store, port: int, tag: str = "counter:prod", calls: int = 2, isolation: str = "host") -> str:
     """Build a counter snapshot (warmed with ``calls`` requests) published as ``tag``."""
     path = recipe(f"""
         name: counter
@@ -42,9 +42,9 @@ def counter(recipe, store, port: int, tag: str = "counter:prod", calls: int = 2)
             run: "{sys.executable} $SNAPBUILD_INPUTS/app/counter_server.py --port {port}"
             ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 30}}
             exercise: [{{http: "POST /count", repeat: {calls}}}]
-          snap: {{kind: checkpoint, process: server}}
+          snap: {{kind: checkpoint, process: server, isolation: {isolation}}}
         publish: {{tag: "{tag}"}}
-    """, name=f"counter-{calls}.yaml")
+    """, name=f"counter-{calls}-{isolation}.yaml")
     (path.parent / "app").mkdir(exist_ok=True)
     shutil.copy(COUNTER, path.parent / "app" / "counter_server.py")
     [res] = build(path, store=store)
@@ -273,17 +273,11 @@ def container_counter(recipe, store, rootfs: Path, tag: str, calls: int) -> str:
     return res.snapshot
 
 
-def test_a_container_rolls_with_a_ready_server_at_every_moment(agent, recipe, store, base_rootfs):
-    """The agent serves the node port itself and switches it to the new version once
-    that is ready: a client probing in a loop never sees the port closed."""
+def roll_without_downtime(a, port: int, move_tag, new: str) -> dict:
+    """Move the tag while a client probes the node port in a loop: it never sees the
+    port closed. Returns the slot, rolled to ``new``."""
     import threading
 
-    second = container_counter(recipe, store, base_rootfs, "ccounter:v2", 5)
-    first = container_counter(recipe, store, base_rootfs, "ccounter:prod", 2)
-    port = free_port()
-    a = agent(f'[[server]]\nname = "counter"\nref = "ccounter:prod"\npublish = {port}\n', poll_s=0.5)
-    s = a.wait(lambda s: s["state"] == "ready", what="ready", timeout=120)
-    assert s["digest"] == first and s["container"] and post(port, "/count")["count"] == 3
     failures, probes, stop = [], [0], threading.Event()
 
     def probe():
@@ -299,13 +293,43 @@ def test_a_container_rolls_with_a_ready_server_at_every_moment(agent, recipe, st
     t = threading.Thread(target=probe)
     t.start()
     try:
-        retag(store, "ccounter", second, "prod")
-        s = a.wait(lambda s: s["state"] == "ready" and s["digest"] == second, what="the roll", timeout=120)
+        move_tag()
+        s = a.wait(lambda s: s["state"] == "ready" and s["digest"] == new, what="the roll", timeout=120)
         time.sleep(0.5)
     finally:
         stop.set()
         t.join()
     assert failures == [] and probes[0] > 20, (failures[:5], probes)
+    return s
+
+
+def test_a_host_process_in_namespaces_rolls_beside_its_successor(agent, recipe, store):
+    """isolation: namespaces: the new version restores beside the old one (its own PIDs
+    and port), so the node port never closes, as with a container."""
+    port, node_port = free_port(), free_port()
+    second = counter(recipe, store, port, tag="counter:v2", calls=5, isolation="namespaces")
+    first = counter(recipe, store, port, isolation="namespaces")
+    a = agent(f'[[server]]\nname = "counter"\nref = "counter:prod"\npublish = {node_port}\n', poll_s=0.5)
+    s = a.wait(lambda s: s["state"] == "ready", what="ready")
+    assert s["digest"] == first and s["mode"] == "restore" and s["address"] and not s["container"], s
+    assert post(node_port, "/count")["count"] == 3 and port_free(port), "only the node port, on the host"
+    old_pid = s["pid"]
+    s = roll_without_downtime(a, node_port, lambda: retag(store, "counter", second, "prod"), second)
+    assert s["mode"] == "restore" and post(node_port, "/count")["count"] == 6
+    assert not alive(old_pid), "the old version stopped once the new one was serving"
+    assert a.stop() == 0 and not alive(s["pid"])
+
+
+def test_a_container_rolls_with_a_ready_server_at_every_moment(agent, recipe, store, base_rootfs):
+    """The agent serves the node port itself and switches it to the new version once
+    that is ready: a client probing in a loop never sees the port closed."""
+    second = container_counter(recipe, store, base_rootfs, "ccounter:v2", 5)
+    first = container_counter(recipe, store, base_rootfs, "ccounter:prod", 2)
+    port = free_port()
+    a = agent(f'[[server]]\nname = "counter"\nref = "ccounter:prod"\npublish = {port}\n', poll_s=0.5)
+    s = a.wait(lambda s: s["state"] == "ready", what="ready", timeout=120)
+    assert s["digest"] == first and s["container"] and post(port, "/count")["count"] == 3
+    s = roll_without_downtime(a, port, lambda: retag(store, "ccounter", second, "prod"), second)
     assert post(port, "/count")["count"] == 6, "the new version answers on the same port"
     running = subprocess.run(["runc", "list", "-q"], capture_output=True, text=True).stdout.split()
     assert [c for c in running if c.startswith("sb-ccounter")] == [s["container"]], "the old one is gone"

@@ -151,7 +151,7 @@ class Agent:
             slot.mode, slot.address, slot.state = rec.get("mode"), rec.get("address"), State.READY
             slot.reason, slot.verify = rec.get("reason"), rec.get("verify")
             slot.started_at = time.monotonic()
-            if slot.cfg.publish and slot.container:
+            if slot.cfg.publish and slot.address:  # a container, or a host process in namespaces of its own
                 slot.proxy = Proxy(slot.cfg.publish)
                 slot.proxy.backend = parse_address(slot.address)
             self.metrics.up.labels(name).set(1)
@@ -213,11 +213,11 @@ class Agent:
                 slot.last_error = f"the server (pid {out.get('pid')}) exited as soon as it was ready"
                 self._back_off(slot)
             return False
-        if slot.cfg.publish and out.get("container") and slot.proxy is None:
+        if slot.cfg.publish and out.get("address") and slot.proxy is None:
             try:
                 slot.proxy = Proxy(slot.cfg.publish)
             except SnapbuildError as e:
-                self._stop_process(out["container"], ident)
+                self._stop_process(out.get("container"), ident)
                 slot.last_error = e.message
                 self._back_off(slot)
                 self.log("publish_failed", server=slot.cfg.name, port=slot.cfg.publish, error=e.message)
@@ -227,7 +227,7 @@ class Agent:
             slot.mode, slot.reason, slot.address = out["mode"], out["reason"], out.get("address")
             slot.verify = out.get("verify")
             slot.state, slot.started_at, slot.last_error = State.READY, time.monotonic(), None
-        if slot.proxy and slot.container:
+        if slot.proxy and slot.address:
             slot.proxy.backend = parse_address(slot.address)
         self.metrics.up.labels(slot.cfg.name).set(1)
         self.save_state()
@@ -364,23 +364,27 @@ class Agent:
             self.metrics.rolls.labels(cfg.name, "failed").inc()
             self.log("roll_failed", server=cfg.name, new=digest, error=e.message)
             return False
-        if not old_container:  # a host process holds its port: the old one goes first
+        # A container, or a host process in namespaces of its own behind the node port, runs
+        # beside its successor until that one is ready; a plain host process holds its
+        # port: it goes first.
+        beside = bool(old_container or (old_address and slot.proxy))
+        if not beside:
             self._stop_process(None, old_ident)
         out = self.start(slot, digest)
         if out is None:
             self.metrics.rolls.labels(cfg.name, "failed").inc()
-            if old_container:
+            if beside:
                 return False  # the old version keeps serving; the next poll tries again
             with self._lock:
                 slot.ident = slot.container = None
             return False
         if not self._adopt_out(slot, out):
             return False
-        if old_container:
+        if beside:
             old = parse_address(old_address)
             if slot.proxy and old:
                 slot.proxy.drain(old)
-            self._stop_process(old_container, None)
+            self._stop_process(old_container, None if old_container else old_ident)
         self.metrics.rolls.labels(cfg.name, "ok").inc()
         self.log("rolled", server=cfg.name, digest=digest, mode=out["mode"])
         return True
