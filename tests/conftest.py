@@ -19,8 +19,11 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(autouse=True)
 def _machine_dirs(tmp_path, monkeypatch):
     """Servers' run root and the node's image cache go to temp folders, never to the
-    machine's defaults (/var/lib/snapbuild, /dev/shm/snapbuild)."""
+    machine's defaults (/var/lib/snapbuild, /dev/shm/snapbuild); registries are read
+    without the mirrors this machine's containerd may have (/etc/containerd/certs.d):
+    a test that wants mirrors points $SNAPBUILD_HOSTS_DIR elsewhere."""
     monkeypatch.setenv("SNAPBUILD_RUN_ROOT", str(tmp_path / "run-root"))
+    monkeypatch.setenv("SNAPBUILD_HOSTS_DIR", str(tmp_path / "no-hosts.d"))
     monkeypatch.setenv("SNAPBUILD_IMAGE_CACHE", str(tmp_path / "image-cache"))
     yield
     _unmount_below(tmp_path)

@@ -13,15 +13,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _no_machine_hosts_toml(tmp_path, monkeypatch):
-    """Registries are read as the tests say, never through mirrors this machine's
-    containerd may be configured with (/etc/containerd/certs.d): an empty folder
-    stands in, and a test that wants mirrors points $SNAPBUILD_HOSTS_DIR elsewhere."""
-    if "SNAPBUILD_HOSTS_DIR" not in os.environ:
-        monkeypatch.setenv("SNAPBUILD_HOSTS_DIR", str(tmp_path / "no-hosts.d"))
-
-
 @pytest.fixture(scope="session")
 def dockerd(tmp_path_factory):
     """A Docker engine for the session: the one $DOCKER_HOST names when it answers, else a
