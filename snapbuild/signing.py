@@ -133,6 +133,9 @@ def sign(reg: Registry, ref: Ref, key_path: Path, digest: str | None = None) -> 
     """Sign snapshot ``ref`` in ``reg`` and store the signature there, as a referrer.
     With ``digest``, that manifest is signed, whatever the tag names by now."""
     key = load_private_key(key_path)
+    at_origin = getattr(reg, "at_origin", None)  # what it reads, it writes on: no mirror's stale copy
+    if at_origin is not None:
+        reg = at_origin()
     digest = digest or reg.resolve(ref)
     subject_bytes = reg.get_manifest(ref.name, digest)
     payload = _payload(ref.name, digest)

@@ -126,6 +126,16 @@ class OciRegistry:
         self._seen = _SEEN.setdefault(host, {})
         self.mounted = 0  # blobs this object mounted from another repository instead of uploading
 
+    def at_origin(self) -> OciRegistry:
+        """This registry without its mirrors: for a read that a write then builds on
+        (signing reads the tag and the referrers index it extends), where a stale
+        mirror would make it sign or extend the wrong thing."""
+        import copy
+
+        out = copy.copy(self)
+        out._mirrors = []
+        return out
+
     # -- HTTP ----------------------------------------------------------------------------
     def _repo(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name

@@ -288,3 +288,25 @@ def test_a_malformed_hosts_toml_is_a_usage_error_naming_the_file(oci_registry, h
     r = run_cli("pull", f"oci://{oci_registry}/x/mirrored:v1", "--dest", tmp_path / "out", tool="snapbuild-runner")
     assert r.code == 2, r
     assert str(path) in r.err and "unknown capability 'fetch'" in r.err and "Traceback" not in r.err, r
+
+
+def test_signing_reads_at_the_origin_never_through_a_mirror(snapshot, oci_registry, hosts_dir, mirrors, tmp_path):
+    """Signing reads the tag and the referrers index it then extends: a mirror's stale
+    copy would make it sign an older manifest or drop signatures. It asks the origin."""
+    from snapbuild.registry import open_registry
+    from snapbuild.registry.ref import Ref
+    from snapbuild.signing import keygen, sign
+
+    store, digest, _, _ = snapshot
+    repo = f"s{time.monotonic_ns()}"
+    publish(snapshot, f"oci://{oci_registry}/{repo}")
+    mirror = mirrors(oci_registry)
+    origin = oci_registry.replace("127.0.0.1", "localhost")
+    hosts_toml(hosts_dir, origin, f'[host."{mirror.url}"]\n  capabilities = ["pull", "resolve"]\n')
+    private, _ = keygen(tmp_path / "key")
+    reg = open_registry(f"oci://{origin}/{repo}")
+    out = sign(reg, Ref(name="mirrored", tag="v1"), private)
+    assert out["digest"] == digest
+    assert mirror.paths() == [], "nothing of the signing was read through the mirror"
+    reg.get_manifest("mirrored", digest)  # reads are still the mirror's
+    assert mirror.paths() == [f"/v2/{repo}/mirrored/manifests/{digest}"]
