@@ -5,7 +5,8 @@ Per process the driver goes RUNNING -> (lock) LOCKED -> (checkpoint) CHECKPOINTE
 back with restore then unlock. Two ways to drive it, same steps:
 
 - ``tool``: NVIDIA's ``cuda-checkpoint`` utility (``--action lock|checkpoint|restore|
-  unlock --pid PID [--timeout MS]``, ``--get-state --pid PID``), when it is on PATH.
+  unlock --pid PID [--timeout MS]``, ``--get-state --pid PID``; a restore onto other GPUs
+  adds ``--device-map OLD=NEW,...``, r580+), when it is on PATH.
   Inside a gVisor sandbox the same commands run through ``runsc exec``.
 - ``driver``: the driver API itself (``cuCheckpointProcessLock/Checkpoint/Restore/
   Unlock/GetState``, driver r570 and later), through the ``cuda-bindings`` package
@@ -47,16 +48,20 @@ class ToolBackend:
     def __init__(self, binary: str = "cuda-checkpoint", *, prefix: list[str] | None = None, run=run_killing_group):
         self.binary, self.prefix, self._run = binary, list(prefix or []), run
 
-    def argv(self, action: str, pid: int, timeout_s: float | None = None) -> list[str]:
+    def argv(self, action: str, pid: int, timeout_s: float | None = None,
+             device_map: dict[str, str] | None = None) -> list[str]:
         if action == "state":
             return [*self.prefix, self.binary, "--get-state", "--pid", str(pid)]
         argv = [*self.prefix, self.binary, "--action", action, "--pid", str(pid)]
         if timeout_s:
             argv += ["--timeout", str(int(timeout_s * 1000))]
+        if device_map:
+            argv += ["--device-map", ",".join(f"{old}={new}" for old, new in device_map.items())]
         return argv
 
-    def _call(self, action: str, pid: int, timeout_s: float | None = None, limit: float | None = None) -> str:
-        argv = self.argv(action, pid, timeout_s)
+    def _call(self, action: str, pid: int, timeout_s: float | None = None, limit: float | None = None,
+              device_map: dict[str, str] | None = None) -> str:
+        argv = self.argv(action, pid, timeout_s, device_map)
         try:
             r = self._run(argv, capture_output=True, text=True, timeout=limit)
         except FileNotFoundError:
@@ -78,8 +83,8 @@ class ToolBackend:
     def checkpoint(self, pid: int, timeout_s: float) -> None:
         self._call("checkpoint", pid, limit=timeout_s)
 
-    def restore(self, pid: int, timeout_s: float) -> None:
-        self._call("restore", pid, limit=timeout_s)
+    def restore(self, pid: int, timeout_s: float, device_map: dict[str, str] | None = None) -> None:
+        self._call("restore", pid, limit=timeout_s, device_map=device_map)
 
     def unlock(self, pid: int, timeout_s: float) -> None:
         self._call("unlock", pid, limit=timeout_s)
@@ -91,6 +96,26 @@ class _LockArgs(ctypes.Structure):  # CUcheckpointLockArgs: 64 bytes
 
 class _Args(ctypes.Structure):  # CUcheckpoint{Checkpoint,Restore,Unlock}Args: 64 reserved bytes
     _fields_ = [("reserved", ctypes.c_uint64 * 8)]
+
+
+class _GpuPair(ctypes.Structure):  # CUcheckpointGpuPair: two CUuuid (16 bytes each)
+    _fields_ = [("oldUuid", ctypes.c_ubyte * 16), ("newUuid", ctypes.c_ubyte * 16)]
+
+
+class _RestoreArgs(ctypes.Structure):  # CUcheckpointRestoreArgs (r580+): GPU pairs, then reserved to 64 bytes
+    _fields_ = [("gpuPairs", ctypes.POINTER(_GpuPair)), ("gpuPairsCount", ctypes.c_uint),
+                ("reserved", ctypes.c_char * (64 - ctypes.sizeof(ctypes.c_void_p) - ctypes.sizeof(ctypes.c_uint)))]
+
+
+def restore_args(device_map: dict[str, str]) -> tuple[_RestoreArgs, ctypes.Array]:
+    """The driver's restore arguments that move each recorded GPU's state to its new
+    GPU; the pairs array is returned too, to stay alive as long as the arguments."""
+    from .placement import uuid_bytes
+
+    pairs = (_GpuPair * len(device_map))()
+    for pair, (old, new) in zip(pairs, device_map.items(), strict=True):
+        pair.oldUuid[:], pair.newUuid[:] = uuid_bytes(old), uuid_bytes(new)
+    return _RestoreArgs(gpuPairs=ctypes.cast(pairs, ctypes.POINTER(_GpuPair)), gpuPairsCount=len(device_map)), pairs
 
 
 class _CtypesDriver:
@@ -176,8 +201,15 @@ class DriverBackend:
     def checkpoint(self, pid: int, timeout_s: float) -> None:
         self._check("checkpoint", pid, self.cu.cuCheckpointProcessCheckpoint(pid, self.cu.CUcheckpointCheckpointArgs()))
 
-    def restore(self, pid: int, timeout_s: float) -> None:
-        self._check("restore", pid, self.cu.cuCheckpointProcessRestore(pid, self.cu.CUcheckpointRestoreArgs()))
+    def restore(self, pid: int, timeout_s: float, device_map: dict[str, str] | None = None) -> None:
+        if not device_map:
+            self._check("restore", pid, self.cu.cuCheckpointProcessRestore(pid, self.cu.CUcheckpointRestoreArgs()))
+            return
+        # GPU pairs go through libcuda with ctypes, whichever binding serves the rest: the
+        # structure is the driver's own and needs no Python wrapper of it
+        cu = self.cu if isinstance(self.cu, _CtypesDriver) else _CtypesDriver()
+        args, _pairs = restore_args(device_map)
+        self._check("restore", pid, cu.cuCheckpointProcessRestore(pid, args))
 
     def unlock(self, pid: int, timeout_s: float) -> None:
         self._check("unlock", pid, self.cu.cuCheckpointProcessUnlock(pid, self.cu.CUcheckpointUnlockArgs()))
@@ -223,7 +255,7 @@ def suspend(be, pids: list[int], *, lock_timeout_s: float, timeout_s: float) -> 
     return {k: round(v, 3) for k, v in timings.items()}
 
 
-def resume(be, pids: list[int], *, timeout_s: float) -> dict:
+def resume(be, pids: list[int], *, timeout_s: float, device_map: dict[str, str] | None = None) -> dict:
     """After a restore: GPU state back to the GPU for every CUDA process of the tree,
     then unlock them all. In that order, as for the dump (every process locked before
     any is checkpointed): a process unlocked while a peer's GPU state is still on the
@@ -235,7 +267,7 @@ def resume(be, pids: list[int], *, timeout_s: float) -> dict:
     t = time.monotonic()
     for pid in todo:
         if states[pid] == "checkpointed":
-            be.restore(pid, timeout_s)
+            be.restore(pid, timeout_s, device_map) if device_map else be.restore(pid, timeout_s)
     timings["gpu_restore_s"] = time.monotonic() - t
     t = time.monotonic()
     for pid in todo:

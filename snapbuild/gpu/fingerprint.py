@@ -78,6 +78,26 @@ def node_gpus(run=run_killing_group) -> dict | None:
     return from_smi(q.stdout, banner.stdout)
 
 
+def used_uuids(pids: list[int], run=run_killing_group) -> list[str]:
+    """The GPUs (UUIDs, in the node's index order) that any of ``pids`` has a CUDA
+    context on, from ``nvidia-smi --query-compute-apps``; empty when it cannot tell."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        r = run([smi, "--query-compute-apps=pid,gpu_uuid", "--format=csv,noheader,nounits"], capture_output=True,
+                text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    used = set()
+    for line in r.stdout.splitlines() if r.returncode == 0 else []:
+        pid, _, uuid = (c.strip() for c in line.partition(","))
+        if pid.isdigit() and int(pid) in pids and uuid:
+            used.add(uuid)
+    order = (node_gpus(run) or {}).get("uuids") or []
+    return sorted(used, key=lambda u: order.index(u) if u in order else len(order))
+
+
 def no_gpu_reason() -> str:
     if not shutil.which("nvidia-smi"):
         return "nvidia-smi is not installed (no NVIDIA driver on this machine)"
@@ -128,10 +148,7 @@ def compare(recorded: dict | None, node: dict | None) -> list[Mismatch]:
     if node.get("mig"):
         out.append(Mismatch("gpu.mig", True, f"MIG is enabled on GPU(s) {node['mig']}: CUDA checkpoints "
                                              "do not support MIG"))
-    if node.get("uuids") and recorded.get("uuids") and node["uuids"][:recorded["count"]] != recorded["uuids"]:
-        out.append(Mismatch("gpu.uuids", False, "other GPUs than at build (same model): the state goes to "
-                                                "this node's GPUs in order"))
-    return out
+    return out  # which of this node's GPUs take the state: placement.place
 
 
 # --- what cannot be snapshotted -------------------------------------------------------------

@@ -4,11 +4,16 @@ recorded. The checkpoint step and the runner call these; see cuda.py for the ste
 Recorded in ``checkpoint.json`` as ``gpu``::
 
     {"method": "tool", "pids": [4242], "fingerprint": {...}, "timeout_s": 600,
-     "timings": {"lock_s": 0.01, "checkpoint_s": 2.3}, "sandbox": false}
+     "timings": {"lock_s": 0.01, "checkpoint_s": 2.3}, "sandbox": false,
+     "uuids": ["GPU-..."], "pid_ns": false, "device_nodes": []}
 
-Host processes keep their PIDs through CRIU, so ``pids`` names them at restore too;
-inside gVisor the PIDs are the sandbox's own, and cuda-checkpoint runs there through
-``runsc exec``.
+``uuids``: the GPUs the processes used (placement.py maps them onto a node's). Host
+processes keep their PIDs through CRIU, so ``pids`` names them at restore too; in
+namespaces of their own or a runc container (``pid_ns``) they are the namespace's PIDs,
+found again on the node below the restored tree's root; inside gVisor they are the
+sandbox's own, and cuda-checkpoint runs there through ``runsc exec``.
+``device_nodes``: a runc container's GPU device nodes at the checkpoint (its /dev
+travels with it; the node's own replace them, runtime.cdi.refresh_nodes).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import re
 
 from ..errors import SnapbuildError
+from ..runtime import process
 from . import cuda
 from . import fingerprint as gpu_fp
 
@@ -42,19 +48,22 @@ def _check(pids: list[int], gpus: dict, what: str) -> None:
         raise GpuSnapshotError(f"{what} cannot be CUDA-checkpointed: " + "; ".join(problems))
 
 
-def suspend_host(pids: list[int], opts, say) -> dict:
-    """Before ``criu dump``: lock and checkpoint the CUDA processes among ``pids``."""
+def suspend_host(pids: list[int], opts, say, *, pid_ns: bool = False) -> dict:
+    """Before ``criu dump``: lock and checkpoint the CUDA processes among ``pids`` (this
+    machine's PIDs; recorded as their namespace's when ``pid_ns``)."""
     gpus = _node_gpus_or_fail()
     cuda_pids = gpu_fp.cuda_processes(pids)
     _check(cuda_pids, gpus, "the server")
+    used = gpu_fp.used_uuids(cuda_pids)  # before the lock: a checkpointed process holds no GPU
+    recorded = [process.ns_pid(p) or p for p in cuda_pids] if pid_ns else cuda_pids
     be = cuda.backend(opts.method)
     say(f"CUDA: {len(cuda_pids)} process(es) {cuda_pids} on {gpus['count']}x {gpus['model']} "
         f"(driver {gpus['driver']}); locking and checkpointing GPU state with the {be.name} backend")
     timings = cuda.suspend(be, cuda_pids, lock_timeout_s=opts.lock_timeout, timeout_s=opts.timeout)
     say(f"CUDA: GPU state moved to host memory (lock {timings['lock_s']:.2f}s, checkpoint "
         f"{timings['checkpoint_s']:.2f}s)")
-    return {"method": be.name, "pids": cuda_pids, "fingerprint": gpus, "timeout_s": opts.timeout,
-            "timings": timings, "sandbox": False}
+    return {"method": be.name, "pids": recorded, "fingerprint": gpus, "timeout_s": opts.timeout,
+            "timings": timings, "sandbox": False, "uuids": used or gpus["uuids"], "pid_ns": pid_ns}
 
 
 def sandbox_prefix(engine, cid: str) -> list[str]:
@@ -86,13 +95,22 @@ def suspend_sandbox(engine, cid: str, opts, say, run=None) -> dict:
             "timings": timings, "sandbox": True}
 
 
-def resume(gpu: dict, *, prefix: list[str] | None = None, run=None) -> dict:
-    """After a restore: GPU state back and unlocked, for the recorded processes."""
+def resume(gpu: dict, *, prefix: list[str] | None = None, run=None, root: int | None = None,
+           device_map: dict[str, str] | None = None) -> dict:
+    """After a restore: GPU state back (onto other GPUs with ``device_map``) and
+    unlocked, for the recorded processes; ``root``: the restored tree's root on this
+    machine, below which namespace PIDs are looked up."""
+    pids = list(gpu["pids"])
+    if gpu.get("pid_ns") and root is not None:
+        pids = process.host_pids(root, pids)
+        if len(pids) != len(gpu["pids"]):
+            raise GpuSnapshotError(f"the restored tree below pid {root} lacks some of the CUDA processes "
+                                   f"{gpu['pids']} (its namespace's PIDs) of the checkpoint")
     if gpu.get("sandbox"):
         be = cuda.ToolBackend(prefix=prefix, run=run) if run else cuda.ToolBackend(prefix=prefix)
     else:  # the node's own way: the tool when it has it, unless the recipe asked for the driver API
         be = cuda.backend("driver" if gpu.get("method") == "driver" else "auto")
-    return cuda.resume(be, gpu["pids"], timeout_s=gpu.get("timeout_s", 600))
+    return cuda.resume(be, pids, timeout_s=gpu.get("timeout_s", 600), device_map=device_map)
 
 
 def mismatches(gpu: dict | None) -> list:

@@ -128,6 +128,10 @@ RESTORE_OPTIONS = (
                         "namespaces): the host port that reaches the server (default: the same number as the "
                         "server's own port; 0 picks a free one)", metavar="HOST[:CONTAINER]"),
     Option("--lazy-pages", LAZY_HELP, choices=("on", "off")),
+    Option("--gpu", "GPU snapshots: the node's GPU(s) the server goes to, by index or UUID (comma-separated, one "
+                    "per GPU of the snapshot; default: the GPUs it was taken on when this node has them, else the "
+                    "first ones). Other GPUs than at the checkpoint need NVIDIA driver r580+, else it boots cold "
+                    "there; a cold boot sees only these", metavar="INDEX|UUID[,...]"),
 )
 
 
@@ -151,7 +155,13 @@ def restore(ref: str, options: dict, as_json: bool) -> None:
     print_restore(run(ref, registry=options["registry"], fallback=options["fallback"] or "cold",
                       publish=options["publish"], trust_policy=options["trust_policy"],
                       cache_max=_size_arg(options["cache_max"]),
-                      lazy_pages=None if lazy is None else lazy == "on"), as_json)
+                      lazy_pages=None if lazy is None else lazy == "on", gpus=parse_gpus(options["gpu"])), as_json)
+
+
+def parse_gpus(text: str | None) -> list[str] | None:
+    from ..gpu.placement import parse
+
+    return parse(text)
 
 
 def _size_arg(text: str | None) -> int | None:
@@ -176,6 +186,10 @@ def print_restore(result: dict, as_json: bool) -> None:
     for m in result.get("mismatches", []):
         if not m["fatal"]:
             print(f"  note: {m['message']}")
+    if result.get("gpus"):
+        moved = result.get("device_map") or {}
+        print(f"  GPU(s): {', '.join(result['gpus'])}" + (" (GPU state moved from "
+              + ", ".join(moved) + ")" if moved else ""))
     if result.get("container"):
         print(f"  container: {result['container']}, reachable at {result.get('address')}")
     elif result.get("address"):

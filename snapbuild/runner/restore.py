@@ -42,7 +42,8 @@ class RestoreFailed(SnapbuildError):
 
 def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: str = "auto",
         store: Store | None = None, jobs: int = 16, publish: str | None = None,
-        trust_policy: Path | None = None, cache_max: int | None = None, lazy_pages: bool | None = None) -> dict:
+        trust_policy: Path | None = None, cache_max: int | None = None, lazy_pages: bool | None = None,
+        gpus: list[str] | None = None) -> dict:
     """Start the server of snapshot ``ref`` and return what happened, with timings.
 
     ``mode``: ``auto`` (restore, else fall back), ``restore`` (never boot cold), or
@@ -52,7 +53,9 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
     snapshot the policy does not accept is refused before it is fetched (exit 10).
     ``lazy_pages``: a host process restores with CRIU's lazy pages (its memory follows
     on demand; the call returns once every page is in place, ``pages_s``); None:
-    :func:`lazy_default`.
+    :func:`lazy_default`. ``gpus``: the GPUs (indexes or UUIDs) the server goes to, one
+    per GPU of its CUDA state (see snapbuild.gpu.placement); None: those it was taken
+    on when this node has them, else the first ones.
     """
     lazy_pages = lazy_default() if lazy_pages is None else lazy_pages
     from ..registry import locate
@@ -71,9 +74,10 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
 
     def start(images: bool) -> dict:
         if not pipelined():
-            return _start(fetch(images), store, fallback, mode, publish, lazy_pages)
+            return _start(fetch(images), store, fallback, mode, publish, lazy_pages, gpus)
         return _start_while_pulling(ref, registry, store, jobs, trust_policy, cache_max, images,
-                                    lambda partial, view: _start(partial, view, fallback, mode, publish, lazy_pages))
+                                    lambda partial, view: _start(partial, view, fallback, mode, publish, lazy_pages,
+                                                                 gpus))
 
     try:
         out = start(erofs.can_mount())
@@ -150,7 +154,7 @@ def _start_while_pulling(ref: str, registry: str | None, store: Store, jobs: int
 
 
 def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str | None,
-           lazy_pages: bool = False) -> dict:
+           lazy_pages: bool = False, gpus: list[str] | None = None) -> dict:
     """Restore (or boot cold) the server of the pulled snapshot ``fetched``."""
     snapshot: SnapshotConfig = fetched["snapshot"]  # checked in full for this node (schema)
     runtime = snapshot.runtime
@@ -179,14 +183,24 @@ def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str |
                          hint="build it with `isolation: namespaces` in its checkpoint step to run replicas "
                               "side by side, each on its own published port")
     host_port = _host_port(publish, spec) if in_container or isolated else None
+    node_gpus = _node_gpus(runtime, gpus)
 
     reason = "cold boot requested" if mode == "cold" else _why_not_restorable(runtime, out)
+    placement = None
+    if reason is None and runtime.gpu:
+        from ..gpu.placement import place
+
+        placement, why = place(runtime.gpu, node_gpus, gpus)
+        reason = None if why is None else f"the GPU state cannot be placed here: {why}"
     if reason is None:
         try:
+            if placement is not None:
+                out.update(placement.to_json())
             if in_container:
-                _describe(out, _restore_container(runtime, store, timings, host_port))
+                _describe(out, _restore_container(runtime, store, timings, host_port, placement))
             else:
-                out["pid"], out["address"] = _restore(runtime, store, timings, lazy_pages, out, host_port)
+                out["pid"], out["address"] = _restore(runtime, store, timings, lazy_pages, out, host_port,
+                                                      placement)
             out["mode"] = "restore"
             out["verify"] = "same" if runtime.verify else None
         except _NoRestore as e:
@@ -199,9 +213,15 @@ def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str |
                                 hint="run with --fallback cold to boot the server cold instead")
         if mode != "cold":
             log.warning("%s: not restored (%s); booting it cold", fetched["ref"], reason)
+        from ..gpu.placement import cold_targets
+
+        targets = cold_targets(runtime.gpu, node_gpus, gpus)
+        out.update(gpus=targets, device_map={})
         if in_container:
-            _describe(out, _cold_container(runtime, store, timings, host_port))
+            _describe(out, _cold_container(runtime, store, timings, host_port, targets))
         else:
+            if targets:  # it sees only its GPUs
+                spec = replace(spec, env={**spec.env, "CUDA_VISIBLE_DEVICES": ",".join(targets)})
             out["pid"], out["address"] = _cold(spec, store, timings, host_port)
         out["mode"] = "cold"
         out["reason"] = reason
@@ -210,6 +230,20 @@ def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str |
 
 class _NoRestore(Exception):
     pass
+
+
+def _node_gpus(runtime: Runtime, gpus: list[str] | None) -> dict | None:
+    """This node's GPUs when the placement needs them; ``--gpu`` naming one the node
+    lacks is refused here, before anything starts."""
+    if not runtime.gpu and not gpus:
+        return None
+    from ..gpu import fingerprint as gpu_fp
+    from ..gpu.placement import resolve
+
+    node = gpu_fp.node_gpus()
+    if gpus:
+        resolve(gpus, node)
+    return node
 
 
 class _Differs(_NoRestore):
@@ -237,7 +271,7 @@ def _why_not_restorable(runtime: Runtime, out: dict) -> str | None:
 
 
 def _restore(runtime: Runtime, store: Store, timings: dict, lazy_pages: bool = False,
-             out: dict | None = None, host_port: int | None = None) -> tuple[int, str | None]:
+             out: dict | None = None, host_port: int | None = None, placement=None) -> tuple[int, str | None]:
     """Restore a host-process tree; returns its root's PID and, for a server in
     namespaces of its own, the address this machine reaches it on."""
     spec = runtime.server
@@ -246,15 +280,15 @@ def _restore(runtime: Runtime, store: Store, timings: dict, lazy_pages: bool = F
 
         listener = listen(server.server_port(spec) if host_port is None else host_port)
         try:
-            return _restore_tree(runtime, store, timings, lazy_pages, out, listener)
+            return _restore_tree(runtime, store, timings, lazy_pages, out, listener, placement)
         finally:
             listener.close()
     server.check_port_free(spec)
-    return _restore_tree(runtime, store, timings, lazy_pages, out, None)
+    return _restore_tree(runtime, store, timings, lazy_pages, out, None, placement)
 
 
 def _restore_tree(runtime: Runtime, store: Store, timings: dict, lazy_pages: bool, out: dict | None,
-                  listener) -> tuple[int, str | None]:
+                  listener, placement=None) -> tuple[int, str | None]:
     spec = runtime.server
     engine = process_engine(runtime.engine)
     t = time.monotonic()
@@ -311,7 +345,7 @@ def _restore_tree(runtime: Runtime, store: Store, timings: dict, lazy_pages: boo
         forwarder, port = spawn(listener, f"/proc/{pid}/ns/net", server.server_port(spec), watch=pid)
         ready, address = probes.pointed_at(spec.ready, port), f"127.0.0.1:{port}"
     try:
-        _resume_gpu(runtime, timings, lambda: process.stop(pid))
+        _resume_gpu(runtime, timings, lambda: process.stop(pid), root=pid, placement=placement)
         _after_restore(runtime, ready, timings, lambda: process.stop(pid))
         _wait_restored(ready, server_log_path, lambda: process.alive(pid), lambda: process.stop(pid), timings)
         if lazy is not None:  # before the check requests, which then see the memory complete
@@ -377,15 +411,18 @@ def _verify(runtime: Runtime, ready: dict, timings: dict, give_up) -> None:
         raise _Differs(f"{_Differs.PREFIX}: {why}")
 
 
-def _resume_gpu(runtime: Runtime, timings: dict, give_up, prefix: list[str] | None = None) -> None:
-    """GPU state back on the GPU and CUDA unlocked, for a snapshot taken with gpu: cuda."""
+def _resume_gpu(runtime: Runtime, timings: dict, give_up, prefix: list[str] | None = None, root: int | None = None,
+                placement=None) -> None:
+    """GPU state back on the GPU (the placement's) and CUDA unlocked, for a snapshot
+    taken with gpu: cuda."""
     if not runtime.gpu:
         return
     from ..gpu.snapshot import resume
 
     t = time.monotonic()
     try:
-        timings.update(resume(runtime.gpu, prefix=prefix))
+        timings.update(resume(runtime.gpu, prefix=prefix, root=root,
+                              device_map=placement.device_map if placement is not None else None))
     except SnapbuildError as e:
         give_up()
         raise _NoRestore(f"the GPU state did not come back: {e.message}") from None
@@ -447,7 +484,7 @@ def _describe(out: dict, inst) -> None:
                address=f"127.0.0.1:{inst.host_port}" if inst.host_port else None)
 
 
-def _restore_container(runtime: Runtime, store: Store, timings: dict, host_port: int | None):
+def _restore_container(runtime: Runtime, store: Store, timings: dict, host_port: int | None, placement=None):
     from ..runtime import container
 
     spec = runtime.server
@@ -456,7 +493,8 @@ def _restore_container(runtime: Runtime, store: Store, timings: dict, host_port:
     with ThreadPoolExecutor(max_workers=1) as beside:  # the checkpoint written out meanwhile
         checkpoint = beside.submit(ensure_tree, store.blobs, runtime.images_tree, images_root(spec.run_root))
         try:
-            inst = container.prepare(spec, store.blobs, engine.name, host_port)
+            inst = container.prepare(spec, store.blobs, engine.name, host_port,
+                                     gpus=placement.targets if placement is not None else None)
         except erofs.ImageUnusable:
             raise  # run() fetches the trees and writes them out instead
         except SnapbuildError as e:
@@ -478,10 +516,18 @@ def _restore_container(runtime: Runtime, store: Store, timings: dict, host_port:
         timings["restore_s"] = round(time.monotonic() - t, 4)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if runtime.gpu:
+    if runtime.gpu and runtime.gpu.get("sandbox"):
         from ..gpu.snapshot import sandbox_prefix
 
-        _resume_gpu(runtime, timings, lambda: container.destroy(inst), prefix=sandbox_prefix(engine, inst.id))
+        _resume_gpu(runtime, timings, lambda: container.destroy(inst), prefix=sandbox_prefix(engine, inst.id),
+                    placement=placement)
+    elif runtime.gpu:  # runc: the node's device nodes in place of the build machine's, then the state
+        try:
+            container.refresh_gpu_nodes(inst, runtime.gpu.get("device_nodes") or [])
+        except SnapbuildError as e:
+            container.destroy(inst)
+            raise _NoRestore(f"the GPU state did not come back: {e.message}") from None
+        _resume_gpu(runtime, timings, lambda: container.destroy(inst), root=inst.pid, placement=placement)
     _after_restore(runtime, container.host_probe(spec, inst), timings, lambda: container.destroy(inst))
     _wait_restored(container.host_probe(spec, inst), inst.log_path, lambda: container.alive(inst),
                    lambda: container.destroy(inst), timings)
@@ -489,12 +535,13 @@ def _restore_container(runtime: Runtime, store: Store, timings: dict, host_port:
     return inst
 
 
-def _cold_container(runtime: Runtime, store: Store, timings: dict, host_port: int | None):
+def _cold_container(runtime: Runtime, store: Store, timings: dict, host_port: int | None,
+                    gpus: list[str] | None = None):
     from ..runtime import container
 
     spec = runtime.server
     t = time.monotonic()
-    inst = container.start(spec, store.blobs, container_engine(runtime.engine), host_port)
+    inst = container.start(spec, store.blobs, container_engine(runtime.engine), host_port, gpus=gpus)
     timings["materialize_s"] = round(timings.get("materialize_s", 0) + time.monotonic() - t, 4)
     t = time.monotonic()
     try:

@@ -57,6 +57,7 @@ class Instance:
     forwarder_pid: int | None = None
     forwarder: dict | None = None  # its identity.ProcessIdentity, so only it is ever stopped
     pid: int | None = None  # the container's init, as this machine sees it
+    gpus: list[str] | None = None  # the GPUs (UUIDs) given to it from the node's CDI spec (runc)
 
     @property
     def log_path(self) -> Path:
@@ -201,10 +202,37 @@ def _new_instance(spec: ServerSpec, engine: str, host_port: int | None) -> Insta
                     container_port=addr[1] if addr else None)
 
 
+def gpu_edits(gpus: list[str]):
+    """The node's CDI edits (snapbuild.runtime.cdi) that give a container these GPUs
+    (UUIDs): each by its UUID's device name, else by its index's, as nvidia-ctk names both."""
+    from ..gpu.fingerprint import node_gpus
+    from . import cdi
+
+    registry = cdi.load()
+    names = set(registry.devices())
+    order = (node_gpus() or {}).get("uuids") or []
+    picked = [u if u in names or u not in order else str(order.index(u)) for u in gpus]
+    return registry.edits(picked)
+
+
+def refresh_gpu_nodes(inst: Instance, stale: list[str]) -> None:
+    """After a restore: the container's /dev came back as it was at the checkpoint, with
+    the build machine's GPU device nodes (``stale``); this node's, for the GPUs it was
+    given, take their place (the cgroup allows only those)."""
+    from . import cdi
+
+    if inst.pid is None or not inst.gpus:
+        return
+    cdi.refresh_nodes(inst.pid, gpu_edits(inst.gpus), stale)
+
+
 def prepare(spec: ServerSpec, blobs: BlobStore, engine: str, host_port: int | None = None,
-            layer_cache: Path | None = None) -> Instance:
-    """Everything but the process: layers, rootfs, inputs, run folder, netns, config.json."""
+            layer_cache: Path | None = None, gpus: list[str] | None = None) -> Instance:
+    """Everything but the process: layers, rootfs, inputs, run folder, netns, config.json;
+    ``gpus`` (UUIDs, runc only): those GPUs' devices and driver files, from the node's
+    CDI spec."""
     inst = _new_instance(spec, engine, host_port)
+    inst.gpus = gpus if gpus and engine == "runc" else None
     root = Path(spec.run_root)
     bundle = Path(inst.bundle)
     image = spec.image
@@ -221,6 +249,8 @@ def prepare(spec: ServerSpec, blobs: BlobStore, engine: str, host_port: int | No
         rootfs.assemble(layers, bundle / "rootfs", work=bundle / "overlay")
         inst.netns = _netns_create(inst.id)
         config = config_json(spec, inputs, Path(inst.run_dir), inst.netns)
+        if inst.gpus:
+            gpu_edits(inst.gpus).apply(config)
         # runc hands CRIU the options of the file this annotation names, for checkpoint and
         # restore: deleted files a process holds (multiprocessing's semaphores in the
         # container's /dev/shm) are linked back in, inside the tmpfs the checkpoint carries.
@@ -250,9 +280,10 @@ def host_probe(spec: ServerSpec, inst: Instance) -> dict:
     return probes.pointed_at(spec.ready, inst.host_port)
 
 
-def start(spec: ServerSpec, blobs: BlobStore, engine, host_port: int | None = None) -> Instance:
+def start(spec: ServerSpec, blobs: BlobStore, engine, host_port: int | None = None,
+          gpus: list[str] | None = None) -> Instance:
     """A new container from the image, running the server from scratch."""
-    inst = prepare(spec, blobs, engine.name, host_port)
+    inst = prepare(spec, blobs, engine.name, host_port, gpus=gpus)
     return launch(inst, engine, lambda: engine.run(Path(inst.bundle), inst.id, options=spec.engine_options))
 
 

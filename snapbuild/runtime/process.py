@@ -72,16 +72,34 @@ def _ignores_sigterm(pid: int) -> bool:
     """Whether ``pid`` is PID 1 of a PID namespace (a server in namespaces of its own)
     with no handler for SIGTERM: the kernel discards signals such an init does not
     catch, so only SIGKILL (from outside the namespace) stops it."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                      if ":" in line)
-    except OSError:
-        return False
+    fields = _status(pid)
     nspid = fields.get("NSpid", "").split()
     if len(nspid) < 2 or nspid[-1] != "1":
         return False
     caught = int(fields.get("SigCgt", "0").strip() or "0", 16)
     return not caught & (1 << (signal.SIGTERM - 1))
+
+
+def _status(pid: int) -> dict[str, str]:
+    try:
+        return dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if ":" in line)
+    except OSError:
+        return {}
+
+
+def ns_pid(pid: int) -> int | None:
+    """The PID that ``pid`` has in its own (innermost) PID namespace: itself on the
+    host, its container's or namespace's number inside one; None when it is gone."""
+    nspid = _status(pid).get("NSpid", "").split()
+    return int(nspid[-1]) if nspid else None
+
+
+def host_pids(root: int, ns_pids: list[int]) -> list[int]:
+    """This machine's PIDs of the processes in ``root``'s tree whose namespace PIDs
+    are ``ns_pids`` (in that order); a number no process of the tree has is left out."""
+    by_ns = {ns_pid(p): p for p in tree(root)}
+    return [by_ns[n] for n in ns_pids if n in by_ns]
 
 
 def fds(pid: int) -> list[tuple[str, str]]:

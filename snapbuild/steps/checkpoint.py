@@ -80,6 +80,9 @@ class CheckpointSpec(StepSpec):
     # engine host: the server with the machine's PIDs and network (one at a time per node),
     # or in PID, network and IPC namespaces of its own (replicas side by side; runtime.nsinit)
     isolation: Literal["host", "namespaces"] = "host"
+    # gpu: cuda with engine runc: how many of the build machine's GPUs (the first ones by
+    # index) the warm-up container is given, from its CDI spec (1 when not set)
+    gpus: int | None = Field(default=None, ge=1, le=64)
     # How CUDA state is moved changes nothing in the output: the options are not keyed.
     KEYLESS: ClassVar[frozenset[str]] = StepSpec.KEYLESS | {"cuda"}
 
@@ -87,6 +90,8 @@ class CheckpointSpec(StepSpec):
         out = super().key_fields()
         if self.isolation == "host":  # the keys of checkpoints from before the key existed
             del out["isolation"]
+        if self.gpus is None:
+            del out["gpus"]
         return out
 
     @model_validator(mode="after")
@@ -107,12 +112,9 @@ class CheckpointSpec(StepSpec):
         if self.isolation != "host" and self.engine != "host":
             raise ValueError(f"isolation: {self.isolation} is for engine host; a container has namespaces of its "
                              "own already")
-        if self.isolation != "host" and self.gpu != "none":
-            raise ValueError("isolation: namespaces does not take gpu: cuda yet (restoring GPU processes side by "
-                             "side needs each replica placed on its own GPU); use isolation: host")
-        if self.gpu == "cuda" and self.engine == "runc":
-            raise ValueError("gpu: cuda works with engine host (a process on the GPU node) or runsc (gVisor's "
-                             "nvproxy); runc containers get no NVIDIA devices from snapbuild")
+        if self.gpus is not None and (self.gpu != "cuda" or self.engine != "runc"):
+            raise ValueError("`gpus:` is for gpu: cuda with engine runc (a container is given that many GPUs); "
+                             "a host process sees the machine's GPUs")
         return self
 
     def cuda_options(self) -> CudaOptions:
@@ -219,7 +221,7 @@ class CheckpointStep:
                 if spec.gpu == "cuda":
                     from ..gpu import snapshot as gpu_snapshot
 
-                    gpu = gpu_snapshot.suspend_host(pids, spec.cuda_options(), say)
+                    gpu = gpu_snapshot.suspend_host(pids, spec.cuda_options(), say, pid_ns=started.isolated)
                 tree = process.tree(started.pid)  # now: the tree may have grown since the warm-up
                 pids = tree
                 _refuse_escaped(tree)
@@ -269,8 +271,9 @@ class CheckpointStep:
         inst = None
         try:
             t0 = time.monotonic()
+            gpus = _warmup_gpus(spec)
             try:
-                inst = container.start(server_spec, ctx.store.blobs, engine, host_port=0)
+                inst = container.start(server_spec, ctx.store.blobs, engine, host_port=0, gpus=gpus)
             except SnapbuildError as e:
                 raise StepError(f"warmup {spec.process}: {e.message}", step=spec.process, hint=e.hint) from None
             say(f"started container {inst.id} ({spec.engine}), init pid {inst.pid}; port {inst.container_port} "
@@ -294,7 +297,12 @@ class CheckpointStep:
                 if spec.gpu == "cuda":
                     from ..gpu import snapshot as gpu_snapshot
 
-                    gpu = gpu_snapshot.suspend_sandbox(engine, inst.id, spec.cuda_options(), say)
+                    if spec.engine == "runsc":
+                        gpu = gpu_snapshot.suspend_sandbox(engine, inst.id, spec.cuda_options(), say)
+                    else:  # runc: the container's processes, seen from this machine
+                        gpu = gpu_snapshot.suspend_host(process.tree(inst.pid or 0), spec.cuda_options(), say,
+                                                        pid_ns=True)
+                        gpu["device_nodes"] = container.gpu_edits(gpus or []).node_paths()
                 container.checkpoint(inst, engine, images, scratch / "work", server_spec.engine_options)
             except SnapbuildError as e:
                 raise StepError(e.message, hint=e.hint) from None
@@ -379,6 +387,21 @@ def _warmup_failed(spec: CheckpointSpec, e: probes.ProbeFailed, log_path) -> Ste
 
 def _checks(spec: CheckpointSpec) -> list[dict]:
     return [e.model_dump(exclude_none=True) for e in spec.verify]
+
+
+def _warmup_gpus(spec: CheckpointSpec) -> list[str] | None:
+    """The GPUs a runc warm-up container is given: the machine's first ``gpus``."""
+    if spec.gpu != "cuda" or spec.engine != "runc":
+        return None
+    from ..gpu import fingerprint as gpu_fp
+
+    node = gpu_fp.node_gpus()
+    want = spec.gpus or 1
+    if not node or len(node["uuids"]) < want:
+        raise StepError(f"gpu: cuda in a runc container needs {want} NVIDIA GPU(s) on the build machine: "
+                        + (gpu_fp.no_gpu_reason() if not node else f"it has {len(node['uuids'])}"),
+                        hint="build GPU snapshots on a GPU node of the kind that will restore them")
+    return node["uuids"][:want]
 
 
 def _engine_options(spec: CheckpointSpec) -> dict:

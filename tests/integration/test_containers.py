@@ -418,3 +418,53 @@ def test_a_file_capability_set_in_an_image_survives_a_node_unpacking_its_layer(r
     [layer] = layer_dirs(store.blobs, res.steps["base"].artifact, tmp_path / "node-layers")
     assert os.getxattr(layer / "bin" / "ping", "security.capability") == cap
     assert os.stat(tmp_path / "node-layers").st_mode & 0o777 == 0o700, "only root may reach a capability binary"
+
+
+def test_a_runc_gpu_container_gets_exactly_its_gpus_from_the_cdi_spec(base_rootfs, dockerd, recipe, project, store,
+                                                                       tmp_path, monkeypatch):
+    """engine: runc with gpu: cuda on a stand-in node (tests/integration/fakenvidia.py:
+    two H200s under driver r580, their device nodes and an nvidia-ctk-shaped CDI spec;
+    no real GPU here). The warm-up container gets GPU 0's devices from the spec; a
+    restore onto GPU 1 finds the checkpoint's /dev with GPU 0's node, which is replaced
+    by GPU 1's, and its CUDA state goes there with the device map; a cold boot on GPU 1
+    sees GPU 1 only."""
+    import fakenvidia
+    from snapbuild.store.snapshot import load_config, parse_manifest
+
+    folder = tmp_path / "nvidia"
+    monkeypatch.setenv("PATH", f"{fakenvidia.install(folder, fakenvidia.h200s(2))}{os.pathsep}{os.environ['PATH']}")
+    gpu0, gpu1 = [row.split(", ")[2] for row in fakenvidia.h200s(2).splitlines()]
+    cdi_dir, _ = fakenvidia.fake_cdi(folder, [gpu0, gpu1])
+    monkeypatch.setenv("SNAPBUILD_CDI_DIRS", str(cdi_dir))
+    port = free_port()
+    (project / "app").mkdir()
+    shutil.copy(fakenvidia.fake_libcuda(folder), project / "app" / "libcuda.so.1")
+    path = counter_container(recipe, project, base_rootfs, "gpubox", port, checkpoint=", gpu: cuda",
+                             command=f'[python3, /app/counter_server.py, --port, "{port}", --weights, '
+                                     '/app/libcuda.so.1]')
+    [res] = build(path, store=store)
+    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    gpu = load_config(store.blobs, parse_manifest(store.blobs.get(res.snapshot), res.snapshot))["runtime"]["gpu"]
+    assert gpu["pid_ns"] and gpu["uuids"] == [gpu0] and "/dev/nvidia0" in gpu["device_nodes"], gpu
+
+    def devices(cid: str) -> list[str]:
+        r = subprocess.run(["runc", "exec", cid, "ls", "/dev"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return sorted(n for n in r.stdout.split() if n.startswith("nvidia"))
+
+    out = run("gpubox:v1", store=store, gpus=["1"], publish="0", fallback="fail")
+    try:
+        assert out["mode"] == "restore" and out["gpus"] == [gpu1] and out["device_map"] == {gpu0: gpu1}, out
+        assert devices(out["container"]) == ["nvidia-uvm", "nvidia1", "nvidiactl"], "GPU 1's node, not GPU 0's"
+        [restore] = [c for c in fakenvidia.calls(folder) if c.startswith("--action restore")]
+        assert restore.endswith(f"--device-map {gpu0}={gpu1}"), restore
+        assert post(int(out["address"].rsplit(":", 1)[1]), "/count")["count"] == 3
+    finally:
+        stop(out["container"])
+    cold = run("gpubox:v1", store=store, gpus=["1"], publish="0", mode="cold")
+    try:
+        assert devices(cold["container"]) == ["nvidia-uvm", "nvidia1", "nvidiactl"]
+        assert post(int(cold["address"].rsplit(":", 1)[1]), "/count")["count"] == 1
+    finally:
+        stop(cold["container"])
+    assert leftovers("sb-gpubox") == []

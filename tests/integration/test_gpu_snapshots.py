@@ -19,6 +19,7 @@ import fakenvidia
 from snapbuild.build import build
 from snapbuild.gpu import fingerprint as gpu_fp
 from snapbuild.runner.restore import run, stop
+from snapbuild.runtime import process
 from snapbuild.store.snapshot import load_config, parse_manifest
 
 from testkit import free_port, post
@@ -288,3 +289,84 @@ def test_every_cuda_process_of_a_tree_is_locked_checkpointed_and_restored_in_the
         assert post(port, "/infer")["helper"] == first
     finally:
         stop(cold["pid"])
+
+
+def _environ(pid: int) -> dict:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    return dict(kv.split("=", 1) for kv in raw.split("\0") if "=" in kv)
+
+
+def test_a_restore_goes_to_the_gpu_it_is_given_with_the_drivers_device_map(nvidia, recipe, store, run_cli):
+    """Two stand-in H200s under driver r580: the checkpoint records the GPU its process
+    used (nvidia-smi's compute apps), `--gpu 1` moves its state there with
+    cuda-checkpoint's --device-map, and a GPU the node lacks is refused up front."""
+    folder, lib = nvidia
+    (folder / "gpus.csv").write_text(fakenvidia.h200s(2))
+    gpu0, gpu1 = [row.split(", ")[2] for row in fakenvidia.h200s(2).splitlines()]
+    port = free_port()
+    runtime = built(recipe, store, port, lib)
+    pid = runtime["gpu"]["pids"][0]
+    assert runtime["gpu"]["uuids"] == [gpu0], "the GPU its process used, not every GPU of the machine"
+    out = run("gpu:v1", store=store, gpus=["1"], fallback="fail")
+    try:
+        assert out["mode"] == "restore" and out["gpus"] == [gpu1] and out["device_map"] == {gpu0: gpu1}, out
+        assert f"--action restore --pid {pid} --device-map {gpu0}={gpu1}" in fakenvidia.calls(folder)
+        assert post(port, "/count")["count"] == 3, "the warm state, on the other GPU"
+    finally:
+        stop(out["pid"])
+    r = run_cli("restore", "gpu:v1", "--gpu", "7", tool="snapbuild-runner")
+    assert r.code == 2 and "--gpu 7: this node has no such GPU" in r.err and gpu1 in r.err, r
+    (folder / f"state-{pid}").write_text("checkpointed")  # the stand-in keys state by PID, which a restore reuses
+    out = run("gpu:v1", store=store, fallback="fail")
+    try:
+        assert out["gpus"] == [gpu0] and out["device_map"] == {}, "by default: the GPU it was taken on"
+        assert f"--action restore --pid {pid}" in fakenvidia.calls(folder)
+    finally:
+        stop(out["pid"])
+
+
+def test_a_driver_older_than_r580_restores_only_onto_the_same_gpu_else_boots_cold_there(nvidia, recipe, store):
+    folder, lib = nvidia
+    (folder / "gpus.csv").write_text(fakenvidia.h200s(2, driver="570.86.15"))
+    gpu0, gpu1 = [row.split(", ")[2] for row in fakenvidia.h200s(2).splitlines()]
+    port = free_port()
+    built(recipe, store, port, lib)
+    out = run("gpu:v1", store=store, gpus=["1"])
+    try:
+        assert out["mode"] == "cold" and out["gpus"] == [gpu1], out
+        assert out["reason"].startswith("the GPU state cannot be placed here") and "cannot move CUDA state" in \
+            out["reason"], out["reason"]
+        assert _environ(out["pid"])["CUDA_VISIBLE_DEVICES"] == gpu1, "the cold server sees only its GPU"
+        assert not any("--device-map" in c for c in fakenvidia.calls(folder))
+    finally:
+        stop(out["pid"])
+    out = run("gpu:v1", store=store, gpus=[gpu0], fallback="fail")
+    stop(out["pid"])
+    assert out["mode"] == "restore" and out["gpus"] == [gpu0], "the same GPU needs no move"
+
+
+def test_two_replicas_of_one_gpu_snapshot_side_by_side_each_on_its_own_gpu(nvidia, recipe, store):
+    """isolation: namespaces with gpu: cuda: the checkpoint records its CUDA process by
+    its namespace's PID; each replica's is found again below its own restored root, and
+    its GPU state goes to the GPU it was given."""
+    folder, lib = nvidia
+    (folder / "gpus.csv").write_text(fakenvidia.h200s(2))
+    gpu0, gpu1 = [row.split(", ")[2] for row in fakenvidia.h200s(2).splitlines()]
+    runtime = built(recipe, store, free_port(), lib, ", isolation: namespaces")
+    assert runtime["gpu"]["pid_ns"] is True and runtime["gpu"]["pids"] == [1], runtime["gpu"]
+    replicas = []
+    try:
+        for gpu in ("0", "1"):
+            replicas.append(run("gpu:v1", store=store, gpus=[gpu], publish="0", fallback="fail"))
+        pids = [process.tree(r["pid"]) for r in replicas]
+        assert all(r["mode"] == "restore" for r in replicas), replicas
+        assert [r["gpus"] for r in replicas] == [[gpu0], [gpu1]]
+        restores = [c for c in fakenvidia.calls(folder) if c.startswith("--action restore")]
+        assert len(restores) == 2 and restores[1].endswith(f"--device-map {gpu0}={gpu1}"), restores
+        assert not set(map(str, pids[0])) & {c.split()[3] for c in restores[1:]}, "each replica's own process"
+        for r in replicas:
+            host, port = r["address"].rsplit(":", 1)
+            assert post(int(port), "/count")["count"] == 3, "each the warm state"
+    finally:
+        for r in replicas:
+            stop(r["pid"])
