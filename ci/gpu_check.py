@@ -4,8 +4,12 @@
    API through cuda-bindings or libcuda; cuda-checkpoint when on PATH): lock,
    checkpoint (GPU memory released), restore, unlock, and the same output before and
    after.
-2. recipes/gpu/torch-cuda-mlp.yaml built (gpu: cuda, CRIU), then cold boots and
-   restores alternated (median of --runs), with the same output from every server.
+2. recipes/gpu/torch-cuda-mlp.yaml built (gpu: cuda, CRIU, isolation: namespaces),
+   then cold boots and restores alternated (median of --runs), with the same output
+   from every server.
+3. Two replicas of that snapshot restored side by side on the machine's GPU (each in
+   namespaces of its own, on its own published port), each answering with the cold
+   boot's output.
 
 Prints a table; with --json FILE also writes the figures there. Exit status 0 when
 every check passed, 1 when one failed, 2 when there is no GPU to check.
@@ -129,7 +133,8 @@ def full_snapshot(runs: int, figures: dict) -> None:
         return
     store = Store(Path(tempfile.mkdtemp(prefix="gpu-check-home-")))
     t0 = time.monotonic()
-    [res] = build(REPO / "recipes/gpu/torch-cuda-mlp.yaml", store=store, sets={"python": sys.executable})
+    [res] = build(REPO / "recipes/gpu/torch-cuda-mlp.yaml", store=store,
+                  sets={"python": sys.executable, "isolation": "namespaces"})
     build_s = time.monotonic() - t0
     if not res.ok:
         bad = {n: (r.error, r.log_tail) for n, r in res.steps.items() if r.error}
@@ -142,9 +147,9 @@ def full_snapshot(runs: int, figures: dict) -> None:
     answers, phases = set(), []
     for i in range(runs):
         for mode in ("cold", "restore"):
-            out = run("torch-cuda-mlp:dev", store=store, mode=mode)
+            out = run("torch-cuda-mlp:dev", store=store, mode=mode, publish="0")
             try:
-                answers.add(post(8720, "/infer")["digest"])
+                answers.add(post(port_of(out), "/infer")["digest"])
             finally:
                 stop(out["pid"])
             if out["mode"] != mode:
@@ -163,6 +168,37 @@ def full_snapshot(runs: int, figures: dict) -> None:
         + ", ".join(f"{k}={v}" for k, v in phases[-1].items()))
     row("restore vs cold", med["restore"] < med["cold"], f"{med['cold'] / med['restore']:.1f}x faster")
     row("outputs identical (cold and restored servers)", len(answers) == 1, f"{len(answers)} distinct digest(s)")
+    side_by_side(store, next(iter(answers)), figures)
+
+
+def port_of(out: dict) -> int:
+    return int(out["address"].rsplit(":", 1)[1])
+
+
+def side_by_side(store, cold_digest: str, figures: dict, replicas: int = 2) -> None:
+    """``replicas`` restores of the snapshot at once, all on GPU 0 (one GPU here)."""
+    from snapbuild.runner.restore import run, stop
+
+    started: list[dict] = []
+    try:
+        for _ in range(replicas):
+            started.append(run("torch-cuda-mlp:dev", store=store, publish="0", gpus=["0"]))
+        modes = [s["mode"] for s in started]
+        digests = [post(port_of(s), "/infer")["digest"] for s in started]
+    except Exception as e:  # noqa: BLE001 - report and go on
+        row(f"{replicas} replicas side by side", False, f"{type(e).__name__}: {e}")
+        return
+    finally:
+        for s in started:
+            stop(s["pid"])
+    ok = modes == ["restore"] * replicas and all(d == cold_digest for d in digests)
+    totals = [s["timings"]["total_s"] for s in started]
+    figures["side_by_side"] = {"modes": modes, "total_s": totals, "same_as_cold": [d == cold_digest for d in digests],
+                               "reasons": [s.get("reason") for s in started]}
+    row(f"{replicas} replicas side by side on GPU 0", ok,
+        f"modes {modes}; restore totals {', '.join(f'{t:.2f}s' for t in totals)}; "
+        f"outputs {'all the cold boot' + chr(39) + 's' if ok else str(digests)}"
+        + "".join(f"; why not restored: {s['reason']}" for s in started if s.get("reason")))
 
 
 def main() -> int:
