@@ -610,3 +610,133 @@ def test_a_restore_that_fails_its_check_request_shows_in_the_state_and_the_metri
     assert started["verify"] == "different" and started["reason"].startswith(DIFFERS)
     kept = json.loads((tmp_path / "agent-state" / "agent.json").read_text())["servers"]["checked"]
     assert kept["verify"] == "different" and kept["reason"] == s["reason"], "an agent that adopts it says why, too"
+
+
+class InProcessAgent:
+    """An Agent run in this process (its loop in a thread, its API on a free port), so
+    that the test can stand in for parts of the node: here its GPUs."""
+
+    def __init__(self, config, store) -> None:
+        import threading
+
+        from snapbuild.runner.agent import Agent
+        from snapbuild.runner.agent.api import start_api
+
+        self.events: list[dict] = []
+        self.agent = Agent(config, store=store, log=self.events.append)
+        self.agent.adopt()
+        self.api, self.port = start_api(self.agent), int(config.api.rpartition(":")[2])
+        self._stop = threading.Event()
+        self._loop = threading.Thread(target=self._run, daemon=True)
+        self._loop.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.agent.tick()
+            self._stop.wait(0.1)
+
+    def get(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+            return r.read().decode()
+
+    def servers(self) -> dict[str, dict]:
+        return {s["name"]: s for s in json.loads(self.get("/servers"))["servers"]}
+
+    def wait(self, pred, what: str, timeout: float = 90) -> dict[str, dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            servers = self.servers()
+            if pred(servers):
+                return servers
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}: {servers}\n{self.events[-20:]}")
+
+    def crash(self) -> None:
+        """Stop the loop and the API and let go of the node ports, but not the servers (a SIGKILL)."""
+        self._stop.set()
+        self._loop.join()
+        self.api.shutdown()
+        self.api.server_close()
+        for slot in self.agent.slots.values():
+            if slot.proxy:
+                slot.proxy.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._loop.join()
+        self.agent.shutdown()
+        self.api.shutdown()
+        self.api.server_close()
+
+
+def test_servers_get_gpus_of_their_own_wait_for_one_and_keep_them_across_a_restart(recipe, store, tmp_path,
+                                                                                   monkeypatch):
+    """On a node of 2 GPUs (nvidia-smi stands in), three servers of one snapshot with
+    `gpus = 1` each: two start on different GPUs, the third waits and says for what,
+    and starts on the GPU of one that stops. An agent started again adopts the servers
+    with their GPUs."""
+    import inspect
+
+    import fakenvidia
+
+    from snapbuild.runner import restore
+    from snapbuild.runner.agent import AgentConfig, ServerConfig
+
+    uuids = ["GPU-1d5f4c2e-aaaa-bbbb-cccc-000000000001", "GPU-1d5f4c2e-aaaa-bbbb-cccc-000000000002"]
+    rows = "".join(f"{i}, NVIDIA B200, {u}, 10.0, 183359, 570.86.15, Disabled\n" for i, u in enumerate(uuids))
+    monkeypatch.setenv("PATH", f"{fakenvidia.install(tmp_path / 'nvidia', rows)}:{os.environ['PATH']}")
+    given: dict[str, list[str] | None] = {}  # each start's gpus, by the server's pid
+    real_run = restore.run
+    takes_gpus = "gpus" in inspect.signature(real_run).parameters
+
+    def run(ref, *, gpus=None, **kw):
+        # restore.run places a start on its GPUs; where it does not take them yet, a no-op pass-through
+        out = real_run(ref, gpus=gpus, **kw) if takes_gpus else {**real_run(ref, **kw), "gpus": gpus}
+        given[out["pid"]] = gpus
+        return out
+
+    monkeypatch.setattr(restore, "run", run)
+    port = free_port()
+    counter(recipe, store, port, isolation="namespaces")
+    ports = {n: free_port() for n in "abc"}
+    config = AgentConfig(servers=[ServerConfig(name=n, ref="counter:prod", publish=ports[n], gpus=1,
+                                               backoff_s=60 if n == "a" else 1) for n in "abc"],
+                         api=f"127.0.0.1:{free_port()}", state_dir=tmp_path / "state", poll_s=3600)
+    first = InProcessAgent(config, store)
+    try:
+        s = first.wait(lambda s: s["a"]["state"] == s["b"]["state"] == "ready" and s["c"]["state"] == "waiting",
+                       "a and b ready, c waiting")
+        assert {s["a"]["gpus"][0]["uuid"], s["b"]["gpus"][0]["uuid"]} == set(uuids), "a GPU each, not the same one"
+        assert [g["index"] for g in s["a"]["gpus"]] == [0] and [g["index"] for g in s["b"]["gpus"]] == [1]
+        assert given[s["a"]["pid"]] == [uuids[0]] and given[s["b"]["pid"]] == [uuids[1]], "each start got its GPU"
+        assert s["c"]["last_error"] == "waiting for 1 free GPU(s): held by a, b" and s["c"]["pid"] is None
+        assert post(ports["a"], "/count")["count"] == 3 and post(ports["b"], "/count")["count"] == 3
+        metrics = first.get("/metrics")
+        assert metric(metrics, "snapbuild_gpu_assigned", gpu="0", uuid=uuids[0], server="a") == 1
+        assert metric(metrics, "snapbuild_gpu_assigned", gpu="1", uuid=uuids[1], server="b") == 1
+        assert metric(metrics, "snapbuild_gpu_assigned", server="c") is None
+        assert metric(metrics, "snapbuild_gpus_free") == 0
+
+        restore.stop(s["a"]["pid"])  # a stops (and restarts only in a minute): its GPU goes to c
+        s = first.wait(lambda s: s["c"]["state"] == "ready", "c on a's GPU")
+        assert [g["uuid"] for g in s["c"]["gpus"]] == [uuids[0]] and given[s["c"]["pid"]] == [uuids[0]]
+        assert s["a"]["state"] == "restarting" and s["a"]["gpus"] == [] and s["a"]["pid"] is None
+        assert post(ports["c"], "/count")["count"] == 3, "c serves, on its own node port"
+        metrics = first.get("/metrics")
+        assert metric(metrics, "snapbuild_gpu_assigned", gpu="0", uuid=uuids[0], server="a") is None
+        assert metric(metrics, "snapbuild_gpu_assigned", gpu="0", uuid=uuids[0], server="c") == 1
+        assert [e["server"] for e in first.events if e["event"] == "gpus_freed"] == ["a"]
+    except BaseException:
+        first.stop()
+        raise
+    first.crash()
+    second = InProcessAgent(config, store)  # the same node and state: it adopts b and c, on their GPUs
+    try:
+        s2 = second.wait(lambda s: s["a"]["state"] == "waiting", "a waiting")
+        assert (s2["b"]["pid"], s2["c"]["pid"]) == (s["b"]["pid"], s["c"]["pid"]), "adopted, not started again"
+        assert s2["b"]["gpus"] == s["b"]["gpus"] and s2["c"]["gpus"] == s["c"]["gpus"]
+        assert s2["a"]["last_error"] == "waiting for 1 free GPU(s): held by c, b"
+        assert post(ports["b"], "/count")["count"] == 4
+    finally:
+        second.stop()
+    assert not alive(s["b"]["pid"]) and not alive(s["c"]["pid"])

@@ -26,6 +26,8 @@ class ServerConfig:
     backoff_s: float = 1
     backoff_max_s: float = 60
     lazy_pages: bool | None = None  # None: $SNAPBUILD_LAZY_PAGES, else on (snapbuild-runner restore --lazy-pages)
+    gpus: int = 0  # how many of the node's GPUs the agent gives it (0: none assigned; it sees what it sees)
+    share_gpus: bool = False  # it may be placed on GPUs others hold (that share too)
 
     @property
     def snapshot_name(self) -> str:
@@ -43,13 +45,14 @@ class AgentConfig:
     stale_after_s: float = 60  # /healthz fails when the supervisor loop has not run for this long
 
 
-SERVER_KEYS = set(ServerConfig.__dataclass_fields__)
+#: ``replicas = K`` is not a server's own: it makes K servers of one table (see _expand).
+SERVER_KEYS = set(ServerConfig.__dataclass_fields__) | {"replicas"}
 AGENT_KEYS = {"registry", "trust_policy", "poll_s", "api", "state_dir", "cache_max", "stale_after_s", "server"}
 #: The TOML type each key must have (a number where a float is wanted).
 _TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "ref": (str,), "registry": (str,), "publish": (int,), "trust_policy": (str,),
     "cold_after": (int,), "max_restarts": (int,), "restart_window_s": (int, float), "backoff_s": (int, float),
-    "backoff_max_s": (int, float), "lazy_pages": (bool,), "poll_s": (int, float), "api": (str,), "state_dir": (str,),
+    "backoff_max_s": (int, float), "lazy_pages": (bool,), "gpus": (int,), "share_gpus": (bool,), "replicas": (int,), "poll_s": (int, float), "api": (str,), "state_dir": (str,),
     "cache_max": (str, int), "stale_after_s": (int, float), "server": (list,)}
 
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", bool: "true or false"}
@@ -88,10 +91,11 @@ def load_config(path: Path) -> AgentConfig:
         if "name" not in s or "ref" not in s:
             raise UsageError(f"{where}: `name` and `ref` are required")
         _check_types(s, where)
-        if s["name"] in seen:
-            raise UsageError(f"{where}: a second server named {s['name']!r}")
-        seen.add(s["name"])
-        servers.append(_located(ServerConfig(**{**defaults, **s}), s.get("registry"), where))
+        for one in _expand(s, where):
+            if one["name"] in seen:
+                raise UsageError(f"{where}: a second server named {one['name']!r}")
+            seen.add(one["name"])
+            servers.append(_located(ServerConfig(**{**defaults, **one}), one.get("registry"), where))
     if not servers:
         raise UsageError(f"{path} declares no [[server]]", hint='add [[server]] with name = "..." and ref = "NAME:TAG"')
     from ..node_cache import parse_size
@@ -100,6 +104,25 @@ def load_config(path: Path) -> AgentConfig:
                        state_dir=Path(doc.get("state_dir", "/var/lib/snapbuild/agent")),
                        cache_max=parse_size(doc["cache_max"]) if "cache_max" in doc else None,
                        stale_after_s=float(doc.get("stale_after_s", 60)))
+
+
+def _expand(s: dict, where: str) -> list[dict]:
+    """One [[server]] table as the servers it declares: itself, or with ``replicas = K``
+    K servers NAME-0 .. NAME-(K-1), the i-th on node port ``publish + i``."""
+    if s.get("gpus", 0) < 0:
+        raise UsageError(f"{where}: `gpus` must be 0 or more, not {s['gpus']}")
+    if "replicas" not in s:
+        return [s]
+    s = dict(s)
+    k = s.pop("replicas")
+    if k < 1:
+        raise UsageError(f"{where}: `replicas` must be 1 or more, not {k}")
+    if k > 1 and s.get("publish") is None:
+        raise UsageError(f"{where}: `replicas = {k}` needs `publish`: each replica is served on a node port "
+                         "of its own (publish, publish + 1, ...)",
+                         hint="the snapshot must run side by side: a container, or `isolation: namespaces`")
+    return [{**s, "name": f"{s['name']}-{i}", **({"publish": s["publish"] + i} if s.get("publish") else {})}
+            for i in range(k)]
 
 
 def _located(server: ServerConfig, registry: str | None, where: str) -> ServerConfig:

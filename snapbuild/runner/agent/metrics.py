@@ -30,6 +30,20 @@ class Metrics:
         self.loop_age = Gauge("snapbuild_agent_loop_age_seconds",
                               "Seconds since the supervisor loop last ran (/healthz fails past its bound)",
                               registry=r)
+        self.gpu_assigned = Gauge("snapbuild_gpu_assigned", "1 for each GPU the agent gave a server",
+                                  ["gpu", "uuid", "server"], registry=r)
+        self.gpus_free = Gauge("snapbuild_gpus_free", "The node's GPUs the agent gave nobody", registry=r)
+        self._gpu_labels: set[tuple[str, str, str]] = set()
+
+    def gpu_assignments(self, assigned: list[tuple[int, str, str]], free: int) -> None:
+        """Show these (index, UUID, server) assignments, and only these."""
+        now = {(str(i), uuid, server) for i, uuid, server in assigned}
+        for labels in self._gpu_labels - now:
+            self.gpu_assigned.remove(*labels)
+        for labels in now:
+            self.gpu_assigned.labels(*labels).set(1)
+        self._gpu_labels = now
+        self.gpus_free.set(free)
 
     def started(self, name: str, out: dict, fetched: dict | None) -> None:
         self.starts.labels(name, out["mode"]).inc()

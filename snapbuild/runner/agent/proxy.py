@@ -61,6 +61,10 @@ class Proxy:
             time.sleep(0.05)
 
     def close(self) -> None:
+        try:  # wakes the accepting thread, which holds the socket (and its port) until then
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
 
 

@@ -12,6 +12,11 @@ A slot moves through :class:`State`::
     STARTING -> READY -> (died) RESTARTING -> READY ...
                       -> (died max_restarts times in restart_window_s) FAILED
     FAILED -> (its tag moves) RESTARTING;   any -> (SIGTERM) STOPPED
+    STARTING, RESTARTING -> (too few free GPUs for its ``gpus``) WAITING -> (they are free) ...
+
+GPUs (a server's ``gpus = N``) are given out in the loop itself, just before its start
+is handed to the worker, so two starts never get the same GPU; they are given back
+when the server stops, dies or fails to start (:mod:`.gpus` holds the rules).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from ...errors import SnapbuildError
 from ...runtime import process
@@ -32,11 +38,14 @@ from ...runtime.identity import ProcessIdentity
 from ...store import Store
 from ...store.fsutil import atomic_write_json
 from .config import AgentConfig, ServerConfig
+from .gpus import GpuPool
 from .metrics import Metrics
 from .proxy import Proxy, parse_address
 
 #: Seconds the supervisor waits for busy workers at shutdown before it stops the servers.
 SHUTDOWN_WAIT_S = 10
+#: A rolling server's successor holds its own GPUs under this name until the roll is done.
+NEXT = " (next version)"
 
 
 class State(StrEnum):
@@ -45,6 +54,7 @@ class State(StrEnum):
     RESTARTING = "restarting"
     FAILED = "failed"
     STOPPED = "stopped"
+    WAITING = "waiting"  # for free GPUs (last_error says which and who holds them)
 
 
 @dataclass
@@ -69,6 +79,8 @@ class Slot:
     proxy: Proxy | None = None
     job: str | None = None  # what its worker is doing ("start", "poll", ...), None when idle
     job_since: float = 0.0
+    gpus: list[dict] = field(default_factory=list)  # what it holds: [{"index", "uuid"}]
+    last_gpus: list[int] = field(default_factory=list)  # the indexes it had: a restart takes them again if free
 
     @property
     def pid(self) -> int | None:
@@ -85,12 +97,15 @@ class Slot:
                 "container": self.container,
                 "address": self.address, "publish": self.cfg.publish, "restarts": self.restarts,
                 "restore_failures": self.restore_failures, "last_error": self.last_error,
+                "gpus": [dict(g) for g in self.gpus],
                 "busy": {"job": self.job, "for_s": round(now - self.job_since, 1)} if self.job else None,
                 "uptime_s": round(now - self.started_at, 1) if self.started_at else None}
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, *, store: Store | None = None, log=None) -> None:
+    def __init__(self, config: AgentConfig, *, store: Store | None = None, log=None,
+                 gpus: list[str] | None = None) -> None:
+        """``gpus``: the node's GPU UUIDs in index order; None: what nvidia-smi says now."""
         self.config = config
         self.store = store or Store()
         self.slots = {s.name: Slot(cfg=s) for s in config.servers}
@@ -98,6 +113,8 @@ class Agent:
         self._stop = threading.Event()
         self._lock = threading.RLock()
         self._log = log or _json_log
+        self.gpus = GpuPool(self._node_gpus() if gpus is None else gpus)
+        self._gpus_changed()
         self.state_path = config.state_dir / "agent.json"
         self.last_tick = time.monotonic()  # when the loop last ran (for /healthz)
 
@@ -105,11 +122,22 @@ class Agent:
     def log(self, event: str, **fields) -> None:
         self._log({"event": event, **fields})
 
+    def _node_gpus(self) -> list[str]:
+        from ...gpu.fingerprint import node_gpus
+
+        try:
+            fp = node_gpus()
+        except ValueError as e:  # nvidia-smi said something unexpected
+            self.log("warning", message=f"the node's GPUs are unknown: {e}; no server gets one")
+            return []
+        return list(fp["uuids"]) if fp else []
+
     def save_state(self) -> None:
         with self._lock:
             data = {"servers": {
                 n: {**s.ident.to_json(), "container": s.container, "digest": s.digest, "mode": s.mode,
-                    "reason": s.reason, "verify": s.verify, "address": s.address}
+                    "reason": s.reason, "verify": s.verify, "address": s.address,
+                    "gpus": [g["uuid"] for g in s.gpus]}
                 for n, s in self.slots.items() if s.ident}}
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.state_path, data)
@@ -151,6 +179,7 @@ class Agent:
             slot.mode, slot.address, slot.state = rec.get("mode"), rec.get("address"), State.READY
             slot.reason, slot.verify = rec.get("reason"), rec.get("verify")
             slot.started_at = time.monotonic()
+            self._adopt_gpus(slot, rec.get("gpus"))
             if slot.cfg.publish and slot.address:  # a container, or a host process in namespaces of its own
                 slot.proxy = Proxy(slot.cfg.publish)
                 slot.proxy.backend = parse_address(slot.address)
@@ -158,16 +187,71 @@ class Agent:
             self.log("adopted", server=name, pid=ident.pid, digest=slot.digest)
         self.save_state()
 
+    # --- GPUs ---------------------------------------------------------------------------
+    def _gpu_list(self, indexes: list[int]) -> list[dict]:
+        return [{"index": i, "uuid": self.gpus.uuids[i]} for i in indexes]
+
+    def _gpus_changed(self) -> None:
+        with self._lock:
+            self.metrics.gpu_assignments([(i, u, h.removesuffix(NEXT)) for i, u, h in self.gpus.assignments()],
+                                         self.gpus.free_count())
+
+    def _take_gpus(self, slot: Slot) -> bool:
+        """Give a slot about to start the GPUs it wants (those it had first, while free);
+        False, and the slot WAITING with the reason, when too few are free."""
+        cfg = slot.cfg
+        if not cfg.gpus or slot.gpus:
+            return True
+        with self._lock:
+            got = self.gpus.assign(cfg.name, cfg.gpus, share=cfg.share_gpus, prefer=slot.last_gpus)
+            if isinstance(got, str):
+                if slot.state != State.WAITING or slot.last_error != got:
+                    self.log("waiting_for_gpus", server=cfg.name, reason=got)
+                slot.state, slot.last_error = State.WAITING, got
+                return False
+            slot.gpus = self._gpu_list(got)
+            if slot.state == State.WAITING:
+                slot.state = State.RESTARTING if slot.started_at else State.STARTING
+                slot.last_error = None
+            self._gpus_changed()
+        self.log("gpus_assigned", server=cfg.name, gpus=[g["uuid"] for g in slot.gpus])
+        return True
+
+    def _release_gpus(self, slot: Slot) -> None:
+        """The slot's server is gone (stopped, dead, never started): its GPUs are free
+        again; it remembers them, to take them again if still free when it restarts."""
+        with self._lock:
+            freed = self.gpus.free(slot.name)
+            if not freed:
+                return
+            slot.last_gpus, slot.gpus = freed, []
+            self._gpus_changed()
+        self.log("gpus_freed", server=slot.name, gpus=[self.gpus.uuids[i] for i in freed])
+
+    def _adopt_gpus(self, slot: Slot, uuids: object) -> None:
+        """An adopted server keeps the GPUs recorded for it (it runs on them)."""
+        if not isinstance(uuids, list) or not uuids:
+            return
+        with self._lock:
+            indexes = self.gpus.indexes(u for u in uuids if isinstance(u, str))
+            self.gpus.take(slot.name, indexes, share=slot.cfg.share_gpus)
+            slot.gpus = self._gpu_list(indexes)
+            self._gpus_changed()
+        if len(indexes) != len(uuids):
+            self.log("warning", message=f"{slot.name}: GPUs recorded for it are not on this node now",
+                     recorded=uuids, found=[g["uuid"] for g in slot.gpus])
+
     # --- starting and stopping --------------------------------------------------------
-    def _run(self, slot: Slot, ref: str, mode: str) -> dict:
+    def _run(self, slot: Slot, ref: str, mode: str, gpus: list[str]) -> dict:
         from ..restore import run
 
         cfg = slot.cfg
         publish = "0" if cfg.publish else None  # a container gets a free port; the proxy fronts it
+        placed: dict[str, Any] = {"gpus": gpus} if gpus else {}  # none given: it sees what it sees anyway
         return run(ref, registry=cfg.registry, mode=mode, store=self.store, publish=publish,
                    trust_policy=Path(cfg.trust_policy) if cfg.trust_policy else None,
                    cache_max=self.config.cache_max,
-                   lazy_pages=cfg.lazy_pages)
+                   lazy_pages=cfg.lazy_pages, **placed)
 
     def _prefetch(self, cfg: ServerConfig, digest: str) -> None:
         from ...runtime.erofs import can_mount
@@ -182,12 +266,14 @@ class Agent:
         reg = open_registry(cfg.registry or default_registry_url(self.store.home))
         return reg.resolve(parse_ref(cfg.ref))
 
-    def start(self, slot: Slot, digest: str | None = None) -> dict | None:
+    def start(self, slot: Slot, digest: str | None = None, gpus: list[dict] | None = None) -> dict | None:
+        """Start the slot's server (on ``gpus``, else the slot's own); None when that failed."""
         cfg = slot.cfg
         mode = "cold" if slot.restore_failures >= cfg.cold_after else "auto"
         ref = f"{cfg.snapshot_name}@{digest}" if digest else cfg.ref
+        uuids = [g["uuid"] for g in (slot.gpus if gpus is None else gpus)]
         try:
-            out = self._run(slot, ref, mode)
+            out = self._run(slot, ref, mode, uuids)
         except (SnapbuildError, OSError) as e:
             slot.last_error = e.message if isinstance(e, SnapbuildError) else f"{type(e).__name__}: {e}"
             self.metrics.errors.labels(cfg.name).inc()
@@ -200,12 +286,14 @@ class Agent:
             slot.restore_failures = 0
         self.metrics.started(cfg.name, out, out.get("fetch"))
         self.log("started", server=cfg.name, ref=ref, digest=out["digest"], mode=out["mode"], reason=out["reason"],
-                 verify=out.get("verify"), pid=out["pid"], timings=out["timings"])
+                 verify=out.get("verify"), pid=out["pid"], timings=out["timings"],
+                 **({"gpus": out.get("gpus", uuids)} if uuids else {}))
         return out
 
-    def _adopt_out(self, slot: Slot, out: dict) -> bool:
-        """Make a started server the slot's; False (and the server stopped) when its
-        node port cannot be served, or when the agent is shutting down meanwhile."""
+    def _adopt_out(self, slot: Slot, out: dict, gpus: list[dict] | None = None) -> bool:
+        """Make a started server the slot's (on ``gpus``: a roll's successor's); False (and
+        the server stopped) when its node port cannot be served, or when the agent is
+        shutting down meanwhile."""
         ident = ProcessIdentity.of(out["pid"]) if out.get("pid") else None
         if self._stop.is_set() or ident is None:
             self._stop_process(out.get("container"), ident)
@@ -227,6 +315,8 @@ class Agent:
             slot.mode, slot.reason, slot.address = out["mode"], out["reason"], out.get("address")
             slot.verify = out.get("verify")
             slot.state, slot.started_at, slot.last_error = State.READY, time.monotonic(), None
+            if gpus is not None:
+                slot.gpus = gpus
         if slot.proxy and slot.address:
             slot.proxy.backend = parse_address(slot.address)
         self.metrics.up.labels(slot.cfg.name).set(1)
@@ -277,6 +367,8 @@ class Agent:
         if slot.ident and not slot.ident.alive():
             return "died", lambda: self._died(slot, now)
         if slot.ident is None and now >= slot.next_try:
+            if not self._take_gpus(slot):
+                return None  # WAITING: looked at again next tick
             return "start", lambda: self._start_slot(slot)
         if slot.ident and now >= slot.next_poll:
             slot.next_poll = now + self.config.poll_s
@@ -302,6 +394,8 @@ class Agent:
         out = self.start(slot)
         if out and self._adopt_out(slot, out):
             slot.next_poll = time.monotonic() + self.config.poll_s
+        else:
+            self._release_gpus(slot)
 
     def _died(self, slot: Slot, now: float) -> None:
         cfg = slot.cfg
@@ -312,6 +406,7 @@ class Agent:
         self.metrics.up.labels(cfg.name).set(0)
         if slot.container:
             self._stop_process(slot.container, None)  # its forwarder, mounts, netns
+        self._release_gpus(slot)  # before the restart: another server may take them meanwhile
         if slot.started_at and now - slot.started_at > cfg.backoff_max_s:
             slot.backoff = 0.0  # it ran well for a while: the next restart is quick again
         slot.deaths.append(now)
@@ -339,9 +434,11 @@ class Agent:
             self.log("retry_new_version", server=slot.cfg.name, digest=digest)
             slot.deaths.clear()
             slot.state, slot.next_try, slot.backoff, slot.restore_failures = State.RESTARTING, 0.0, 0.0, 0
+            if not self._take_gpus(slot):
+                return  # WAITING: the loop starts it once GPUs are free
             out = self.start(slot, digest)
-            if out:
-                self._adopt_out(slot, out)
+            if not (out and self._adopt_out(slot, out)):
+                self._release_gpus(slot)
 
     def poll(self, slot: Slot) -> None:
         """Roll when the tag names another digest now; a registry that does not answer
@@ -368,26 +465,64 @@ class Agent:
         # beside its successor until that one is ready; a plain host process holds its
         # port: it goes first.
         beside = bool(old_container or (old_address and slot.proxy))
+        gpus = self._successor_gpus(slot) if beside else slot.gpus
+        if gpus is None:  # too few GPUs for both at once: the successor takes the old one's
+            beside, gpus = False, slot.gpus
         if not beside:
-            self._stop_process(None, old_ident)
-        out = self.start(slot, digest)
+            self._stop_process(old_container, old_ident)
+        out = self.start(slot, digest, gpus)
         if out is None:
             self.metrics.rolls.labels(cfg.name, "failed").inc()
             if beside:
+                self._free_successor_gpus(slot)
                 return False  # the old version keeps serving; the next poll tries again
             with self._lock:
                 slot.ident = slot.container = None
+            self._release_gpus(slot)
             return False
-        if not self._adopt_out(slot, out):
+        if not self._adopt_out(slot, out, gpus):
+            if beside:
+                self._free_successor_gpus(slot)
             return False
         if beside:
             old = parse_address(old_address)
             if slot.proxy and old:
                 slot.proxy.drain(old)
             self._stop_process(old_container, None if old_container else old_ident)
+            self._successor_took_over(slot)
         self.metrics.rolls.labels(cfg.name, "ok").inc()
         self.log("rolled", server=cfg.name, digest=digest, mode=out["mode"])
         return True
+
+    def _successor_gpus(self, slot: Slot) -> list[dict] | None:
+        """GPUs for a successor that runs beside the old version: others than the old
+        one's (``[]`` when the server takes none); None, logged, when too few are free."""
+        cfg = slot.cfg
+        if not cfg.gpus:
+            return []
+        with self._lock:
+            got = self.gpus.assign(cfg.name + NEXT, cfg.gpus, share=cfg.share_gpus,
+                                   exclude=[g["index"] for g in slot.gpus])
+            if isinstance(got, str):
+                self.log("roll_stop_first", server=cfg.name, reason=f"no second set of {cfg.gpus} GPU(s) for the "
+                         f"new version beside the old ({got}): the old one stops first, the new one gets its GPUs")
+                return None
+            self._gpus_changed()
+        return self._gpu_list(got)
+
+    def _free_successor_gpus(self, slot: Slot) -> None:
+        with self._lock:
+            if self.gpus.free(slot.name + NEXT):
+                self._gpus_changed()
+
+    def _successor_took_over(self, slot: Slot) -> None:
+        """The old version has stopped: its GPUs are free, the successor's are the slot's."""
+        with self._lock:
+            if not self.gpus.held(slot.name + NEXT):
+                return
+            self.gpus.free(slot.name)
+            self.gpus.rename(slot.name + NEXT, slot.name)
+            self._gpus_changed()
 
     def serve_forever(self, interval: float = 0.25) -> None:
         from .api import start_api
@@ -398,7 +533,7 @@ class Agent:
         self.warn_if_unverified()
         self.adopt()
         api = start_api(self)
-        self.log("serving", servers=list(self.slots), api=self.config.api)
+        self.log("serving", servers=list(self.slots), api=self.config.api, gpus=self.gpus.count)
         try:
             while not self._stop.is_set():
                 self.tick()
@@ -423,6 +558,8 @@ class Agent:
             with self._lock:
                 slot.ident = slot.container = None
                 slot.state = State.STOPPED
+            self._release_gpus(slot)
+            self._free_successor_gpus(slot)
             if slot.proxy:
                 slot.proxy.close()
         self.save_state()
