@@ -333,7 +333,7 @@ class Runtime:
         return cls(format=fmt, engine=engine, process=d.text("process"), shm_files=shm_files, socket_dirs=socket_dirs,
                    server=server, verify=_checks(d, fmt),
                    pids=pids, fingerprint=d.mapping("fingerprint", optional=True) or {},
-                   gpu=d.mapping("gpu", optional=True), after_restore=_exercises(d, "after_restore"),
+                   gpu=_gpu(d, engine, server.isolation), after_restore=_exercises(d, "after_restore"),
                    stats=d.mapping("stats", optional=True) or {}, step=step, artifact=d.digest("artifact", optional=True))
 
     def to_json(self) -> dict:
@@ -373,6 +373,60 @@ def _exercise(r: _Doc, extra: frozenset[str] = frozenset()) -> dict[str, Any]:
 
 def _exercises(d: _Doc, key: str) -> list[dict[str, Any]]:
     return [_exercise(_Doc(rec, f"{d.where}.{key}[{i}]")) for i, rec in enumerate(d.items(key, dict))]
+
+
+GPU_UUID_RE = re.compile(r"^(GPU|MIG)-[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+GPU_TIMEOUT_MAX_S = 6 * 3600
+
+
+def _gpu_uuids(d: _Doc, key: str) -> list[str]:
+    uuids = d.items(key, str)
+    bad = [u for u in uuids if not GPU_UUID_RE.match(u)]
+    if bad:
+        raise d.fail(key, f"{bad[0]!r} is not a GPU UUID")
+    if len(set(uuids)) != len(uuids):
+        raise d.fail(key, "names a GPU twice")
+    return uuids
+
+
+def _gpu(d: _Doc, engine: str, isolation: str) -> dict[str, Any] | None:
+    """``gpu``: what the root runner does with it is cuda-checkpoint on those PIDs, a
+    device map from those UUIDs and device nodes made in a container's /dev, so every
+    part is checked against what the engine makes possible."""
+    raw = d.mapping("gpu", optional=True)
+    if raw is None:
+        return None
+    g = _Doc(raw, f"{d.where}.gpu")
+    pids = g.items("pids", int)
+    if not pids or any(p < 1 for p in pids) or len(set(pids)) != len(pids):
+        raise g.fail("pids", "must list the CUDA processes' ids, each once")
+    if g.text("method") not in ("tool", "driver"):
+        raise g.fail("method", "is not tool or driver")
+    flags = {}
+    for key in ("sandbox", "pid_ns"):
+        flags[key] = raw.get(key, False)
+        if not isinstance(flags[key], bool):
+            raise g.fail(key, "is not true or false")
+    if flags["sandbox"] != (engine == "runsc"):
+        raise g.fail("sandbox", "is true exactly for engine runsc (cuda-checkpoint inside the sandbox)")
+    if flags["pid_ns"] != (engine == "runc" or isolation == "namespaces"):
+        raise g.fail("pid_ns", "is true exactly for a runc container or a host process in namespaces of its own")
+    timeout = raw.get("timeout_s", 600)
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= GPU_TIMEOUT_MAX_S:
+        raise g.fail("timeout_s", f"is not a number of seconds up to {GPU_TIMEOUT_MAX_S}")
+    _gpu_uuids(g, "uuids")
+    fp = _Doc(g.mapping("fingerprint"), f"{g.where}.fingerprint")
+    fp.text("model"), fp.text("driver")
+    if fp.integer("count") < 1:
+        raise fp.fail("count", "is not a number of GPUs")
+    _gpu_uuids(fp, "uuids")
+    nodes = g.items("device_nodes", str)
+    if nodes and engine != "runc":
+        raise g.fail("device_nodes", "are for runc containers")
+    for i, node in enumerate(nodes):
+        if not node.startswith("/dev/") or "\0" in node or ".." in node.split("/") or "//" in node:
+            raise g.fail(f"device_nodes[{i}]", f"{node!r} is not a path below /dev")
+    return raw
 
 
 def _checks(d: _Doc, fmt: int) -> list[dict[str, Any]]:

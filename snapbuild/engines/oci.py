@@ -94,6 +94,13 @@ class OciEngine:
                       error=OciRuntimeError)
         return json.loads(r.stdout) if r.returncode == 0 else None
 
+    def pause(self, cid: str) -> None:
+        """Freeze every process of the container (the cgroup freezer)."""
+        self._run(["pause", cid], "pause")
+
+    def resume(self, cid: str) -> None:
+        self._run(["resume", cid], "resume")
+
     def delete(self, cid: str) -> None:
         tools.run([self.path(), *self.global_flags, "delete", "--force", cid], tool=self.binary, timeout=120,
                   error=OciRuntimeError)

@@ -82,9 +82,11 @@ def place(gpu: dict, node: dict | None, wanted: list[str] | None) -> tuple[Place
     (``fingerprint.node_gpus()``): (placement, None), or (None, why it cannot)."""
     old = recorded_uuids(gpu)
     uuids = list((node or {}).get("uuids") or [])
+    if not old:
+        return None, "the snapshot does not say which GPUs its state was taken on"
     if wanted is not None:
         targets = resolve(wanted, node)
-        if old and len(targets) != len(old):
+        if len(targets) != len(old):
             raise UsageError(f"--gpu names {len(targets)} GPU(s); the snapshot's GPU state is on {len(old)}",
                              hint=f"give {len(old)} GPU(s), e.g. --gpu {','.join(map(str, range(len(old))))}")
     elif all(u in uuids for u in old):

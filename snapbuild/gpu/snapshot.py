@@ -59,6 +59,9 @@ def suspend_host(pids: list[int], opts, say, *, pid_ns: bool = False) -> dict:
     be = cuda.backend(opts.method)
     say(f"CUDA: {len(cuda_pids)} process(es) {cuda_pids} on {gpus['count']}x {gpus['model']} "
         f"(driver {gpus['driver']}); locking and checkpointing GPU state with the {be.name} backend")
+    if not used:
+        say(f"CUDA: nvidia-smi did not say which GPUs the processes use; recording all {gpus['count']} of this "
+            "machine's, so a node restores it onto as many")
     timings = cuda.suspend(be, cuda_pids, lock_timeout_s=opts.lock_timeout, timeout_s=opts.timeout)
     say(f"CUDA: GPU state moved to host memory (lock {timings['lock_s']:.2f}s, checkpoint "
         f"{timings['checkpoint_s']:.2f}s)")
@@ -101,11 +104,12 @@ def resume(gpu: dict, *, prefix: list[str] | None = None, run=None, root: int | 
     unlocked, for the recorded processes; ``root``: the restored tree's root on this
     machine, below which namespace PIDs are looked up."""
     pids = list(gpu["pids"])
-    if gpu.get("pid_ns") and root is not None:
-        pids = process.host_pids(root, pids)
+    if root is not None:  # never a process outside the restored tree
+        tree = set(process.tree(root))
+        pids = process.host_pids(root, pids) if gpu.get("pid_ns") else [p for p in pids if p in tree]
         if len(pids) != len(gpu["pids"]):
             raise GpuSnapshotError(f"the restored tree below pid {root} lacks some of the CUDA processes "
-                                   f"{gpu['pids']} (its namespace's PIDs) of the checkpoint")
+                                   f"{gpu['pids']} of the checkpoint")
     if gpu.get("sandbox"):
         be = cuda.ToolBackend(prefix=prefix, run=run) if run else cuda.ToolBackend(prefix=prefix)
     else:  # the node's own way: the tool when it has it, unless the recipe asked for the driver API

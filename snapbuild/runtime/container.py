@@ -215,15 +215,70 @@ def gpu_edits(gpus: list[str]):
     return registry.edits(picked)
 
 
+TMPFS_MAGIC = 0x01021994
+
+
+def _fs_type(fd: int) -> int:
+    """The file system type (``statfs.f_type``) of an open descriptor."""
+    import ctypes
+
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is its first field, a long
+    if ctypes.CDLL(None, use_errno=True).fstatfs(fd, buf) != 0:
+        raise OSError(ctypes.get_errno(), "fstatfs failed")
+    return ctypes.c_long.from_buffer(buf).value
+
+
 def refresh_gpu_nodes(inst: Instance, stale: list[str]) -> None:
     """After a restore: the container's /dev came back as it was at the checkpoint, with
     the build machine's GPU device nodes (``stale``); this node's, for the GPUs it was
-    given, take their place (the cgroup allows only those)."""
+    given, take their place (the cgroup allows only those).
+
+    The restored processes came from a snapshot, so they are not trusted to stay put:
+    the container is frozen meanwhile; its init must still be the process the pidfd
+    names (not a recycled PID) with the bundle's rootfs as its root (a process can
+    chroot, and a checkpoint image says where its root is), and its ``/dev`` a tmpfs of
+    its own, not a folder of the host bound there."""
+    import select
+
+    from ..engines import container_engine
     from . import cdi
 
     if inst.pid is None or not inst.gpus:
         return
-    cdi.refresh_nodes(inst.pid, gpu_edits(inst.gpus), stale)
+    engine = container_engine(inst.engine)
+    try:
+        pidfd = os.pidfd_open(inst.pid)
+    except OSError as e:
+        raise SnapbuildError(f"container {inst.id}: its init (pid {inst.pid}) is gone: {e.strerror}") from None
+    try:
+        engine.pause(inst.id)
+        try:
+            root_fd = os.open(f"/proc/{inst.pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                poll = select.poll()
+                poll.register(pidfd, select.POLLIN)
+                if poll.poll(0):
+                    raise SnapbuildError(f"container {inst.id}: its init exited during the restore")
+                want = os.stat(Path(inst.bundle) / "rootfs")
+                got = os.fstat(root_fd)
+                if (got.st_dev, got.st_ino) != (want.st_dev, want.st_ino):
+                    raise SnapbuildError(f"container {inst.id}: its init's root is not the container's root "
+                                         "file system (the restored process changed it)")
+                dev_fd = os.open("dev", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
+                try:
+                    if _fs_type(dev_fd) != TMPFS_MAGIC:
+                        raise SnapbuildError(f"container {inst.id}: its /dev is not the tmpfs a container has")
+                finally:
+                    os.close(dev_fd)
+                cdi.refresh_nodes(inst.pid, gpu_edits(inst.gpus), stale, root=Path(f"/proc/self/fd/{root_fd}"))
+            except OSError as e:
+                raise SnapbuildError(f"container {inst.id}: cannot look at its /dev: {e.strerror or e}") from None
+            finally:
+                os.close(root_fd)
+        finally:
+            engine.resume(inst.id)
+    finally:
+        os.close(pidfd)
 
 
 def prepare(spec: ServerSpec, blobs: BlobStore, engine: str, host_port: int | None = None,

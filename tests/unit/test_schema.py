@@ -238,3 +238,43 @@ def test_after_restore_items_are_checked_as_exercises(item, message):
         Runtime.from_json({**host_runtime(), "after_restore": [item]})
     good = {**host_runtime(), "after_restore": [{"http": "POST /wake_up", "headers": {}, "repeat": 1}]}
     assert Runtime.from_json(good).to_json() == good
+
+
+UUID0, UUID1 = "GPU-1d5f4c2e-aaaa-bbbb-cccc-000000000010", "GPU-1d5f4c2e-aaaa-bbbb-cccc-000000000011"
+
+
+def gpu_section(**over) -> dict:
+    return {"method": "tool", "pids": [7], "timeout_s": 600, "sandbox": False, "pid_ns": True, "uuids": [UUID0],
+            "device_nodes": ["/dev/nvidia0", "/dev/nvidiactl"], "timings": {},
+            "fingerprint": {"model": "NVIDIA H200", "count": 2, "driver": "580.65.06", "uuids": [UUID0, UUID1]},
+            **over}
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"pids": []}, "gpu.pids: must list"),
+    ({"pids": [7, 7]}, "gpu.pids: must list"),
+    ({"pid_ns": False}, "gpu.pid_ns: is true exactly for a runc container"),
+    ({"sandbox": True}, "gpu.sandbox: is true exactly for engine runsc"),
+    ({"uuids": [f"{UUID0}={UUID1},{UUID0}"]}, "is not a GPU UUID"),  # would smuggle pairs into --device-map
+    ({"uuids": [UUID0, UUID0]}, "gpu.uuids: names a GPU twice"),
+    ({"device_nodes": ["/dev/../etc/passwd"]}, "is not a path below /dev"),
+    ({"device_nodes": ["/etc/shadow"]}, "is not a path below /dev"),
+    ({"device_nodes": [3]}, "gpu.device_nodes: is not a list of str"),
+    ({"timeout_s": 10 ** 9}, "gpu.timeout_s: is not a number of seconds"),
+    ({"method": "sh"}, "gpu.method: is not tool or driver"),
+])
+def test_the_gpu_section_a_root_runner_acts_on_is_checked(over, message):
+    """What a registry serves in `gpu` becomes cuda-checkpoint PIDs, a device map and
+    device nodes made by root: each part is checked against the engine."""
+    doc = {**container_runtime(), "gpu": gpu_section(**over)}
+    with pytest.raises(SchemaError, match=message):
+        Runtime.from_json(doc)
+
+
+def test_a_good_gpu_section_reads_back_and_host_processes_keep_their_pids():
+    doc = {**container_runtime(), "gpu": gpu_section()}
+    assert Runtime.from_json(doc).gpu == gpu_section()
+    host = {**host_runtime(), "gpu": gpu_section(pid_ns=False, device_nodes=[])}
+    assert Runtime.from_json(host).gpu["pids"] == [7]
+    with pytest.raises(SchemaError, match="device_nodes: are for runc containers"):
+        Runtime.from_json({**host_runtime(), "gpu": gpu_section(pid_ns=False)})

@@ -102,3 +102,14 @@ def test_the_driver_api_gets_gpu_pairs_as_16_byte_uuids():
     assert pair == bytes.fromhex("1d5f4c2eaaaabbbbcccc000000000001" + "1d5f4c2eaaaabbbbcccc000000000003")
     with pytest.raises(ValueError, match="not a GPU UUID"):
         placement.uuid_bytes("GPU-nothex")
+
+
+def test_a_resume_acts_only_on_processes_of_the_restored_tree():
+    """The PIDs come from the snapshot: PID 1 (the node's init) is not below this
+    test's process, so nothing is run on it and the restore counts as failed."""
+    import os
+
+    from snapbuild.gpu import snapshot as gpu_snapshot
+
+    with pytest.raises(gpu_snapshot.GpuSnapshotError, match="lacks some of the CUDA processes"):
+        gpu_snapshot.resume({"pids": [1], "method": "tool", "pid_ns": False}, root=os.getpid())

@@ -297,3 +297,35 @@ def test_refresh_nodes_touches_only_paths_below_dev(tmp_path, path):
         cdi.refresh_nodes(1, Edits(), [path], root=root)
     with pytest.raises(CdiError, match="not a plain path below /dev"):
         cdi.refresh_nodes(1, Edits(device_nodes=[{"path": path, "type": "c", "major": 1, "minor": 3}]), [], root=root)
+
+
+def test_a_restored_containers_nodes_are_refreshed_only_below_its_own_root(tmp_path, monkeypatch):
+    """container.refresh_gpu_nodes: the container is frozen while root works in its /dev,
+    and a process whose root is not the bundle's rootfs (it chrooted, or its checkpoint
+    image said so; here: this test's own process, whose root is the host's) is refused
+    before anything is made or removed."""
+    import os
+
+    from snapbuild.errors import SnapbuildError
+    from snapbuild.runtime import container
+
+    calls = []
+
+    class Engine:
+        def pause(self, cid):
+            calls.append(("pause", cid))
+
+        def resume(self, cid):
+            calls.append(("resume", cid))
+
+    monkeypatch.setattr("snapbuild.engines.container_engine", lambda name: Engine())
+    (tmp_path / "rootfs").mkdir()
+    inst = container.Instance(id="sb-x", engine="runc", bundle=str(tmp_path), netns="", run_dir=str(tmp_path),
+                              host_port=None, container_port=None, pid=os.getpid(),
+                              gpus=["GPU-1d5f4c2e-aaaa-bbbb-cccc-000000000010"])
+    with pytest.raises(SnapbuildError, match="its init's root is not the container's root file system"):
+        container.refresh_gpu_nodes(inst, ["/dev/nvidia0"])
+    assert calls == [("pause", "sb-x"), ("resume", "sb-x")], "frozen meanwhile, and thawed again"
+    inst.pid = 2 ** 22 + 1  # no such process
+    with pytest.raises(SnapbuildError, match="its init .* is gone"):
+        container.refresh_gpu_nodes(inst, ["/dev/nvidia0"])
