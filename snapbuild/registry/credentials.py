@@ -49,10 +49,12 @@ def _keys(host: str) -> tuple[str, ...]:
     return (host, f"https://{host}", f"http://{host}", f"https://{host}/v1/", f"https://{host}/v2/")
 
 
-def credentials(host: str) -> tuple[str, str] | None:
-    """(username, password) for ``host``, or None when nothing holds any."""
+def credentials(host: str, *, env: bool = True) -> tuple[str, str] | None:
+    """(username, password) for ``host``, or None when nothing holds any. ``env``: the
+    environment's pair, which names no host, counts (for the registry itself; a mirror
+    gets only what is kept for its own host)."""
     user, password = os.environ.get("SNAPBUILD_REGISTRY_USERNAME"), os.environ.get("SNAPBUILD_REGISTRY_PASSWORD")
-    if user and password:
+    if env and user and password:
         return user, password
     for path in auth_files():
         try:

@@ -80,7 +80,8 @@ class _Endpoint:
     @property
     def creds(self) -> tuple[str, str] | None:
         if not self.found:
-            self.found.append(credentials(self.creds_host))
+            # the environment's pair is the origin's: a mirror (a peer node, a cache) never gets it
+            self.found.append(credentials(self.creds_host, env=self.ns is None))
         return self.found[0]
 
     def url(self, path: str) -> str:
@@ -219,8 +220,14 @@ class OciRegistry:
             # One scope parameter per scope: a mount needs the source's too.
             query = {"service": fields.get("service", ""), "scope": fields.get("scope", scope).split()}
             # The host's own TLS settings, where its token service is on the same host.
-            tls = ep.tls if urlparse(fields["realm"]).netloc == ep.host.netloc else {}
-            t = self.session.get(fields["realm"], params=query, auth=ep.creds, timeout=self.timeout, **tls)
+            realm = urlparse(fields["realm"])
+            own = realm.netloc == ep.host.netloc
+            tls = ep.tls if own else {}
+            # Credentials go to a token service on another host only over HTTPS (or loopback):
+            # a 401 can name any realm, and a plain-HTTP one would see the password.
+            safe = own or realm.scheme == "https" or _is_loopback(realm.hostname or "")
+            t = self.session.get(fields["realm"], params=query, auth=ep.creds if safe else None,
+                                 timeout=self.timeout, **tls)
             if t.status_code != 200:
                 return False
             try:

@@ -119,3 +119,49 @@ def test_a_bad_auth_entry_and_a_bad_file_are_clear(home):
     (home / "home" / ".docker" / "config.json").write_text("{not json")
     with pytest.raises(RegistryError, match="cannot read the registry auth file"):
         credentials("r.example")
+
+
+def test_the_environments_pair_is_the_registrys_never_a_mirrors(home, monkeypatch, tmp_path):
+    """SNAPBUILD_REGISTRY_USERNAME/PASSWORD name no host: they are the registry's own,
+    so a mirror from hosts.toml (a peer node, a cache anyone on the network may run)
+    that asks for credentials gets only what an auth file keeps for its host."""
+    from snapbuild.registry.oci import OciRegistry
+
+    monkeypatch.setenv("SNAPBUILD_REGISTRY_USERNAME", "ci")
+    monkeypatch.setenv("SNAPBUILD_REGISTRY_PASSWORD", "s3cret")
+    assert credentials("peer.internal:5000", env=False) is None
+    hosts = tmp_path / "certs.d" / "registry.internal:5000"
+    hosts.mkdir(parents=True)
+    (hosts / "hosts.toml").write_text('server = "https://registry.internal:5000"\n'
+                                      '[host."http://peer.internal:30020"]\ncapabilities = ["pull"]\n')
+    monkeypatch.setenv("SNAPBUILD_HOSTS_DIR", str(tmp_path / "certs.d"))
+    reg = OciRegistry("registry.internal:5000", "team")
+    [mirror] = reg._mirrors
+    assert reg._origin.creds == ("ci", "s3cret") and mirror.creds is None
+
+
+def test_a_token_service_on_another_host_over_plain_http_gets_no_password(home, monkeypatch):
+    """A 401 names the realm: credentials go there only over HTTPS (or to the registry's
+    own host, or loopback), never in the clear to wherever a challenge points."""
+    from snapbuild.registry.oci import OciRegistry
+
+    monkeypatch.setenv("SNAPBUILD_REGISTRY_USERNAME", "ci")
+    monkeypatch.setenv("SNAPBUILD_REGISTRY_PASSWORD", "s3cret")
+    reg = OciRegistry("registry.internal:5000", "team")
+    sent = []
+
+    class Answer:
+        status_code = 200
+
+        def json(self):
+            return {"token": "t"}
+
+    def fake_get(url, **kw):
+        sent.append((url, kw.get("auth")))
+        return Answer()
+
+    monkeypatch.setattr(reg.session, "get", fake_get)
+    for realm in ("http://tokens.elsewhere/token", "https://tokens.elsewhere/token"):
+        challenge = type("R", (), {"headers": {"WWW-Authenticate": f'Bearer realm="{realm}",service="reg"'}})()
+        assert reg._authenticate(reg._origin, challenge, "repository:team/x:pull")
+    assert sent == [("http://tokens.elsewhere/token", None), ("https://tokens.elsewhere/token", ("ci", "s3cret"))]
