@@ -55,22 +55,33 @@ def main(argv: list[str] | None = None) -> None:
         loopback_up()
     except OSError as e:
         sys.exit(f"snapbuild nsinit: cannot make the server's namespaces: {e} (it needs root)")
+    # A SIGTERM that comes while the server is being forked must reach it, not kill this
+    # launcher and orphan it: both signals are held until the handlers are in place.
+    held = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
     pid = os.fork()
     if pid == 0:  # PID 1 of the new namespace
         try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
             os.setsid()
             os.execvp(args[0], args)
         except OSError as e:
             print(f"snapbuild nsinit: cannot start {args[0]!r}: {e.strerror}", file=sys.stderr)
         os._exit(127)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda s, _f: os.kill(pid, s))
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except InterruptedError:
-            continue
+    done = False
+
+    def forward(sig: int, _frame) -> None:
+        if not done:  # once it is reaped, its PID may be another process's
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    for sig in held:
+        signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+    _, status = os.waitpid(pid, 0)  # retried by Python when a signal interrupts it (PEP 475)
+    done = True
     sys.exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
 

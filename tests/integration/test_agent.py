@@ -739,4 +739,8 @@ def test_servers_get_gpus_of_their_own_wait_for_one_and_keep_them_across_a_resta
         assert post(ports["b"], "/count")["count"] == 4
     finally:
         second.stop()
+        leaked = [pid for pid in given if alive(pid)]
+        for pid in leaked:  # whatever failed above, no server outlives the test
+            restore.stop(pid)
+    assert not leaked, f"servers the agent started are still running: {leaked}"
     assert not alive(s["b"]["pid"]) and not alive(s["c"]["pid"])
