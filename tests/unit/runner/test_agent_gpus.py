@@ -258,12 +258,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_roll_beside_the_old_version_takes_a_second_set_of_gpus(node, tmp_path):
-    agent = make_agent(tmp_path, container("web", free_port()), gpus=2)
+def ready_container(tmp_path, gpus: int, records: list[dict] | None = None):
+    """An agent on a node of ``gpus`` GPUs whose container server "web" is ready: (agent, slot, its pid)."""
+    agent = make_agent(tmp_path, container("web", free_port()), gpus=gpus, records=records)
     agent._prefetch = lambda cfg, digest: None  # type: ignore[method-assign]
     drive(agent, lambda: agent.slots["web"].state == State.READY, "ready")
     slot = agent.slots["web"]
-    old = slot.pid
+    return agent, slot, slot.pid
+
+
+def test_a_roll_beside_the_old_version_takes_a_second_set_of_gpus(node, tmp_path):
+    agent, slot, old = ready_container(tmp_path, gpus=2)
     try:
         assert agent.roll(slot, "sha256:" + "b" * 64)
         new_start = node.calls[-1]
@@ -278,11 +283,7 @@ def test_a_roll_beside_the_old_version_takes_a_second_set_of_gpus(node, tmp_path
 
 def test_without_a_second_set_of_gpus_a_roll_stops_the_old_version_first(node, tmp_path):
     records: list[dict] = []
-    agent = make_agent(tmp_path, container("web", free_port()), gpus=1, records=records)
-    agent._prefetch = lambda cfg, digest: None  # type: ignore[method-assign]
-    drive(agent, lambda: agent.slots["web"].state == State.READY, "ready")
-    slot = agent.slots["web"]
-    old = slot.pid
+    agent, slot, old = ready_container(tmp_path, gpus=1, records=records)
     try:
         assert agent.roll(slot, "sha256:" + "b" * 64)
         new_start = node.calls[-1]
