@@ -172,7 +172,8 @@ def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str |
            # the check requests: None (the snapshot has none), "same", "different", "not asked"
            "verify": "not asked" if runtime.verify else None,
            "lazy_pages": "not used: a container restores all its memory first" if lazy_pages and
-           runtime.in_container else None}
+           runtime.in_container else None,
+           "gpus": None, "device_map": {}}  # where the server was placed (snapbuild.gpu.placement)
     if fetched.get("tree_images_refused") and snapshot.tree_images is not None:
         out["tree_images"] = f"not used: {fetched['tree_images_refused']}"
     in_container = runtime.in_container
