@@ -359,6 +359,11 @@ def _restore_tree(runtime: Runtime, store: Store, timings: dict, lazy_pages: boo
         if lost and not str(e).startswith(LOST_PAGES):  # the cause of what went wrong: pages that never came fault (SIGBUS) or read as zeros
             raise _NoRestore(f"{LOST_PAGES}: {lost} (then: {e})") from None
         raise
+    except BaseException:  # anything else (Ctrl-C, a bug): no restored server or forwarder is left behind
+        process.stop(pid)
+        if forwarder is not None:
+            process.stop(forwarder)
+        raise
     finally:
         if lazy is not None:
             lazy.kill()

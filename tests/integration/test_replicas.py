@@ -119,3 +119,23 @@ def test_a_server_with_dev_shm_files_is_refused_in_namespaces(recipe, store):
     finally:
         subprocess.run(["rm", "-f", f"/dev/shm/sb-replica-{port}"])
     assert no_server_left(f"sb-replica-{port}")
+
+
+def test_an_unexpected_error_after_the_restore_leaves_no_server_or_forwarder(recipe, store, monkeypatch):
+    """Anything but a reason to boot cold (here a bug, as a RuntimeError in the step
+    after CRIU's restore; Ctrl-C takes the same path) propagates, and the restored
+    server and its port forwarder are stopped first."""
+    from snapbuild.runner import restore
+
+    port = free_port()
+    isolated_counter(recipe, store, port)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected after the restore")
+
+    monkeypatch.setattr(restore, "_after_restore", broken)
+    published = free_port()
+    with pytest.raises(RuntimeError, match="injected"):
+        run("counter:v1", store=store, publish=str(published))
+    assert no_server_left("counter_server.py") and no_server_left("portfwd --fd"), "nothing left running"
+    assert port_free(published)
