@@ -118,7 +118,11 @@ def resume(gpu: dict, *, prefix: list[str] | None = None, run=None, root: int | 
 
 
 def mismatches(gpu: dict | None) -> list:
-    """This node against the GPUs a snapshot's CUDA state was taken on."""
+    """This node against the GPUs a snapshot's CUDA state was taken on: as many as its
+    processes used (``uuids``), not as many as the build machine had."""
     if not gpu:
         return []
-    return gpu_fp.compare(gpu["fingerprint"], gpu_fp.node_gpus())
+    recorded = dict(gpu["fingerprint"])
+    if gpu.get("uuids"):
+        recorded["count"] = len(gpu["uuids"])
+    return gpu_fp.compare(recorded, gpu_fp.node_gpus())

@@ -113,3 +113,16 @@ def test_a_resume_acts_only_on_processes_of_the_restored_tree():
 
     with pytest.raises(gpu_snapshot.GpuSnapshotError, match="lacks some of the CUDA processes"):
         gpu_snapshot.resume({"pids": [1], "method": "tool", "pid_ns": False}, root=os.getpid())
+
+
+def test_a_node_needs_as_many_gpus_as_the_checkpoint_used_not_as_the_build_machine_had(monkeypatch):
+    """One GPU's state taken on an eight-GPU machine restores on a two-GPU node."""
+    from snapbuild.gpu import fingerprint as gpu_fp
+    from snapbuild.gpu import snapshot as gpu_snapshot
+
+    eight = [f"GPU-1d5f4c2e-aaaa-bbbb-cccc-0000000000{i:02x}" for i in range(8)]
+    gpu = {"pids": [7], "uuids": [eight[3]], "fingerprint": {**node(*eight), "compute_capability": "9.0"}}
+    monkeypatch.setattr(gpu_fp, "node_gpus", lambda: {**node(A, B), "compute_capability": "9.0"})
+    assert [m.field for m in gpu_snapshot.mismatches(gpu) if m.fatal] == []
+    del gpu["uuids"]  # a snapshot from before the used GPUs were recorded: all eight
+    assert [m.field for m in gpu_snapshot.mismatches(gpu) if m.fatal] == ["gpu.count"]
