@@ -139,8 +139,10 @@ class Agent:
                     "reason": s.reason, "verify": s.verify, "address": s.address,
                     "gpus": [g["uuid"] for g in s.gpus]}
                 for n, s in self.slots.items() if s.ident}}
-        self.config.state_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.state_path, data)
+            # written under the lock too: two workers saving at once must not let the older
+            # picture land last (a server missing from it would not be adopted after a crash)
+            self.config.state_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.state_path, data)
 
     def loop_age(self) -> float:
         return time.monotonic() - self.last_tick
