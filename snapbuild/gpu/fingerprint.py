@@ -78,9 +78,10 @@ def node_gpus(run=run_killing_group) -> dict | None:
     return from_smi(q.stdout, banner.stdout)
 
 
-def used_uuids(pids: list[int], run=run_killing_group) -> list[str]:
-    """The GPUs (UUIDs, in the node's index order) that any of ``pids`` has a CUDA
-    context on, from ``nvidia-smi --query-compute-apps``; empty when it cannot tell."""
+def used_uuids(pids: list[int], order: list[str], run=run_killing_group) -> list[str]:
+    """The GPUs (UUIDs, sorted as in ``order``: the node's, by index) that any of
+    ``pids`` has a CUDA context on, from ``nvidia-smi --query-compute-apps``; empty
+    when it cannot tell."""
     smi = shutil.which("nvidia-smi")
     if not smi:
         return []
@@ -94,7 +95,6 @@ def used_uuids(pids: list[int], run=run_killing_group) -> list[str]:
         pid, _, uuid = (c.strip() for c in line.partition(","))
         if pid.isdigit() and int(pid) in pids and uuid:
             used.add(uuid)
-    order = (node_gpus(run) or {}).get("uuids") or []
     return sorted(used, key=lambda u: order.index(u) if u in order else len(order))
 
 

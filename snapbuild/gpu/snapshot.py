@@ -54,7 +54,7 @@ def suspend_host(pids: list[int], opts, say, *, pid_ns: bool = False) -> dict:
     gpus = _node_gpus_or_fail()
     cuda_pids = gpu_fp.cuda_processes(pids)
     _check(cuda_pids, gpus, "the server")
-    used = gpu_fp.used_uuids(cuda_pids)  # before the lock: a checkpointed process holds no GPU
+    used = gpu_fp.used_uuids(cuda_pids, gpus["uuids"])  # before the lock: a checkpointed process holds no GPU
     recorded = [process.ns_pid(p) or p for p in cuda_pids] if pid_ns else cuda_pids
     be = cuda.backend(opts.method)
     say(f"CUDA: {len(cuda_pids)} process(es) {cuda_pids} on {gpus['count']}x {gpus['model']} "
