@@ -117,12 +117,13 @@ def resume(gpu: dict, *, prefix: list[str] | None = None, run=None, root: int | 
     return cuda.resume(be, pids, timeout_s=gpu.get("timeout_s", 600), device_map=device_map)
 
 
-def mismatches(gpu: dict | None) -> list:
-    """This node against the GPUs a snapshot's CUDA state was taken on: as many as its
-    processes used (``uuids``), not as many as the build machine had."""
+def mismatches(gpu: dict | None, node: dict | None = None) -> list:
+    """This node (``node``: its GPUs as read already, else read now) against the GPUs a
+    snapshot's CUDA state was taken on: as many as its processes used (``uuids``), not
+    as many as the build machine had."""
     if not gpu:
         return []
     recorded = dict(gpu["fingerprint"])
     if gpu.get("uuids"):
         recorded["count"] = len(gpu["uuids"])
-    return gpu_fp.compare(recorded, gpu_fp.node_gpus())
+    return gpu_fp.compare(recorded, node if node is not None else gpu_fp.node_gpus())

@@ -186,7 +186,7 @@ def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str |
     host_port = _host_port(publish, spec) if in_container or isolated else None
     node_gpus = _node_gpus(runtime, gpus)
 
-    reason = "cold boot requested" if mode == "cold" else _why_not_restorable(runtime, out)
+    reason = "cold boot requested" if mode == "cold" else _why_not_restorable(runtime, out, node_gpus)
     placement = None
     if reason is None and runtime.gpu:
         from ..gpu.placement import place
@@ -253,7 +253,7 @@ class _Differs(_NoRestore):
     PREFIX = "restored server answered the check request differently"
 
 
-def _why_not_restorable(runtime: Runtime, out: dict) -> str | None:
+def _why_not_restorable(runtime: Runtime, out: dict, node_gpus: dict | None = None) -> str | None:
     engine = get_engine(runtime.engine)
     try:
         engine.check()
@@ -265,7 +265,7 @@ def _why_not_restorable(runtime: Runtime, out: dict) -> str | None:
     if runtime.gpu:
         from ..gpu.snapshot import mismatches as gpu_mismatches
 
-        mismatches += gpu_mismatches(runtime.gpu)
+        mismatches += gpu_mismatches(runtime.gpu, node_gpus)  # nvidia-smi asked once per restore
     out["mismatches"] = [m.to_json() for m in mismatches]
     fatal = [m.message for m in mismatches if m.fatal]
     return "fingerprint mismatch: " + "; ".join(fatal) if fatal else None
