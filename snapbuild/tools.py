@@ -116,3 +116,57 @@ def _kill_group(p: subprocess.Popen) -> None:
         os.killpg(p.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         p.kill()
+
+
+#: What the guard runs: read process group IDs, one a line, until end of file (this
+#: process's end of the pipe closes when it exits, however it exits), then SIGKILL each
+#: group and its leader (the init of a PID namespace need not lead a group; killing it
+#: ends the namespace). A release kills the guard before it reads the end.
+_GUARD = ('groups=(); while read -r g; do groups+=("$g"); done; '
+          'for g in "${groups[@]}"; do kill -KILL -- "-$g" 2>/dev/null; kill -KILL "$g" 2>/dev/null; done')
+
+
+class OrphanGuard:
+    """Kills process groups this process started if this process dies first, SIGKILL
+    included: a build killed mid-step must not leave its commands writing into the store
+    or its warm-up server holding a port. A ``bash`` in a session of its own reads the
+    groups to kill from a pipe whose only writer is this process; when the write end
+    closes, the kernel wakes it and it kills them. :meth:`release` stops it, without a
+    signal, once the caller has stopped the groups itself (so it never signals a reused
+    PID). A group started before :meth:`add` names it is not covered in between: add it
+    as soon as its leader exists."""
+
+    def __init__(self, *pgids: int) -> None:
+        r, self._w = os.pipe()  # both ends close-on-exec: no other child holds the write end
+        try:
+            self._proc: subprocess.Popen | None = subprocess.Popen(
+                ["bash", "-c", _GUARD], stdin=r, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True)
+        except OSError:  # no bash: no guard, as before
+            self._proc = None
+        finally:
+            os.close(r)
+        for g in pgids:
+            self.add(g)
+
+    def add(self, pgid: int) -> None:
+        if self._proc is not None:
+            try:
+                os.write(self._w, f"{pgid}\n".encode())
+            except OSError:  # the guard was killed: nothing to tell
+                pass
+
+    def release(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+        if self._w >= 0:
+            os.close(self._w)
+            self._w = -1
+
+    def __enter__(self) -> OrphanGuard:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

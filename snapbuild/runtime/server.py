@@ -25,6 +25,7 @@ from pathlib import Path
 from ..errors import SnapbuildError, UsageError
 from ..schema import ServerSpec
 from ..store.blobs import BlobStore
+from ..tools import OrphanGuard
 from . import mounts
 from . import probe as probes
 from . import process
@@ -134,11 +135,14 @@ def server_port(spec: ServerSpec) -> int:
     return addr[1]
 
 
-def start(spec: ServerSpec, blobs: BlobStore, *, fresh_log: bool = True, host_port: int | None = None) -> Started:
+def start(spec: ServerSpec, blobs: BlobStore, *, fresh_log: bool = True, host_port: int | None = None,
+          guard: OrphanGuard | None = None) -> Started:
     """Start the server as the spec says. The port must be free; a stale ready file is
     removed first. ``fresh_log`` starts an empty log, else this run's output is appended.
     A server in namespaces of its own (``isolation``) is reached on ``host_port`` of
-    this machine (0: a free one; None: its own port number)."""
+    this machine (0: a free one; None: its own port number). ``guard`` is told each of
+    its processes that leads a group, as soon as it exists (a build's warm-up server dies
+    with the build)."""
     isolated = spec.isolation == "namespaces"
     listener = None
     if isolated:
@@ -148,13 +152,13 @@ def start(spec: ServerSpec, blobs: BlobStore, *, fresh_log: bool = True, host_po
     else:
         check_port_free(spec)
     try:
-        return _start(spec, blobs, fresh_log, listener)
+        return _start(spec, blobs, fresh_log, listener, guard)
     finally:
         if listener is not None:
             listener.close()
 
 
-def _start(spec: ServerSpec, blobs: BlobStore, fresh_log: bool, listener) -> Started:
+def _start(spec: ServerSpec, blobs: BlobStore, fresh_log: bool, listener, guard: OrphanGuard | None) -> Started:
     run_dir, env, mounted = prepare(spec, blobs)
     argv = [_expand(a, env) for a in spec.argv]
     if listener is not None:
@@ -170,12 +174,16 @@ def _start(spec: ServerSpec, blobs: BlobStore, fresh_log: bool, listener) -> Sta
     except OSError as e:
         unmount(mounted)
         raise FileNotFoundError(f"cannot start {argv[0]!r}: {e.strerror}") from None
+    if guard is not None:
+        guard.add(proc.pid)
     started = Started(proc=proc, log_path=log_path, env=env, log_offset=offset, mounted=mounted)
     if listener is not None:
         from .portfwd import spawn
 
         try:
             started.root = process.first_child(proc.pid, alive=lambda: proc.poll() is None)
+            if guard is not None:
+                guard.add(started.root)  # PID 1 of the namespace: nsinit's death does not end it
         except SnapbuildError as e:
             process.stop(proc.pid)
             unmount(mounted)

@@ -34,6 +34,7 @@ from ..runtime import process, server, shmfiles, sockdirs
 from ..runtime.layout import run_dir, run_root
 from ..schema import Runtime, ServerSpec, on_the_server
 from ..store.tree import build_tree, walk
+from ..tools import OrphanGuard
 from .base import BuildContext, PinContext, StepSpec
 from .warmup import Exercise
 
@@ -191,10 +192,13 @@ class CheckpointStep:
         say = lambda msg: (log.write(msg + "\n"), log.flush())  # noqa: E731
         scratch = ctx.store.scratch(f"ckpt-{ctx.name}")
         started = None
+        guard: OrphanGuard | None = None
         try:
             t0 = time.monotonic()
             try:
-                started = server.start(server_spec, ctx.store.blobs, host_port=0)
+                # killed with SIGKILL, the build takes its warm-up server with it (the next build needs the port)
+                guard = OrphanGuard()
+                started = server.start(server_spec, ctx.store.blobs, host_port=0, guard=guard)
             except FileNotFoundError as e:
                 raise StepError(f"warmup {spec.process}: {e}", step=spec.process) from None
             except SnapbuildError as e:
@@ -260,6 +264,8 @@ class CheckpointStep:
             if started is not None:
                 started.stop()  # no orphan server after success or failure
                 server.unmount(started.mounted)
+            if guard is not None:
+                guard.release()
             shutil.rmtree(scratch, ignore_errors=True)
 
     def _build_container(self, spec: CheckpointSpec, ctx: BuildContext, server_spec: ServerSpec, wspec) -> str:
@@ -269,6 +275,7 @@ class CheckpointStep:
         say = lambda msg: (ctx.log.write(msg + "\n"), ctx.log.flush())  # noqa: E731
         scratch = ctx.store.scratch(f"ckpt-{ctx.name}")
         inst = None
+        guard: OrphanGuard | None = None
         try:
             t0 = time.monotonic()
             gpus = _warmup_gpus(spec)
@@ -276,6 +283,7 @@ class CheckpointStep:
                 inst = container.start(server_spec, ctx.store.blobs, engine, host_port=0, gpus=gpus)
             except SnapbuildError as e:
                 raise StepError(f"warmup {spec.process}: {e.message}", step=spec.process, hint=e.hint) from None
+            guard = OrphanGuard(inst.pid) if inst.pid else None  # see the process warm-up
             say(f"started container {inst.id} ({spec.engine}), init pid {inst.pid}; port {inst.container_port} "
                 f"published on 127.0.0.1:{inst.host_port}; log {inst.log_path}")
             ready = container.host_probe(server_spec, inst)
@@ -317,6 +325,8 @@ class CheckpointStep:
         finally:
             if inst is not None:
                 container.destroy(inst)  # no container, mount, netns or forwarder left behind
+            if guard is not None:
+                guard.release()
             shutil.rmtree(scratch, ignore_errors=True)
 
     def snapshot_extras(self, store, artifact: str) -> tuple[Runtime, dict[str, str]]:

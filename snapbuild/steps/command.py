@@ -39,6 +39,7 @@ from typing import ClassVar
 from pydantic import Field, field_validator
 
 from ..errors import StepError
+from ..tools import OrphanGuard
 from ..runtime.trees import discard, ensure_tree, link_farm, modified
 from ..store.tree import build_tree, walk
 from .base import BuildContext, PinContext, StepSpec
@@ -138,6 +139,7 @@ class CommandStep:
         proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", spec.run], cwd=work, env=env,
                                 stdin=subprocess.DEVNULL, stdout=ctx.log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+        guard = OrphanGuard(proc.pid)  # a build killed with SIGKILL takes its command with it
         deadline = time.monotonic() + spec.timeout if spec.timeout else None
         try:
             while True:
@@ -156,6 +158,8 @@ class CommandStep:
         except BaseException:
             _kill_group(proc)
             raise
+        finally:
+            guard.release()
         for name, (tree, sigs) in shared.items():
             changed = modified(sigs)
             if changed:

@@ -52,6 +52,25 @@ def check_consistent(home: Path) -> None:
                 assert (reg / "blobs" / "sha256" / layer["digest"].split(":")[1]).exists()
 
 
+def working_in(home: Path) -> list[int]:
+    """PIDs of processes whose working directory is inside ``home``."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and Path(os.readlink(d / "cwd")).is_relative_to(home):
+                pids.append(int(d.name))
+        except OSError:
+            pass
+    return pids
+
+
+def none_left_working_in(home: Path, timeout: float = 10) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := working_in(home)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
 def start_build(path: Path, home: Path) -> subprocess.Popen:
     return subprocess.Popen([SNAPBUILD, "build", str(path), "--progress", "none", "-j", "2"],
                             env={**os.environ, "SNAPBUILD_HOME": str(home)},
@@ -74,9 +93,10 @@ def test_sigkill_at_any_moment_leaves_a_consistent_store(recipe, tmp_path):
         proc = start_build(path, home)
         time.sleep(full * (i + 0.5) / 8)
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the build and the commands it started
+            os.killpg(proc.pid, signal.SIGKILL)  # the build (its commands run in sessions of their own)
             kills += 1
         proc.wait()
+        assert none_left_working_in(home) == [], "a command of the killed build is still running"
         check_consistent(home)
         # Start over from scratch for part of the sweep, so early phases are hit again.
         if i % 3 == 2:
@@ -140,3 +160,51 @@ def test_interrupt_stops_running_commands(recipe, tmp_path, sig):
     time.sleep(2.5)
     assert not marker.exists(), "the commands of an interrupted build must be stopped"
     assert Store(tmp_path / "home").verify().ok
+
+
+def running(token: str, prefix: bytes = b"") -> list[int]:
+    """PIDs of processes whose command line holds ``token`` (after ``prefix``, if given)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and (prefix + token.encode()) in (d / "cmdline").read_bytes():
+                pids.append(int(d.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("what", ["command", "warm-up server", "warm-up server in namespaces"])
+def test_a_build_killed_with_sigkill_leaves_no_process_of_its_own_running(recipe, tmp_path, what):
+    """Commands and warm-up servers run in sessions of their own (a timeout kills all they
+    started), so killing the build's group does not reach them: a guard does."""
+    token = f"{abs(hash((str(tmp_path), what))) % 10**6 + 10**6}.5"  # sleep's argument: this test's mark
+    if what == "command":
+        steps = f'a: {{kind: command, run: "sleep {token}"}}'
+    else:
+        isolation = ", isolation: namespaces" if what.endswith("namespaces") else ""
+        steps = f"""
+          server: {{kind: warmup, run: "sleep {token}", ready: {{http: "http://127.0.0.1:9/never", timeout: 300}}}}
+          snap: {{kind: checkpoint, process: server{isolation}}}"""
+    path = recipe(f"""
+        name: killed
+        steps:
+          {steps}
+    """)
+    proc = start_build(path, tmp_path / "home")
+    try:
+        deadline = time.monotonic() + 60
+        while not running(token, prefix=b"sleep\0"):  # the step's own process, not a launcher
+            assert proc.poll() is None and time.monotonic() < deadline, "the step never started"
+            time.sleep(0.05)
+        time.sleep(0.3)  # the build tells its guard about a process moments after it exists
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while running(token) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running(token) == [], f"the killed build's {what} is still running"
+    finally:
+        for pid in running(token):
+            os.kill(pid, signal.SIGKILL)

@@ -54,3 +54,49 @@ def test_output_and_status_come_back_as_subprocess_run_gives_them():
     assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "err\n")
     r = tools.run_killing_group(["cat"], input="fed", timeout=10)
     assert r.stdout == "fed"
+
+
+OWNER = """
+import subprocess, sys, time
+from snapbuild.tools import OrphanGuard
+work = subprocess.Popen(["bash", "-c", "sleep 300 & echo $! > {pidfile}; wait"], start_new_session=True)
+guard = OrphanGuard(work.pid)
+{then}
+print("ready", flush=True)
+time.sleep(300)
+"""
+
+
+def _gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not os.path.exists(f"/proc/{pid}")
+
+
+@pytest.mark.parametrize("released", [False, True])
+def test_an_owner_killed_with_sigkill_takes_its_guarded_group_with_it(tmp_path, released):
+    import signal
+    import sys
+
+    pidfile = tmp_path / "grandchild.pid"
+    owner = subprocess.Popen([sys.executable, "-c", OWNER.format(pidfile=pidfile,
+                                                                then="guard.release()" if released else "")],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 10
+        while not pidfile.exists() or not pidfile.read_text().strip():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        grandchild = int(pidfile.read_text())
+        owner.send_signal(signal.SIGKILL)  # no handler, no finally: only the kernel closes its pipe
+        owner.wait()
+        if released:  # a released guard signals nothing, however its owner ends
+            time.sleep(0.5)
+            assert os.path.exists(f"/proc/{grandchild}")
+            os.kill(grandchild, signal.SIGKILL)
+        else:
+            assert _gone(grandchild), "the guarded group outlived the process that started it"
+    finally:
+        owner.kill()
