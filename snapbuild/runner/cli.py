@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
             result = pull(args.ref, registry=args.registry, dest=args.dest, jobs=args.jobs,
                           trust_policy=args.trust_policy, cache_max=_size_arg(args.cache_max),
                           images=can_mount())
-            result.pop("config"), result.pop("snapshot")
+            result.pop("config"), result.pop("snapshot"), result.pop("blobs")
             if args.json:
                 print(json.dumps(result, indent=2))
             else:

@@ -16,13 +16,15 @@ from ..store import Store
 from ..registry.transfer import fetch
 from ..runtime import erofs
 from ..schema import read_config
-from ..store.snapshot import check_snapshot, image_selection, load_config, referenced_blobs
+from ..store.direct import Direct
+from ..store.snapshot import check_snapshot, load_config, pull_selection, referenced_blobs
 from ..store.tree import load_tree, materialize
 
 
 def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
          store: Store | None = None, jobs: int = 16, trust_policy: Path | None = None,
-         cache_max: int | None = None, images: bool = False, early=None, arriving=None) -> dict:
+         cache_max: int | None = None, images: bool = False, early=None, arriving=None,
+         direct: bool = False) -> dict:
     """Fetch the blobs of snapshot ``text`` that the node lacks (verified), and, with
     ``dest``, write each output to ``dest/<step>/``. With ``trust_policy``, the snapshot
     must carry a signature the policy accepts, checked before anything else is fetched.
@@ -37,6 +39,10 @@ def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
     ``digest``, ...); ``arriving`` (a store.arriving.Arriving over this store's blobs)
     hears of each blob as it is stored. Together they let a restore write its trees out
     while the pull goes on.
+    ``direct``: for a restore that writes the snapshot out at once, do not store the
+    chunks of what exists only to be written out (the checkpoint's images, the tree
+    images: snapshot.direct_trees); ``blobs`` in the result (a store.direct.Direct)
+    fetches them from the registry as the writers read them. Not with ``dest``.
     Returns what happened, with timings."""
     from ..registry import locate
 
@@ -50,7 +56,7 @@ def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
         try:
             with store.using():  # keeps `cache gc` from running under a pull
                 out = _pull(text, registry, dest, store, jobs, trust_policy, images and dest is None, early,
-                            arriving)
+                            arriving, direct and dest is None)
             break
         except OSError as e:
             if e.errno != errno.ENOSPC:
@@ -74,7 +80,8 @@ def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
 
 
 def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs: int,
-          trust_policy: Path | None = None, images: bool = False, early=None, arriving=None) -> dict:
+          trust_policy: Path | None = None, images: bool = False, early=None, arriving=None,
+          direct: bool = False) -> dict:
     t0 = time.monotonic()
     reg = open_registry(registry or default_registry_url(store.home))
     ref = parse_ref(text)
@@ -92,10 +99,10 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
     # its blobs from gc; every read is still verified).
     pin = f"pulled:{ref.name}"
     complete = (store.pinned_manifest(pin) == digest and store.blobs.has(digest)
-                and (images or not store.pinned_with_images(pin)))
+                and (images or not store.pinned_with_images(pin)) and (direct or not store.pinned_direct(pin)))
 
     def select(manifest: dict):
-        return image_selection(store.blobs, manifest, load_config(store.blobs, manifest))
+        return pull_selection(store.blobs, manifest, load_config(store.blobs, manifest), images=images, direct=direct)
 
     def described(manifest: dict):
         config = load_config(store.blobs, manifest)
@@ -112,13 +119,15 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
                "timings": {"total_s": round(time.monotonic() - t0, 4)}})
 
     got = fetch(reg, ref, store.blobs, jobs=jobs, digest=digest, skip_check=complete,
-                select=select if images else None,
+                select=select if images or direct else None,
                 check=lambda manifest: check_snapshot(store.blobs, manifest, str(ref)),
                 started=started if early is not None else None,
                 arrived=arriving.arrived if arriving is not None else None)
     config, snapshot, with_images = described(got["manifest"])
     # The node keeps the last pull of each name until a newer one replaces it.
-    store.pin_snapshot(pin, digest, images=with_images)
+    # What this pull left out (or the complete one before it): only that is not in the store.
+    with_direct = direct and (not complete or store.pinned_direct(pin))
+    store.pin_snapshot(pin, digest, images=with_images, direct=with_direct)
     t_fetch = time.monotonic()
     missing, fetched = got["blobs_fetched"], got["bytes_fetched"]
 
@@ -142,6 +151,7 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
         "blobs_fetched": missing, "bytes_fetched": fetched,
         "blobs_total": len(referenced_blobs(got["manifest"])) + 1, "outputs": outputs, "trust": trust,
         "tree_images": with_images, "tree_images_refused": refused,
+        "blobs": Direct(store.blobs, lambda d: reg.get_blob(ref.name, d)) if with_direct else store.blobs,
         "timings": {"resolve_s": round(t_resolve - t0, 4), "fetch_s": round(t_fetch - t_resolve, 4),
                     "materialize_s": round(t_done - t_fetch, 4), "total_s": round(t_done - t0, 4)},
     }

@@ -12,6 +12,7 @@ always reported. A node is never left without a server when one can be started.
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ from ..runtime import probe as probes
 from ..runtime import erofs, process, server, shmfiles, sockdirs
 from ..runtime.layout import images_root
 from ..store import Store
+from ..store.direct import Direct
 from ..runtime.trees import ensure_tree
 from ..schema import Runtime, ServerSpec, SnapshotConfig
 from .pull import pull
@@ -70,7 +72,7 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
 
     def fetch(images: bool) -> dict:
         return pull(ref, registry=registry, store=store, jobs=jobs, trust_policy=trust_policy, cache_max=cache_max,
-                    images=images)
+                    images=images, direct=direct_default())
 
     def start(images: bool) -> dict:
         if not pipelined():
@@ -102,6 +104,18 @@ def lazy_default() -> bool:
     return choice == "on"
 
 
+def direct_default() -> bool:
+    """``$SNAPBUILD_PULL_DIRECT`` (on|off), else on: whether a restore writes the
+    checkpoint's images and the tree images straight from the registry to their place,
+    without storing their chunks first (store.direct; docs/benchmarks.md)."""
+    import os
+
+    choice = os.environ.get("SNAPBUILD_PULL_DIRECT") or "on"
+    if choice not in ("on", "off"):
+        raise UsageError(f"SNAPBUILD_PULL_DIRECT must be on or off, not {choice!r}")
+    return choice == "on"
+
+
 def pipelined() -> bool:
     """Whether a restore writes its trees out while the pull goes on
     (``SNAPBUILD_PULL_PIPELINE=1``). Off by default: on the 2-core machines it was
@@ -116,8 +130,6 @@ def _start_while_pulling(ref: str, registry: str | None, store: Store, jobs: int
     """Pull ``ref`` and, as soon as its config and trees are in, ``start(partial,
     store_view)`` beside the pull: the store view's reads of a blob not there yet wait
     for it (store.arriving). The result is ``start``'s, with the pull's own figures."""
-    import copy
-
     from ..store.arriving import Arriving
 
     view = copy.copy(store)
@@ -164,6 +176,10 @@ def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str |
     if fetched.get("tree_images"):  # mount the trees and layers that have an image (see runtime.erofs)
         runtime = replace(runtime, server=replace(runtime.server, tree_images=snapshot.tree_images))
     spec = runtime.server
+    direct = fetched.get("blobs")
+    if isinstance(direct, Direct):  # what the pull left out is read from the registry as it is written out
+        store = copy.copy(store)
+        store.blobs = direct  # type: ignore[assignment]
     timings = {"fetch_s": fetched["timings"]["total_s"]}
     out = {"ref": fetched["ref"], "digest": fetched["digest"], "mode": None, "reason": None, "pid": None,
            "log": str(Path(spec.run_dir) / server.LOG_NAME), "mismatches": [], "timings": timings,
@@ -226,6 +242,8 @@ def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str |
             out["pid"], out["address"] = _cold(spec, store, timings, host_port)
         out["mode"] = "cold"
         out["reason"] = reason
+    if isinstance(direct, Direct):
+        out["fetch"]["written_straight_out"] = {"blobs": direct.fetched, "bytes": direct.fetched_bytes}
     return out
 
 

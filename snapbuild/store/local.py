@@ -236,10 +236,11 @@ class Store:
                 digest = pin["manifest"]
                 manifest = json.loads(self.blobs.get(digest))
                 wanted = [manifest["config"]["digest"]] + [layer["digest"] for layer in manifest["layers"]]
-                if pin.get("images"):  # a pull that fetched tree images instead of their trees
-                    from .snapshot import image_selection, load_config
+                if pin.get("images") or pin.get("direct"):  # a pull that did not store every blob
+                    from .snapshot import load_config, pull_selection
 
-                    chosen = image_selection(self.blobs, manifest, load_config(self.blobs, manifest))
+                    chosen = pull_selection(self.blobs, manifest, load_config(self.blobs, manifest),
+                                            images=bool(pin.get("images")), direct=bool(pin.get("direct")))
                     wanted = [d for d in wanted if chosen is None or d in chosen]
             except (OSError, ValueError, KeyError, NotFound, IntegrityError) as e:
                 out.append((p, f"snapshot manifest unreadable: {e}"))
@@ -343,23 +344,33 @@ class Store:
             return self.home / "refs" / "snapshots" / "pulled" / f"{_safe(rest)}.json"
         return self.home / "refs" / "snapshots" / "build" / f"{_safe(name)}.json"
 
-    def pin_snapshot(self, name: str, manifest_digest: str, *, images: bool = False) -> None:
+    def pin_snapshot(self, name: str, manifest_digest: str, *, images: bool = False, direct: bool = False) -> None:
         """Keep ``name``'s latest snapshot (its manifest, and so its blobs) from gc; an
         older snapshot of the same name is let go. Written only when it changes.
-        ``images``: only the blobs a node that mounts tree images needs were fetched
-        (see snapshot.image_selection)."""
+        ``images``: only the blobs a node that mounts tree images needs were fetched;
+        ``direct``: the chunks of the trees written straight from the registry were not
+        stored (see snapshot.pull_selection)."""
         path = self._pin_path(name)
-        if self.pinned_manifest(name) == manifest_digest and self.pinned_with_images(name) == images:
+        if (self.pinned_manifest(name) == manifest_digest and self.pinned_with_images(name) == images
+                and self.pinned_direct(name) == direct):
             with contextlib.suppress(OSError):
                 os.utime(path)  # still in use: `gc --older-than` keeps it
             return
-        pin = {"name": name, "manifest": manifest_digest, **({"images": True} if images else {})}
+        pin = {"name": name, "manifest": manifest_digest, **({"images": True} if images else {}),
+               **({"direct": True} if direct else {})}
         atomic_write_json(path, pin, tmp_dir=self.home / "tmp")
 
     def pinned_with_images(self, name: str) -> bool:
         """Whether the pinned pull of ``name`` fetched only what tree images need."""
+        return self._pin_flag(name, "images")
+
+    def pinned_direct(self, name: str) -> bool:
+        """Whether the pinned pull of ``name`` left out the chunks it wrote straight out."""
+        return self._pin_flag(name, "direct")
+
+    def _pin_flag(self, name: str, key: str) -> bool:
         with contextlib.suppress(OSError, ValueError, KeyError):
-            return bool(read_json(self._pin_path(name)).get("images"))
+            return bool(read_json(self._pin_path(name)).get(key))
         return False
 
     def du(self) -> dict:

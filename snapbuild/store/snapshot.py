@@ -108,19 +108,48 @@ def image_selection(blobs: BlobStore, manifest: dict, config: dict) -> set[str] 
     but the chunks that only trees and layers shipped as images hold. Needs the config
     and the tree blobs (:func:`metadata_blobs`) in ``blobs``. A layer is the file
     ``layers/<hex>.tar`` of a container image's tree (see runtime.container)."""
-    images = config.get("tree_images") or {}
-    trees, layers = set(images.get("trees") or ()), set(images.get("layers") or ())
-    if not trees and not layers:
+    return pull_selection(blobs, manifest, config, images=True, direct=False)
+
+
+def direct_trees(config: dict, *, images: bool) -> set[str]:
+    """The trees a restore writes straight from the registry to their place (see
+    runner.pull, ``direct``): the checkpoint's images, and with ``images`` the tree
+    images. They exist only to be written out once, so the node's store need not hold
+    their chunks too."""
+    out = set()
+    artifact = (config.get("runtime") or {}).get("artifact")
+    if isinstance(artifact, str):
+        out.add(artifact)
+    if images:
+        ti = config.get("tree_images") or {}
+        for key in ("trees", "layers"):
+            out.update(v for v in (ti.get(key) or {}).values() if isinstance(v, str))
+    return out
+
+
+def pull_selection(blobs: BlobStore, manifest: dict, config: dict, *, images: bool,
+                   direct: bool) -> set[str] | None:
+    """The blobs a pull stores (None: all of them). ``images``: not the chunks that only
+    trees and layers shipped as images hold (:func:`image_selection`). ``direct``: not
+    the whole-file chunks that only :func:`direct_trees` hold (packed small files are
+    still stored: a pack is one blob for many files). Needs the config and the tree
+    blobs (:func:`metadata_blobs`) in ``blobs``."""
+    ti = (config.get("tree_images") or {}) if images else {}
+    trees, layers = set(ti.get("trees") or ()), set(ti.get("layers") or ())
+    written = direct_trees(config, images=images) if direct else set()
+    if not trees and not layers and not written:
         return None
     layer_files = {f"layers/{d.split(':', 1)[1]}.tar" for d in layers}
     skip, keep = set(), set()
     for layer in manifest["layers"]:
         if layer["mediaType"] != TREE_MEDIA_TYPE:
             continue
-        imaged = layer["digest"] in trees
+        imaged, straight = layer["digest"] in trees, layer["digest"] in written
         for entry in load_tree(blobs, layer["digest"])["entries"]:
-            digests = {ref["digest"] for ref in entry.get("chunks", ()) if "digest" in ref}
-            (skip if imaged or entry["path"] in layer_files else keep).update(digests)
+            dropped = imaged or entry["path"] in layer_files
+            for ref in entry.get("chunks", ()):
+                if "digest" in ref:
+                    (skip if dropped or (straight and "offset" not in ref) else keep).add(ref["digest"])
     return set(referenced_blobs(manifest)) - (skip - keep)
 
 

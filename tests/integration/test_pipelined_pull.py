@@ -82,7 +82,8 @@ def test_an_empty_node_restores_while_it_pulls_as_it_does_after(published, tmp_p
         assert post(port, "/count")["count"] == 3
     finally:
         stop(out["pid"])
-    monkeypatch.delenv("SNAPBUILD_PULL_PIPELINE")  # the default: pull first
+    monkeypatch.delenv("SNAPBUILD_PULL_PIPELINE")  # pull first (and store every blob, as the pipeline does)
+    monkeypatch.setenv("SNAPBUILD_PULL_DIRECT", "off")
     before = run("heavy:v1", registry=url, store=Store(tmp_path / "node-b"), fallback="fail")
     try:
         assert before["mode"] == "restore" and "pipelined" not in before
@@ -142,10 +143,12 @@ def test_a_pull_that_fails_midway_starts_nothing_and_shows_nothing_half_written(
         stop(out["pid"])
 
 
-def test_a_restore_killed_at_any_moment_of_its_pull_is_completed_by_the_next(published, tmp_path):
+@pytest.mark.parametrize("how", [{"SNAPBUILD_PULL_PIPELINE": "1"}, {"SNAPBUILD_PULL_PIPELINE": "0"}],
+                         ids=["while-pulling", "straight-out"])
+def test_a_restore_killed_at_any_moment_of_its_pull_is_completed_by_the_next(published, tmp_path, how):
     url, port = published
     node = tmp_path / "node"
-    env = {**os.environ, "SNAPBUILD_HOME": str(node), "SNAPBUILD_PULL_PIPELINE": "1"}
+    env = {**os.environ, "SNAPBUILD_HOME": str(node), **how}
     rng = random.Random(11)
     for _ in range(3):
         proc = subprocess.Popen([str(BIN / "snapbuild-runner"), "restore", "heavy:v1", "--registry", url, "--json"],
