@@ -216,6 +216,8 @@ def write_fd(blobs: BlobStore, entry: dict, fd: int, mode: int) -> None:
 
     A file of several chunks is written on a few threads, each chunk read, verified,
     decompressed and written at its offset (hashing, zstd and writes release the GIL).
+    Eight, not four: a chunk read through store.direct waits on the network too (an
+    empty node's container-torch restore, 2.65 s against 3.2 s with four).
     """
     chunks = entry["chunks"]
     offsets, pos = [], 0
@@ -238,7 +240,7 @@ def write_fd(blobs: BlobStore, entry: dict, fd: int, mode: int) -> None:
     else:
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="chunks") as pool:
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="chunks") as pool:
             list(pool.map(put, range(len(chunks))))
     os.ftruncate(fd, pos)
     os.fchmod(fd, mode)

@@ -113,13 +113,16 @@ def image_selection(blobs: BlobStore, manifest: dict, config: dict) -> set[str] 
 
 def direct_trees(config: dict, *, images: bool) -> set[str]:
     """The trees a restore writes straight from the registry to their place (see
-    runner.pull, ``direct``): the checkpoint's images, and with ``images`` the tree
-    images. They exist only to be written out once, so the node's store need not hold
-    their chunks too."""
+    runner.pull, ``direct``): the checkpoint's images, the server's input trees, its
+    container image's tree (its layers), and with ``images`` the tree images. Each is
+    written out once per node, at a path named by its digest, so the node's store need
+    not hold their chunks too."""
     out = set()
-    artifact = (config.get("runtime") or {}).get("artifact")
-    if isinstance(artifact, str):
-        out.add(artifact)
+    runtime = config.get("runtime") or {}
+    spec = runtime.get("server") or {}
+    for d in [runtime.get("artifact"), spec.get("image"), *(spec.get("inputs") or {}).values()]:
+        if isinstance(d, str):
+            out.add(d)
     if images:
         ti = config.get("tree_images") or {}
         for key in ("trees", "layers"):

@@ -30,8 +30,11 @@ a Podman user ships such a server) is pushed once to the same registry, a contai
 it is warmed and exported the same way, and before each run the image is removed from
 Podman's storage; the run is ``podman pull`` from the registry plus ``podman container
 restore --import`` (the export, 26 MiB, stays on local disk: still in Podman's favour).
---empty-node also measures snapbuild writing the trees out while it pulls
-(``SNAPBUILD_PULL_PIPELINE=1``) against pulling first (the default), and the **wire
+--empty-node measures three ways snapbuild can do it: the default, which writes the
+checkpoint's images and the tree images straight from the registry to their place
+(``SNAPBUILD_PULL_DIRECT``, store/direct.py), storing only the rest; storing every
+blob first, then writing out of the store (``SNAPBUILD_PULL_DIRECT=off``); and writing
+the trees out of the store while it pulls (``SNAPBUILD_PULL_PIPELINE=1``); and the **wire
 limit** beside them: the time to GET every blob of
 the snapshot from the same registry with as many parallel plain HTTP requests as the
 pull uses (16) and write each to a file on the store's disk (fsync'd, as the store
@@ -161,6 +164,15 @@ def podman_run_args(store: Store, spec: ServerSpec, image: str, run_dir: Path, n
     return args + ["-w", _expand(cwd, env), image, "/bin/sh", "-c", wrapper, "sh", *argv]
 
 
+#: The empty-node modes, with the environment each runs in (the first is the default).
+EMPTY_NODE = {
+    "snapbuild restore, empty node": {"SNAPBUILD_PULL_DIRECT": "on", "SNAPBUILD_PULL_PIPELINE": "0"},
+    "snapbuild restore, empty node, every blob stored first": {"SNAPBUILD_PULL_DIRECT": "off",
+                                                               "SNAPBUILD_PULL_PIPELINE": "0"},
+    "snapbuild restore, empty node, written out while pulling": {"SNAPBUILD_PULL_PIPELINE": "1"},
+}
+
+
 def empty_node(runtime: Runtime, store: Store, work: Path) -> Store:
     """A node that has never seen the snapshot: a new store, and this snapshot's
     written-out layers, input trees and checkpoint images gone."""
@@ -239,8 +251,7 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in ("snapbuild cold", "snapbuild restore", "podman cold",
                                                        "podman restore --import")}
     answers: set[str] = set()
-    phases: list[dict] = []  # the empty node's restore timings, by phase
-    phases_first: list[dict] = []  # the same, pulling first
+    phases: dict[str, list[dict]] = {}  # each empty-node mode's restore timings, by phase
     registry_proc = registry_url = remote_image = None
     if a.empty_node:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
@@ -254,8 +265,8 @@ def main() -> None:
         registry_url = f"oci://{host}/bench"
         copy(open_registry(default_registry_url(store.home)), parse_ref(a.ref), open_registry(registry_url),
              parse_ref(a.ref), store.blobs)
-        times["snapbuild restore, empty node"] = []
-        times["snapbuild restore, empty node, pull first"] = []
+        for mode in EMPTY_NODE:
+            times[mode] = []
         times["wire limit: GET + write, 16 parallel"] = []
         times["podman restore --import, empty node"] = []
         from snapbuild.store.snapshot import parse_manifest, referenced_blobs
@@ -312,16 +323,20 @@ def main() -> None:
                     sh("podman", "load", "-q", "-i", str(work / "image.tar"))  # for the other modes
                 elif mode == "wire limit: GET + write, 16 parallel":
                     times[mode].append(wire_limit(host, repo, snapshot_blobs, work / f"wire-{i}"))
-                elif mode.startswith("snapbuild restore, empty node"):
+                elif mode in EMPTY_NODE:
                     node = empty_node(runtime, store, work)
-                    first = mode.endswith("pull first")
-                    os.environ["SNAPBUILD_PULL_PIPELINE"] = "0" if first else "1"  # whatever the default
+                    saved = {k: os.environ.get(k) for k in EMPTY_NODE[mode]}
+                    os.environ.update(EMPTY_NODE[mode])
                     try:
                         total, out, answer = _once(a.ref, "restore", node, registry_url, spec)
                     finally:
-                        os.environ.pop("SNAPBUILD_PULL_PIPELINE", None)
+                        for k, v in saved.items():
+                            if v is None:
+                                os.environ.pop(k)
+                            else:
+                                os.environ[k] = v
                     times[mode].append(total)
-                    (phases_first if first else phases).append(out["timings"])
+                    phases.setdefault(mode, []).append(out["timings"])
                     answers.add(_digest_only(answer))
                     shutil.rmtree(node.home, ignore_errors=True)
                 elif mode.startswith("snapbuild"):
@@ -353,9 +368,9 @@ def main() -> None:
               "podman_export_s": round(export_s, 3), "podman_export_bytes": export_bytes,
               "answers_match": len(answers) == 1,
               "snapbuild_checkpoint_images_bytes": runtime.stats.get("images_bytes")}
-    for key, rows in (("empty_node_phases_median_s", phases), ("empty_node_pull_first_phases_median_s", phases_first)):
-        if rows:
-            result[key] = {k: round(statistics.median(t.get(k, 0) for t in rows), 3) for k in rows[0] if k.endswith("_s")}
+    result["empty_node_phases_median_s"] = {
+        mode: {k: round(statistics.median(t.get(k, 0) for t in rows), 3) for k in rows[0] if k.endswith("_s")}
+        for mode, rows in phases.items()}
     med = {k: v["median"] for k, v in result["modes"].items()}
     result["ratios"] = {
         "snapbuild restore vs snapbuild cold": round(med["snapbuild cold"] / med["snapbuild restore"], 3),
@@ -367,8 +382,9 @@ def main() -> None:
             med["podman restore --import"] / med["snapbuild restore, empty node"], 3)
         result["ratios"]["both on an empty node: snapbuild vs podman"] = round(
             med["podman restore --import, empty node"] / med["snapbuild restore, empty node"], 3)
-        result["ratios"]["empty node: writing trees out while pulling vs pulling first"] = round(
-            med["snapbuild restore, empty node, pull first"] / med["snapbuild restore, empty node"], 3)
+        for mode in list(EMPTY_NODE)[1:]:
+            result["ratios"][f"empty node: straight out vs {mode.split(', ', 2)[2]}"] = round(
+                med[mode] / med["snapbuild restore, empty node"], 3)
         result["empty_node_multiple_of_wire_limit"] = round(
             med["snapbuild restore, empty node"] / med["wire limit: GET + write, 16 parallel"], 2)
         result["snapshot_blob_bytes"] = sum(store.blobs.size(d) for d in snapshot_blobs)
@@ -377,18 +393,16 @@ def main() -> None:
         return
     print(f"{a.ref}: {a.runs} runs per mode, alternated; seconds from the command's start to ready "
           f"(page cache warm; {os.cpu_count()} CPUs)")
-    print(f"  {'mode':<38}{'median':>8}{'min':>8}{'max':>8}")
+    print(f"  {'mode':<58}{'median':>8}{'min':>8}{'max':>8}")
     for k, v in result["modes"].items():
-        print(f"  {k:<38}{v['median']:>8.3f}{v['min']:>8.3f}{v['max']:>8.3f}")
+        print(f"  {k:<58}{v['median']:>8.3f}{v['min']:>8.3f}{v['max']:>8.3f}")
     for k, v in result["ratios"].items():
         print(f"  {k}: " + (f"{v:.2f}x faster" if v >= 1 else f"{1 / v:.2f}x slower"))
     print(f"  podman checkpoint --export: {result['podman_export_s']:.2f}s, "
           f"{(result['podman_export_bytes'] or 0) / 2**20:.1f} MiB; snapbuild checkpoint images: "
           f"{(result['snapbuild_checkpoint_images_bytes'] or 0) / 2**20:.1f} MiB")
-    for key, label in (("empty_node_phases_median_s", "empty node"),
-                       ("empty_node_pull_first_phases_median_s", "empty node, pull first")):
-        if key in result:  # the phases overlap when the trees are written out while pulling
-            print(f"  {label}, by phase (medians): " + ", ".join(f"{k} {v:.2f}s" for k, v in result[key].items()))
+    for mode, row in result["empty_node_phases_median_s"].items():  # overlapping, while pulling
+        print(f"  {mode}, by phase (medians): " + ", ".join(f"{k} {v:.2f}s" for k, v in row.items()))
     if "empty_node_multiple_of_wire_limit" in result:
         print(f"  empty-node restore = {result['empty_node_multiple_of_wire_limit']}x the wire limit "
               f"({result['snapshot_blob_bytes'] / 2**20:.0f} MiB of blobs)")
