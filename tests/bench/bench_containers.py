@@ -35,10 +35,11 @@ checkpoint's images and the tree images straight from the registry to their plac
 (``SNAPBUILD_PULL_DIRECT``, store/direct.py), storing only the rest; storing every
 blob first, then writing out of the store (``SNAPBUILD_PULL_DIRECT=off``); and writing
 the trees out of the store while it pulls (``SNAPBUILD_PULL_PIPELINE=1``); and the **wire
-limit** beside them: the time to GET every blob of
-the snapshot from the same registry with as many parallel plain HTTP requests as the
-pull uses (16) and write each to a file on the store's disk (fsync'd, as the store
-does), without verifying, decompressing or writing anything out of them.
+limit** beside them: the time to GET every blob of the snapshot the pulls need (with
+tree images: what image_selection names) from the same registry with as many parallel
+plain HTTP requests as the pull uses (16) and write each to a file on the store's disk
+(fsync'd, as the store does), without verifying, decompressing or writing anything out
+of them.
 Needs root, runc, CRIU and podman (ci/setup.sh installs them).
 """
 
@@ -269,11 +270,16 @@ def main() -> None:
             times[mode] = []
         times["wire limit: GET + write, 16 parallel"] = []
         times["podman restore --import, empty node"] = []
-        from snapbuild.store.snapshot import parse_manifest, referenced_blobs
+        from snapbuild.store.snapshot import image_selection, load_config, parse_manifest, referenced_blobs
 
         manifest_digest = open_registry(registry_url).resolve(parse_ref(a.ref))
         # every blob but the manifest (a few KiB, served from /manifests/)
-        snapshot_blobs = referenced_blobs(parse_manifest(store.blobs.get(manifest_digest), manifest_digest))
+        manifest = parse_manifest(store.blobs.get(manifest_digest), manifest_digest)
+        snapshot_blobs = referenced_blobs(manifest)
+        # A node that mounts tree images needs only these: the wire limit GETs what the pulls do.
+        imaged_blobs = sorted(image_selection(store.blobs, manifest, load_config(store.blobs, manifest))
+                              or snapshot_blobs)
+        wire_blobs = snapshot_blobs
         repo = f"bench/{parse_ref(a.ref).name}"
     sh("podman", "rm", "-f", name, check=False)
     image = podman_image(store, spec, work)
@@ -322,7 +328,7 @@ def main() -> None:
                     sh("podman", "rm", "-f", "-t", "0", name)
                     sh("podman", "load", "-q", "-i", str(work / "image.tar"))  # for the other modes
                 elif mode == "wire limit: GET + write, 16 parallel":
-                    times[mode].append(wire_limit(host, repo, snapshot_blobs, work / f"wire-{i}"))
+                    times[mode].append(wire_limit(host, repo, wire_blobs, work / f"wire-{i}"))
                 elif mode in EMPTY_NODE:
                     node = empty_node(runtime, store, work)
                     saved = {k: os.environ.get(k) for k in EMPTY_NODE[mode]}
@@ -337,6 +343,8 @@ def main() -> None:
                                 os.environ[k] = v
                     times[mode].append(total)
                     phases.setdefault(mode, []).append(out["timings"])
+                    if out.get("tree_images") == "used":
+                        wire_blobs = imaged_blobs
                     answers.add(_digest_only(answer))
                     shutil.rmtree(node.home, ignore_errors=True)
                 elif mode.startswith("snapbuild"):
@@ -387,7 +395,7 @@ def main() -> None:
                 med[mode] / med["snapbuild restore, empty node"], 3)
         result["empty_node_multiple_of_wire_limit"] = round(
             med["snapbuild restore, empty node"] / med["wire limit: GET + write, 16 parallel"], 2)
-        result["snapshot_blob_bytes"] = sum(store.blobs.size(d) for d in snapshot_blobs)
+        result["snapshot_blob_bytes"] = sum(store.blobs.size(d) for d in wire_blobs)
     if a.json:
         print(json.dumps(result, indent=2))
         return
