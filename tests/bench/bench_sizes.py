@@ -17,7 +17,8 @@ never timed). For each N, side by side in this one process tree:
   ``snapbuild-runner restore`` (``run()``) on a node that has the snapshot, with lazy
   pages off and on, and on an **empty node**: a new store that pulls the snapshot from
   the build's registry (a local directory) and writes the checkpoint images out before
-  restoring (lazy pages on, the default);
+  restoring (lazy pages on, the default), straight from the registry (the default) and
+  with every blob stored first (``SNAPBUILD_PULL_DIRECT=off``);
 - ``podman``: the same server in a container of a Debian image (ci/make-rootfs.sh's
   rootfs, ``podman import``-ed once; ``--network host``), ``podman container
   checkpoint`` and ``podman container restore`` (its images stay in Podman's storage:
@@ -209,7 +210,7 @@ publish: {{tag: "sizes:{mib}"}}
     if not res.ok:
         raise SystemExit(f"the build failed: { {n: r.error for n, r in res.steps.items() if r.error} }")
     out: dict = {"build_s": [time.monotonic() - t], "restore_s": [], "lazy_first_s": [], "lazy_all_s": [],
-                 "empty_first_s": [], "empty_all_s": []}
+                 "empty_first_s": [], "empty_all_s": [], "stored_first_s": [], "stored_all_s": []}
     ref = f"sizes:{mib}"
 
     def once(node: Store, lazy: bool, **kw) -> tuple[float, float]:
@@ -226,12 +227,17 @@ publish: {{tag: "sizes:{mib}"}}
     for i in range(runs):
         # The empty node first: it writes the images out again (the run root is shared), so
         # the two restores after it find a node that has the snapshot, images and all.
-        node = Store(work / f"empty-{i}")
-        shutil.rmtree(images_root_of(store, ref), ignore_errors=True)
-        first, every = once(node, True, registry=registry)
-        out["empty_first_s"].append(first)
-        out["empty_all_s"].append(every)
-        shutil.rmtree(node.home, ignore_errors=True)
+        for key, direct in (("empty", "on"), ("stored", "off")):
+            node = Store(work / f"{key}-{i}")
+            shutil.rmtree(images_root_of(store, ref), ignore_errors=True)
+            os.environ["SNAPBUILD_PULL_DIRECT"] = direct
+            try:
+                first, every = once(node, True, registry=registry)
+            finally:
+                os.environ.pop("SNAPBUILD_PULL_DIRECT")
+            out[f"{key}_first_s"].append(first)
+            out[f"{key}_all_s"].append(every)
+            shutil.rmtree(node.home, ignore_errors=True)
         out["restore_s"].append(once(store, False)[1])
         first, every = once(store, True)
         out["lazy_first_s"].append(first)
@@ -342,6 +348,8 @@ COLUMNS = [  # (label, tool, key): a time in seconds
     ("snapbuild lazy, all pages", "snapbuild", "lazy_all_s"),
     ("snapbuild empty node, 1st answer", "snapbuild", "empty_first_s"),
     ("snapbuild empty node, all pages", "snapbuild", "empty_all_s"),
+    ("snapbuild empty node, stored first, 1st answer", "snapbuild", "stored_first_s"),
+    ("snapbuild empty node, stored first, all pages", "snapbuild", "stored_all_s"),
     ("podman checkpoint", "podman", "dump_s"), ("podman restore", "podman", "restore_s")]
 
 
@@ -349,14 +357,14 @@ def print_table(report: dict, file=sys.stdout) -> None:
     m = report["machine"]
     print(f"medians of {report['runs']} runs; memcpy {m['memcpy_gbs']} GB/s, tmpfs read {m['tmpfs_read_gbs']} GB/s",
           file=file)
-    print(f"| {'':34} | " + " | ".join(f"{r['gib']:>5g} GiB" for r in report["sizes"]) + " |", file=file)
+    print(f"| {'':46} | " + " | ".join(f"{r['gib']:>5g} GiB" for r in report["sizes"]) + " |", file=file)
     for label, tool, key in COLUMNS:
         cells = []
         for r in report["sizes"]:
             s = r.get(tool, {}).get(key)
             rate = "    " if "1st answer" in label else f"{r['gib'] * GIB / s / 1e9:4.1f}" if s else ""
             cells.append("        -" if s is None else f"{s:5.2f} s {rate}")
-        print(f"| {label:34} | " + " | ".join(cells) + " |", file=file)
+        print(f"| {label:46} | " + " | ".join(cells) + " |", file=file)
     print("(each cell: seconds, then GB/s of a complete dump or restore)", file=file)
 
 
