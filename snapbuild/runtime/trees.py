@@ -126,13 +126,18 @@ def _users_text(path: Path) -> str | None:
 
 
 def link_inputs(inputs: dict[str, Path], dest: Path) -> None:
-    """``dest/<step>`` -> the tree folder: the names a command uses for its inputs."""
+    """``dest/<step>`` -> the tree folder: the names a command uses for its inputs.
+    Each link is made beside its place and renamed over it, so two restores of one
+    snapshot that share a run folder (an agent's replicas) never see it missing nor
+    trip over each other's."""
+    import threading
+
     dest.mkdir(parents=True, exist_ok=True)
     for name, path in inputs.items():
-        link = dest / name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        os.symlink(path, link)
+        tmp = dest / f".{name}.{os.getpid()}-{threading.get_ident()}.link"
+        tmp.unlink(missing_ok=True)
+        os.symlink(path, tmp)
+        os.replace(tmp, dest / name)
 
 
 def link_farm(src: Path, dest: Path) -> dict[str, tuple[int, int, int]]:
