@@ -149,15 +149,19 @@ def test_an_empty_node_mounts_the_image_instead_of_writing_the_tree(lib_snapshot
         # The node fetched the image, not the tree's own chunks.
         lib_chunks = set(tree_blobs(load_tree(node.blobs, lib)))
         assert lib_chunks and not any(node.blobs.has(d) for d in lib_chunks)
-        assert all(node.blobs.has(d) for d in tree_blobs(load_tree(node.blobs, image)))
+        # ... and wrote the image straight out from the registry: its chunks are not stored either
+        image_chunks = set(tree_blobs(load_tree(node.blobs, image)))
+        assert image_chunks and not any(node.blobs.has(d) for d in image_chunks)
+        assert out["fetch"]["written_straight_out"]["blobs"] >= len(image_chunks)
         assert node.verify().ok, "a pull of images is complete as far as the node's store is concerned"
-        again = pull("libcounter:v1", registry=reg, store=node, images=True)
+        again = pull("libcounter:v1", registry=reg, store=node, images=True, direct=True)  # as a restore pulls
         assert again["blobs_fetched"] == 0 and again["tree_images"]
     finally:
         stop(out["pid"])
-    # A node that does not use images fetches the tree's chunks after all.
+    # A node that does not use images fetches the tree's chunks after all (and, pulling
+    # ahead, what the restore wrote straight out).
     full = pull("libcounter:v1", registry=reg, store=node, images=False)
-    assert full["blobs_fetched"] == len(lib_chunks) and not full["tree_images"]
+    assert full["blobs_fetched"] >= len(lib_chunks) and not full["tree_images"]
     assert all(node.blobs.has(d) for d in lib_chunks)
 
     # Let go: unmounted, image file and users file gone.
@@ -201,7 +205,10 @@ def test_a_node_that_cannot_mount_images_writes_the_trees_out(lib_snapshot, stor
         assert answer["count"] == 3 and answer["digest"] == hashlib.sha256(weights).hexdigest()
         lib_dir = tree_dir(Path(os.environ["SNAPBUILD_RUN_ROOT"]), lib)
         assert not erofs.is_image_mount(lib_dir) and (lib_dir / "pkg1" / "mod1.py").is_file()
-        assert all(node.blobs.has(d) for d in tree_blobs(load_tree(node.blobs, lib)))
+        # the tree was fetched instead: its packed files into the store, its big ones straight out
+        refs = [r for e in load_tree(node.blobs, lib)["entries"] for r in e.get("chunks", ()) if "digest" in r]
+        assert all(node.blobs.has(r["digest"]) == ("offset" in r) for r in refs)
+        assert out["fetch"]["written_straight_out"]["blobs"] > 0
         assert not layout.image_file(lib_dir).exists(), "no half-used image left"
     finally:
         stop(out["pid"])
@@ -379,3 +386,31 @@ def test_what_is_not_a_tree_image_is_never_unmounted_or_emptied(tmp_path):
         assert (path / "keep.txt").read_text() == "not ours\n"
     finally:
         subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_direct_pull_leaves_out_only_whole_file_chunks_of_trees_written_out_at_once(store, tmp_path):
+    """snapshot.pull_selection with ``direct``: the checkpoint's tree (here ``a``) loses
+    the chunks only it holds; packed small files, chunks another tree shares, and every
+    tree blob stay (the pull needs them, and the stored packs serve many files)."""
+    from snapbuild.store.snapshot import assemble, pull_selection
+    from snapbuild.store.tree import build_tree
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        (d / "shared.bin").write_bytes(b"s" * (2 * MiB))
+    (a / "own.bin").write_bytes(os.urandom(2 * MiB))
+    (a / "small.txt").write_text("a small file, packed with others\n")
+    ta, _ = build_tree(store.blobs, [(p.name, p) for p in sorted(a.iterdir())])
+    tb, _ = build_tree(store.blobs, [(p.name, p) for p in sorted(b.iterdir())])
+    digest, _ = assemble(store.blobs, name="x", variant={}, steps=[], outputs={"a": ta, "b": tb})
+    manifest = json.loads(store.blobs.get(digest))
+    config = {"runtime": {"artifact": ta, "server": {"inputs": {}}}}
+    entries = {e["path"]: e for e in load_tree(store.blobs, ta)["entries"]}
+    own = {r["digest"] for r in entries["own.bin"]["chunks"]}
+    packed = {r["digest"] for r in entries["small.txt"]["chunks"]}
+    assert all("offset" in r for r in entries["small.txt"]["chunks"]), "small files are packed"
+    chosen = pull_selection(store.blobs, manifest, config, images=False, direct=True)
+    assert own and not own & chosen
+    assert packed <= chosen and set(tree_blobs(load_tree(store.blobs, tb))) <= chosen and {ta, tb} <= chosen
+    assert pull_selection(store.blobs, manifest, config, images=False, direct=False) is None
