@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import SnapbuildError
 from ..runtime.container import layer_dirs, read_image
-from ..runtime.erofs import FILE, FORMAT, MIN_ENTRIES, can_build, enabled, make
+from ..runtime.erofs import FILE, FORMAT, MIN_ENTRIES, can_build, compression, enabled, make
 from ..runtime.layout import TREE_MARKER, layer_cache
 from ..runtime.trees import ensure_tree
 from ..schema import Runtime, TreeImages
@@ -78,7 +78,10 @@ def _cached(store, digest: str, make_image, say) -> str | None:
     declines (too few files to gain anything): remembered too."""
     entry = store.home / "cache" / "tree-images" / f"{digest.split(':', 1)[1]}.json"
     try:
-        image = read_json(entry)["image"]
+        cached = read_json(entry)
+        image = cached["image"]
+        if cached.get("compression", "none") != compression():
+            raise ValueError("made with another compression")
         if image is None or (store.blobs.has(image)
                              and all(store.blobs.has(d) for d in tree_blobs(load_tree(store.blobs, image)))):
             return image
@@ -93,5 +96,6 @@ def _cached(store, digest: str, make_image, say) -> str | None:
                 f"in {time.monotonic() - t:.1f}s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    atomic_write_json(entry, {"tree": digest, "format": FORMAT, "image": image}, tmp_dir=store.home / "tmp")
+    atomic_write_json(entry, {"tree": digest, "format": FORMAT, "compression": compression(), "image": image},
+                      tmp_dir=store.home / "tmp")
     return image

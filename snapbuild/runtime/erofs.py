@@ -6,8 +6,9 @@ Writing a Python environment out file by file (15,000 files, most of a restore o
 empty node) costs seconds that a node does not need to spend: the build makes an
 EROFS image of each input tree and image layer with many files (``mkfs.erofs``, made
 deterministic: fixed time stamps and UUID, so the same tree always gives the same
-image and a new version re-sends nothing for an unchanged tree), stores it as a
-one-file tree (chunked and verified like any other), and names it in the snapshot's
+image and a new version re-sends nothing for an unchanged tree; file data compressed
+with lz4, which the kernel undoes a block at a time as the server reads it), stores it
+as a one-file tree (chunked and verified like any other), and names it in the snapshot's
 config (``tree_images``, see docs/format.md). A node whose kernel mounts EROFS (Linux
 5.4 and later, through a loop device that ``mount`` sets up) fetches the image
 instead of the tree's own chunks, writes it as one file and mounts it read-only at the
@@ -32,7 +33,7 @@ import shutil
 from pathlib import Path
 
 from .. import tools
-from ..errors import IntegrityError, SnapbuildError
+from ..errors import IntegrityError, SnapbuildError, UsageError
 from . import layout
 from .mountinfo import fs_type
 
@@ -59,6 +60,21 @@ def refused_for(trust: dict | None) -> str | None:
         return None
     return ("the snapshot is not verified by a trust policy, and the kernel parses an image it mounts "
             "(SNAPBUILD_TREE_IMAGES=always mounts them anyway)")
+
+
+#: How the build compresses an image's file data: ``lz4`` (the kernel decompresses a
+#: block when it is first read, so a node writes out half the bytes and reads only
+#: what the server touches) or ``none``. ``$SNAPBUILD_TREE_IMAGE_COMPRESSION``.
+COMPRESSIONS = ("lz4", "none")
+DEFAULT_COMPRESSION = "lz4"
+
+
+def compression() -> str:
+    choice = os.environ.get("SNAPBUILD_TREE_IMAGE_COMPRESSION") or DEFAULT_COMPRESSION
+    if choice not in COMPRESSIONS:
+        raise UsageError(f"SNAPBUILD_TREE_IMAGE_COMPRESSION must be one of {', '.join(COMPRESSIONS)}, "
+                         f"not {choice!r}")
+    return choice
 
 
 SUPERBLOCK_OFFSET = 1024
@@ -106,8 +122,11 @@ def make(src: Path, out: Path, *, exclude: tuple[str, ...] = (), keep_owners: bo
     """Write an EROFS image of the folder ``src`` to ``out``, deterministically: a fixed
     UUID and build time; with ``keep_owners`` (a layer) owners and modification times
     as they are, else (an input tree, whose times are when it was written out) every
-    time 0 and every file owned by root."""
+    time 0 and every file owned by root. File data is compressed as
+    :func:`compression` says."""
     args = [_mkfs() or "mkfs.erofs", "--quiet", f"-U{UUID}"]
+    if compression() == "lz4":
+        args.append("-zlz4")
     env = dict(os.environ)
     if keep_owners:
         # SOURCE_DATE_EPOCH fixes the build time; far in the future, it clamps no file's time.
@@ -116,12 +135,14 @@ def make(src: Path, out: Path, *, exclude: tuple[str, ...] = (), keep_owners: bo
     else:
         args += ["-T0", "--ignore-mtime", "--all-root"]
     args += [f"--exclude-path={p}" for p in exclude]
-    r = tools.run([*args, str(out), str(src)], tool="mkfs.erofs", what=f"mkfs.erofs of {src}", env=env,
-                  hint="set SNAPBUILD_TREE_IMAGES=0 to build snapshots without tree images")
+    hint = "set SNAPBUILD_TREE_IMAGES=0 to build snapshots without tree images" + (
+        " (or SNAPBUILD_TREE_IMAGE_COMPRESSION=none, for a mkfs.erofs built without lz4)"
+        if compression() == "lz4" else "")
+    r = tools.run([*args, str(out), str(src)], tool="mkfs.erofs", what=f"mkfs.erofs of {src}", env=env, hint=hint)
     if r.returncode != 0:
         raise SnapbuildError(f"mkfs.erofs could not make an image of {src}: "
                              f"{(r.stderr or r.stdout).strip()[-500:] or 'exit status ' + str(r.returncode)}",
-                             hint="set SNAPBUILD_TREE_IMAGES=0 to build snapshots without tree images")
+                             hint=hint)
 
 
 def mount(image: Path, dest: Path) -> None:

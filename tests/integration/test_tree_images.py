@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from snapbuild.build import build
+from snapbuild.errors import SnapbuildError
 from snapbuild.runner.pull import pull
 from snapbuild.runner.restore import run, stop
 from snapbuild.runtime.gc import node_gc
@@ -277,6 +278,48 @@ def test_image_selection_skips_only_chunks_no_other_tree_needs(store, tmp_path):
     assert own and not own & chosen
     assert set(tree_blobs(load_tree(store.blobs, tb))) <= chosen, "b's chunks (shared with a) stay"
     assert set(tree_blobs(load_tree(store.blobs, ti))) <= chosen and {ta, tb, ti} <= chosen
+
+
+def test_images_are_lz4_compressed_by_default_and_read_back_the_same(tmp_path, monkeypatch):
+    """The kernel decompresses a block when it is first read: a node writes out half the
+    bytes (docs/benchmarks.md). ``none`` makes an image of the file data as it is."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(8):
+        (src / f"lib{i}.py").write_text("".join(f"def f{j}(x):\n    return x * {j}\n" for j in range(4000)))
+    (src / "noise.bin").write_bytes(os.urandom(MiB))
+    sizes = {}
+    for kind in ("lz4", "none"):
+        monkeypatch.setenv("SNAPBUILD_TREE_IMAGE_COMPRESSION", kind)
+        erofs.make(src, tmp_path / f"{kind}.erofs")
+        sizes[kind] = (tmp_path / f"{kind}.erofs").stat().st_size
+        mnt = tmp_path / f"mnt-{kind}"
+        erofs.mount(tmp_path / f"{kind}.erofs", mnt)
+        try:
+            for f in src.iterdir():
+                assert (mnt / f.name).read_bytes() == f.read_bytes(), f"{kind}: {f.name} reads back otherwise"
+        finally:
+            assert erofs.unmount(mnt)
+    assert sizes["lz4"] < sizes["none"] - 512 * 1024, sizes  # the text shrinks, the noise does not
+    monkeypatch.setenv("SNAPBUILD_TREE_IMAGE_COMPRESSION", "gzip")
+    with pytest.raises(SnapbuildError, match="SNAPBUILD_TREE_IMAGE_COMPRESSION must be one of lz4, none"):
+        erofs.make(src, tmp_path / "gzip.erofs")
+
+
+def test_another_compression_makes_the_image_again(lib_snapshot, store, project, monkeypatch):
+    """An image's cache entry says how it was compressed: one made otherwise is not reused."""
+    _, _, res = lib_snapshot
+    lib = res.steps["lib"].artifact
+    entry = store.home / "cache" / "tree-images" / f"{lib.split(':')[1]}.json"
+    first = json.loads(entry.read_text())
+    assert first["compression"] == "lz4"
+    monkeypatch.setenv("SNAPBUILD_TREE_IMAGE_COMPRESSION", "none")
+    [again] = build(project / "recipe.yaml", store=store)
+    assert again.ok
+    second = json.loads(entry.read_text())
+    assert second["compression"] == "none" and second["image"] != first["image"]
+    config = pull("libcounter:v1", store=store)["config"]
+    assert config["tree_images"]["trees"][lib] == second["image"], "the new snapshot names the new image"
 
 
 def test_build_makes_each_image_once(lib_snapshot, store, recipe, project, run_cli):
