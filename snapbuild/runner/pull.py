@@ -101,8 +101,18 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
     complete = (store.pinned_manifest(pin) == digest and store.blobs.has(digest)
                 and (images or not store.pinned_with_images(pin)) and (direct or not store.pinned_direct(pin)))
 
+    # What this pull leaves out (or the complete one before it did): only that is not in the store.
+    with_direct = direct and (not complete or store.pinned_direct(pin))
+    reading = arriving if arriving is not None else store.blobs
+    selected: list[set[str] | None] = [None]  # what this pull stores, once known
+
     def select(manifest: dict):
-        return pull_selection(store.blobs, manifest, load_config(store.blobs, manifest), images=images, direct=direct)
+        selected[0] = pull_selection(store.blobs, manifest, load_config(store.blobs, manifest), images=images,
+                                     direct=direct)
+        return selected[0]
+
+    def straight(blobs, stored=None) -> Direct:
+        return Direct(blobs, lambda d: reg.get_blob(ref.name, d), stored=stored)
 
     def described(manifest: dict):
         config = load_config(store.blobs, manifest)
@@ -116,6 +126,7 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
         early({"ref": str(ref), "digest": digest, "name": config["name"], "config": config, "snapshot": snapshot,
                "trust": trust, "tree_images": with_images, "tree_images_refused": refused,
                "blobs_fetched": 0, "bytes_fetched": 0, "blobs_total": len(referenced_blobs(manifest)) + 1,
+               "blobs": _early_blobs(reading, with_direct, complete, selected[0], straight),
                "timings": {"total_s": round(time.monotonic() - t0, 4)}})
 
     got = fetch(reg, ref, store.blobs, jobs=jobs, digest=digest, skip_check=complete,
@@ -125,8 +136,6 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
                 arrived=arriving.arrived if arriving is not None else None)
     config, snapshot, with_images = described(got["manifest"])
     # The node keeps the last pull of each name until a newer one replaces it.
-    # What this pull left out (or the complete one before it): only that is not in the store.
-    with_direct = direct and (not complete or store.pinned_direct(pin))
     store.pin_snapshot(pin, digest, images=with_images, direct=with_direct)
     t_fetch = time.monotonic()
     missing, fetched = got["blobs_fetched"], got["bytes_fetched"]
@@ -151,7 +160,16 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
         "blobs_fetched": missing, "bytes_fetched": fetched,
         "blobs_total": len(referenced_blobs(got["manifest"])) + 1, "outputs": outputs, "trust": trust,
         "tree_images": with_images, "tree_images_refused": refused,
-        "blobs": Direct(store.blobs, lambda d: reg.get_blob(ref.name, d)) if with_direct else store.blobs,
+        "blobs": straight(store.blobs) if with_direct else store.blobs,
         "timings": {"resolve_s": round(t_resolve - t0, 4), "fetch_s": round(t_fetch - t_resolve, 4),
                     "materialize_s": round(t_done - t_fetch, 4), "total_s": round(t_done - t0, 4)},
     }
+
+
+def _early_blobs(reading, with_direct: bool, complete: bool, stored: set[str] | None, straight):
+    """What a restore that starts while the pull goes on reads its blobs through: with
+    ``direct``, what the pull still brings (``stored``) waits for it, the rest comes
+    straight from the registry (all of it, when the store was complete already)."""
+    if not with_direct or (not complete and stored is None):  # nothing is left out
+        return reading
+    return straight(reading, None if complete else stored)

@@ -77,7 +77,7 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
     def start(images: bool) -> dict:
         if not pipelined():
             return _start(fetch(images), store, fallback, mode, publish, lazy_pages, gpus)
-        return _start_while_pulling(ref, registry, store, jobs, trust_policy, cache_max, images,
+        return _start_while_pulling(ref, registry, store, jobs, trust_policy, cache_max, images, direct_default(),
                                     lambda partial, view: _start(partial, view, fallback, mode, publish, lazy_pages,
                                                                  gpus))
 
@@ -126,7 +126,7 @@ def pipelined() -> bool:
 
 
 def _start_while_pulling(ref: str, registry: str | None, store: Store, jobs: int, trust_policy: Path | None,
-                         cache_max: int | None, images: bool, start) -> dict:
+                         cache_max: int | None, images: bool, direct: bool, start) -> dict:
     """Pull ``ref`` and, as soon as its config and trees are in, ``start(partial,
     store_view)`` beside the pull: the store view's reads of a blob not there yet wait
     for it (store.arriving). The result is ``start``'s, with the pull's own figures."""
@@ -144,7 +144,7 @@ def _start_while_pulling(ref: str, registry: str | None, store: Store, jobs: int
     try:
         try:
             fetched = pull(ref, registry=registry, store=store, jobs=jobs, trust_policy=trust_policy,
-                           cache_max=cache_max, images=images, early=early, arriving=arriving)
+                           cache_max=cache_max, images=images, early=early, arriving=arriving, direct=direct)
         except BaseException as e:
             arriving.finish(e)
             if job:  # it fails too, on the blobs that never came; the pull's error is the one to tell
@@ -159,7 +159,7 @@ def _start_while_pulling(ref: str, registry: str | None, store: Store, jobs: int
         out = job[0].result() if job else start(fetched, store)
     finally:
         beside.shutdown(wait=True)
-    out["fetch"] = {k: fetched[k] for k in ("blobs_fetched", "bytes_fetched", "blobs_total")}
+    out["fetch"].update({k: fetched[k] for k in ("blobs_fetched", "bytes_fetched", "blobs_total")})
     out["timings"]["fetch_s"] = fetched["timings"]["total_s"]  # overlapping what follows it
     out["pipelined"] = {"reads_that_waited": arriving.waits}
     return out

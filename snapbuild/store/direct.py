@@ -21,12 +21,15 @@ from .blobs import BlobStore
 
 
 class Direct:
-    """``blobs`` (a BlobStore), with ``fetch(digest) -> bytes`` (verified) for the
-    blobs it lacks; every other attribute is the store's own."""
+    """``blobs`` (a BlobStore, or an arriving.Arriving over one), with ``fetch(digest)
+    -> bytes`` (verified) for the blobs it lacks; every other attribute is the store's
+    own. ``stored``: the blobs a pull still going on brings into ``blobs`` (read from
+    there, waiting for them); any other blob the store lacks comes from ``fetch``."""
 
-    def __init__(self, blobs: BlobStore, fetch: Callable[[str], bytes]) -> None:
+    def __init__(self, blobs: BlobStore, fetch: Callable[[str], bytes], stored: set[str] | None = None) -> None:
         self._blobs = blobs
         self._fetch = fetch
+        self._stored = stored or set()
         self._lock = threading.Lock()
         self.fetched = 0  # blobs that came from the registry, not the store
         self.fetched_bytes = 0
@@ -41,13 +44,16 @@ class Direct:
             self.fetched_bytes += len(data)
         return data
 
+    def _local(self, digest: str) -> bool:
+        return digest in self._stored or self._blobs.has(digest)
+
     def get(self, digest: str) -> bytes:
-        if self._blobs.has(digest):
+        if self._local(digest):
             return self._blobs.get(digest)
         return self._remote(digest)
 
     def read_range(self, digest: str, offset: int, length: int) -> bytes:
-        if self._blobs.has(digest):
+        if self._local(digest):
             return self._blobs.read_range(digest, offset, length)
         # packs are stored by the pull; this is for a store that lost one meanwhile
         return self._remote(digest)[offset:offset + length]

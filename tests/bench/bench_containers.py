@@ -33,8 +33,9 @@ restore --import`` (the export, 26 MiB, stays on local disk: still in Podman's f
 --empty-node measures three ways snapbuild can do it: the default, which writes the
 checkpoint's images and the tree images straight from the registry to their place
 (``SNAPBUILD_PULL_DIRECT``, store/direct.py), storing only the rest; storing every
-blob first, then writing out of the store (``SNAPBUILD_PULL_DIRECT=off``); and writing
-the trees out of the store while it pulls (``SNAPBUILD_PULL_PIPELINE=1``); and the **wire
+blob first, then writing out of the store (``SNAPBUILD_PULL_DIRECT=off``); writing
+the trees out of the store while it pulls (``SNAPBUILD_PULL_PIPELINE=1``); and both, the
+write-out straight from the registry starting while the pull brings the rest; and the **wire
 limit** beside them: the time to GET every blob of the snapshot the pulls need (with
 tree images: what image_selection names) from the same registry with as many parallel
 plain HTTP requests as the pull uses (16) and write each to a file on the store's disk
@@ -170,7 +171,10 @@ EMPTY_NODE = {
     "snapbuild restore, empty node": {"SNAPBUILD_PULL_DIRECT": "on", "SNAPBUILD_PULL_PIPELINE": "0"},
     "snapbuild restore, empty node, every blob stored first": {"SNAPBUILD_PULL_DIRECT": "off",
                                                                "SNAPBUILD_PULL_PIPELINE": "0"},
-    "snapbuild restore, empty node, written out while pulling": {"SNAPBUILD_PULL_PIPELINE": "1"},
+    "snapbuild restore, empty node, written out while pulling": {"SNAPBUILD_PULL_DIRECT": "off",
+                                                                 "SNAPBUILD_PULL_PIPELINE": "1"},
+    "snapbuild restore, empty node, straight out while pulling": {"SNAPBUILD_PULL_DIRECT": "on",
+                                                                  "SNAPBUILD_PULL_PIPELINE": "1"},
 }
 
 

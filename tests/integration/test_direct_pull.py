@@ -139,3 +139,27 @@ def test_a_registry_that_fails_while_the_images_are_written_leaves_nothing_half_
         assert out["fetch"]["blobs_fetched"] == 0 and 0 < out["fetch"]["written_straight_out"]["blobs"] <= straight
     finally:
         stop(out["pid"])
+
+
+def test_straight_out_while_pulling_restores_as_straight_out_after(published, tmp_path, monkeypatch):  # noqa: F811
+    """Both at once: the write-out starts once the config and trees are in, reads the
+    packs the pull is still bringing as they arrive, and the rest from the registry."""
+    url, port = published
+    forget_written_out()
+    monkeypatch.setenv("SNAPBUILD_PULL_PIPELINE", "1")
+    out = run("heavy:v1", registry=url, store=Store(tmp_path / "a"), fallback="fail")
+    try:
+        assert out["mode"] == "restore" and "pipelined" in out, out
+        assert post(port, "/count")["count"] == 3
+    finally:
+        stop(out["pid"])
+    forget_written_out()
+    monkeypatch.setenv("SNAPBUILD_PULL_PIPELINE", "0")
+    after = run("heavy:v1", registry=url, store=Store(tmp_path / "b"), fallback="fail")
+    try:
+        assert after["mode"] == "restore" and "pipelined" not in after
+        assert post(port, "/count")["count"] == 3
+    finally:
+        stop(after["pid"])
+    assert out["fetch"]["written_straight_out"]["bytes"] > 48 << 20
+    assert out["fetch"] == after["fetch"], "the same blobs stored, the same written straight out"

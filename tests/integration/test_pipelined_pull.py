@@ -71,6 +71,8 @@ def published(recipe, store, oci_registry):
 @pytest.fixture(autouse=True)
 def _pipelined(monkeypatch):
     monkeypatch.setenv("SNAPBUILD_PULL_PIPELINE", "1")  # off by default (docs/benchmarks.md)
+    # every blob through the arriving store (test_direct_pull has the default, and both together)
+    monkeypatch.setenv("SNAPBUILD_PULL_DIRECT", "off")
 
 
 def test_an_empty_node_restores_while_it_pulls_as_it_does_after(published, tmp_path, monkeypatch):
@@ -82,8 +84,7 @@ def test_an_empty_node_restores_while_it_pulls_as_it_does_after(published, tmp_p
         assert post(port, "/count")["count"] == 3
     finally:
         stop(out["pid"])
-    monkeypatch.delenv("SNAPBUILD_PULL_PIPELINE")  # pull first (and store every blob, as the pipeline does)
-    monkeypatch.setenv("SNAPBUILD_PULL_DIRECT", "off")
+    monkeypatch.delenv("SNAPBUILD_PULL_PIPELINE")  # pull first (storing every blob, as above)
     before = run("heavy:v1", registry=url, store=Store(tmp_path / "node-b"), fallback="fail")
     try:
         assert before["mode"] == "restore" and "pipelined" not in before
@@ -143,8 +144,10 @@ def test_a_pull_that_fails_midway_starts_nothing_and_shows_nothing_half_written(
         stop(out["pid"])
 
 
-@pytest.mark.parametrize("how", [{"SNAPBUILD_PULL_PIPELINE": "1"}, {"SNAPBUILD_PULL_PIPELINE": "0"}],
-                         ids=["while-pulling", "straight-out"])
+@pytest.mark.parametrize("how", [{"SNAPBUILD_PULL_PIPELINE": "1", "SNAPBUILD_PULL_DIRECT": "off"},
+                                 {"SNAPBUILD_PULL_PIPELINE": "0", "SNAPBUILD_PULL_DIRECT": "on"},
+                                 {"SNAPBUILD_PULL_PIPELINE": "1", "SNAPBUILD_PULL_DIRECT": "on"}],
+                         ids=["while-pulling", "straight-out", "straight-out-while-pulling"])
 def test_a_restore_killed_at_any_moment_of_its_pull_is_completed_by_the_next(published, tmp_path, how):
     url, port = published
     node = tmp_path / "node"
