@@ -40,9 +40,10 @@ def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
     hears of each blob as it is stored. Together they let a restore write its trees out
     while the pull goes on.
     ``direct``: for a restore that writes the snapshot out at once, do not store the
-    chunks of what exists only to be written out (the checkpoint's images, the tree
-    images: snapshot.direct_trees); ``blobs`` in the result (a store.direct.Direct)
-    fetches them from the registry as the writers read them. Not with ``dest``.
+    whole-file chunks of what it writes out once per node (the checkpoint's images, the
+    input trees, the image's layers, the tree images: snapshot.direct_trees); ``blobs``
+    in the result (a store.direct.Direct) fetches them from the registry as the writers
+    read them. Not with ``dest``.
     Returns what happened, with timings."""
     from ..registry import locate
 

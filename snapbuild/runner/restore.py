@@ -105,9 +105,10 @@ def lazy_default() -> bool:
 
 
 def direct_default() -> bool:
-    """``$SNAPBUILD_PULL_DIRECT`` (on|off), else on: whether a restore writes the
-    checkpoint's images and the tree images straight from the registry to their place,
-    without storing their chunks first (store.direct; docs/benchmarks.md)."""
+    """``$SNAPBUILD_PULL_DIRECT`` (on|off), else on: whether a restore writes what it
+    writes out once per node (the checkpoint's images, input trees, layers, tree images)
+    straight from the registry to its place, without storing the chunks first
+    (store.direct; 1.3-1.6x faster on an empty node: docs/benchmarks.md)."""
     import os
 
     choice = os.environ.get("SNAPBUILD_PULL_DIRECT") or "on"

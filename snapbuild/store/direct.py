@@ -1,7 +1,7 @@
 """A node's blob store backed by the registry its snapshot came from.
 
-A restore on an empty node writes the checkpoint's images and the tree images out
-once and never reads their chunks again: storing each chunk first, then reading it
+A restore on an empty node writes the checkpoint's images, the server's input trees
+and layers, and the tree images out once per node and never reads their chunks again: storing each chunk first, then reading it
 back to write the file, is a second full pass over the bytes (and a second sha256).
 A pull with ``direct`` leaves those chunks out of the store (snapshot.pull_selection);
 the restore reads through :class:`Direct`, which hands it the store's blob where
