@@ -164,9 +164,3 @@ class OrphanGuard:
         if self._w >= 0:
             os.close(self._w)
             self._w = -1
-
-    def __enter__(self) -> OrphanGuard:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
