@@ -124,10 +124,14 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
 
     def started(manifest: dict) -> None:
         config, snapshot, with_images = described(manifest)
+        # A restore starting now reads what the pull still brings through ``reading`` (it
+        # waits for it) and what the pull leaves out (all of it, if complete) from the registry.
+        blobs = (straight(reading, None if complete else selected[0])
+                 if with_direct and (complete or selected[0] is not None) else reading)
         early({"ref": str(ref), "digest": digest, "name": config["name"], "config": config, "snapshot": snapshot,
                "trust": trust, "tree_images": with_images, "tree_images_refused": refused,
                "blobs_fetched": 0, "bytes_fetched": 0, "blobs_total": len(referenced_blobs(manifest)) + 1,
-               "blobs": _early_blobs(reading, with_direct, complete, selected[0], straight),
+               "blobs": blobs,
                "timings": {"total_s": round(time.monotonic() - t0, 4)}})
 
     got = fetch(reg, ref, store.blobs, jobs=jobs, digest=digest, skip_check=complete,
@@ -166,11 +170,3 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
                     "materialize_s": round(t_done - t_fetch, 4), "total_s": round(t_done - t0, 4)},
     }
 
-
-def _early_blobs(reading, with_direct: bool, complete: bool, stored: set[str] | None, straight):
-    """What a restore that starts while the pull goes on reads its blobs through: with
-    ``direct``, what the pull still brings (``stored``) waits for it, the rest comes
-    straight from the registry (all of it, when the store was complete already)."""
-    if not with_direct or (not complete and stored is None):  # nothing is left out
-        return reading
-    return straight(reading, None if complete else stored)

@@ -124,9 +124,8 @@ def make(src: Path, out: Path, *, exclude: tuple[str, ...] = (), keep_owners: bo
     as they are, else (an input tree, whose times are when it was written out) every
     time 0 and every file owned by root. File data is compressed as
     :func:`compression` says."""
-    args = [_mkfs() or "mkfs.erofs", "--quiet", f"-U{UUID}"]
-    if compression() == "lz4":
-        args.append("-zlz4")
+    lz4 = compression() == "lz4"
+    args = [_mkfs() or "mkfs.erofs", "--quiet", f"-U{UUID}", *(["-zlz4"] if lz4 else [])]
     env = dict(os.environ)
     if keep_owners:
         # SOURCE_DATE_EPOCH fixes the build time; far in the future, it clamps no file's time.
@@ -136,8 +135,7 @@ def make(src: Path, out: Path, *, exclude: tuple[str, ...] = (), keep_owners: bo
         args += ["-T0", "--ignore-mtime", "--all-root"]
     args += [f"--exclude-path={p}" for p in exclude]
     hint = "set SNAPBUILD_TREE_IMAGES=0 to build snapshots without tree images" + (
-        " (or SNAPBUILD_TREE_IMAGE_COMPRESSION=none, for a mkfs.erofs built without lz4)"
-        if compression() == "lz4" else "")
+        " (or SNAPBUILD_TREE_IMAGE_COMPRESSION=none, for a mkfs.erofs built without lz4)" if lz4 else "")
     r = tools.run([*args, str(out), str(src)], tool="mkfs.erofs", what=f"mkfs.erofs of {src}", env=env, hint=hint)
     if r.returncode != 0:
         raise SnapbuildError(f"mkfs.erofs could not make an image of {src}: "

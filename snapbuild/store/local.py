@@ -351,13 +351,12 @@ class Store:
         ``direct``: the chunks of the trees written straight from the registry were not
         stored (see snapshot.pull_selection)."""
         path = self._pin_path(name)
-        if (self.pinned_manifest(name) == manifest_digest and self.pinned_with_images(name) == images
-                and self.pinned_direct(name) == direct):
-            with contextlib.suppress(OSError):
-                os.utime(path)  # still in use: `gc --older-than` keeps it
-            return
         pin = {"name": name, "manifest": manifest_digest, **({"images": True} if images else {}),
                **({"direct": True} if direct else {})}
+        with contextlib.suppress(OSError, ValueError):
+            if read_json(path) == pin:
+                os.utime(path)  # still in use: `gc --older-than` keeps it
+                return
         atomic_write_json(path, pin, tmp_dir=self.home / "tmp")
 
     def pinned_with_images(self, name: str) -> bool:
