@@ -52,21 +52,31 @@ def check_consistent(home: Path) -> None:
                 assert (reg / "blobs" / "sha256" / layer["digest"].split(":")[1]).exists()
 
 
-def working_in(home: Path) -> list[int]:
-    """PIDs of processes whose working directory is inside ``home``."""
+def processes(where) -> list[int]:
+    """PIDs of the processes whose /proc folder ``where(folder)`` accepts."""
     pids = []
     for d in Path("/proc").iterdir():
         try:
-            if d.name.isdigit() and Path(os.readlink(d / "cwd")).is_relative_to(home):
+            if d.name.isdigit() and where(d):
                 pids.append(int(d.name))
-        except OSError:
+        except OSError:  # gone meanwhile
             pass
     return pids
 
 
-def none_left_working_in(home: Path, timeout: float = 10) -> list[int]:
+def working_in(home: Path) -> list[int]:
+    return processes(lambda d: Path(os.readlink(d / "cwd")).is_relative_to(home))
+
+
+def running(token: str, prefix: bytes = b"") -> list[int]:
+    """PIDs of processes whose command line holds ``token`` (after ``prefix``, if given)."""
+    return processes(lambda d: (prefix + token.encode()) in (d / "cmdline").read_bytes())
+
+
+def left_after(find, timeout: float = 10) -> list[int]:
+    """What ``find()`` still returns once it returns nothing, or ``timeout`` passed."""
     deadline = time.monotonic() + timeout
-    while (left := working_in(home)) and time.monotonic() < deadline:
+    while (left := find()) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left
 
@@ -96,7 +106,7 @@ def test_sigkill_at_any_moment_leaves_a_consistent_store(recipe, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)  # the build (its commands run in sessions of their own)
             kills += 1
         proc.wait()
-        assert none_left_working_in(home) == [], "a command of the killed build is still running"
+        assert left_after(lambda: working_in(home)) == [], "a command of the killed build is still running"
         check_consistent(home)
         # Start over from scratch for part of the sweep, so early phases are hit again.
         if i % 3 == 2:
@@ -162,18 +172,6 @@ def test_interrupt_stops_running_commands(recipe, tmp_path, sig):
     assert Store(tmp_path / "home").verify().ok
 
 
-def running(token: str, prefix: bytes = b"") -> list[int]:
-    """PIDs of processes whose command line holds ``token`` (after ``prefix``, if given)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and (prefix + token.encode()) in (d / "cmdline").read_bytes():
-                pids.append(int(d.name))
-        except OSError:
-            pass
-    return pids
-
-
 @pytest.mark.integration
 @pytest.mark.parametrize("what", ["command", "warm-up server", "warm-up server in namespaces"])
 def test_a_build_killed_with_sigkill_leaves_no_process_of_its_own_running(recipe, tmp_path, what):
@@ -201,10 +199,7 @@ def test_a_build_killed_with_sigkill_leaves_no_process_of_its_own_running(recipe
         time.sleep(0.3)  # the build tells its guard about a process moments after it exists
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        deadline = time.monotonic() + 10
-        while running(token) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert running(token) == [], f"the killed build's {what} is still running"
+        assert left_after(lambda: running(token)) == [], f"the killed build's {what} is still running"
     finally:
         for pid in running(token):
             os.kill(pid, signal.SIGKILL)
