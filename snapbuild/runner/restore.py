@@ -25,7 +25,7 @@ from ..engines import container_engine, get_engine, process_engine
 from ..engines.fingerprint import compare
 from ..errors import NotFound, SnapbuildError, UsageError
 from ..runtime import probe as probes
-from ..runtime import erofs, process, server, shmfiles, sockdirs
+from ..runtime import erofs, lazyimage, process, server, shmfiles, sockdirs
 from ..runtime.layout import images_root
 from ..store import Store
 from ..store.direct import Direct
@@ -45,7 +45,7 @@ class RestoreFailed(SnapbuildError):
 def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: str = "auto",
         store: Store | None = None, jobs: int = 16, publish: str | None = None,
         trust_policy: Path | None = None, cache_max: int | None = None, lazy_pages: bool | None = None,
-        gpus: list[str] | None = None) -> dict:
+        gpus: list[str] | None = None, lazy_images: bool | None = None) -> dict:
     """Start the server of snapshot ``ref`` and return what happened, with timings.
 
     ``mode``: ``auto`` (restore, else fall back), ``restore`` (never boot cold), or
@@ -57,9 +57,12 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
     on demand; the call returns once every page is in place, ``pages_s``); None:
     :func:`lazy_default`. ``gpus``: the GPUs (indexes or UUIDs) the server goes to, one
     per GPU of its CUDA state (see snapbuild.gpu.placement); None: those it was taken
-    on when this node has them, else the first ones.
+    on when this node has them, else the first ones. ``lazy_images``: tree images the
+    node lacks are mounted at once and fetched as they are read (runtime.lazyimage; the
+    call returns once they are complete, ``images_s``); None: ``$SNAPBUILD_LAZY_IMAGES``.
     """
     lazy_pages = lazy_default() if lazy_pages is None else lazy_pages
+    lazy_images = lazyimage.default() if lazy_images is None else lazy_images
     from ..registry import locate
 
     ref, registry = locate(ref, registry)
@@ -76,10 +79,10 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
 
     def start(images: bool) -> dict:
         if not pipelined():
-            return _start(fetch(images), store, fallback, mode, publish, lazy_pages, gpus)
+            return _start(fetch(images), store, fallback, mode, publish, lazy_pages, gpus, lazy_images)
         return _start_while_pulling(ref, registry, store, jobs, trust_policy, cache_max, images, direct_default(),
                                     lambda partial, view: _start(partial, view, fallback, mode, publish, lazy_pages,
-                                                                 gpus))
+                                                                 gpus, lazy_images))
 
     try:
         out = start(erofs.can_mount())
@@ -167,8 +170,34 @@ def _start_while_pulling(ref: str, registry: str | None, store: Store, jobs: int
 
 
 def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str | None,
-           lazy_pages: bool = False, gpus: list[str] | None = None) -> dict:
-    """Restore (or boot cold) the server of the pulled snapshot ``fetched``."""
+           lazy_pages: bool = False, gpus: list[str] | None = None, lazy_images: bool = False) -> dict:
+    """Restore (or boot cold) the server of the pulled snapshot ``fetched``; tree images
+    mounted before they were fetched (``lazy_images``) are complete when it returns."""
+    direct = fetched.get("blobs")
+    if not isinstance(direct, Direct):
+        return _start_server(fetched, store, fallback, mode, publish, lazy_pages, gpus)
+    direct.lazy_images = lazy_images
+    try:
+        out = _start_server(fetched, store, fallback, mode, publish, lazy_pages, gpus)
+    except BaseException:
+        lazyimage.abort(direct)
+        raise
+    try:
+        done = lazyimage.finish(direct)
+    except SnapbuildError as e:
+        stop(out.get("container") or out["pid"])
+        raise RestoreFailed(f"{fetched['ref']}: the server started, but a tree image it reads did not all "
+                            f"arrive: {e.message}", hint=e.hint or "run the restore again: it fetches what is "
+                                                                   "missing") from None
+    if done is not None:
+        out["timings"]["images_s"] = done.pop("wait_s")
+    out["lazy_images"] = done
+    out["fetch"]["written_straight_out"] = {"blobs": direct.fetched, "bytes": direct.fetched_bytes}
+    return out
+
+
+def _start_server(fetched: dict, store: Store, fallback: str, mode: str, publish: str | None,
+                  lazy_pages: bool = False, gpus: list[str] | None = None) -> dict:
     snapshot: SnapshotConfig = fetched["snapshot"]  # checked in full for this node (schema)
     runtime = snapshot.runtime
     if runtime is None:
@@ -243,8 +272,6 @@ def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str |
             out["pid"], out["address"] = _cold(spec, store, timings, host_port)
         out["mode"] = "cold"
         out["reason"] = reason
-    if isinstance(direct, Direct):
-        out["fetch"]["written_straight_out"] = {"blobs": direct.fetched, "bytes": direct.fetched_bytes}
     return out
 
 

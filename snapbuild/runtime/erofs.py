@@ -185,21 +185,38 @@ def take_down(folder: Path) -> None:
                                  hint="stop the servers that use it first")
         raise SnapbuildError(f"cannot unmount the image at {folder}: another file system is mounted there",
                              hint=f"unmount it (`umount {folder}`) if nothing needs it")
-    layout.image_file(folder).unlink(missing_ok=True)
+    path = layout.image_file(folder)
+    path.unlink(missing_ok=True)
+    # what a fetch as it is read (runtime.lazyimage) cut short left behind
+    path.with_name(path.name + ".partial").unlink(missing_ok=True)
+    lazy = layout.lazy_mount_dir(folder)
+    if os.path.ismount(lazy):
+        tools.run(["umount", "-l", str(lazy)], what=f"unmount of {lazy}")
+    try:
+        lazy.rmdir()
+    except OSError:
+        pass
+
+
+def _image_entry(blobs, image_tree: str) -> dict:
+    """The image file's entry in the one-file tree ``image_tree``."""
+    from ..store.tree import load_tree
+
+    entries = [e for e in load_tree(blobs, image_tree)["entries"] if e["type"] == "file"]
+    if len(entries) != 1 or entries[0]["path"] != FILE:
+        raise SnapbuildError(f"{image_tree} is not a tree image (it should hold only {FILE})")
+    return entries[0]
 
 
 def write_image(blobs, image_tree: str, dest: Path) -> None:
     """Write the image file of the one-file tree ``image_tree`` to ``dest`` (verified,
     complete before it appears under its name)."""
     from ..store.chunks import write_file
-    from ..store.tree import load_tree
 
-    entries = [e for e in load_tree(blobs, image_tree)["entries"] if e["type"] == "file"]
-    if len(entries) != 1 or entries[0]["path"] != FILE:
-        raise SnapbuildError(f"{image_tree} is not a tree image (it should hold only {FILE})")
+    entry = _image_entry(blobs, image_tree)
     layout.secure_dir(dest.parent)  # trusted once written: nobody else may write there
     tmp = dest.with_name(dest.name + ".partial")
-    write_file(blobs, entries[0], tmp, mode=0o444)
+    write_file(blobs, entry, tmp, mode=0o444)
     with open(tmp, "rb") as f:
         why = image_problem(f.read(SUPERBLOCK_OFFSET + 128), os.fstat(f.fileno()).st_size)
     if why:
@@ -211,9 +228,21 @@ def write_image(blobs, image_tree: str, dest: Path) -> None:
 
 def mount_tree(blobs, image_tree: str, dest: Path) -> None:
     """Write out ``image_tree`` (unless its file is already there: layout.image_file) and
-    mount it at the tree or layer folder ``dest``."""
+    mount it at the tree or layer folder ``dest``; or, where ``blobs`` asks for it and
+    the image is not in the node's store, mount it at once and fetch it as it is read
+    (:mod:`.lazyimage`; the restore completes it before it returns)."""
+    from . import lazyimage
+
     path = layout.image_file(dest)
     if not path.is_file():
+        entry = _image_entry(blobs, image_tree)
+        if lazyimage.worth(blobs, entry):
+            try:
+                lazyimage.mount(blobs, entry, path, dest)
+                return
+            except ImageUnusable as e:
+                log.warning("tree image %s not fetched as it is read (%s); writing it out first", path.name,
+                            e.message)
         write_image(blobs, image_tree, path)
     try:
         mount(path, dest)

@@ -119,6 +119,18 @@ def image_file(folder: Path) -> Path:
     return image_files(folder.parent.parent) / f"{folder.name}{IMAGE_SUFFIX}"
 
 
+def lazy_mount_dir(folder: Path) -> Path:
+    """Where the file system that serves a tree image being fetched as it is read
+    (runtime.lazyimage) is mounted: ``<root>/lazy/<hex>``."""
+    return folder.parent.parent / "lazy" / folder.name
+
+
+def lazy_lock(folder: Path) -> Path:
+    """Held by the process fetching a tree or layer folder's image as it is read, until
+    the image is complete."""
+    return folder.parent.parent / "locks" / f"lazy-{folder.name}.lock"
+
+
 def bundle_dir(root: Path, container: str) -> Path:
     return root / "bundles" / container
 

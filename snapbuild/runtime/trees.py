@@ -17,7 +17,7 @@ from ..store import fsutil
 from ..store.blobs import BlobStore
 from ..store.fsutil import flock
 from ..store.tree import load_tree, materialize
-from . import erofs, layout
+from . import erofs, lazyimage, layout
 
 MARKER = layout.TREE_MARKER  # inside a complete tree: the stores (one path a line) that use it
 
@@ -114,10 +114,10 @@ def _read(path: Path) -> str | None:
 
 def _users_text(path: Path) -> str | None:
     """The marker's content: None while the tree is absent or incomplete (or an image
-    tree no longer mounted, after a reboot)."""
+    tree no longer mounted, after a reboot, or whose fetch as it was read was cut short)."""
     text = _read(layout.tree_users(path))
     if text is not None:
-        return text if os.path.ismount(path) else None
+        return text if os.path.ismount(path) and lazyimage.complete(path) else None
     try:
         with open(path / MARKER) as f:
             return f.read()

@@ -33,6 +33,8 @@ class Direct:
         self._lock = threading.Lock()
         self.fetched = 0  # blobs that came from the registry, not the store
         self.fetched_bytes = 0
+        self.lazy_images = False  # tree images mounted before they are fetched (runtime.lazyimage)
+        self.lazy_started: list = []  # those images, until the restore completes them
 
     def __getattr__(self, name: str):
         return getattr(self._blobs, name)
@@ -44,16 +46,17 @@ class Direct:
             self.fetched_bytes += len(data)
         return data
 
-    def _local(self, digest: str) -> bool:
+    def is_local(self, digest: str) -> bool:
+        """Whether the blob is (or, from a pull still going on, will be) in the store."""
         return digest in self._stored or self._blobs.has(digest)
 
     def get(self, digest: str) -> bytes:
-        if self._local(digest):
+        if self.is_local(digest):
             return self._blobs.get(digest)
         return self._remote(digest)
 
     def read_range(self, digest: str, offset: int, length: int) -> bytes:
-        if self._local(digest):
+        if self.is_local(digest):
             return self._blobs.read_range(digest, offset, length)
         # packs are stored by the pull; this is for a store that lost one meanwhile
         return self._remote(digest)[offset:offset + length]
