@@ -30,12 +30,16 @@ a Podman user ships such a server) is pushed once to the same registry, a contai
 it is warmed and exported the same way, and before each run the image is removed from
 Podman's storage; the run is ``podman pull`` from the registry plus ``podman container
 restore --import`` (the export, 26 MiB, stays on local disk: still in Podman's favour).
---empty-node measures three ways snapbuild can do it: the default, which writes the
+--empty-node measures several ways snapbuild can do it: the default, which writes the
 checkpoint's images and the tree images straight from the registry to their place
 (``SNAPBUILD_PULL_DIRECT``, store/direct.py), storing only the rest; storing every
 blob first, then writing out of the store (``SNAPBUILD_PULL_DIRECT=off``); writing
 the trees out of the store while it pulls (``SNAPBUILD_PULL_PIPELINE=1``); and both, the
-write-out straight from the registry starting while the pull brings the rest; and the **wire
+write-out straight from the registry starting while the pull brings the rest; tree images
+mounted at once and fetched as they are read (``SNAPBUILD_LAZY_IMAGES=on``,
+runtime/lazyimage.py); and, for each, the time to the **first answer** (``POST /infer``
+polled every 10 ms from the command's start: with images fetched as read, the server
+answers before the command returns); and the **wire
 limit** beside them: the time to GET every blob of the snapshot the pulls need (with
 tree images: what image_selection names) from the same registry with as many parallel
 plain HTTP requests as the pull uses (16) and write each to a file on the store's disk
@@ -90,9 +94,9 @@ def wait_http(url: str, timeout: float = 120) -> None:
     raise SystemExit(f"{url} not ready after {timeout} s")
 
 
-def infer(port: int) -> str:
+def infer(port: int, timeout: float = 60) -> str:
     req = urllib.request.Request(f"http://127.0.0.1:{port}/infer", data=b"{}", method="POST")
-    with urllib.request.urlopen(req, timeout=60) as r:
+    with urllib.request.urlopen(req, timeout=timeout) as r:
         return _digest_only(r.read().decode())
 
 
@@ -167,15 +171,47 @@ def podman_run_args(store: Store, spec: ServerSpec, image: str, run_dir: Path, n
 
 
 #: The empty-node modes, with the environment each runs in (the first is the default).
+_OFF = {"SNAPBUILD_LAZY_IMAGES": "off"}
 EMPTY_NODE = {
-    "snapbuild restore, empty node": {"SNAPBUILD_PULL_DIRECT": "on", "SNAPBUILD_PULL_PIPELINE": "0"},
+    "snapbuild restore, empty node": {"SNAPBUILD_PULL_DIRECT": "on", "SNAPBUILD_PULL_PIPELINE": "0", **_OFF},
     "snapbuild restore, empty node, every blob stored first": {"SNAPBUILD_PULL_DIRECT": "off",
-                                                               "SNAPBUILD_PULL_PIPELINE": "0"},
+                                                               "SNAPBUILD_PULL_PIPELINE": "0", **_OFF},
     "snapbuild restore, empty node, written out while pulling": {"SNAPBUILD_PULL_DIRECT": "off",
-                                                                 "SNAPBUILD_PULL_PIPELINE": "1"},
+                                                                 "SNAPBUILD_PULL_PIPELINE": "1", **_OFF},
     "snapbuild restore, empty node, straight out while pulling": {"SNAPBUILD_PULL_DIRECT": "on",
-                                                                  "SNAPBUILD_PULL_PIPELINE": "1"},
+                                                                  "SNAPBUILD_PULL_PIPELINE": "1", **_OFF},
+    "snapbuild restore, empty node, images fetched as read": {"SNAPBUILD_PULL_DIRECT": "on",
+                                                              "SNAPBUILD_PULL_PIPELINE": "0",
+                                                              "SNAPBUILD_LAZY_IMAGES": "on"},
 }
+
+
+class FirstAnswer:
+    """POST /infer to ``port`` every 10 ms from now on, on a thread, until one answers:
+    the time to the first answer of a restore whose command returns later (tree images
+    fetched as they are read complete before it returns)."""
+
+    def __init__(self, port: int) -> None:
+        import threading
+
+        self.t0, self.at, self.port = time.monotonic(), None, port
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                infer(self.port, timeout=5)
+                self.at = time.monotonic() - self.t0
+                return
+            except OSError:
+                time.sleep(0.01)
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self._thread.join()
+        return self.at
 
 
 def empty_node(runtime: Runtime, store: Store, work: Path) -> Store:
@@ -257,6 +293,7 @@ def main() -> None:
                                                        "podman restore --import")}
     answers: set[str] = set()
     phases: dict[str, list[dict]] = {}  # each empty-node mode's restore timings, by phase
+    firsts: dict[str, list[float]] = {}  # each empty-node mode's time to its first answer
     registry_proc = registry_url = remote_image = None
     if a.empty_node:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
@@ -337,9 +374,11 @@ def main() -> None:
                     node = empty_node(runtime, store, work)
                     saved = {k: os.environ.get(k) for k in EMPTY_NODE[mode]}
                     os.environ.update(EMPTY_NODE[mode])
+                    first = FirstAnswer(port)
                     try:
                         total, out, answer = _once(a.ref, "restore", node, registry_url, spec)
                     finally:
+                        firsts.setdefault(mode, []).append(first.stop() or float("nan"))
                         for k, v in saved.items():
                             if v is None:
                                 os.environ.pop(k)
@@ -383,6 +422,7 @@ def main() -> None:
     result["empty_node_phases_median_s"] = {
         mode: {k: round(statistics.median(t.get(k, 0) for t in rows), 3) for k in rows[0] if k.endswith("_s")}
         for mode, rows in phases.items()}
+    result["empty_node_first_answer"] = {mode: summary(v) for mode, v in firsts.items()}
     med = {k: v["median"] for k, v in result["modes"].items()}
     result["ratios"] = {
         "snapbuild restore vs snapbuild cold": round(med["snapbuild cold"] / med["snapbuild restore"], 3),
@@ -399,6 +439,11 @@ def main() -> None:
                 med[mode] / med["snapbuild restore, empty node"], 3)
         result["empty_node_multiple_of_wire_limit"] = round(
             med["snapbuild restore, empty node"] / med["wire limit: GET + write, 16 parallel"], 2)
+        first = {k: v["median"] for k, v in result["empty_node_first_answer"].items()}
+        result["empty_node_first_answer_multiples"] = {
+            mode: {"of podman restore, image local": round(v / med["podman restore --import"], 2),
+                   "of the wire limit": round(v / med["wire limit: GET + write, 16 parallel"], 2)}
+            for mode, v in first.items()}
         result["snapshot_blob_bytes"] = sum(store.blobs.size(d) for d in wire_blobs)
     if a.json:
         print(json.dumps(result, indent=2))
@@ -415,6 +460,10 @@ def main() -> None:
           f"{(result['snapbuild_checkpoint_images_bytes'] or 0) / 2**20:.1f} MiB")
     for mode, row in result["empty_node_phases_median_s"].items():  # overlapping, while pulling
         print(f"  {mode}, by phase (medians): " + ", ".join(f"{k} {v:.2f}s" for k, v in row.items()))
+    for mode, v in result["empty_node_first_answer"].items():
+        m = result["empty_node_first_answer_multiples"][mode]
+        print(f"  {mode}, first answer (median): {v['median']:.3f}s = {m['of podman restore, image local']}x "
+              f"podman's local restore, {m['of the wire limit']}x the wire limit")
     if "empty_node_multiple_of_wire_limit" in result:
         print(f"  empty-node restore = {result['empty_node_multiple_of_wire_limit']}x the wire limit "
               f"({result['snapshot_blob_bytes'] / 2**20:.0f} MiB of blobs)")

@@ -26,6 +26,7 @@ class ServerConfig:
     backoff_s: float = 1
     backoff_max_s: float = 60
     lazy_pages: bool | None = None  # None: $SNAPBUILD_LAZY_PAGES, else on (snapbuild-runner restore --lazy-pages)
+    lazy_images: bool | None = None  # None: $SNAPBUILD_LAZY_IMAGES, else off (restore --lazy-images)
     gpus: int = 0  # how many of the node's GPUs the agent gives it (0: none assigned; it sees what it sees)
     share_gpus: bool = False  # it may be placed on GPUs others hold (that share too)
 
@@ -52,7 +53,7 @@ AGENT_KEYS = {"registry", "trust_policy", "poll_s", "api", "state_dir", "cache_m
 _TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "ref": (str,), "registry": (str,), "publish": (int,), "trust_policy": (str,),
     "cold_after": (int,), "max_restarts": (int,), "restart_window_s": (int, float), "backoff_s": (int, float),
-    "backoff_max_s": (int, float), "lazy_pages": (bool,), "gpus": (int,), "share_gpus": (bool,), "replicas": (int,), "poll_s": (int, float), "api": (str,), "state_dir": (str,),
+    "backoff_max_s": (int, float), "lazy_pages": (bool,), "lazy_images": (bool,), "gpus": (int,), "share_gpus": (bool,), "replicas": (int,), "poll_s": (int, float), "api": (str,), "state_dir": (str,),
     "cache_max": (str, int), "stale_after_s": (int, float), "server": (list,)}
 
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", bool: "true or false"}

@@ -253,7 +253,7 @@ class Agent:
         return run(ref, registry=cfg.registry, mode=mode, store=self.store, publish=publish,
                    trust_policy=Path(cfg.trust_policy) if cfg.trust_policy else None,
                    cache_max=self.config.cache_max,
-                   lazy_pages=cfg.lazy_pages, **placed)
+                   lazy_pages=cfg.lazy_pages, lazy_images=cfg.lazy_images, **placed)
 
     def _prefetch(self, cfg: ServerConfig, digest: str) -> None:
         from ...runtime.erofs import can_mount
