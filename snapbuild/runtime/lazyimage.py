@@ -12,7 +12,8 @@ How, for one image (:class:`LazyImage`)::
    as for an image written out whole (erofs.image_problem).
 2. A child process (:mod:`.lazyfs`) serves the partial file through FUSE; a read of a
    chunk not there yet asks this process for it and waits. Asked chunks jump the queue;
-   the others are fetched behind them, in order, on a few threads.
+   the others are fetched behind them, in order, on a few threads, from the moment the
+   restore has written out what it cannot start without (:func:`fetch_the_rest`).
 3. The image is mounted from a read-only loop device over that FUSE file.
 4. Once every chunk is in place (:func:`finish`, which a restore calls before it
    returns, so the command still returns with everything on the node), the partial file
@@ -102,6 +103,7 @@ class LazyImage:
         self._queue: list[tuple[int, int, int]] = []
         self._taken: set[int] = set()
         self._stopping = False
+        self._rest_queued = False
         self._lock_fd = self._fd = self._loop_fd = -1
         self.proc: subprocess.Popen | None = None
         self.loop: str | None = None
@@ -142,10 +144,6 @@ class LazyImage:
         except BaseException:
             self._teardown(unmount_folder=True)
             raise
-        with self._cond:
-            for i, ok in enumerate(self.present):
-                if not ok:
-                    heapq.heappush(self._queue, (1, i, i))
         for n in range(ASK_WORKERS + FETCH_WORKERS):
             asks = n < ASK_WORKERS
             threading.Thread(target=self._work, args=(asks,), daemon=True,
@@ -187,6 +185,19 @@ class LazyImage:
         threading.Thread(target=self._listen, name="lazy-image-asks", daemon=True).start()
 
     # --- fetching --------------------------------------------------------------------
+
+    def fetch_the_rest(self) -> None:
+        """Queue every chunk not there yet behind the asked ones (once). Until then only
+        what reads ask for is fetched, leaving the node's CPUs and network to what the
+        restore cannot start without (the checkpoint's images, the other trees)."""
+        with self._cond:
+            if self._rest_queued:
+                return
+            self._rest_queued = True
+            for i, ok in enumerate(self.present):
+                if not ok:
+                    heapq.heappush(self._queue, (1, i, i))
+            self._cond.notify_all()
 
     def _listen(self) -> None:
         """The FUSE process's asks: chunks a read waits for go to the front of the queue."""
@@ -255,6 +266,7 @@ class LazyImage:
     def finish(self, timeout: float) -> None:
         """Wait for every chunk, then put the image file in place under the mount and
         stop serving it (see the module). Raises when a chunk could not be fetched."""
+        self.fetch_the_rest()
         if not self.done.wait(timeout):
             self.error = self.error or SnapbuildError(
                 f"tree image {self.path.name} was not complete after {timeout:g} s",
@@ -349,6 +361,13 @@ def complete(folder: Path) -> bool:
     finally:
         os.close(fd)
     return layout.image_file(folder).exists()
+
+
+def fetch_the_rest(blobs) -> None:
+    """Start fetching all of every image mounted through ``blobs``, not only what reads
+    ask for (a restore calls it once what it waits for is written out)."""
+    for image in list(getattr(blobs, "lazy_started", ())):
+        image.fetch_the_rest()
 
 
 def finish(blobs) -> dict | None:

@@ -205,7 +205,7 @@ class FirstAnswer:
                 infer(self.port, timeout=5)
                 self.at = time.monotonic() - self.t0
                 return
-            except OSError:
+            except Exception:  # refused, reset, or a forwarder that closed before the server was up
                 time.sleep(0.01)
 
     def stop(self) -> float | None:
