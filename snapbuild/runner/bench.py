@@ -38,7 +38,8 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
-def _once(ref: str, mode: str, store: Store, registry: str | None, spec: ServerSpec) -> tuple[float, dict, str]:
+def _once(ref: str, mode: str, store: Store, registry: str | None, spec: ServerSpec,
+          before_stop=lambda: None) -> tuple[float, dict, str]:
     out = run(ref, registry=registry, mode=mode, store=store)
     # A container is reached through its published host port, a host process directly.
     base = f"http://{out['address']}" if out.get("address") else probes.base_url(spec.ready)
@@ -48,6 +49,7 @@ def _once(ref: str, mode: str, store: Store, registry: str | None, spec: ServerS
     except probes.ProbeFailed as e:
         answer = f"no answer: {e}"
     finally:
+        before_stop()
         stop(out.get("container") or out["pid"])
     host, _, port = (out.get("address") or "").rpartition(":")
     addr = (host, int(port)) if port else probes.address(spec.ready)

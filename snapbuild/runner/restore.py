@@ -345,7 +345,6 @@ def _restore_tree(runtime: Runtime, store: Store, timings: dict, lazy_pages: boo
         checkpoint = beside.submit(ensure_tree, store.blobs, runtime.images_tree, images_root(spec.run_root))
         run_dir, _env, _mounted = server.prepare(spec, store.blobs)  # mounts stay for the server
     ckpt, _ = checkpoint.result()
-    lazyimage.fetch_the_rest(store.blobs)  # images fetched as read: the rest, now that nothing else is
     server_log_path = run_dir / server.LOG_NAME
     server_log_path.touch()  # CRIU reopens the server's log by path
     images = ckpt / "images"
@@ -557,7 +556,6 @@ def _restore_container(runtime: Runtime, store: Store, timings: dict, host_port:
     except BaseException:
         container.destroy(inst)
         raise
-    lazyimage.fetch_the_rest(store.blobs)  # images fetched as read: the rest, now that nothing else is
     work = Path(tempfile.mkdtemp(prefix="snapbuild-restore-"))
     try:
         timings["materialize_s"] = round(time.monotonic() - t, 4)

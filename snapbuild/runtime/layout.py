@@ -10,7 +10,10 @@ path under the run root and the image cache, in one place.
     +-- trees/<hex>.partial/       a tree being written out (never used; redone)
     +-- trees/<hex>.users          the users of a tree mounted from its image (read-only)
     +-- tree-images/<hex>.erofs    the image file of a tree or layer mounted from it
+    +-- tree-images/<hex>.erofs.partial  an image being written, or fetched as it is read
+    +-- lazy/<hex>/                the FUSE mount serving an image fetched as it is read
     +-- locks/tree-<hex>.lock      held while tree <hex> is written, mounted or released
+    +-- locks/lazy-<hex>.lock      held while the image of <hex> is fetched as it is read
     +-- layers/<hex>/              a container image layer, unpacked or mounted (root only)
     +-- layers/<hex>.snapbuild-layer-complete-v2   ... complete; lists its users
     +-- layers/<hex>.partial/      a layer being unpacked

@@ -12,11 +12,13 @@ How, for one image (:class:`LazyImage`)::
    as for an image written out whole (erofs.image_problem).
 2. A child process (:mod:`.lazyfs`) serves the partial file through FUSE; a read of a
    chunk not there yet asks this process for it and waits. Asked chunks jump the queue;
-   the others are fetched behind them, in order, on a few threads, from the moment the
-   restore has written out what it cannot start without (:func:`fetch_the_rest`).
+   the others are fetched behind them, in order, on a few threads, once the server is
+   up (:func:`finish`): until then the node's CPUs and network go to what the restore
+   waits for.
 3. The image is mounted from a read-only loop device over that FUSE file.
-4. Once every chunk is in place (:func:`finish`, which a restore calls before it
-   returns, so the command still returns with everything on the node), the partial file
+4. Once every chunk is in place (:func:`finish`, which a restore calls once the server
+   is up, and which returns when the image is complete: the command still returns with
+   everything on the node), the partial file
    is renamed to the image file, the loop device is switched to it (``LOOP_CHANGE_FD``,
    which the kernel allows for a read-only loop device and a file of the same size),
    and the FUSE mount and its process go away. From then on the mount is exactly
@@ -189,7 +191,7 @@ class LazyImage:
     def fetch_the_rest(self) -> None:
         """Queue every chunk not there yet behind the asked ones (once). Until then only
         what reads ask for is fetched, leaving the node's CPUs and network to what the
-        restore cannot start without (the checkpoint's images, the other trees)."""
+        restore waits for (the checkpoint's images, the other trees, the server's start)."""
         with self._cond:
             if self._rest_queued:
                 return
@@ -274,6 +276,7 @@ class LazyImage:
         try:
             if self.error is not None:
                 raise self.error
+            os.fchmod(self._fd, 0o444)  # as an image written out whole
             os.fsync(self._fd)
             os.rename(self.partial, self.path)
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -361,13 +364,6 @@ def complete(folder: Path) -> bool:
     finally:
         os.close(fd)
     return layout.image_file(folder).exists()
-
-
-def fetch_the_rest(blobs) -> None:
-    """Start fetching all of every image mounted through ``blobs``, not only what reads
-    ask for (a restore calls it once what it waits for is written out)."""
-    for image in list(getattr(blobs, "lazy_started", ())):
-        image.fetch_the_rest()
 
 
 def finish(blobs) -> dict | None:

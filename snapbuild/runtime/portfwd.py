@@ -55,11 +55,32 @@ def pipe(src: socket.socket, dst: socket.socket) -> None:
                 pass
 
 
+#: How long one connection attempt to the server waits for its answer, and how long
+#: the attempts go on. While CRIU restores a container it drops the namespace's packets
+#: (its network lock), and a dropped SYN is sent again only after a second: a client
+#: that connects during a restore would wait that second after the server is back.
+CONNECT_TRY_S = 0.05
+CONNECT_FOR_S = 10.0
+
+
+def connect(address: tuple[str, int]) -> socket.socket:
+    """A connection to ``address``, tried again every ``CONNECT_TRY_S`` while attempts
+    go unanswered (up to ``CONNECT_FOR_S``); a refusal is final at once."""
+    deadline = time.monotonic() + CONNECT_FOR_S
+    while True:
+        try:
+            upstream = socket.create_connection(address, timeout=CONNECT_TRY_S)
+            upstream.settimeout(None)
+            return upstream
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                raise
+
+
 def forward(client: socket.socket, address: tuple[str, int]) -> None:
     """Connect to ``address`` and copy both ways until both sides are done."""
     try:
-        upstream = socket.create_connection(address, timeout=10)
-        upstream.settimeout(None)
+        upstream = connect(address)
     except OSError:
         client.close()  # the server is not (yet) listening: the client sees a reset, like a refused port
         return
