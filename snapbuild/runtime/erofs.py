@@ -238,9 +238,9 @@ def mount_tree(blobs, image_tree: str, dest: Path) -> None:
         entry = _image_entry(blobs, image_tree)
         if lazyimage.worth(blobs, entry):
             try:
-                lazyimage.mount(blobs, entry, path, dest)
+                lazyimage.mount(blobs, entry, path, dest, image_problem)
                 return
-            except ImageUnusable as e:
+            except lazyimage.Unavailable as e:
                 log.warning("tree image %s not fetched as it is read (%s); writing it out first", path.name,
                             e.message)
         write_image(blobs, image_tree, path)

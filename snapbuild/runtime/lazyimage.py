@@ -9,7 +9,7 @@ How, for one image (:class:`LazyImage`)::
     lazyfs (FUSE, a child process) ─► lazy/<hex>/tree.erofs ─► loop device (read-only) ─► EROFS at the folder
 
 1. The first chunk (the superblock) is fetched and checked before anything is mounted,
-   as for an image written out whole (erofs.image_problem).
+   as for an image written out whole (``check``: erofs.image_problem).
 2. A child process (:mod:`.lazyfs`) serves the partial file through FUSE; a read of a
    chunk not there yet asks this process for it and waits. Asked chunks jump the queue;
    the others are fetched behind them, in order, on a few threads, once the server is
@@ -55,6 +55,11 @@ from . import layout
 log = logging.getLogger(__name__)
 
 LOOP_CHANGE_FD = 0x4C06
+
+
+class Unavailable(SnapbuildError):
+    """This node cannot serve an image as it is read (no FUSE, no loop device, a mount
+    that failed): write it out whole instead."""
 # Threads per image: some only for the chunks a read waits for, so that one never
 # queues behind the fetches of the rest; the others take those first, then the rest.
 ASK_WORKERS = 2
@@ -88,8 +93,8 @@ _pending_lock = threading.Lock()
 class LazyImage:
     """One tree image mounted at ``folder`` while its bytes are fetched (see the module)."""
 
-    def __init__(self, blobs, entry: dict, path: Path, folder: Path) -> None:
-        self.blobs, self.entry, self.path, self.folder = blobs, entry, path, folder
+    def __init__(self, blobs, entry: dict, path: Path, folder: Path, check) -> None:
+        self.blobs, self.entry, self.path, self.folder, self.check = blobs, entry, path, folder, check
         self.partial = path.with_name(path.name + ".partial")
         self.mnt = layout.lazy_mount_dir(folder)
         self.refs = entry["chunks"]
@@ -114,8 +119,6 @@ class LazyImage:
     # --- starting --------------------------------------------------------------------
 
     def start(self) -> None:
-        from .erofs import SUPERBLOCK_OFFSET, ImageUnusable, image_problem
-
         layout.secure_dir(self.path.parent)
         lock = layout.lazy_lock(self.folder)
         lock.parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +131,7 @@ class LazyImage:
             os.ftruncate(self._fd, self.starts[-1])
             self._fetch(0)  # the superblock, checked before the kernel sees any of it
             self.left -= 1
-            why = image_problem(os.pread(self._fd, SUPERBLOCK_OFFSET + 128, 0), self.starts[-1])
+            why = self.check(os.pread(self._fd, self.refs[0]["size"], 0), self.starts[-1])
             if why:
                 raise IntegrityError(f"tree image {self.folder.name} is not an EROFS image: {why}; refusing to "
                                      "mount it", hint="the registry holds a corrupt or hostile snapshot; do not use it")
@@ -137,9 +140,9 @@ class LazyImage:
             self._loop_fd = os.open(self.loop, os.O_RDONLY | os.O_CLOEXEC)
             self.folder.mkdir(parents=True, exist_ok=True)
             r = tools.run(["mount", "-t", "erofs", "-o", "ro,nosuid,nodev", self.loop, str(self.folder)],
-                          what=f"mount of the tree image {self.path.name}", error=ImageUnusable)
+                          what=f"mount of the tree image {self.path.name}", error=Unavailable)
             if r.returncode != 0:
-                raise ImageUnusable(f"cannot mount the tree image {self.path.name} from {self.loop}: "
+                raise Unavailable(f"cannot mount the tree image {self.path.name} from {self.loop}: "
                                     f"{r.stderr.strip()}")
             # the mount holds the loop device now: detaching marks it to go with the mount
             tools.run(["losetup", "-d", self.loop], what=f"losetup -d {self.loop}")
@@ -158,8 +161,6 @@ class LazyImage:
 
     def _serve(self) -> None:
         """Start the FUSE process and wait for its mount."""
-        from .erofs import ImageUnusable
-
         if os.path.ismount(self.mnt):  # left by a runner killed mid-fetch
             tools.run(["umount", "-l", str(self.mnt)], what=f"unmount of {self.mnt}")
         self.mnt.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -170,7 +171,7 @@ class LazyImage:
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
                 process_group=0)
         except OSError as e:
-            raise ImageUnusable(f"cannot start the file system that serves a tree image: {e}") from None
+            raise Unavailable(f"cannot start the file system that serves a tree image: {e}") from None
         finally:
             err.close()
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -181,7 +182,7 @@ class LazyImage:
         if ready != "ready":
             self.proc.wait()
             tail = self.mnt.with_name(self.mnt.name + ".log").read_text(errors="replace").strip()[-500:]
-            raise ImageUnusable(f"the FUSE file system for a tree image did not start (exit {self.proc.returncode}"
+            raise Unavailable(f"the FUSE file system for a tree image did not start (exit {self.proc.returncode}"
                                 f"): {tail or 'no output'}",
                                 hint="it needs /dev/fuse, libfuse3 (apt-get install fuse3) and mfusepy")
         threading.Thread(target=self._listen, name="lazy-image-asks", daemon=True).start()
@@ -331,19 +332,19 @@ class LazyImage:
 
 
 def _losetup(file: Path) -> str:
-    from .erofs import ImageUnusable
-
     r = tools.run(["losetup", "--find", "--show", "--read-only", str(file)], what=f"losetup of {file}",
-                  error=ImageUnusable)
+                  error=Unavailable)
     if r.returncode != 0 or not r.stdout.strip().startswith("/dev/"):
-        raise ImageUnusable(f"no loop device for the tree image {file}: {r.stderr.strip() or r.stdout.strip()}")
+        raise Unavailable(f"no loop device for the tree image {file}: {r.stderr.strip() or r.stdout.strip()}")
     return r.stdout.strip()
 
 
-def mount(blobs, entry: dict, path: Path, folder: Path) -> None:
+def mount(blobs, entry: dict, path: Path, folder: Path, check) -> None:
     """Mount the image file ``entry`` (to be kept at ``path``) at ``folder`` before its
-    bytes are all here; :func:`finish_all` completes it."""
-    LazyImage(blobs, entry, path, folder).start()
+    bytes are all here; :func:`finish` completes it. ``check(head, size)`` says why the
+    file whose first chunk is ``head`` is no image it may mount (None: it is).
+    Raises :class:`Unavailable` where this node cannot do it."""
+    LazyImage(blobs, entry, path, folder, check).start()
 
 
 def complete(folder: Path) -> bool:
