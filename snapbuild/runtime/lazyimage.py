@@ -42,6 +42,7 @@ import heapq
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -111,6 +112,7 @@ class LazyImage:
         self._taken: set[int] = set()
         self._stopping = False
         self._rest_queued = False
+        self._workers: list[threading.Thread] = []
         self._lock_fd = self._fd = self._loop_fd = -1
         self.proc: subprocess.Popen | None = None
         self.loop: str | None = None
@@ -143,7 +145,7 @@ class LazyImage:
                           what=f"mount of the tree image {self.path.name}", error=Unavailable)
             if r.returncode != 0:
                 raise Unavailable(f"cannot mount the tree image {self.path.name} from {self.loop}: "
-                                    f"{r.stderr.strip()}")
+                                  f"{r.stderr.strip()}")
             # the mount holds the loop device now: detaching marks it to go with the mount
             tools.run(["losetup", "-d", self.loop], what=f"losetup -d {self.loop}")
         except BaseException:
@@ -151,8 +153,10 @@ class LazyImage:
             raise
         for n in range(ASK_WORKERS + FETCH_WORKERS):
             asks = n < ASK_WORKERS
-            threading.Thread(target=self._work, args=(asks,), daemon=True,
-                             name=f"lazy-image-{'ask' if asks else 'fetch'}-{n}").start()
+            t = threading.Thread(target=self._work, args=(asks,), daemon=True,
+                                 name=f"lazy-image-{'ask' if asks else 'fetch'}-{n}")
+            t.start()
+            self._workers.append(t)
         if self.left == 0:
             self.done.set()
         with _pending_lock:
@@ -175,16 +179,22 @@ class LazyImage:
         finally:
             err.close()
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"sizes": [r["size"] for r in self.refs],
-                                          "present": [i for i, ok in enumerate(self.present) if ok]}) + "\n")
-        self.proc.stdin.flush()
-        ready = self.proc.stdout.readline().strip()  # "ready", or nothing when it died
-        if ready != "ready":
+        try:
+            self.proc.stdin.write(json.dumps({"sizes": [r["size"] for r in self.refs],
+                                              "present": [i for i, ok in enumerate(self.present) if ok]}) + "\n")
+            self.proc.stdin.flush()
+            # "ready", or nothing when it died; within the time a mount may take
+            said = select.select([self.proc.stdout], [], [], tools.limit("mount"))[0]
+            started = bool(said) and self.proc.stdout.readline().strip() == "ready"
+        except OSError:  # it died before it read what to serve
+            started = False
+        if not started:
+            self.proc.kill()
             self.proc.wait()
             tail = self.mnt.with_name(self.mnt.name + ".log").read_text(errors="replace").strip()[-500:]
             raise Unavailable(f"the FUSE file system for a tree image did not start (exit {self.proc.returncode}"
-                                f"): {tail or 'no output'}",
-                                hint="it needs /dev/fuse, libfuse3 (apt-get install fuse3) and mfusepy")
+                              f"): {tail or 'no output'}",
+                              hint="it needs /dev/fuse, libfuse3 (apt-get install fuse3) and mfusepy")
         threading.Thread(target=self._listen, name="lazy-image-asks", daemon=True).start()
 
     # --- fetching --------------------------------------------------------------------
@@ -299,6 +309,11 @@ class LazyImage:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        # A fetch under way ends first: it writes to the partial file's descriptor,
+        # whose number another file could take once it is closed.
+        for t in self._workers:
+            t.join(timeout=tools.limit("lazy-image"))
+        busy = any(t.is_alive() for t in self._workers)
         if unmount_folder and os.path.ismount(self.folder):
             tools.run(["umount", "-l", str(self.folder)], what=f"unmount of {self.folder}")
         if self.proc is not None:
@@ -314,7 +329,7 @@ class LazyImage:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for fd in (self._loop_fd, self._fd):
+        for fd in (self._loop_fd, self._fd if not busy else -1):  # (a fetch that hangs keeps its file)
             if fd >= 0:
                 os.close(fd)
         self._loop_fd = self._fd = -1

@@ -171,6 +171,22 @@ def test_a_chunk_that_cannot_be_fetched_fails_its_reads_and_leaves_nothing_half_
         erofs.take_down(folder)
 
 
+def test_a_node_whose_fuse_cannot_start_writes_the_image_out_whole(image, tmp_path, monkeypatch, caplog):
+    src, source, digest = image
+    gate = Registry(source)
+    direct, folder = node(tmp_path, source, gate, digest)
+    monkeypatch.setattr(lazyimage.sys, "executable", "/bin/false")  # the FUSE process dies at once
+    erofs.mount_tree(direct, digest, folder)
+    try:
+        assert "not fetched as it is read" in caplog.text and "did not start" in caplog.text
+        assert layout.image_file(folder).is_file() and not direct.lazy_started
+        assert loop_backing(folder) == str(layout.image_file(folder))
+        assert (folder / "z.bin").read_bytes() == (src / "z.bin").read_bytes()
+        assert not os.path.ismount(layout.lazy_mount_dir(folder))
+    finally:
+        erofs.take_down(folder)
+
+
 def test_a_hostile_image_is_refused_before_the_kernel_sees_it(image, tmp_path):
     _, source, _ = image
     blobs = BlobStore(tmp_path / "hostile")
