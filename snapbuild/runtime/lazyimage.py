@@ -149,7 +149,9 @@ class LazyImage:
             # the mount holds the loop device now: detaching marks it to go with the mount
             tools.run(["losetup", "-d", self.loop], what=f"losetup -d {self.loop}")
         except BaseException:
-            self._teardown(unmount_folder=True)
+            self._teardown(failed=True)
+            if os.path.ismount(self.folder):  # nothing records it yet: it goes
+                tools.run(["umount", "-l", str(self.folder)], what=f"unmount of {self.folder}")
             raise
         for n in range(ASK_WORKERS + FETCH_WORKERS):
             asks = n < ASK_WORKERS
@@ -284,9 +286,12 @@ class LazyImage:
             self.error = self.error or SnapbuildError(
                 f"tree image {self.path.name} was not complete after {timeout:g} s",
                 hint=f"set {tools.env_key('lazy-image')} (seconds) to allow it longer")
+        if self.error is not None:
+            self._teardown(failed=True)
+            e = self.error
+            raise e if isinstance(e, SnapbuildError) else SnapbuildError(
+                f"a chunk of the tree image {self.path.name} could not be fetched: {e}") from None
         try:
-            if self.error is not None:
-                raise self.error
             os.fchmod(self._fd, 0o444)  # as an image written out whole
             os.fsync(self._fd)
             os.rename(self.partial, self.path)
@@ -295,17 +300,18 @@ class LazyImage:
                 fcntl.ioctl(self._loop_fd, LOOP_CHANGE_FD, fd)
             finally:
                 os.close(fd)
-        except SnapbuildError:
-            self._teardown(unmount_folder=True)
-            raise
         except OSError as e:
-            self._teardown(unmount_folder=True)
+            self.path.unlink(missing_ok=True)  # the mount still reads through FUSE: not complete
+            self._teardown(failed=True)
             raise SnapbuildError(f"cannot put the tree image {self.path.name} in place: {e}") from None
-        self._teardown(unmount_folder=False)
+        self._teardown(failed=False)
 
-    def _teardown(self, unmount_folder: bool) -> None:
-        """Stop the threads and the FUSE process, unmount its file system and, with
-        ``unmount_folder`` (a failed fetch), the image's mount too."""
+    def _teardown(self, failed: bool) -> None:
+        """Stop the threads and the FUSE process and unmount its file system; when the
+        image ``failed`` to arrive, its partial file goes too. The image's own mount
+        stays: once failed, it reads nothing, and with no image file and nobody holding
+        the lock it counts as absent (:func:`complete`), so the next restore makes it
+        again (the server that used it is stopped by the restore that failed)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -314,8 +320,6 @@ class LazyImage:
         for t in self._workers:
             t.join(timeout=tools.limit("lazy-image"))
         busy = any(t.is_alive() for t in self._workers)
-        if unmount_folder and os.path.ismount(self.folder):
-            tools.run(["umount", "-l", str(self.folder)], what=f"unmount of {self.folder}")
         if self.proc is not None:
             if os.path.ismount(self.mnt):
                 tools.run(["umount", "-l", str(self.mnt)], what=f"unmount of {self.mnt}")
@@ -333,8 +337,10 @@ class LazyImage:
             if fd >= 0:
                 os.close(fd)
         self._loop_fd = self._fd = -1
-        if self.error is not None or unmount_folder:
+        if failed:
             self.partial.unlink(missing_ok=True)
+        else:  # the FUSE process's log says something only when it failed
+            self.mnt.with_name(self.mnt.name + ".log").unlink(missing_ok=True)
         try:
             self.mnt.rmdir()
         except OSError:
@@ -405,10 +411,8 @@ def finish(blobs) -> dict | None:
 
 def abort(blobs) -> None:
     """Stop fetching the images mounted through ``blobs`` (a restore that failed): their
-    mounts go, and a later restore makes them again."""
+    mounts count as absent from then on, and a later restore makes them again."""
     for image in list(getattr(blobs, "lazy_started", ())):
-        with image._cond:
-            image.error = image.error or SnapbuildError("the restore stopped")
-        image._teardown(unmount_folder=True)
+        image._teardown(failed=True)
     if hasattr(blobs, "lazy_started"):
         blobs.lazy_started.clear()

@@ -148,27 +148,28 @@ def test_a_chunk_that_cannot_be_fetched_fails_its_reads_and_leaves_nothing_half_
     src, source, digest = image
     gate = Registry(source)
     direct, folder = node(tmp_path, source, gate, digest)
+    root = folder.parent.parent
     refs = load_tree(source, digest)["entries"][0]["chunks"]
     gate.fail.add(refs[-1]["digest"])  # the last chunk: the registry breaks
-    erofs.mount_tree(direct, digest, folder)
+    assert ensure_tree(direct, digest, root, image=digest) == (folder, True)
     with pytest.raises(OSError) as e:  # an error, never bytes that are not the file's
         (folder / "z.bin").read_bytes()
     assert e.value.errno == errno.EIO
     with pytest.raises(SnapbuildError, match="connection reset by peer"):
         lazyimage.finish(direct)
     image_file = layout.image_file(folder)
-    assert not os.path.ismount(folder), "a mount whose image cannot come is taken away"
     assert not image_file.exists() and not image_file.with_name(image_file.name + ".partial").exists()
-    assert not os.path.ismount(layout.lazy_mount_dir(folder))
-    assert not _lazyfs_processes()
-    # The next try, with the registry back, completes.
+    assert not lazyimage.complete(folder), "the mount left behind counts as absent"
+    assert not os.path.ismount(layout.lazy_mount_dir(folder)) and not _lazyfs_processes()
+    # The next try, with the registry back, makes it again and completes.
     gate.fail.clear()
-    erofs.mount_tree(direct, digest, folder)
+    assert ensure_tree(direct, digest, root, image=digest) == (folder, True)
     try:
         assert lazyimage.finish(direct)["images"] == 1
         assert (folder / "z.bin").read_bytes() == (src / "z.bin").read_bytes()
+        assert ensure_tree(direct, digest, root, image=digest) == (folder, False)
     finally:
-        erofs.take_down(folder)
+        discard(folder)
 
 
 def test_a_node_whose_fuse_cannot_start_writes_the_image_out_whole(image, tmp_path, monkeypatch, caplog):
