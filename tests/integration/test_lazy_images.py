@@ -377,3 +377,34 @@ def test_a_restore_killed_at_any_moment_completes_when_run_again(published, tmp_
             stop(out["pid"])
         discard(lib_dir)  # the node empty again (its store keeps what it fetched)
         assert not lib_dir.exists()
+
+
+def test_a_layer_whose_image_failed_to_arrive_is_mounted_again_not_taken_as_unpacked(image, tmp_path):
+    """A container layer mounted from an image fetched as read: when a chunk fails, the
+    layer's marker stays, and the next use must mount the image again rather than take
+    the folder for a layer unpacked there (empty, or reading nothing)."""
+    from snapbuild.rootfs import cached_layer, forget_layer
+
+    src, source, digest = image
+    gate = Registry(source)
+    direct, _ = node(tmp_path, source, gate, digest)
+    cache = tmp_path / "run" / "layers"
+    refs = load_tree(source, digest)["entries"][0]["chunks"]
+    gate.fail.add(refs[-1]["digest"])
+
+    def mount_image(dest):
+        erofs.mount_tree(direct, digest, dest)
+
+    def never_unpacked():
+        raise AssertionError("a layer with an image is mounted, never unpacked")
+
+    layer = cached_layer(digest, never_unpacked, cache, user="node", mount_image=mount_image)
+    with pytest.raises(SnapbuildError):
+        lazyimage.finish(direct)
+    gate.fail.clear()
+    again = cached_layer(digest, never_unpacked, cache, user="node", mount_image=mount_image)
+    try:
+        assert again == layer and lazyimage.finish(direct)["images"] == 1, "mounted again"
+        assert (again / "z.bin").read_bytes() == (src / "z.bin").read_bytes()
+    finally:
+        forget_layer(again)
