@@ -346,8 +346,8 @@ def test_the_runner_cli_takes_lazy_images_and_says_what_it_did(published, tmp_pa
 def test_a_restore_killed_at_any_moment_completes_when_run_again(published, tmp_path):
     """SIGKILL a node's restore while it fetches, mounts, restores or completes an image
     fetched as read; the next restore completes, with the image whole under its mount."""
-    from snapbuild.runner.restore import stop
-    from testkit import post
+    from test_tree_images import restore_after_kill
+    from testkit import kill_counter_restore
 
     url, port, weights, lib_dir = published
     env = {**os.environ, "SNAPBUILD_HOME": str(tmp_path / "node"), "SNAPBUILD_TREE_IMAGES": "always",
@@ -356,27 +356,13 @@ def test_a_restore_killed_at_any_moment_completes_when_run_again(published, tmp_
            "--json"]
     rng = random.Random(11)
     for delay in sorted(rng.uniform(0.1, 2.0) for _ in range(3)):
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        time.sleep(delay)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        subprocess.run(["pkill", "-9", "-f", f"counter_server.py --port {port}"])  # if it got that far
+        kill_counter_restore(cmd, env, delay, port)
         deadline = time.monotonic() + 10
         while _lazyfs_processes() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _lazyfs_processes(), delay
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, (delay, done.stdout, done.stderr)
-        out = json.loads(done.stdout)
-        try:
-            assert out["mode"] == "restore", (delay, out)
-            assert post(port, "/count")["digest"] == hashlib.sha256(weights).hexdigest()
-            assert erofs.is_image_mount(lib_dir) and loop_backing(lib_dir) == str(layout.image_file(lib_dir))
-        finally:
-            stop(out["pid"])
-        discard(lib_dir)  # the node empty again (its store keeps what it fetched)
-        assert not lib_dir.exists()
+        restore_after_kill(cmd, env, port, weights, lib_dir, delay,
+                           check=lambda: loop_backing(lib_dir) == str(layout.image_file(lib_dir)))
 
 
 def test_a_layer_whose_image_failed_to_arrive_is_mounted_again_not_taken_as_unpacked(image, tmp_path):

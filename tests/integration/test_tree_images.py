@@ -28,7 +28,7 @@ from snapbuild.store import Store
 from snapbuild.store.snapshot import image_selection
 from snapbuild.store.tree import load_tree, tree_blobs
 
-from testkit import COUNTER, free_port, post, weights_counter_recipe
+from testkit import COUNTER, free_port, kill_counter_restore, post, weights_counter_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -364,7 +364,6 @@ def test_a_restore_killed_at_any_moment_completes_when_run_again(lib_snapshot, s
     """SIGKILL a node's restore while it fetches, writes the image out or mounts it;
     the next restore completes, from what the first one left."""
     import random
-    import signal
     import time
 
     port, weights, res = lib_snapshot
@@ -375,24 +374,27 @@ def test_a_restore_killed_at_any_moment_completes_when_run_again(lib_snapshot, s
            "--registry", f"file://{store.home / 'registry'}", "--json"]
     rng = random.Random(6)
     for delay in sorted(rng.uniform(0.05, 1.5) for _ in range(4)):
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        time.sleep(delay)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        subprocess.run(["pkill", "-9", "-f", f"counter_server.py --port {port}"])  # if it got that far
+        kill_counter_restore(cmd, env, delay, port)
         time.sleep(0.2)
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, (delay, done.stdout, done.stderr)
-        out = json.loads(done.stdout)
-        try:
-            assert out["mode"] == "restore", (delay, out)
-            assert post(port, "/count")["digest"] == hashlib.sha256(weights).hexdigest()
-            assert erofs.is_image_mount(lib_dir)
-        finally:
-            stop(out["pid"])
-        discard(lib_dir)  # the node empty again (its store keeps what it fetched)
-        assert not lib_dir.exists()
+        restore_after_kill(cmd, env, port, weights, lib_dir, delay)
+
+
+def restore_after_kill(cmd: list[str], env: dict, port: int, weights: bytes, lib_dir: Path, delay: float,
+                       check=lambda: True) -> None:
+    """Run the restore ``cmd`` after one was killed ``delay`` seconds in: it restores,
+    the server answers with the weights' digest, the tree is mounted from its image (and
+    ``check()`` holds); then the node is emptied again (its store keeps what it fetched)."""
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (delay, done.stdout, done.stderr)
+    out = json.loads(done.stdout)
+    try:
+        assert out["mode"] == "restore", (delay, out)
+        assert post(port, "/count")["digest"] == hashlib.sha256(weights).hexdigest()
+        assert erofs.is_image_mount(lib_dir) and check(), delay
+    finally:
+        stop(out["pid"])
+    discard(lib_dir)
+    assert not lib_dir.exists()
 
 
 def test_a_tree_whose_mount_went_with_a_reboot_is_mounted_again(lib_snapshot, store, tmp_path):

@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -67,3 +70,14 @@ def weights_counter_recipe(recipe, port: int, *, name: str, data: str, mount: Pa
     content = os.urandom(size)
     (path.parent / data / "w.bin").write_bytes(content)
     return path, content
+
+
+def kill_counter_restore(cmd: list[str], env: dict, delay: float, port: int) -> None:
+    """Run a restore command of a counter server snapshot, SIGKILL it (its whole process
+    group) after ``delay`` seconds, and kill the server too if it got that far."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    time.sleep(delay)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    subprocess.run(["pkill", "-9", "-f", f"counter_server.py --port {port}"])

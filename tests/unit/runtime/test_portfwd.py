@@ -42,12 +42,23 @@ def attempts(monkeypatch):
     return made
 
 
-def test_an_unanswered_attempt_is_tried_again_until_the_server_answers(attempts):
+@pytest.fixture
+def unanswered():
+    """The address of a listener whose accept queue is full: the kernel drops SYNs to
+    it, as CRIU's network lock does; and the listener, to accept what is queued."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(0)
+    queued = fill(server.getsockname())
+    yield server, queued
+    for s in queued:
+        s.close()
+    server.close()
+
+
+def test_an_unanswered_attempt_is_tried_again_until_the_server_answers(attempts, unanswered):
+    server, queued = unanswered
     address = server.getsockname()
-    queued = fill(address)
     attempts.clear()
     freed = threading.Timer(0.3, lambda: [server.accept()[0].close() for _ in queued])
     freed.start()
@@ -61,9 +72,6 @@ def test_an_unanswered_attempt_is_tried_again_until_the_server_answers(attempts)
         assert all(t == portfwd.CONNECT_TRY_S for _, t in attempts)
     finally:
         freed.join()
-        for s in queued:
-            s.close()
-        server.close()
 
 
 def test_a_refusal_is_final_at_once(attempts):
@@ -76,19 +84,10 @@ def test_a_refusal_is_final_at_once(attempts):
     assert len(attempts) == 1
 
 
-def test_attempts_stop_at_the_deadline(monkeypatch, attempts):
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    address = server.getsockname()
-    queued = fill(address)
+def test_attempts_stop_at_the_deadline(monkeypatch, attempts, unanswered):
+    server, _ = unanswered
     attempts.clear()
     monkeypatch.setattr(portfwd, "CONNECT_FOR_S", 0.2)
-    try:
-        with pytest.raises(TimeoutError):
-            portfwd.connect(address)
-        assert len(attempts) >= 2
-    finally:
-        for s in queued:
-            s.close()
-        server.close()
+    with pytest.raises(TimeoutError):
+        portfwd.connect(server.getsockname())
+    assert len(attempts) >= 2
