@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .. import tools
 from ..errors import IntegrityError, SnapbuildError, UsageError
-from . import layout
+from . import layout, lazyimage
 from .mountinfo import fs_type
 
 log = logging.getLogger(__name__)
@@ -231,8 +231,6 @@ def mount_tree(blobs, image_tree: str, dest: Path) -> None:
     mount it at the tree or layer folder ``dest``; or, where ``blobs`` asks for it and
     the image is not in the node's store, mount it at once and fetch it as it is read
     (:mod:`.lazyimage`; the restore completes it before it returns)."""
-    from . import lazyimage
-
     path = layout.image_file(dest)
     if not path.is_file():
         entry = _image_entry(blobs, image_tree)
