@@ -185,17 +185,8 @@ def take_down(folder: Path) -> None:
                                  hint="stop the servers that use it first")
         raise SnapbuildError(f"cannot unmount the image at {folder}: another file system is mounted there",
                              hint=f"unmount it (`umount {folder}`) if nothing needs it")
-    path = layout.image_file(folder)
-    path.unlink(missing_ok=True)
-    # what a fetch as it is read (runtime.lazyimage) cut short left behind
-    path.with_name(path.name + ".partial").unlink(missing_ok=True)
-    lazy = layout.lazy_mount_dir(folder)
-    if os.path.ismount(lazy):
-        tools.run(["umount", "-l", str(lazy)], what=f"unmount of {lazy}")
-    try:
-        lazy.rmdir()
-    except OSError:
-        pass
+    layout.image_file(folder).unlink(missing_ok=True)
+    lazyimage.clear(folder)  # what a fetch as it is read that was cut short left
 
 
 def _image_entry(blobs, image_tree: str) -> dict:
@@ -208,14 +199,15 @@ def _image_entry(blobs, image_tree: str) -> dict:
     return entries[0]
 
 
-def write_image(blobs, image_tree: str, dest: Path) -> None:
-    """Write the image file of the one-file tree ``image_tree`` to ``dest`` (verified,
-    complete before it appears under its name)."""
+def write_image(blobs, image_tree: str, dest: Path, entry: dict | None = None) -> None:
+    """Write the image file of the one-file tree ``image_tree`` (whose file ``entry``
+    the caller may have read already) to ``dest`` (verified, complete before it appears
+    under its name)."""
     from ..store.chunks import write_file
 
-    entry = _image_entry(blobs, image_tree)
+    entry = entry or _image_entry(blobs, image_tree)
     layout.secure_dir(dest.parent)  # trusted once written: nobody else may write there
-    tmp = dest.with_name(dest.name + ".partial")
+    tmp = layout.image_partial(dest)
     write_file(blobs, entry, tmp, mode=0o444)
     with open(tmp, "rb") as f:
         why = image_problem(f.read(SUPERBLOCK_OFFSET + 128), os.fstat(f.fileno()).st_size)
@@ -241,7 +233,7 @@ def mount_tree(blobs, image_tree: str, dest: Path) -> None:
             except lazyimage.Unavailable as e:
                 log.warning("tree image %s not fetched as it is read (%s); writing it out first", path.name,
                             e.message)
-        write_image(blobs, image_tree, path)
+        write_image(blobs, image_tree, path, entry)
     try:
         mount(path, dest)
     except ImageUnusable:

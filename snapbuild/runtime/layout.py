@@ -122,10 +122,20 @@ def image_file(folder: Path) -> Path:
     return image_files(folder.parent.parent) / f"{folder.name}{IMAGE_SUFFIX}"
 
 
+def image_partial(image: Path) -> Path:
+    """An image file (:func:`image_file`) while it is written, or fetched as it is read."""
+    return image.with_name(image.name + ".partial")
+
+
 def lazy_mount_dir(folder: Path) -> Path:
     """Where the file system that serves a tree image being fetched as it is read
     (runtime.lazyimage) is mounted: ``<root>/lazy/<hex>``."""
     return folder.parent.parent / "lazy" / folder.name
+
+
+def lazy_log(folder: Path) -> Path:
+    """The log of the FUSE process serving the image of ``folder`` as it is read."""
+    return folder.parent.parent / "lazy" / f"{folder.name}.log"
 
 
 def lazy_lock(folder: Path) -> Path:

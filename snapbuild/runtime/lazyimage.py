@@ -96,7 +96,7 @@ class LazyImage:
 
     def __init__(self, blobs, entry: dict, path: Path, folder: Path, check) -> None:
         self.blobs, self.entry, self.path, self.folder, self.check = blobs, entry, path, folder, check
-        self.partial = path.with_name(path.name + ".partial")
+        self.partial = layout.image_partial(path)
         self.mnt = layout.lazy_mount_dir(folder)
         self.refs = entry["chunks"]
         self.starts = [0]
@@ -127,7 +127,7 @@ class LazyImage:
         self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
-            self.partial.unlink(missing_ok=True)
+            clear(self.folder)  # what a runner killed mid-fetch left
             self._fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                                0o400)
             os.ftruncate(self._fd, self.starts[-1])
@@ -167,10 +167,8 @@ class LazyImage:
 
     def _serve(self) -> None:
         """Start the FUSE process and wait for its mount."""
-        if os.path.ismount(self.mnt):  # left by a runner killed mid-fetch
-            tools.run(["umount", "-l", str(self.mnt)], what=f"unmount of {self.mnt}")
         self.mnt.mkdir(parents=True, exist_ok=True, mode=0o700)
-        err = open(self.mnt.with_name(self.mnt.name + ".log"), "wb")
+        err = open(layout.lazy_log(self.folder), "wb")
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "snapbuild.runtime.lazyfs", str(self.partial), str(self.mnt)],
@@ -193,7 +191,7 @@ class LazyImage:
         if not started:
             self.proc.kill()
             self.proc.wait()
-            tail = self.mnt.with_name(self.mnt.name + ".log").read_text(errors="replace").strip()[-500:]
+            tail = layout.lazy_log(self.folder).read_text(errors="replace").strip()[-500:]
             raise Unavailable(f"the FUSE file system for a tree image did not start (exit {self.proc.returncode}"
                               f"): {tail or 'no output'}",
                               hint="it needs /dev/fuse, libfuse3 (apt-get install fuse3) and mfusepy")
@@ -321,8 +319,7 @@ class LazyImage:
             t.join(timeout=tools.limit("lazy-image"))
         busy = any(t.is_alive() for t in self._workers)
         if self.proc is not None:
-            if os.path.ismount(self.mnt):
-                tools.run(["umount", "-l", str(self.mnt)], what=f"unmount of {self.mnt}")
+            _unmount_lazy(self.mnt)
             with self._say:
                 try:
                     self.proc.stdin.close()  # type: ignore[union-attr]
@@ -340,16 +337,34 @@ class LazyImage:
         if failed:
             self.partial.unlink(missing_ok=True)
         else:  # the FUSE process's log says something only when it failed
-            self.mnt.with_name(self.mnt.name + ".log").unlink(missing_ok=True)
-        try:
-            self.mnt.rmdir()
-        except OSError:
-            pass
+            layout.lazy_log(self.folder).unlink(missing_ok=True)
+        _rmdir(self.mnt)
         with _pending_lock:
             _pending.pop(str(self.folder), None)
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # and with it the lock
             self._lock_fd = -1
+
+
+def clear(folder: Path) -> None:
+    """Remove what a fetch as it is read of ``folder``'s image left behind when it was
+    cut short (its partial file, its FUSE mount); the image's own mount is the caller's."""
+    layout.image_partial(layout.image_file(folder)).unlink(missing_ok=True)
+    mnt = layout.lazy_mount_dir(folder)
+    _unmount_lazy(mnt)
+    _rmdir(mnt)
+
+
+def _unmount_lazy(mnt: Path) -> None:
+    if os.path.ismount(mnt):
+        tools.run(["umount", "-l", str(mnt)], what=f"unmount of {mnt}")
+
+
+def _rmdir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # gone already, or something is still in it
 
 
 def _losetup(file: Path) -> str:

@@ -117,7 +117,7 @@ def test_a_read_waits_only_for_its_own_chunk_and_the_image_ends_as_a_plain_mount
         assert done["images"] == 1 and done["chunks_asked"] >= 3, done
         assert set(gate.fetched) >= {r["digest"] for r in refs if "digest" in r}
         image_file = layout.image_file(folder)
-        assert image_file.is_file() and not image_file.with_name(image_file.name + ".partial").exists()
+        assert image_file.is_file() and not layout.image_partial(image_file).exists()
         assert image_file.read_bytes() == (src.parent / "tree.erofs").read_bytes()
         assert loop_backing(folder) == str(image_file), "the loop device reads the complete file now"
         lazy = layout.lazy_mount_dir(folder)
@@ -158,7 +158,7 @@ def test_a_chunk_that_cannot_be_fetched_fails_its_reads_and_leaves_nothing_half_
     with pytest.raises(SnapbuildError, match="connection reset by peer"):
         lazyimage.finish(direct)
     image_file = layout.image_file(folder)
-    assert not image_file.exists() and not image_file.with_name(image_file.name + ".partial").exists()
+    assert not image_file.exists() and not layout.image_partial(image_file).exists()
     assert not lazyimage.complete(folder), "the mount left behind counts as absent"
     assert not os.path.ismount(layout.lazy_mount_dir(folder)) and not _lazyfs_processes()
     # The next try, with the registry back, makes it again and completes.
