@@ -135,9 +135,29 @@ def escaped_holders(pids: list[int]) -> list[tuple[int, str]]:
     for p in all_pids() if sockets else []:
         if p not in inside:
             held = next((t for _, t in fds(p) if t in sockets), None)
-            if held:
+            if held and not _descends(p, inside):  # a child forked since ``pids`` was listed is no escape
                 out.append((p, held))
     return out
+
+
+def _descends(pid: int, ancestors: set[int]) -> bool:
+    """Whether one of ``pid``'s ancestors now is in ``ancestors``."""
+    seen = set()
+    while pid > 1 and pid not in seen:
+        seen.add(pid)
+        pid = _ppid(pid)
+        if pid in ancestors:
+            return True
+    return False
+
+
+def _ppid(pid: int) -> int:
+    """``pid``'s parent (0 for the kernel's), -1 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 def socket_name(target: str) -> str:
@@ -176,13 +196,8 @@ def tree(pid: int) -> list[int]:
     """``pid`` and all its descendants."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
+        if entry.isdigit() and (ppid := _ppid(int(entry))) >= 0:
+            children.setdefault(ppid, []).append(int(entry))
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
