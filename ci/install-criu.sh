@@ -7,10 +7,17 @@
 # `sid` suite through apt's own configured mirror (never a hard-coded host), builds
 # only the criu binary (about 40 s on 2 cores) and installs it as /usr/local/sbin/criu.
 # A second run finds it and does nothing.
+#
+# The build applies ci/criu-patches/*.patch (restore-thp-fill.patch: `criu restore
+# --thp-fill`, docs/benchmarks.md). A criu without them is rebuilt once; where a patch
+# does not apply to the version Debian has, criu is built without it, with a warning,
+# and that version is remembered as unpatched (snapbuild then restores without the
+# option; it asks `criu --help`).
 set -euo pipefail
 
 MIN_VERSION=4.2
 CACHE=${SNAPBUILD_SETUP_CACHE:-/var/cache/snapbuild-setup}
+PATCHES=$(cd "$(dirname "$0")" && pwd)/criu-patches
 
 criu_ok() {
     command -v criu >/dev/null 2>&1 || return 1
@@ -18,7 +25,14 @@ criu_ok() {
     v=$(criu --version 2>/dev/null | awk '/^Version:/ {print $2}')
     [ -n "$v" ] && dpkg --compare-versions "$v" ge "$MIN_VERSION" || return 1
     # criu prints a harmless rlimit error in sandboxes; judge by the exit status.
-    criu check >/dev/null 2>&1
+    criu check >/dev/null 2>&1 || return 1
+    patched || [ -e "$CACHE/criu/unpatched-$v" ]
+}
+
+patched() {  # every patch's option is in criu --help
+    local help
+    help=$(criu --help 2>&1) || true
+    grep -q -- "--thp-fill" <<<"$help"
 }
 
 if criu_ok; then
@@ -32,7 +46,7 @@ fi
 
 echo "setup: building CRIU >= $MIN_VERSION from Debian's source package"
 export DEBIAN_FRONTEND=noninteractive
-deps=(build-essential pkgconf xz-utils libbsd-dev libcap-dev libgnutls28-dev libnet1-dev
+deps=(build-essential patch pkgconf xz-utils libbsd-dev libcap-dev libgnutls28-dev libnet1-dev
       libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler
       protobuf-compiler uuid-dev python3-protobuf iproute2)
 missing=()
@@ -75,6 +89,15 @@ if ! dpkg --compare-versions "$version" ge "$MIN_VERSION"; then
 fi
 tar xf "$orig"
 cd criu-"$version"
+for p in "$PATCHES"/*.patch; do
+    if patch -p1 --forward --quiet --dry-run <"$p" >/dev/null 2>&1; then
+        patch -p1 --forward --quiet <"$p" >/dev/null
+        echo "setup: applied $(basename "$p") to CRIU $version"
+    else
+        echo "setup: warning: $(basename "$p") does not apply to CRIU $version; building without it" >&2
+        touch "$CACHE/criu/unpatched-$version"
+    fi
+done
 make -j"$(nproc)" criu >build.log 2>&1 || { tail -30 build.log >&2; exit 1; }
 install -m 0755 criu/criu /usr/local/sbin/criu
 hash -r

@@ -81,3 +81,17 @@ def kill_counter_restore(cmd: list[str], env: dict, delay: float, port: int) -> 
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     subprocess.run(["pkill", "-9", "-f", f"counter_server.py --port {port}"])
+
+
+def huge_pages(pid: int) -> tuple[int, str]:
+    """``pid``'s transparent huge pages (AnonHugePages, bytes) and the huge page advice
+    of its largest memory area (``hg``, ``nh``, both or ``none``, from smaps' VmFlags)."""
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    huge = next(int(line.split()[1]) * 1024 for line in rollup.splitlines() if line.startswith("AnonHugePages:"))
+    largest, flags, size = 0, "", 0
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if line.startswith("Size:"):
+            size = int(line.split()[1])
+        elif line.startswith("VmFlags:") and size > largest:
+            largest, flags = size, line
+    return huge, " ".join(f for f in flags.split()[1:] if f in ("hg", "nh")) or "none"
