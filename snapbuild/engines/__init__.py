@@ -36,8 +36,9 @@ class ProcessEngine(Engine, Protocol):
     def dump(self, pid: int, images: Path) -> None:
         """Checkpoint the process tree rooted at ``pid`` into ``images``; it ends after."""
 
-    def restore(self, images: Path, work: Path) -> int:
-        """Bring the process tree back, detached; returns its root PID."""
+    def restore(self, images: Path, work: Path, thp_fill: bool = False) -> int:
+        """Bring the process tree back, detached; returns its root PID. ``thp_fill``: its
+        private memory read into huge pages (criu.thp_fill_unused)."""
 
     def restore_lazily(self, images: Path, work: Path) -> tuple[int, LazyPages]:
         """:meth:`restore`, its memory served on demand by the returned daemon, which the

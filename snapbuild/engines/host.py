@@ -25,8 +25,8 @@ class HostEngine:
     def dump(self, pid: int, images: Path) -> None:
         criu.dump(pid, images)
 
-    def restore(self, images: Path, work: Path) -> int:
-        return criu.restore(images, work=work)
+    def restore(self, images: Path, work: Path, thp_fill: bool = False) -> int:
+        return criu.restore(images, work=work, extra=[criu.THP_FILL] if thp_fill else [])
 
     def restore_lazily(self, images: Path, work: Path) -> tuple[int, criu.LazyPages]:
         return criu.restore_lazily(images, work=work)

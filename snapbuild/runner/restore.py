@@ -21,7 +21,7 @@ from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..engines import container_engine, get_engine, process_engine
+from ..engines import container_engine, criu, get_engine, process_engine
 from ..engines.fingerprint import compare
 from ..errors import NotFound, SnapbuildError, UsageError
 from ..runtime import probe as probes
@@ -244,7 +244,7 @@ def _start_server(fetched: dict, store: Store, fallback: str, mode: str, publish
             if placement is not None:
                 out.update(placement.to_json())
             if in_container:
-                _describe(out, _restore_container(runtime, store, timings, host_port, placement))
+                _describe(out, _restore_container(runtime, store, timings, host_port, placement, out))
             else:
                 out["pid"], out["address"] = _restore(runtime, store, timings, lazy_pages, out, host_port,
                                                       placement)
@@ -360,6 +360,7 @@ def _restore_tree(runtime: Runtime, store: Store, timings: dict, lazy_pages: boo
         if why_not:
             log.warning("lazy pages not used (%s); restoring all memory before the server runs", why_not)
         lazy_pages = why_not is None
+    thp = None if lazy_pages else _thp_fill(out)
     try:
         busy = [p for p in runtime.pids if not process.wait_gone([p], timeout=3)]
         if busy:
@@ -376,7 +377,7 @@ def _restore_tree(runtime: Runtime, store: Store, timings: dict, lazy_pages: boo
             if lazy_pages:
                 pid, lazy = engine.restore_lazily(images, work)
             else:
-                pid = engine.restore(images, work)
+                pid = engine.restore(images, work, thp_fill=thp is None)
         except SnapbuildError as e:
             process.wait_gone(runtime.pids, timeout=3)  # what a failed restore left behind
             shmfiles.remove(shm)
@@ -531,12 +532,27 @@ def _host_port(publish: str | None, spec: ServerSpec) -> int | None:
     return port
 
 
+def _thp_fill(out: dict | None) -> str | None:
+    """Whether this plain restore reads memory into huge pages: None when it does, else
+    why not (said in the JSON's ``thp_fill``, logged at debug level: the default)."""
+    try:
+        why_not = criu.thp_fill_unused()
+    except criu.CriuError as e:  # `criu --help` failed: the restore will say more
+        why_not = e.message
+    if out is not None:
+        out["thp_fill"] = f"not used: {why_not}" if why_not else "used"
+    if why_not:
+        log.debug("restoring without huge pages: %s", why_not)
+    return why_not
+
+
 def _describe(out: dict, inst) -> None:
     out.update(pid=inst.pid, container=inst.id, log=str(inst.log_path),
                address=f"127.0.0.1:{inst.host_port}" if inst.host_port else None)
 
 
-def _restore_container(runtime: Runtime, store: Store, timings: dict, host_port: int | None, placement=None):
+def _restore_container(runtime: Runtime, store: Store, timings: dict, host_port: int | None, placement=None,
+                       out: dict | None = None):
     from ..runtime import container
 
     spec = runtime.server
@@ -553,6 +569,8 @@ def _restore_container(runtime: Runtime, store: Store, timings: dict, host_port:
             raise _NoRestore(f"cannot set up the container: {e.message}") from None
     try:
         ckpt, _ = checkpoint.result()
+        if engine.name == "runc" and _thp_fill(out) is None:  # runc's CRIU reads the bundle's options
+            container.criu_option(inst, "thp-fill")
     except BaseException:
         container.destroy(inst)
         raise

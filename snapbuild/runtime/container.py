@@ -319,6 +319,13 @@ def prepare(spec: ServerSpec, blobs: BlobStore, engine: str, host_port: int | No
     return inst
 
 
+def criu_option(inst: Instance, option: str) -> None:
+    """One more CRIU option (a config file line: the long option without its dashes)
+    for the runc checkpoint or restore of ``inst`` that comes next."""
+    with open(Path(inst.bundle) / CRIU_CONF, "a") as f:
+        f.write(option + "\n")
+
+
 def publish(inst: Instance) -> None:
     """Forward the host port into the container's network namespace. Connections made
     before the server listens are closed at once, which probes see as not ready yet."""

@@ -22,7 +22,7 @@ from snapbuild.runner.restore import run, stop
 from snapbuild.runtime import erofs
 from snapbuild.store import Store
 
-from testkit import free_port, post  # tests/integration/testkit.py
+from testkit import free_port, huge_pages, post  # tests/integration/testkit.py
 
 pytestmark = pytest.mark.integration
 
@@ -259,6 +259,33 @@ def test_a_restored_container_is_checked_by_its_verify_requests(base_rootfs, doc
     finally:
         stop(out["container"])
     assert leftovers("sb-verified") == [], "the restored container was removed before the cold boot"
+
+
+def test_runc_hands_criu_the_huge_page_fill(base_rootfs, dockerd, recipe, project, store, monkeypatch):
+    """runc starts CRIU itself: ``--thp-fill`` reaches it through the bundle's CRIU
+    config file, and the container's server comes back with its 64 MiB in huge pages."""
+    from snapbuild.engines import criu
+
+    if not criu.has_thp_fill(criu.binary()) or criu.thp_mode() != "madvise":
+        pytest.skip("needs a criu with --thp-fill (ci/criu-patches) and transparent huge pages in madvise mode, "
+                    "where a cold process gets none")
+    port = free_port()
+    (project / "app").mkdir()
+    shutil.copy(Path(__file__).parent / "data" / "memory_server.py", project / "app")
+    path = counter_container(recipe, project, base_rootfs, "thp", port, exercise='{http: "GET /digest"}',
+                             checkpoint=', verify: [{http: "GET /digest"}]',
+                             command=f'[python3, /app/memory_server.py, --port, "{port}", --mib, "64"]')
+    [res] = build(path, store=store)
+    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    for setting, want in (("on", "used"), ("off", "not used: SNAPBUILD_THP_FILL=off")):
+        monkeypatch.setenv("SNAPBUILD_THP_FILL", setting)
+        out = run("thp:v1", store=store, publish="0")
+        try:
+            assert out["mode"] == "restore" and out["verify"] == "same" and out["thp_fill"] == want, out
+            huge, _ = huge_pages(out["pid"])
+            assert (huge >= 48 << 20) if setting == "on" else huge == 0, f"{setting}: {huge >> 20} MiB huge"
+        finally:
+            stop(out["container"])
 
 
 @pytest.mark.skipif(shutil.which("runsc") is None,

@@ -1,6 +1,8 @@
 """Host-process restores with CRIU's lazy pages, with the real CRIU and userfaultfd: the
 server runs as soon as its tree is back and its memory follows on demand from a
-``criu lazy-pages`` daemon; the restore counts only once every page is in place.
+``criu lazy-pages`` daemon; the restore counts only once every page is in place. And
+plain restores that read the memory into transparent huge pages (``criu restore
+--thp-fill``, ci/criu-patches), with the real kernel's THP.
 
 The server (data/memory_server.py) holds 256 MiB of private memory, each MiB filled
 from its index, and GET /digest hashes all of it: a page lost or zeroed on the way
@@ -16,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from snapbuild.build import build
+from snapbuild.engines import criu
 from snapbuild.runner.restore import run, stop
 
-from testkit import free_port, get
+from testkit import free_port, get, huge_pages
 
 pytestmark = pytest.mark.integration
 
@@ -127,3 +130,52 @@ def test_both_clis_take_lazy_pages_and_the_environment_sets_the_default(snapshot
     assert r.json()["lazy_pages"] == "used" and "pages_s" in r.json()["timings"], r
     r = run_cli("run", "memory:v1", env={"SNAPBUILD_LAZY_PAGES": "sometimes"})
     assert r.code == 2 and "SNAPBUILD_LAZY_PAGES must be on or off" in r.err and "Traceback" not in r.err, r
+
+
+def needs_thp_fill():
+    if not criu.has_thp_fill(criu.binary()):
+        pytest.skip("the installed criu has no --thp-fill: ci/criu-patches did not apply to this CRIU version "
+                    "(ci/install-criu.sh said so)")
+    if criu.thp_mode() not in ("always", "madvise"):
+        pytest.skip(f"this kernel's transparent huge pages are {criu.thp_mode() or 'absent'}")
+
+
+def test_a_plain_restore_reads_memory_into_huge_pages_and_puts_the_advice_back(snapshot, store, monkeypatch):
+    """SNAPBUILD_THP_FILL=on: the 256 MiB come back in 2 MiB pages, the same bytes as the
+    cold boot's, and the area then advises what its faults got before the dump."""
+    needs_thp_fill()
+    monkeypatch.setenv("SNAPBUILD_THP_FILL", "on")
+    out = run("memory:v1", store=store, lazy_pages=False)
+    try:
+        assert out["mode"] == "restore" and out["thp_fill"] == "used" and out["verify"] == "same", out
+        huge, advice = huge_pages(out["pid"])
+        assert huge >= 224 << 20, f"{huge >> 20} MiB of the 256 in huge pages"
+        assert advice == ("nh" if criu.thp_mode() == "madvise" else "hg"), advice
+        digest = get(snapshot, "/digest")
+    finally:
+        stop(out["pid"])
+    monkeypatch.setenv("SNAPBUILD_THP_FILL", "off")
+    out = run("memory:v1", store=store, lazy_pages=False)
+    try:
+        assert out["thp_fill"] == "not used: SNAPBUILD_THP_FILL=off" and out["verify"] == "same", out
+        if criu.thp_mode() == "madvise":
+            assert huge_pages(out["pid"]) == (0, "none"), "small pages, no advice: as without the patch"
+        assert get(snapshot, "/digest") == digest
+    finally:
+        stop(out["pid"])
+
+
+def test_lazy_restores_leave_huge_pages_out_and_say_nothing_of_them(snapshot, store, monkeypatch):
+    monkeypatch.setenv("SNAPBUILD_THP_FILL", "on")
+    out = run("memory:v1", store=store, lazy_pages=True)
+    try:
+        assert out["lazy_pages"] == "used" and "thp_fill" not in out, out
+    finally:
+        stop(out["pid"])
+
+
+def test_the_thp_fill_setting_is_checked(snapshot, store, run_cli):
+    r = run_cli("restore", "memory:v1", "--lazy-pages", "off", tool="snapbuild-runner",
+                env={"SNAPBUILD_THP_FILL": "sometimes"})
+    assert r.code == 2 and "SNAPBUILD_THP_FILL='sometimes': expected auto, on or off" in r.err, r
+    assert "Traceback" not in r.err
