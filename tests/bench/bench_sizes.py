@@ -10,12 +10,14 @@ never timed). For each N, side by side in this one process tree:
 
 - ``criu``: the raw binary, ``criu dump`` of the running server to tmpfs, then
   ``criu restore -d`` from there (the page cache is warm: the images are on tmpfs);
+- ``criu --thp-fill``: the same plain restore reading the memory into huge pages
+  (ci/criu-patches/restore-thp-fill.patch; left out with a criu that lacks it);
 - ``criu lazy``: ``criu lazy-pages`` plus ``criu restore --lazy-pages`` from the same
   images, timed to the first answer (GET /healthz) and to the daemon's exit (every page
   in place);
 - ``snapbuild``: a recipe (warm-up + checkpoint) built into a store, then
   ``snapbuild-runner restore`` (``run()``) on a node that has the snapshot, with lazy
-  pages off and on, and on an **empty node**: a new store that pulls the snapshot from
+  pages off (small pages, and huge pages: ``SNAPBUILD_THP_FILL=off`` and ``on``) and on, and on an **empty node**: a new store that pulls the snapshot from
   the build's registry (a local directory) and writes the checkpoint images out before
   restoring (lazy pages on, the default), straight from the registry (the default) and
   with every blob stored first (``SNAPBUILD_PULL_DIRECT=off``);
@@ -136,7 +138,8 @@ def raw_criu(mib: int, runs: int, digest: bytes, port: int) -> dict:
     """Dump and restore with the criu binary alone, images on tmpfs."""
     images = Path(tempfile.mkdtemp(prefix="bench-sizes-", dir="/dev/shm"))
     crit = criu.binary()
-    out: dict = {"dump_s": [], "restore_s": [], "lazy_first_s": [], "lazy_all_s": []}
+    out: dict = {"dump_s": [], "restore_s": [], "thp_s": [], "lazy_first_s": [], "lazy_all_s": []}
+    ways = [(False, []), (True, [])] + ([(False, [criu.THP_FILL])] if criu.has_thp_fill(crit) else [])
     try:
         pid = start_server(mib, port)
         t = time.monotonic()
@@ -144,7 +147,7 @@ def raw_criu(mib: int, runs: int, digest: bytes, port: int) -> dict:
         out["dump_s"].append(time.monotonic() - t)
         kill_tree(pid)
         for _ in range(runs):
-            for lazy in (False, True):
+            for lazy, extra in ways:
                 work = Path(tempfile.mkdtemp(prefix="bench-sizes-work-"))
                 t = time.monotonic()
                 daemon = None
@@ -156,7 +159,7 @@ def raw_criu(mib: int, runs: int, digest: bytes, port: int) -> dict:
                     os.read(r, 1)
                     os.close(r)
                 sh(crit, "restore", "-d", "-D", str(images), "-W", str(work), "--tcp-close", "-o", "restore.log",
-                   "--pidfile", str(work / "pid"), *(["--lazy-pages"] if lazy else []))
+                   "--pidfile", str(work / "pid"), *(["--lazy-pages"] if lazy else []), *extra)
                 wait_ready(port)
                 first = time.monotonic() - t
                 if daemon:
@@ -169,7 +172,7 @@ def raw_criu(mib: int, runs: int, digest: bytes, port: int) -> dict:
                     out["lazy_first_s"].append(first)
                     out["lazy_all_s"].append(every)
                 else:
-                    out["restore_s"].append(every)
+                    out["thp_s" if extra else "restore_s"].append(every)
     finally:
         shutil.rmtree(images, ignore_errors=True)
     return out
@@ -209,12 +212,16 @@ publish: {{tag: "sizes:{mib}"}}
     [res] = build(project / "recipe.yaml", store=store)
     if not res.ok:
         raise SystemExit(f"the build failed: { {n: r.error for n, r in res.steps.items() if r.error} }")
-    out: dict = {"build_s": [time.monotonic() - t], "restore_s": [], "lazy_first_s": [], "lazy_all_s": [],
+    out: dict = {"build_s": [time.monotonic() - t], "restore_s": [], "thp_s": [], "lazy_first_s": [], "lazy_all_s": [],
                  "empty_first_s": [], "empty_all_s": [], "stored_first_s": [], "stored_all_s": []}
     ref = f"sizes:{mib}"
 
-    def once(node: Store, lazy: bool, **kw) -> tuple[float, float]:
-        r = run(ref, store=node, lazy_pages=lazy, fallback="fail", **kw)
+    def once(node: Store, lazy: bool, thp: str = "auto", **kw) -> tuple[float, float]:
+        os.environ[criu.THP_ENV] = thp
+        try:
+            r = run(ref, store=node, lazy_pages=lazy, fallback="fail", **kw)
+        finally:
+            os.environ.pop(criu.THP_ENV)
         try:
             check(get(port, "/digest"), digest, "snapbuild")
         finally:
@@ -238,7 +245,9 @@ publish: {{tag: "sizes:{mib}"}}
             out[f"{key}_first_s"].append(first)
             out[f"{key}_all_s"].append(every)
             shutil.rmtree(node.home, ignore_errors=True)
-        out["restore_s"].append(once(store, False)[1])
+        out["restore_s"].append(once(store, False, thp="off")[1])
+        if criu.has_thp_fill(criu.binary()):
+            out["thp_s"].append(once(store, False, thp="on")[1])
         first, every = once(store, True)
         out["lazy_first_s"].append(first)
         out["lazy_all_s"].append(every)
@@ -307,7 +316,7 @@ def main() -> None:
     image = None
     if not args.no_podman:
         image = podman_image(Path(sh(str(REPO / "ci" / "make-rootfs.sh"), "bookworm", "python3,python3-numpy")))
-    machine = bandwidths()
+    machine = {**bandwidths(), "reports_free_pages": criu.reports_free_pages()}
     print(f"memcpy {machine['memcpy_gbs']} GB/s, tmpfs read {machine['tmpfs_read_gbs']} GB/s", file=sys.stderr)
     results = []
     for gib in sizes:
@@ -327,7 +336,10 @@ def main() -> None:
             row["podman"] = podman_runs(mib, args.runs, digest, port, image)
         for tool in ("criu", "snapbuild", "podman"):
             for k, v in list(row.get(tool, {}).items()):
-                row[tool][k] = round(statistics.median(v), 4)
+                if v:  # no huge page rows without the patched criu
+                    row[tool][k] = round(statistics.median(v), 4)
+                else:
+                    del row[tool][k]
         results.append(row)
         if args.out:
             args.out.write_text(json.dumps({"machine": machine, "runs": args.runs, "sizes": results}, indent=2))
@@ -343,8 +355,10 @@ def main() -> None:
 
 COLUMNS = [  # (label, tool, key): a time in seconds
     ("criu dump", "criu", "dump_s"), ("criu restore", "criu", "restore_s"),
+    ("criu restore --thp-fill", "criu", "thp_s"),
     ("criu lazy, 1st answer", "criu", "lazy_first_s"), ("criu lazy, all pages", "criu", "lazy_all_s"),
-    ("snapbuild restore", "snapbuild", "restore_s"), ("snapbuild lazy, 1st answer", "snapbuild", "lazy_first_s"),
+    ("snapbuild restore", "snapbuild", "restore_s"), ("snapbuild restore, huge pages", "snapbuild", "thp_s"),
+    ("snapbuild lazy, 1st answer", "snapbuild", "lazy_first_s"),
     ("snapbuild lazy, all pages", "snapbuild", "lazy_all_s"),
     ("snapbuild empty node, 1st answer", "snapbuild", "empty_first_s"),
     ("snapbuild empty node, all pages", "snapbuild", "empty_all_s"),
@@ -355,8 +369,9 @@ COLUMNS = [  # (label, tool, key): a time in seconds
 
 def print_table(report: dict, file=sys.stdout) -> None:
     m = report["machine"]
-    print(f"medians of {report['runs']} runs; memcpy {m['memcpy_gbs']} GB/s, tmpfs read {m['tmpfs_read_gbs']} GB/s",
-          file=file)
+    print(f"medians of {report['runs']} runs; memcpy {m['memcpy_gbs']} GB/s, tmpfs read {m['tmpfs_read_gbs']} GB/s"
+          + ("" if "reports_free_pages" not in m else
+             f"; free page reporting to a host {'on' if m['reports_free_pages'] else 'off'}"), file=file)
     print(f"| {'':46} | " + " | ".join(f"{r['gib']:>5g} GiB" for r in report["sizes"]) + " |", file=file)
     for label, tool, key in COLUMNS:
         cells = []
