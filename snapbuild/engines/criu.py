@@ -251,9 +251,7 @@ def thp_fill_unused() -> str | None:
     (the default) leaves them out on a VM that hands free memory back to its host, where
     a fresh huge page waits for the host and filling one was 2-3x *slower* than small
     pages; ``on`` uses them wherever they work, ``off`` never."""
-    want = (os.environ.get(THP_ENV) or "auto").strip().lower()
-    if want not in ("auto", "on", "off"):
-        raise UsageError(f"{THP_ENV}={os.environ[THP_ENV]!r}: expected auto, on or off")
+    want = thp_setting()
     if want == "off":
         return f"{THP_ENV}=off"
     if not has_thp_fill(binary()):
@@ -265,6 +263,15 @@ def thp_fill_unused() -> str | None:
         return ("this VM hands free memory back to its host (virtio-balloon free page reporting), where huge "
                 f"pages fill slower than small ones; {THP_ENV}=on to use them anyway")
     return None
+
+
+def thp_setting() -> str:
+    """``$SNAPBUILD_THP_FILL``: auto (when unset), on or off; anything else is refused."""
+    raw = os.environ.get(THP_ENV) or "auto"
+    want = raw.strip().lower()
+    if want not in ("auto", "on", "off"):
+        raise UsageError(f"{THP_ENV} must be auto, on or off, not {raw!r}")
+    return want
 
 
 @functools.lru_cache(maxsize=4)

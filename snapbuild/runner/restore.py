@@ -63,6 +63,7 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
     """
     lazy_pages = lazy_default() if lazy_pages is None else lazy_pages
     lazy_images = lazyimage.default() if lazy_images is None else lazy_images
+    criu.thp_setting()  # a bad $SNAPBUILD_THP_FILL is refused whatever the restore turns out to be
     from ..registry import locate
 
     ref, registry = locate(ref, registry)
@@ -97,8 +98,9 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
 
 
 def lazy_default() -> bool:
-    """``$SNAPBUILD_LAZY_PAGES`` (on|off), else on: lazy pages were never slower to the
-    first answer nor to every page in place (docs/benchmarks.md)."""
+    """``$SNAPBUILD_LAZY_PAGES`` (on|off), else on: lazy pages always answered first, and
+    had every page in place sooner than a plain restore with small pages (one with huge
+    pages, criu.thp_fill_unused, has them in place sooner; docs/benchmarks.md)."""
     import os
 
     choice = os.environ.get("SNAPBUILD_LAZY_PAGES") or "on"

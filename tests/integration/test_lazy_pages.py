@@ -19,6 +19,7 @@ import pytest
 
 from snapbuild.build import build
 from snapbuild.engines import criu
+from snapbuild.errors import UsageError
 from snapbuild.runner.restore import run, stop
 
 from testkit import free_port, get, huge_pages
@@ -174,8 +175,14 @@ def test_lazy_restores_leave_huge_pages_out_and_say_nothing_of_them(snapshot, st
         stop(out["pid"])
 
 
-def test_the_thp_fill_setting_is_checked(snapshot, store, run_cli):
-    r = run_cli("restore", "memory:v1", "--lazy-pages", "off", tool="snapbuild-runner",
-                env={"SNAPBUILD_THP_FILL": "sometimes"})
-    assert r.code == 2 and "SNAPBUILD_THP_FILL='sometimes': expected auto, on or off" in r.err, r
-    assert "Traceback" not in r.err
+def test_the_thp_fill_setting_is_checked(snapshot, store, run_cli, monkeypatch):
+    """Refused before anything is fetched, whether the restore would read memory
+    plainly, lazily or not at all (a cold boot)."""
+    for lazy in ("off", "on"):
+        r = run_cli("restore", "memory:v1", "--lazy-pages", lazy, tool="snapbuild-runner",
+                    env={"SNAPBUILD_THP_FILL": "sometimes"})
+        assert r.code == 2 and "SNAPBUILD_THP_FILL must be auto, on or off, not 'sometimes'" in r.err, (lazy, r)
+        assert "Traceback" not in r.err
+    monkeypatch.setenv("SNAPBUILD_THP_FILL", "sometimes")
+    with pytest.raises(UsageError, match="SNAPBUILD_THP_FILL must be"):
+        run("memory:v1", store=store, mode="cold")

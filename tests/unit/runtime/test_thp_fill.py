@@ -76,7 +76,7 @@ def test_no_patch_or_no_thp_means_small_pages_whatever_the_setting(node, monkeyp
 
 def test_a_setting_that_is_not_auto_on_or_off_is_refused(node, monkeypatch):
     monkeypatch.setenv(criu.THP_ENV, "sometimes")
-    with pytest.raises(UsageError, match="SNAPBUILD_THP_FILL='sometimes': expected auto, on or off"):
+    with pytest.raises(UsageError, match="SNAPBUILD_THP_FILL must be auto, on or off, not 'sometimes'"):
         criu.thp_fill_unused()
     monkeypatch.setenv(criu.THP_ENV, " ON ")
     assert criu.thp_fill_unused() is None, "case and spaces do not matter"
