@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """CRIU's page restore with and without ``--thp-fill``: before and after the patch.
 
-    python tests/bench/bench_thp_fill.py [--sizes 1,4] [--runs 5] [--stock CRIU] [--json]
+    python tests/bench/bench_thp_fill.py [--sizes 1,4] [--runs 5] [--workers K] [--stock CRIU] [--json]
 
 A plain ``criu restore`` writes a server's private memory back into freshly mapped
 areas, so every 4 KiB page is a page fault (the kernel allocates and zeroes it, then
@@ -14,7 +14,8 @@ index; it is dumped once to tmpfs, and then restored from the same images, the w
 alternated in each round: the installed (patched) criu without the option and with
 ``--thp-fill``, and with ``--stock PATH``, a criu built without the patch, too. Every
 restore is checked against the warm server's digest of all its memory; the restored
-server's huge pages (AnonHugePages) and its largest area's advice afterwards (``hg``/
+server's huge pages (AnonHugePages; the tree's parent's with --workers) and its
+largest area's advice afterwards (``hg``/
 ``nh`` in smaps' VmFlags) are reported. Beside them, the machine's tmpfs read
 bandwidth, for the issue's target (a 4 GiB restore at >= 50% of it), and whether this
 machine reports free memory to a host (a VM's virtio balloon), where a fresh huge
@@ -37,10 +38,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
-from bench_sizes import GIB, bandwidths, check, free_port, get, kill_tree, sh, start_server  # noqa: E402
+from bench_sizes import GIB, SERVER, bandwidths, check, free_port, get, kill_tree, sh, wait_ready  # noqa: E402
 from testkit import huge_pages  # noqa: E402
 
 from snapbuild.engines import criu  # noqa: E402
+from snapbuild.runtime.process import tree, wait_gone  # noqa: E402
+
+
+def start(mib: int, port: int, workers: int) -> subprocess.Popen:
+    """The memory server, and its workers on the ports after ``port``, all answering."""
+    p = subprocess.Popen([sys.executable, str(SERVER), "--port", str(port), "--mib", str(mib),
+                          "--workers", str(workers)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    for i in range(workers + 1):
+        wait_ready(port + i)
+    return p
+
+
+def stop_tree(root: int) -> None:
+    pids = tree(root)
+    kill_tree(root)
+    wait_gone(pids, timeout=30)  # the next restore needs the same PIDs
 
 
 def main() -> None:
@@ -48,6 +66,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,4", help="GiB, comma-separated")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--stock", help="also restore with this criu, built without the patch")
+    ap.add_argument("--workers", type=int, default=0, help="the server forks this many workers after filling its "
+                    "memory, which share it copy-on-write (the patch's premapped path)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     patched = criu.binary()
@@ -57,17 +77,19 @@ def main() -> None:
     ways.update({"patched": (patched, []), "patched --thp-fill": (patched, ["--thp-fill"])})
     bw = bandwidths()
     report: dict = {"bandwidths": bw, "runs": args.runs, "reports_free_pages": criu.reports_free_pages(),
-                    "sizes": {}}
+                    "workers": args.workers, "sizes": {}}
     for gib in [float(s) for s in args.sizes.split(",")]:
         mib = int(gib * 1024)
         port = free_port()
         images = Path(tempfile.mkdtemp(prefix="bench-thp-", dir="/dev/shm"))
         row: dict = {w: {"restore_s": [], "huge_bytes": [], "advice": set()} for w in ways}
         try:
-            pid = start_server(mib, port)
+            server = start(mib, port, args.workers)
             digest = get(port, "/digest")
-            sh(criu.binary(), "dump", "-t", str(pid), "-D", str(images), "--tcp-established", "-o", "dump.log")
-            kill_tree(pid)
+            pids = tree(server.pid)
+            sh(criu.binary(), "dump", "-t", str(server.pid), "-D", str(images), "--tcp-established", "-o", "dump.log")
+            server.wait()
+            wait_gone(pids, timeout=30)
             for r in range(args.runs):
                 for way, (binary, extra) in ways.items():
                     work = Path(tempfile.mkdtemp(prefix="bench-thp-work-"))
@@ -77,10 +99,11 @@ def main() -> None:
                     row[way]["restore_s"].append(time.monotonic() - t)
                     restored = int((work / "pid").read_text())
                     huge, advice = huge_pages(restored)
-                    check(get(port, "/digest"), digest, way)
+                    for i in range(args.workers + 1):
+                        check(get(port + i, "/digest"), digest, way if not i else f"{way}, worker {i}")
                     row[way]["huge_bytes"].append(huge)
                     row[way]["advice"].add(advice)
-                    kill_tree(restored)
+                    stop_tree(restored)
                     shutil.rmtree(work, ignore_errors=True)
                     print(f"{gib:g} GiB round {r + 1}: {way}: {row[way]['restore_s'][-1]:.3f} s, "
                           f"{huge >> 20} MiB huge", file=sys.stderr)
@@ -93,7 +116,8 @@ def main() -> None:
         print(json.dumps(report, indent=1))
         return
     print(f"tmpfs read {bw['tmpfs_read_gbs']} GB/s, memory copy {bw['memcpy_gbs']} GB/s; medians of {args.runs}; "
-          f"free page reporting to a host: {'on' if report['reports_free_pages'] else 'off'}")
+          f"free page reporting to a host: {'on' if report['reports_free_pages'] else 'off'}; "
+          f"{args.workers} worker(s) sharing the memory")
     print("| size | way | restore | GB/s | of tmpfs read | huge pages | advice after | vs the first way |")
     print("|---|---|---:|---:|---:|---:|---|---:|")
     for size, row in report["sizes"].items():

@@ -21,6 +21,7 @@ from snapbuild.build import build
 from snapbuild.engines import criu
 from snapbuild.errors import UsageError
 from snapbuild.runner.restore import run, stop
+from snapbuild.runtime.process import tree
 
 from testkit import free_port, get, huge_pages
 
@@ -186,3 +187,54 @@ def test_the_thp_fill_setting_is_checked(snapshot, store, run_cli, monkeypatch):
     monkeypatch.setenv("SNAPBUILD_THP_FILL", "sometimes")
     with pytest.raises(UsageError, match="SNAPBUILD_THP_FILL must be"):
         run("memory:v1", store=store, mode="cold")
+
+
+def test_a_tree_sharing_memory_copy_on_write_restores_it_in_huge_pages(recipe, store, monkeypatch):
+    """A preloading server's shape: 128 MiB filled, then two workers forked that share it
+    copy-on-write. CRIU maps such memory itself before it forks the tree (not in its
+    restorer), so this is the patch's other path: each process answers with the warm
+    digest, the parent's copy is in huge pages, the workers still share it (their
+    proportional share of memory is no larger than without huge pages) and every
+    process's area has its advice back."""
+    needs_thp_fill()
+    port = free_port()
+    path = recipe(f"""
+        name: memtree
+        steps:
+          app: {{kind: files, root: app}}
+          server:
+            kind: warmup
+            needs: [app]
+            run: "{sys.executable} $SNAPBUILD_INPUTS/app/memory_server.py --port {port} --mib 128 --workers 2"
+            ready: {{http: "http://127.0.0.1:{port + 2}/healthz", timeout: 60}}
+          snap: {{kind: checkpoint, process: server, verify: [{{http: "GET /digest"}}]}}
+        publish: {{tag: "memtree:v1"}}
+    """)
+    (path.parent / "app").mkdir(exist_ok=True)
+    shutil.copy(MEMORY_SERVER, path.parent / "app" / "memory_server.py")
+    [res] = build(path, store=store)
+    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    shares = {}
+    for setting in ("off", "on"):
+        monkeypatch.setenv("SNAPBUILD_THP_FILL", setting)
+        out = run("memtree:v1", store=store, lazy_pages=False)
+        try:
+            assert out["mode"] == "restore" and out["verify"] == "same", out
+            pids = tree(out["pid"])
+            assert len(pids) == 3, pids
+            digests = {get(port + i, "/digest") for i in range(3)}
+            assert len(digests) == 1, "every process of the tree has the same memory back"
+            shares[setting] = sum(pss(p) for p in pids)
+            if setting == "on":
+                huge, _ = huge_pages(out["pid"])
+                assert huge >= 96 << 20, f"{huge >> 20} MiB of the parent's 128 in huge pages"
+                want = "nh" if criu.thp_mode() == "madvise" else "hg"
+                assert [huge_pages(p)[1] for p in pids] == [want] * 3
+        finally:
+            stop(out["pid"])
+    assert shares["on"] < shares["off"] + (32 << 20), f"the workers share the huge pages: {shares}"
+
+
+def pss(pid: int) -> int:
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    return next(int(line.split()[1]) * 1024 for line in rollup.splitlines() if line.startswith("Pss:"))

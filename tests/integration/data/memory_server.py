@@ -1,12 +1,14 @@
 """A server whose state is a large block of private anonymous memory: MIB mebibytes,
 each filled from its own index, built before it listens. GET /digest hashes all of it,
 so a restore that lost or zeroed any page answers otherwise than the warm-up did.
-GET /healthz is ready. Used for CRIU's lazy pages (tests/integration/test_lazy_pages.py)
+GET /healthz is ready. With --workers K, K children forked after the fill share the
+memory copy-on-write (a preloading server's workers) and answer the same on PORT+1..K. Used for CRIU's lazy pages (tests/integration/test_lazy_pages.py)
 and the size sweep (tests/bench/bench_sizes.py)."""
 
 import argparse
 import hashlib
 import http.server
+import os
 
 MIB = 1 << 20
 
@@ -15,6 +17,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--mib", type=int, required=True)
+    ap.add_argument("--workers", type=int, default=0)
     args = ap.parse_args()
     memory = bytearray(args.mib * MIB)
     for i in range(args.mib):
@@ -37,7 +40,12 @@ def main() -> None:
         def log_message(self, *args):
             pass
 
-    http.server.HTTPServer(("127.0.0.1", args.port), Handler).serve_forever()
+    port = args.port
+    for i in range(args.workers):
+        if os.fork() == 0:
+            port = args.port + 1 + i
+            break
+    http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
 
 
 if __name__ == "__main__":
