@@ -249,8 +249,8 @@ def thp_fill_unused() -> str | None:
     pages (``criu restore --thp-fill``: one page fault per 2 MiB, not per 4 KiB; 4.1x
     faster at 4 GiB, docs/benchmarks.md), else why not. ``$SNAPBUILD_THP_FILL``: ``auto``
     (the default) leaves them out on a VM that hands free memory back to its host, where
-    a fresh huge page waits for the host and filling one was 2-3x *slower* than small
-    pages; ``on`` uses them wherever they work, ``off`` never."""
+    a fresh huge page waits for the host and filling with them was 3.3x *slower* than
+    with small pages at 4 GiB; ``on`` uses them wherever they work, ``off`` never."""
     want = thp_setting()
     if want == "off":
         return f"{THP_ENV}=off"

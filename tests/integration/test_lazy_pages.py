@@ -73,11 +73,16 @@ def snapshot(recipe, store):
     [res] = build(path, store=store)
     assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
     yield port
-    # 256 MiB of images on the node's tmpfs: not left for the next tests
+    drop_images("memory:v1", store)
+
+
+def drop_images(ref: str, store) -> None:
+    """The snapshot's checkpoint images on the node's tmpfs (hundreds of MiB here): not
+    left for the next tests."""
     from snapbuild.runner.pull import pull
     from snapbuild.runtime.layout import images_root, tree_dir
 
-    runtime = pull("memory:v1", store=store)["snapshot"].runtime
+    runtime = pull(ref, store=store)["snapshot"].runtime
     shutil.rmtree(tree_dir(images_root(runtime.server.run_root), runtime.images_tree), ignore_errors=True)
 
 
@@ -232,6 +237,7 @@ def test_a_tree_sharing_memory_copy_on_write_restores_it_in_huge_pages(recipe, s
                 assert [huge_pages(p)[1] for p in pids] == [want] * 3
         finally:
             stop(out["pid"])
+    drop_images("memtree:v1", store)
     assert shares["on"] < shares["off"] + (32 << 20), f"the workers share the huge pages: {shares}"
 
 

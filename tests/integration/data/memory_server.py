@@ -2,8 +2,9 @@
 each filled from its own index, built before it listens. GET /digest hashes all of it,
 so a restore that lost or zeroed any page answers otherwise than the warm-up did.
 GET /healthz is ready. With --workers K, K children forked after the fill share the
-memory copy-on-write (a preloading server's workers) and answer the same on PORT+1..K. Used for CRIU's lazy pages (tests/integration/test_lazy_pages.py)
-and the size sweep (tests/bench/bench_sizes.py)."""
+memory copy-on-write (a preloading server's workers) and answer the same on PORT+1..K.
+Used for CRIU's lazy pages and huge pages (tests/integration/test_lazy_pages.py), the
+size sweep (tests/bench/bench_sizes.py) and tests/bench/bench_thp_fill.py."""
 
 import argparse
 import hashlib
