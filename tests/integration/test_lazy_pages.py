@@ -53,25 +53,31 @@ sys.exit(1)
 """
 
 
-@pytest.fixture
-def snapshot(recipe, store):
-    port = free_port()
+def build_memory(recipe, store, name: str, port: int, mib: int, workers: int = 0) -> None:
+    """A snapshot ``NAME:v1`` of the memory server (and its workers, ready once the last
+    one answers), its check request the digest of all its memory."""
     path = recipe(f"""
-        name: memory
+        name: {name}
         steps:
           app: {{kind: files, root: app}}
           server:
             kind: warmup
             needs: [app]
-            run: "{sys.executable} $SNAPBUILD_INPUTS/app/memory_server.py --port {port} --mib 256"
-            ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 60}}
+            run: "{sys.executable} $SNAPBUILD_INPUTS/app/memory_server.py --port {port} --mib {mib} --workers {workers}"
+            ready: {{http: "http://127.0.0.1:{port + workers}/healthz", timeout: 60}}
           snap: {{kind: checkpoint, process: server, verify: [{{http: "GET /digest"}}]}}
-        publish: {{tag: "memory:v1"}}
+        publish: {{tag: "{name}:v1"}}
     """)
     (path.parent / "app").mkdir(exist_ok=True)
     shutil.copy(MEMORY_SERVER, path.parent / "app" / "memory_server.py")
     [res] = build(path, store=store)
     assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+
+
+@pytest.fixture
+def snapshot(recipe, store):
+    port = free_port()
+    build_memory(recipe, store, "memory", port, 256)
     yield port
     drop_images("memory:v1", store)
 
@@ -203,22 +209,7 @@ def test_a_tree_sharing_memory_copy_on_write_restores_it_in_huge_pages(recipe, s
     process's area has its advice back."""
     needs_thp_fill()
     port = free_port()
-    path = recipe(f"""
-        name: memtree
-        steps:
-          app: {{kind: files, root: app}}
-          server:
-            kind: warmup
-            needs: [app]
-            run: "{sys.executable} $SNAPBUILD_INPUTS/app/memory_server.py --port {port} --mib 128 --workers 2"
-            ready: {{http: "http://127.0.0.1:{port + 2}/healthz", timeout: 60}}
-          snap: {{kind: checkpoint, process: server, verify: [{{http: "GET /digest"}}]}}
-        publish: {{tag: "memtree:v1"}}
-    """)
-    (path.parent / "app").mkdir(exist_ok=True)
-    shutil.copy(MEMORY_SERVER, path.parent / "app" / "memory_server.py")
-    [res] = build(path, store=store)
-    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    build_memory(recipe, store, "memtree", port, 128, workers=2)
     shares = {}
     for setting in ("off", "on"):
         monkeypatch.setenv("SNAPBUILD_THP_FILL", setting)
