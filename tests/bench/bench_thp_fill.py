@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     patched = criu.binary()
-    if "thp-fill" not in subprocess.run([patched, "--help"], capture_output=True, text=True).stdout:
+    if not criu.has_thp_fill(patched):
         raise SystemExit(f"{patched} has no --thp-fill: run ci/install-criu.sh")
     ways = {"stock": (args.stock, [])} if args.stock else {}
     ways.update({"patched": (patched, []), "patched --thp-fill": (patched, ["--thp-fill"])})

@@ -23,7 +23,7 @@ from snapbuild.errors import UsageError
 from snapbuild.runner.restore import run, stop
 from snapbuild.runtime.process import tree
 
-from testkit import free_port, get, huge_pages
+from testkit import free_port, get, huge_pages, rollup
 
 pytestmark = pytest.mark.integration
 
@@ -220,7 +220,7 @@ def test_a_tree_sharing_memory_copy_on_write_restores_it_in_huge_pages(recipe, s
             assert len(pids) == 3, pids
             digests = {get(port + i, "/digest") for i in range(3)}
             assert len(digests) == 1, "every process of the tree has the same memory back"
-            shares[setting] = sum(pss(p) for p in pids)
+            shares[setting] = sum(rollup(p, "Pss") for p in pids)
             if setting == "on":
                 huge, _ = huge_pages(out["pid"])
                 assert huge >= 96 << 20, f"{huge >> 20} MiB of the parent's 128 in huge pages"
@@ -230,8 +230,3 @@ def test_a_tree_sharing_memory_copy_on_write_restores_it_in_huge_pages(recipe, s
             stop(out["pid"])
     drop_images("memtree:v1", store)
     assert shares["on"] < shares["off"] + (32 << 20), f"the workers share the huge pages: {shares}"
-
-
-def pss(pid: int) -> int:
-    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    return next(int(line.split()[1]) * 1024 for line in rollup.splitlines() if line.startswith("Pss:"))

@@ -83,11 +83,17 @@ def kill_counter_restore(cmd: list[str], env: dict, delay: float, port: int) -> 
     subprocess.run(["pkill", "-9", "-f", f"counter_server.py --port {port}"])
 
 
+def rollup(pid: int, field: str) -> int:
+    """One of ``pid``'s memory totals (``Pss``, ``AnonHugePages``...) in bytes, from
+    /proc/PID/smaps_rollup."""
+    text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    return next(int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith(field + ":"))
+
+
 def huge_pages(pid: int) -> tuple[int, str]:
     """``pid``'s transparent huge pages (AnonHugePages, bytes) and the huge page advice
     of its largest memory area (``hg``, ``nh``, both or ``none``, from smaps' VmFlags)."""
-    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    huge = next(int(line.split()[1]) * 1024 for line in rollup.splitlines() if line.startswith("AnonHugePages:"))
+    huge = rollup(pid, "AnonHugePages")
     largest, flags, size = 0, "", 0
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         if line.startswith("Size:"):
