@@ -98,18 +98,23 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
                 resolved[recipe.build_id] = lock.entries(p)
                 if locked:
                     lock.check(recipe_path, recipe.build_id, resolved[recipe.build_id])
-                if cache_from:
-                    remote_cache.apply(p, store, list(cache_from), say=reporter.note, trust=trust)
+                hits = (remote_cache.apply(p, store, list(cache_from), say=reporter.note, trust=trust)
+                        if cache_from else {})
                 reporter.plan(p)
                 warnings = secret_warnings(recipe)
                 for w in warnings:
                     reporter.note(f"warning: {w}")
                 result = execute(p, store, jobs=jobs, keep_going=keep_going, reporter=reporter)
                 result.warnings += warnings
+                unverified = remote_cache.unverified_steps(p, result, store, hits)
+                for name, record in unverified.items():
+                    result.warnings.append(remote_cache.warning(name, record))
+                    reporter.note(f"warning: {result.warnings[-1]}")
                 for url in cache_to:
-                    _share(result, store, url, reporter, trust.sign_key)
+                    _share(result, store, url, reporter, trust.sign_key, skip=set(unverified))
                 if result.ok:
-                    _publish(recipe, result, store, tag or recipe.tag, registry, push, say=reporter.note)
+                    _publish(recipe, result, store, tag or recipe.tag, registry, push, say=reporter.note,
+                             unverified=unverified)
                 # The whole build (planning and publishing too), not just running steps.
                 result.duration_s = time.monotonic() - t0
                 results.append(result)
@@ -135,8 +140,11 @@ def secret_warnings(recipe: Recipe) -> list[str]:
     return out
 
 
-def _share(result: BuildResult, store: Store, url: str, reporter: Reporter, sign_key: Path | None = None) -> None:
-    """Send the step results this store holds to the remote cache at ``url``."""
+def _share(result: BuildResult, store: Store, url: str, reporter: Reporter, sign_key: Path | None = None,
+           skip: set[str] | frozenset[str] = frozenset()) -> None:
+    """Send the step results this store holds to the remote cache at ``url``. With
+    ``sign_key``, the ``skip`` steps (unverified ones) are not sent: signing them would
+    vouch for what nobody checked."""
     reg = open_registry(url)
     sent = 0
     for r in result.steps.values():
@@ -145,14 +153,23 @@ def _share(result: BuildResult, store: Store, url: str, reporter: Reporter, sign
         ref = store.get_ref(r.key)
         if ref is None or not store.is_complete(ref):
             continue  # a remote hit this build did not need to download
+        if sign_key is not None and r.name in skip:
+            reporter.note(f"remote cache: {r.name} not sent to {reg.url}: it is unverified, and would be signed")
+            continue
         if remote_cache.upload(reg, store, ref, sign_key=sign_key) is not None:
             sent += 1
     reporter.note(f"remote cache: {sent} step result(s) sent to {reg.url}")
 
 
 def _publish(recipe: Recipe, result: BuildResult, store: Store, tag: str | None, registry: str | None,
-             push_to: tuple[str, ...] | list[str] = (), say=lambda text: None) -> None:
-    steps = [{"name": r.name, "kind": r.kind, "key": r.key, "artifact": r.artifact} for r in result.steps.values()]
+             push_to: tuple[str, ...] | list[str] = (), say=lambda text: None,
+             unverified: dict[str, dict] | None = None) -> None:
+    """Assemble the snapshot and push it. ``unverified`` (step -> where it came from) is
+    its provenance: steps nothing vouches for (see remote_cache), which `sign` refuses."""
+    unverified = unverified or {}
+    steps = [{"name": r.name, "kind": r.kind, "key": r.key, "artifact": r.artifact}
+             | ({"unverified_cache": unverified[r.name]} if r.name in unverified else {})
+             for r in result.steps.values()]
     outputs = {n: result.steps[n].artifact for n in recipe.publish_steps}
     runtime = None
     for n in recipe.publish_steps:

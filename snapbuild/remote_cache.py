@@ -18,6 +18,17 @@ Anyone who can push to the cache can put any output under any key. ``--cache-to 
 only entries signed by one of the given keys, so a job that can write the cache (a
 pull request's CI) cannot poison a release build. Every entry is checked like a
 snapshot before use: its config, its tree, and that the manifest lists every chunk.
+
+An entry taken without ``--cache-trust`` is vouched for by nobody: the build names it
+in a warning and the snapshot's config records it, on the step (its provenance)::
+
+    steps: [{"name": "heavy", ..., "unverified_cache": {"registry": URL, "entry": DIGEST}},
+            {"name": "final", ..., "unverified_cache": {"built_from": ["heavy"]}}]
+
+and ``snapbuild sign`` refuses such a snapshot. The mark is kept in the store beside
+the step's result (``refs/unverified/KEY.json``), so that a later build that finds the
+result in the local store, or builds on it, records it too: the local store does not
+launder an entry. Building the step here, or taking a signed entry for it, clears it.
 """
 
 from __future__ import annotations
@@ -28,13 +39,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import IntegrityError, NotFound, SnapbuildError
+from .exec import BUILT, CACHED, BuildResult
 from .plan import Plan
 from .registry import open_registry
 from .registry.base import Registry
 from .registry.ref import Ref
 from .registry.transfer import fetch, push
 from .store import Store
-from .store.fsutil import canonical_json
+from .store.fsutil import atomic_write_json, canonical_json, read_json
 from .store.local import StepRef
 from .store.snapshot import (MANIFEST_MEDIA_TYPE, TREE_MEDIA_TYPE, chunk_layers, parse_manifest, referenced_blobs,
                              tree_layers_problem)
@@ -88,6 +100,11 @@ class Hit:
     entry: dict  # the config: key, name, kind, artifact, duration_s
     registry: Registry
     manifest_digest: str
+    verified: bool = False  # signed by a --cache-trust key
+
+    def provenance(self) -> dict:
+        """What a snapshot records of an unverified entry: where it came from."""
+        return {"registry": self.registry.url, "entry": self.manifest_digest}
 
 
 def lookup(regs: list[Registry], key: str, trust: Trust | None = None, say=lambda msg: None) -> Hit | None:
@@ -116,7 +133,7 @@ def lookup(regs: list[Registry], key: str, trust: Trust | None = None, say=lambd
         if why:
             say(f"remote cache {reg.url}: not using the entry for {key[:12]}: {why}")
             continue
-        return Hit(key=key, entry=entry, registry=reg, manifest_digest=digest)
+        return Hit(key=key, entry=entry, registry=reg, manifest_digest=digest, verified=policy is not None)
     return None
 
 
@@ -140,7 +157,65 @@ def download(hit: Hit, store: Store, jobs: int = 8) -> dict:
     e = hit.entry
     store.put_ref(StepRef(key=hit.key, artifact=e["artifact"], name=e.get("name", ""), kind=e.get("kind", ""),
                           duration_s=e.get("duration_s", 0.0)))
+    _mark(store, hit.key, e["artifact"], None if hit.verified else hit.provenance())
     return got
+
+
+def _mark_path(store: Store, key: str) -> Path:
+    return store.home / "refs" / "unverified" / f"{key}.json"
+
+
+def _mark(store: Store, key: str, artifact: str, record: dict | None) -> None:
+    """Remember (or, with None, forget) that the store's result for ``key`` is unverified."""
+    if record is None:
+        _mark_path(store, key).unlink(missing_ok=True)
+    else:
+        atomic_write_json(_mark_path(store, key), {"artifact": artifact, **record}, tmp_dir=store.home / "tmp")
+
+
+def _marked(store: Store, key: str, artifact: str | None) -> dict | None:
+    """The unverified mark of the store's result ``artifact`` for ``key``, if it has one."""
+    try:
+        mark = read_json(_mark_path(store, key))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(mark, dict) or mark.pop("artifact", None) != artifact:
+        return None  # a mark of another result for that key (since rebuilt here)
+    return mark
+
+
+def unverified_steps(plan: Plan, result: BuildResult, store: Store, hits: dict[str, Hit]) -> dict[str, dict]:
+    """The steps of ``result`` that nothing vouches for, with where each came from: taken
+    from a remote cache without --cache-trust (in this build: ``hits``; or earlier, into
+    the store), or built here from such a step's output. Marks the results this build
+    made here accordingly, so that later builds record them too."""
+    out: dict[str, dict] = {}
+    for name, r in result.steps.items():
+        hit = hits.get(name)
+        record = None
+        if r.status == CACHED and hit is not None:
+            record = None if hit.verified else hit.provenance()
+        elif r.status == CACHED:
+            record = _marked(store, r.key, r.artifact)
+        elif r.status == BUILT:
+            bad = sorted(d for d in _inputs(plan.recipe, name) if d in out)
+            record = {"built_from": bad} if bad else None
+            if r.artifact and not plan.recipe.steps[name].kind.ephemeral:
+                _mark(store, r.key, r.artifact, record)
+        if record:
+            out[name] = record
+    return out
+
+
+def warning(name: str, record: dict) -> str:
+    """The warning a build gives for an unverified step."""
+    if "built_from" in record:
+        src = f"was built from {', '.join(record['built_from'])}, which came from a remote cache unverified"
+    else:
+        src = (f"came from the remote cache {record.get('registry')} without --cache-trust (entry "
+               f"{str(record.get('entry'))[:19]}): anyone who can write that cache could have put it there")
+    return (f"step {name} {src}; the snapshot records it and `snapbuild sign` refuses it (forget the store's "
+            "results: `snapbuild cache gc --older-than 0s`, then build with --cache-from URL --cache-trust PUBKEY)")
 
 
 def upload(reg: Registry, store: Store, ref: StepRef, jobs: int = 8, sign_key: Path | None = None) -> dict | None:
@@ -192,9 +267,10 @@ def _inputs(recipe, name: str) -> set[str]:
     return out
 
 
-def apply(plan: Plan, store: Store, urls: list[str], say=lambda msg: None, trust: Trust | None = None) -> dict:
+def apply(plan: Plan, store: Store, urls: list[str], say=lambda msg: None,
+          trust: Trust | None = None) -> dict[str, Hit]:
     """Turn the plan's steps that ``urls`` hold into cache hits (their reason says
-    where), downloading what the build needs here. Returns {step: registry url}."""
+    where), downloading what the build needs here. Returns {step: hit}."""
     regs = [open_registry(u) for u in urls]
     hits: dict[str, Hit] = {}
     for name, ps in plan.steps.items():
@@ -222,4 +298,4 @@ def apply(plan: Plan, store: Store, urls: list[str], say=lambda msg: None, trust
             say(f"remote cache: {name} from {hit.registry.url} ({got['blobs_fetched']} blobs fetched)")
         else:
             say(f"remote cache: {name} found in {hit.registry.url}; not needed here, not downloaded")
-    return {name: hit.registry.url for name, hit in hits.items()}
+    return hits

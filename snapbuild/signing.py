@@ -173,6 +173,52 @@ def sign(reg: Registry, ref: Ref, key_path: Path, digest: str | None = None) -> 
             "referrers": "api" if in_api else "fallback-tag"}
 
 
+def unverified_cache_steps(reg: Registry, ref: Ref, digest: str) -> list[dict]:
+    """The steps of snapshot ``digest`` that nothing vouches for: taken from a remote
+    build cache without ``--cache-trust``, or built from such a step (its config records
+    them as ``unverified_cache``; see remote_cache)."""
+    from .schema import SnapshotConfig
+    from .store.snapshot import parse_manifest
+
+    manifest = parse_manifest(reg.get_manifest(ref.name, digest), digest)
+    try:
+        doc = json.loads(reg.get_blob(ref.name, manifest["config"]["digest"]))
+    except ValueError:
+        doc = None
+    steps = SnapshotConfig.from_json(doc, f"snapshot {ref} config").steps
+    return [s for s in steps if s.get("unverified_cache")]
+
+
+def sign_snapshot(reg: Registry, ref: Ref, key_path: Path, *, allow_unverified_cache: bool = False) -> dict:
+    """``snapbuild sign``: sign snapshot ``ref``, unless it holds steps nothing vouches
+    for (a signature would make nodes trust a remote cache's writers). With
+    ``allow_unverified_cache`` it signs anyway; the result lists those steps."""
+    load_private_key(key_path)  # a bad key fails before anything is read
+    at_origin = getattr(reg, "at_origin", None)
+    if at_origin is not None:
+        reg = at_origin()
+    digest = reg.resolve(ref)
+    steps = unverified_cache_steps(reg, ref, digest)
+    names = ", ".join(_from_where(s) for s in steps)
+    if steps and not allow_unverified_cache:
+        raise UntrustedSnapshot(
+            f"not signing {ref} ({digest[:19]}): steps came from a remote build cache that nothing verified: {names}",
+            hint="whoever can write that cache chose their results: forget the build store's results "
+                 "(`snapbuild cache gc --older-than 0s`) and build it again with --cache-from URL --cache-trust "
+                 "PUBKEY, or without --cache-from; or sign anyway with --allow-untrusted-cache")
+    return sign(reg, ref, key_path, digest=digest) | {"unverified_cache": steps}
+
+
+def _from_where(step: dict) -> str:
+    """``NAME (from URL)`` or ``NAME (built from A, B)``: where an unverified step came from."""
+    record = step.get("unverified_cache")
+    record = record if isinstance(record, dict) else {}
+    if record.get("registry"):
+        return f"{step.get('name')} (from {record['registry']})"
+    built = record.get("built_from") or []
+    return f"{step.get('name')} (built from {', '.join(map(str, built))})" if built else str(step.get("name"))
+
+
 def _fallback_index(reg: Registry, name: str, digest: str) -> dict:
     try:
         idx_digest = reg.resolve(Ref(name=name, tag=_fallback_tag(digest)))

@@ -86,7 +86,9 @@ def plan(recipe, sets, offline, as_json):
 @click.option("--push", "push_to", metavar="URL", multiple=True,
               help="After publishing, push the snapshot to this registry too (repeatable).")
 @click.option("--cache-from", metavar="URL", multiple=True,
-              help="Look up step results in this registry before running a step (repeatable; first hit wins).")
+              help="Look up step results in this registry before running a step (repeatable; first hit wins). "
+                   "Without --cache-trust, a result taken from it is named in a warning and recorded in the "
+                   "snapshot, which `snapbuild sign` then refuses.")
 @click.option("--cache-to", metavar="URL", multiple=True,
               help="Send the step results of this build to this registry's cache (repeatable).")
 @click.option("--sign-key", type=click.Path(dir_okay=False, exists=True), default=None,
@@ -200,8 +202,12 @@ def inspect(ref, registry, as_json):
             click.echo("    tip: if weights are in the anonymous memory, memory-map them from a mounted input "
                        "(docs/recipes.md, \"Small checkpoints\")")
     if info.get("secret_env"):
-        click.echo(f"  warning: the warm-up's env has {', '.join(info['secret_env'])}, which look like secrets: "
-                   "the checkpoint holds the server's memory (docs/recipes.md, \"Secrets\")")
+        click.echo(f"  warning: the warm-up's env or command has {', '.join(info['secret_env'])}, which look like "
+                   "secrets: they are in the snapshot, and the checkpoint holds the server's memory "
+                   "(docs/recipes.md, \"Secrets\")")
+    if info.get("env_from_node"):
+        click.echo(f"  env from the node: {', '.join(info['env_from_node'])} (values from the runner's environment "
+                   "at each start, never in the snapshot)")
     click.echo("  outputs:")
     for o in info["outputs"]:
         click.echo(f"    {o['step']:<16} {o['files']:>5} files {_size(o['bytes']):>10}  {o['tree'][:19]}")
@@ -341,20 +347,32 @@ def keygen(path, as_json):
 @click.option("--key", "key_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="The private key (from `snapbuild keygen`).")
 @registry_option
+@click.option("--allow-untrusted-cache", is_flag=True,
+              help="Sign even when steps of the snapshot came from a remote build cache without --cache-trust "
+                   "(the build warned, and its config records them).")
 @json_option
-def sign(ref, key_path, registry, as_json):
+def sign(ref, key_path, registry, allow_untrusted_cache, as_json):
     """Sign snapshot REF in a registry with an ed25519 key.
 
     The signature is stored beside the snapshot, as an OCI referrer of its manifest
     (with the OCI 1.1 fallback tag `sha256-<hex>` for registries without the referrers
     API). Nodes check it with `snapbuild-runner restore --trust-policy FILE`.
+
+    Refuses (exit 10) a snapshot with steps taken from a remote build cache that
+    nothing verified (`build --cache-from` without `--cache-trust`): whoever can write
+    that cache chose them, and a signature would make nodes trust them.
     """
     from ..registry import default_registry_url, locate, open_registry, parse_ref
-    from ..signing import sign as do_sign
+    from ..signing import sign_snapshot
     from ..store import Store
 
     ref, registry = locate(ref, registry)
-    out = do_sign(open_registry(registry or default_registry_url(Store().home)), parse_ref(ref), Path(key_path))
+    out = sign_snapshot(open_registry(registry or default_registry_url(Store().home)), parse_ref(ref),
+                        Path(key_path), allow_unverified_cache=allow_untrusted_cache)
+    if out["unverified_cache"]:
+        names = ", ".join(s.get("name", "?") for s in out["unverified_cache"])
+        click.echo(f"warning: signed anyway (--allow-untrusted-cache): steps {names} came from a remote build "
+                   "cache that nothing verified; nodes that trust this key will run them", err=True)
     if as_json:
         emit_json(out)
         return

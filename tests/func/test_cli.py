@@ -189,3 +189,19 @@ def test_logs_of_a_warmup_point_to_its_checkpoint(run_cli, recipe):
     assert r.code == 6, r
     assert "runs, and logs, inside the step that checkpoints it" in r.err
     assert f"snapbuild logs {path} snap" in r.err
+
+
+def test_sign_refuses_what_an_unverified_cache_gave_unless_told(run_cli, project, recipe, tmp_path):
+    path = make(project, recipe)
+    cache = f"file://{tmp_path / 'cache'}"
+    assert run_cli("build", path, "--cache-to", cache, env={"SNAPBUILD_HOME": str(tmp_path / "other")}).code == 0
+    r = run_cli("build", path, "--cache-from", cache, "--progress", "plain")
+    assert r.code == 0 and f"warning: step join came from the remote cache {cache} without --cache-trust" in r.err, r
+    assert run_cli("keygen", tmp_path / "ci.key").code == 0
+    r = run_cli("sign", "demo:1", "--key", tmp_path / "ci.key")
+    assert r.code == 10 and r.err.startswith("ERROR not signing demo:1") and f"join (from {cache})" in r.err, r
+    assert "TIP" in r.err and "Traceback" not in r.err
+    r = run_cli("sign", "demo:1", "--key", tmp_path / "ci.key", "--allow-untrusted-cache", "--json")
+    assert r.code == 0 and "warning: signed anyway (--allow-untrusted-cache)" in r.err, r
+    assert {s["name"] for s in r.json()["unverified_cache"]} == {"src", "up", "count", "join"}
+    assert "--allow-untrusted-cache" in run_cli("sign", "--help").out

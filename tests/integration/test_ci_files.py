@@ -52,7 +52,25 @@ def team_registry(tmp_path):
     proc.wait(timeout=10)
 
 
-def test_publish_script_builds_with_the_cache_pushes_and_signs(team_registry, project, tmp_path, run_cli):
+def _forge_entry(url: str, recipe_path: Path, step: str, tmp_path: Path) -> str:
+    """What a job that can write the cache but lacks the signing key (a pull request's CI)
+    can do: replace a step's entry with an output of its own."""
+    from test_hostile import Forge
+
+    from snapbuild.build import plan
+    from snapbuild.remote_cache import REPO as CACHE_REPO
+    from snapbuild.store import Store
+
+    forge = Forge(tmp_path / "forge")
+    [p] = plan(recipe_path, store=Store(tmp_path / "attacker"))
+    key = p.steps[step].key
+    entry = forge.cache_entry(key, forge.tree(forge.file("b.txt", b"pwned\n")))
+    forge.publish(url, CACHE_REPO, key, entry)
+    return entry
+
+
+def test_publish_script_builds_with_the_cache_pushes_and_signs(team_registry, project, tmp_path, run_cli,
+                                                               monkeypatch):
     url, user, password = team_registry
     (project / "recipe.yaml").write_text(
         'name: demo\nsteps:\n  a: {kind: command, run: "echo one > a.txt", outputs: [a.txt]}\n'
@@ -70,9 +88,14 @@ def test_publish_script_builds_with_the_cache_pushes_and_signs(team_registry, pr
         steps = {s["name"]: s for s in json.loads(r.stdout)["steps"]}
         if i == 0:
             assert [s["status"] for s in steps.values()] == ["built", "built"]
+            monkeypatch.setenv("SNAPBUILD_REGISTRY_USERNAME", user)
+            monkeypatch.setenv("SNAPBUILD_REGISTRY_PASSWORD", password)
+            _forge_entry(url, project / "recipe.yaml", "b", tmp_path)
         else:
-            assert [s["status"] for s in steps.values()] == ["cached", "cached"], steps
-            assert steps["b"]["reason"].startswith("in remote cache oci://"), "the shared cache, not a local one"
+            assert [s["status"] for s in steps.values()] == ["cached", "built"], steps
+            assert steps["a"]["reason"].startswith("in remote cache oci://"), "the shared cache, not a local one"
+            assert "b: remote cache oci://" in r.stderr and "is not signed" in r.stderr, "the forged entry: unused"
+            assert "warning: step" not in r.stderr, "a signed entry is taken silently"
     assert not list(tmp_path.glob("tmp*")), "the key's temporary file is gone"
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps({"snapshots": {"demo": [str(tmp_path / "ci.key.pub")]}}))
@@ -94,3 +117,14 @@ def test_the_workflow_runs_the_publish_script_with_the_secrets_it_documents():
     script = (REPO / "ci" / "publish-snapshot.sh").read_text()
     for var in ("SNAPBUILD_PUBLISH_TO", "SNAPBUILD_CACHE", "SNAPBUILD_SIGNING_KEY"):
         assert var in script
+    assert "--cache-from" not in runs and "--allow-untrusted-cache" not in runs + script
+
+
+def test_the_publish_script_trusts_only_cache_entries_its_key_signed():
+    """Every build the script runs that reads the cache takes only signed entries, and
+    signs what it sends: a job that can write the cache cannot launder code through it."""
+    script = (REPO / "ci" / "publish-snapshot.sh").read_text()
+    builds = [" ".join(c.split()) for c in script.replace("\\\n", " ").splitlines() if '"$sb" build' in c]
+    assert builds, "the script builds"
+    for cmd in builds:
+        assert "--cache-from" in cmd and "--cache-trust" in cmd and "--cache-to" in cmd and "--sign-key" in cmd, cmd
