@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from . import tools
 from .errors import IntegrityError, SnapbuildError
 from .runtime import erofs, lazyimage, layout
-from .store.fsutil import ParallelWrites, flock
+from .store.fsutil import ParallelWrites, flock, remove_tree, walk
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def _write_member(target: Path, data: bytes, m: tarfile.TarInfo, chown: bool,
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+        remove_tree(path)
     elif os.path.lexists(path):
         path.unlink()
 
@@ -269,7 +269,7 @@ def cached_layer(digest: str, open_layer, cache: Path, *, user: str | None = Non
         users = marker.read_text().splitlines(keepends=True) if marker.exists() else []
         marker.unlink(missing_ok=True)
         tmp = layout.layer_partial(cache, hexpart)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp, ignore_errors=True)
         forget_layer(final)
         if mount_image is not None:
             mount_image(final)
@@ -317,7 +317,7 @@ def forget_layer(path: Path) -> None:
 
     if os.path.ismount(path):
         erofs.take_down(path)
-    shutil.rmtree(path, ignore_errors=True)
+    remove_tree(path, ignore_errors=True)
 
 
 def _is_whiteout(st: os.stat_result) -> bool:
@@ -329,7 +329,7 @@ def copy_assemble(layers: Iterable[Path], dest: Path) -> None:
     and opaque folders: the fallback where overlayfs is unavailable."""
     dest.mkdir(parents=True, exist_ok=True)
     for layer in layers:
-        for dirpath, dirnames, filenames in os.walk(layer):
+        for dirpath, dirnames, filenames in walk(layer):
             rel = os.path.relpath(dirpath, layer)
             out = dest if rel == "." else dest / rel
             try:

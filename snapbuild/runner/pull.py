@@ -6,7 +6,7 @@ Imports only the store, registry and runtime packages: this runs on inference no
 from __future__ import annotations
 
 import errno
-import shutil
+import os
 import time
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from ..registry.transfer import fetch
 from ..runtime import erofs
 from ..schema import read_config
 from ..store.direct import Direct
+from ..store.fsutil import atomic_write_json, read_json, remove_tree
 from ..store.snapshot import check_snapshot, load_config, pull_selection, referenced_blobs
 from ..store.tree import load_tree, materialize
 
@@ -147,18 +148,7 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
 
     outputs = {}
     if dest is not None:
-        dest = Path(dest)
-        if dest.exists() and any(dest.iterdir()):
-            raise UsageError(f"destination {dest} is not empty", hint="choose a new or empty folder")
-        try:
-            for step, tree_digest in config["outputs"].items():
-                where = f"snapshot {ref}, step {step!r}: tree"
-                materialize(store.blobs, load_tree(store.blobs, tree_digest, where), dest / step)
-                outputs[step] = str(dest / step)
-        except BaseException:
-            for path in outputs.values():  # all outputs or none
-                shutil.rmtree(path, ignore_errors=True)
-            raise
+        outputs = write_outputs(store, str(ref), digest, config["outputs"], Path(dest))
     t_done = time.monotonic()
     return {
         "ref": str(ref), "digest": digest, "name": config["name"], "config": config, "snapshot": snapshot,
@@ -170,3 +160,72 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
                     "materialize_s": round(t_done - t_fetch, 4), "total_s": round(t_done - t0, 4)},
     }
 
+
+#: In ``dest`` while ``pull --dest`` writes it: the snapshot and the outputs started, so
+#: that the same pull run again after a kill knows what in ``dest`` is its own.
+PULL_MARKER = ".snapbuild-pull.json"
+
+
+def write_outputs(store: Store, ref: str, digest: str, trees: dict[str, str], dest: Path) -> dict[str, str]:
+    """Write each output (step -> tree digest) of snapshot ``digest`` to ``dest/<step>``,
+    all or none. ``dest`` must be new or empty, or hold what an interrupted pull into it
+    left (:data:`PULL_MARKER` says what): its outputs of the same snapshot are complete
+    (a tree appears under its name only whole) and kept; the rest of it, half-written
+    trees and another snapshot's outputs, is removed. Anything else there is refused."""
+    mine = _resume(dest, digest, trees)
+    marker = dest / PULL_MARKER
+    outputs: dict[str, str] = {}
+    started = list(mine)
+    try:
+        for step, tree_digest in trees.items():
+            if step not in mine:
+                started.append(step)  # listed first: a kill after the rename still leaves it ours
+                atomic_write_json(marker, {"digest": digest, "outputs": started})
+                where = f"snapshot {ref}, step {step!r}: tree"
+                materialize(store.blobs, load_tree(store.blobs, tree_digest, where), dest / step, where)
+            outputs[step] = str(dest / step)
+    except BaseException:
+        for step in started:  # all outputs or none
+            remove_tree(dest / step, ignore_errors=True)
+        marker.unlink(missing_ok=True)
+        raise
+    marker.unlink(missing_ok=True)
+    return outputs
+
+
+def _resume(dest: Path, digest: str, trees: dict[str, str]) -> set[str]:
+    """The outputs in ``dest`` that an interrupted pull of snapshot ``digest`` finished
+    (reused), once what else it left there is removed; a UsageError when ``dest`` holds
+    anything that is not that pull's."""
+    try:
+        names = sorted(os.listdir(dest))
+    except FileNotFoundError:
+        return set()
+    except NotADirectoryError:
+        raise UsageError(f"destination {dest} is not a folder", hint="choose a new or empty folder") from None
+    if all(n.startswith(f".{PULL_MARKER}.") for n in names):  # killed while it wrote its first marker
+        for name in names:
+            (dest / name).unlink(missing_ok=True)
+        return set()
+    try:
+        record = read_json(dest / PULL_MARKER)
+        started = [s for s in record["outputs"] if isinstance(s, str) and "/" not in s and s not in ("", ".", "..")]
+        same = record["digest"] == digest
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"destination {dest} is not empty", hint="choose a new or empty folder") from None
+    ours = set(started) | {PULL_MARKER}
+    foreign = [n for n in names if n not in ours and not _leftover(n)]
+    if foreign:
+        raise UsageError(f"destination {dest} is not empty: {foreign[0]!r} is not from the interrupted pull "
+                         f"of {record['digest']}", hint="choose a new or empty folder")
+    kept = {s for s in started if same and s in trees and os.path.isdir(dest / s) and not os.path.islink(dest / s)}
+    for name in names:
+        if name not in kept and name != PULL_MARKER:
+            remove_tree(dest / name)
+    return kept
+
+
+def _leftover(name: str) -> bool:
+    """A name an interrupted pull may leave: a tree being written (tree.materialize's
+    ``.<step>.XXXX.partial``) or the marker's temporary file."""
+    return (name.startswith(".") and name.endswith(".partial")) or name.startswith(f".{PULL_MARKER}.")

@@ -44,7 +44,7 @@ def ensure_tree(blobs: BlobStore, digest: str, root: Path, image: str | None = N
                     f.write(user)
             return final, False
         tmp = layout.tree_partial(final)
-        shutil.rmtree(tmp, ignore_errors=True)
+        fsutil.remove_tree(tmp, ignore_errors=True)
         # (an image tree whose mount went with a reboot keeps its users)
         users = [u for u in (_read(layout.tree_users(final)) or "").splitlines(keepends=True) if u != user]
         discard(final)  # an incomplete earlier attempt
@@ -149,7 +149,7 @@ def link_farm(src: Path, dest: Path) -> dict[str, tuple[int, int, int]]:
     whether the command wrote to a shared file in place.
     """
     sigs: dict[str, tuple[int, int, int]] = {}
-    for dirpath, dirnames, filenames in os.walk(src):
+    for dirpath, dirnames, filenames in fsutil.walk(src):
         rel = os.path.relpath(dirpath, src)
         out = dest if rel == "." else dest / rel
         out.mkdir(parents=True, exist_ok=True)
@@ -196,4 +196,4 @@ def discard(path: Path) -> None:
         side.unlink(missing_ok=True)
     marker = path / MARKER
     marker.unlink(missing_ok=True)
-    shutil.rmtree(path, ignore_errors=True)
+    fsutil.remove_tree(path, ignore_errors=True)

@@ -9,6 +9,7 @@ process killed half way) never sees a partial file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -174,3 +175,144 @@ def file_digest(path) -> str:
 
     with open(path, "rb") as f:
         return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# -- trees of any depth: walked and removed with explicit stacks --------------------------
+# os.walk and shutil.rmtree recurse once per folder level (Python 3.11): a tree 2,000
+# folders deep, which a registry can ship within PATH_MAX, ends them in a RecursionError.
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def walk(top) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(top)`` (top-down, links to folders listed but not entered, unreadable
+    folders skipped), with a stack instead of recursion. The caller may sort or prune
+    ``dirnames`` in place, as with os.walk."""
+    stack = [os.fspath(top)]
+    while stack:
+        path = stack.pop()
+        dirs, nondirs = [], []
+        try:
+            with os.scandir(path) as it:
+                for entry in it:
+                    try:
+                        is_dir = entry.is_dir()
+                    except OSError:
+                        is_dir = False
+                    (dirs if is_dir else nondirs).append(entry.name)
+        except OSError:
+            continue
+        yield path, dirs, nondirs
+        for name in reversed(dirs):  # popped in order: the first folder is walked first
+            sub = os.path.join(path, name)
+            if not os.path.islink(sub):
+                stack.append(sub)
+
+
+def remove_tree(path, *, ignore_errors: bool = False) -> None:
+    """Remove ``path`` and everything below it (a missing path is no error), like
+    ``shutil.rmtree`` but of any depth: one folder descriptor is open at a time, each
+    component is opened relative to its parent without following links, and the way
+    back up (``..``) is checked to be the folder that was entered, so a folder moved
+    meanwhile stops the removal instead of sending it elsewhere. Folders are made
+    writable first (a tree may hold read-only ones). With ``ignore_errors``, what cannot
+    be removed is left and the rest goes; otherwise the first error is raised."""
+    path = os.fspath(path)
+    errors: list[OSError] = []
+    try:
+        _remove_tree(path, errors)
+    except OSError as e:
+        errors.append(e)
+    if errors and not ignore_errors:
+        raise errors[0]
+
+
+def _remove_tree(path: str, errors: list[OSError]) -> None:
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        os.unlink(path)  # a file or a link: removed itself, never followed
+        return
+    try:
+        # One level per folder being emptied, from ``path`` down: its name in its parent,
+        # its identity (checked on the way back up) and the subfolders still to empty.
+        levels = [("", _identity(fd), _empty_files(fd, errors))]
+        while levels:
+            subdirs = levels[-1][2]
+            if subdirs:
+                name = subdirs.pop()
+                try:
+                    sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except OSError as e:
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR):  # replaced by a link or a file meanwhile
+                        _unlink(fd, name, errors)
+                    elif e.errno != errno.ENOENT:
+                        errors.append(e)
+                    continue
+                os.close(fd)
+                fd = sub
+                levels.append((name, _identity(fd), _empty_files(fd, errors)))
+                continue
+            name = levels.pop()[0]
+            if not levels:
+                break
+            up = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            if _identity(up) != levels[-1][1]:
+                os.close(up)
+                raise OSError(errno.ESTALE, f"a folder below {path} was moved while it was being removed")
+            os.close(fd)
+            fd = up
+            try:
+                os.rmdir(name, dir_fd=fd)
+            except OSError as e:
+                errors.append(e)
+    finally:
+        os.close(fd)
+    os.rmdir(path)
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _unlink(fd: int, name: str, errors: list[OSError]) -> None:
+    try:
+        os.unlink(name, dir_fd=fd)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        errors.append(e)
+
+
+def _empty_files(fd: int, errors: list[OSError]) -> list[str]:
+    """Remove everything in the folder at ``fd`` but its subfolders; returns their names."""
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o700)
+    subdirs = []
+    with os.scandir(fd) as it:
+        for entry in it:
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subdirs.append(entry.name)
+            else:
+                _unlink(fd, entry.name, errors)
+    return subdirs
+
+
+def free_space(path) -> tuple[int, int | None]:
+    """Bytes and inodes free (to an unprivileged user) on the file system of ``path``,
+    or of its nearest existing parent; inodes None where the file system has no fixed
+    number of them (btrfs)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    st = os.statvfs(p)
+    return st.f_bavail * st.f_frsize, (st.f_favail if st.f_files else None)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from collections.abc import Iterator
 
 from ..errors import IntegrityError, NotFound
 from .blobs import BlobStore
-from .fsutil import atomic_write, atomic_write_json, flock, read_json
+from .fsutil import atomic_write, atomic_write_json, flock, read_json, remove_tree
 from .tree import load_tree, tree_blobs, tree_size
 
 
@@ -290,7 +289,7 @@ class Store:
                     if f"sha256:{p.name.removesuffix('.partial')}" not in live or p.name.endswith(".partial"):
                         report.temp_removed += 1
                         if not dry_run:
-                            shutil.rmtree(p, ignore_errors=True)
+                            remove_tree(p, ignore_errors=True)
             # Nothing else runs under the exclusive lock, so every temp file and step
             # lock file is stale.
             for sub in ("tmp", "work", "locks/steps"):
@@ -299,7 +298,7 @@ class Store:
                     for p in d.iterdir():
                         report.temp_removed += 1
                         if not dry_run:
-                            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+                            remove_tree(p)
         return report
 
     def _state_keys(self) -> set[str]:

@@ -124,15 +124,22 @@ class Beneath:
     def dir(self, rel: str, create: bool = False) -> int:
         """The descriptor of folder ``rel`` (``""``: the root), each component opened
         without following links; with ``create``, missing folders are made (0700; the
-        caller sets their final mode)."""
-        if not rel:
-            return self._root_fd
-        fd = self._fds.get(rel)
-        if fd is not None:
-            self._fds.move_to_end(rel)
-            return fd
-        head, _, name = rel.rpartition("/")
-        parent = self.dir(head, create)
+        caller sets their final mode). Walks up to the nearest folder open already, then
+        down one component at a time: no recursion, whatever the depth."""
+        below: list[str] = []  # the folders to open, innermost first
+        head = rel
+        while head and head not in self._fds:
+            below.append(head)
+            head = head.rpartition("/")[0]
+        if head:
+            self._fds.move_to_end(head)
+        fd = self._fds[head] if head else self._root_fd
+        for path in reversed(below):
+            fd = self._open_dir(fd, path, create)
+        return fd
+
+    def _open_dir(self, parent: int, rel: str, create: bool) -> int:
+        name = rel.rpartition("/")[2]
         if create:
             try:
                 os.mkdir(name, 0o700, dir_fd=parent)
@@ -145,7 +152,7 @@ class Beneath:
                 raise self._refuse(rel, "is a symlink or not a folder") from None
             raise
         self._fds[rel] = fd
-        if len(self._fds) > self._keep:
+        if len(self._fds) > self._keep:  # the least recently used; never ``fd``, just added
             os.close(self._fds.popitem(last=False)[1])
         return fd
 

@@ -746,3 +746,65 @@ def test_servers_get_gpus_of_their_own_wait_for_one_and_keep_them_across_a_resta
             restore.stop(pid)
     assert not leaked, f"servers the agent started are still running: {leaked}"
     assert not alive(s["b"]["pid"]) and not alive(s["c"]["pid"])
+
+
+def test_a_hostile_snapshot_is_tried_once_then_backed_off_with_the_reason_in_servers(agent, tmp_path):
+    """A snapshot refused as hostile is not retried on the crash-loop back-off (each try
+    is a pull and a check): the slot is `refused`, /servers says which digest and why,
+    and only a new digest on its tag is tried before the back-off ends."""
+    from test_hostile import Forge
+    from test_hostile_trees import DEPTH, deep_tree
+
+    forge = Forge(tmp_path / "forge")
+    url = f"file://{tmp_path / 'evil-registry'}"
+    first = forge.snapshot({"app": deep_tree(forge)})
+    forge.publish(url, "evil", "1", first)
+    a = agent(f'registry = "{url}"\n[[server]]\nname = "evil"\nref = "evil:1"\n', poll_s=0.5,
+              env={"SNAPBUILD_HOME": str(tmp_path / "node")})
+    s = a.wait(lambda s: s["state"] == "refused", what="refused", name="evil")
+    assert s["refused"]["digest"] == first
+    assert "257 folders deep" in s["refused"]["reason"] and "257 folders deep" in s["last_error"], s
+    assert s["refused"]["retry_in_s"] > 30 and s["pid"] is None
+
+    def tries() -> list[dict]:
+        return [e for e in a.events() if e["event"] in ("snapshot_refused", "start_failed", "started")]
+
+    time.sleep(5)  # ten polls of its tag, and several crash-loop back-offs (1, 2, 4 s)
+    assert [(e["event"], e["digest"]) for e in tries()] == [("snapshot_refused", first)], tries()
+    assert a.server("evil")["state"] == "refused"
+
+    second = forge.snapshot({"app": deep_tree(forge, DEPTH + 1)})  # the tag moves: tried at once
+    forge.publish(url, "evil", "1", second)
+    a.wait(lambda s: (s["refused"] or {}).get("digest") == second, what="the new digest refused", name="evil")
+    time.sleep(2)
+    assert [e["digest"] for e in tries()] == [first, second], tries()
+
+
+def test_the_agent_warns_when_its_api_listens_beyond_loopback(tmp_path, home):
+    from snapbuild.runner.agent.api import exposure_warning
+
+    for address in ("127.0.0.1:9411", "127.3.0.1:1", "localhost:1", "[::1]:1", ":9411", "unix:/run/a.sock"):
+        assert exposure_warning(address) is None, address
+    for address in ("0.0.0.0:9411", "10.1.2.3:9411", "[::]:9411", "node7.internal:9411"):
+        assert "beyond loopback" in exposure_warning(address), address
+    for bind in ("0.0.0.0", "127.0.0.1"):
+        port = free_port()
+        config = tmp_path / f"agent-{bind}.toml"
+        config.write_text(f'api = "{bind}:{port}"\nstate_dir = "{tmp_path / "state"}"\n'
+                          f'[[server]]\nname = "x"\nref = "nothing:1"\nregistry = "file://{tmp_path / "empty"}"\n')
+        a = AgentProc(config, port, tmp_path / f"agent-{bind}.log")
+        try:
+            deadline = time.monotonic() + 30
+            while not any(e["event"] == "serving" for e in a.events()):
+                assert a.proc.poll() is None and time.monotonic() < deadline, a.log_path.read_text()
+                time.sleep(0.1)
+            assert json.loads(a.get("/healthz"))["ok"]  # over loopback, whatever it binds
+            warned = [e for e in a.events() if e["event"] == "warning" and "beyond loopback" in e["message"]]
+            if bind == "0.0.0.0":
+                assert len(warned) == 1 and f"listens on 0.0.0.0:{port}" in warned[0]["message"], a.events()
+                assert f'bind it to 127.0.0.1 (api = "127.0.0.1:{port}"' in warned[0]["message"]
+                assert "/servers" in warned[0]["message"] and "log" in warned[0]["message"]
+            else:
+                assert warned == [], warned
+        finally:
+            assert a.stop() == 0

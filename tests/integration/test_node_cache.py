@@ -88,3 +88,67 @@ def test_a_full_disk_lets_old_snapshots_go_then_says_so(recipe, project, store, 
         assert not [p for p in (node.home / "tmp").rglob("*") if p.is_file()], "no half-written blob left"
     finally:
         subprocess.run(["umount", "-l", str(disk)])
+
+
+def _files_of(root):
+    """Every path below ``root`` with its mode and content (a link: its target)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        body = os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else None
+        out[p.relative_to(root).as_posix()] = (st.st_mode, body)
+    return out
+
+
+def test_pull_dest_killed_midway_then_run_again_finishes_the_job(recipe, project, store, tmp_path, run_cli):
+    """`pull --dest` SIGKILLed while it writes an output leaves a `.partial` folder; the
+    same command run again reuses what the first run finished, removes the rest, and
+    gives what a clean pull gives. A destination holding anything else is still refused."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for name, count in (("many", 4000), ("more", 4000)):  # thousands of files: writing one takes a while
+        (project / name).mkdir()
+        for i in range(count):
+            (project / name / f"f{i:05}.txt").write_bytes(os.urandom(64 + i % 512))
+    (project / "many" / "w.bin").write_bytes(os.urandom(6 * MiB))
+    path = recipe('name: pair\nsteps:\n  many: {kind: files, root: many}\n  more: {kind: files, root: more}\n'
+                  'publish: {tag: "pair:v1", steps: [many, more]}\n', name="pair.yaml")
+    [res] = build(path, store=store)
+    assert res.ok
+    reg = f"file://{store.home / 'registry'}"
+    node = {"SNAPBUILD_HOME": str(tmp_path / "node")}
+    dest = tmp_path / "dest"
+    cmd = [str(Path(sys.executable).parent / "snapbuild-runner"), "pull", "pair:v1", "--registry", reg,
+           "--dest", str(dest)]
+    proc = subprocess.Popen(cmd, env={**os.environ, **node}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (dest.is_dir() and any(n.endswith(".partial") for n in os.listdir(dest))):
+        assert proc.poll() is None and time.monotonic() < deadline, ("it ended before writing", proc.stderr.read())
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = sorted(os.listdir(dest))
+    assert any(n.endswith(".partial") for n in left), left
+
+    r = run_cli(*cmd[1:], tool="snapbuild-runner", env=node)
+    assert r.code == 0, r
+    clean = tmp_path / "clean"
+    assert run_cli(*cmd[1:-1], clean, tool="snapbuild-runner", env=node).code == 0
+    assert sorted(os.listdir(dest)) == ["many", "more"], "nothing of the first run is left but its outputs"
+    assert _files_of(dest) == _files_of(clean)
+
+    # Someone else's file in a destination an interrupted pull left is not removed: refused.
+    other = tmp_path / "other"
+    (other / ".many.x1.partial").mkdir(parents=True)
+    (other / ".snapbuild-pull.json").write_text('{"digest": "sha256:' + "0" * 64 + '", "outputs": ["many"]}')
+    (other / "notes.txt").write_text("mine\n")
+    r = run_cli(*cmd[1:-1], other, tool="snapbuild-runner", env=node)
+    assert r.code == 2 and "'notes.txt' is not from the interrupted pull" in r.err, r
+    assert (other / "notes.txt").read_text() == "mine\n"
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "x").write_text("x")
+    r = run_cli(*cmd[1:-1], tmp_path / "plain", tool="snapbuild-runner", env=node)
+    assert r.code == 2 and "is not empty" in r.err, r

@@ -26,10 +26,15 @@ Restarts back off (``backoff_s`` doubling up to ``backoff_max_s``); after
 ``cold_after`` restores in a row that fell back or failed, the server is booted cold
 directly; after ``max_restarts`` deaths within ``restart_window_s`` it is marked
 ``failed`` and left alone (never a tight loop) until the agent restarts or its tag
-moves. A roll starts the new version, probes it ready, then stops the old one: for a
-container the agent itself listens on ``publish`` and forwards each connection to the
-current version, so the switch loses no connection; a host process listens on the
-port it was built with, so the old one must stop first (a short gap).
+moves. A snapshot refused as corrupt, hostile or untrusted (exit 5 or 10) is not
+retried in that loop: the slot is ``refused`` (``/servers`` shows the digest, the
+reason and when it is tried again) for a minute, doubling up to an hour while the same
+digest is refused, or until its tag names another digest; a roll to a refused digest
+waits the same way while the old version serves on. A roll starts the new version,
+probes it ready, then stops the old one: for a container the agent itself listens on
+``publish`` and forwards each connection to the current version, so the switch loses
+no connection; a host process listens on the port it was built with, so the old one
+must stop first (a short gap).
 
 GPUs: the node's (``nvidia-smi``, read once at start) are given out by the agent, so
 that a node of 8 GPUs serves 8 replicas, one on each. A server with ``gpus = N`` starts
@@ -56,7 +61,8 @@ restore holds up nobody else; every tool it runs has a time limit (snapbuild.too
 The parts: :mod:`.config` (the TOML), :mod:`.supervisor` (slots, their states, the
 loop and the workers), :mod:`.gpus` (who holds which GPU), :mod:`.proxy` (a
 container's node port), :mod:`.api` (``GET /servers``, ``/servers/NAME/log?lines=N``,
-``/metrics``, ``/healthz``), :mod:`.metrics`.
+``/metrics``, ``/healthz``; it has no authentication: the agent warns at start when
+``api`` is not on loopback), :mod:`.metrics`.
 """
 
 from .config import AgentConfig, ServerConfig, config_from_flags, load_config

@@ -1,4 +1,5 @@
-"""The agent's HTTP API, on loopback or a unix socket.
+"""The agent's HTTP API, on loopback or a unix socket (the agent warns at start when it
+listens anywhere else: :func:`exposure_warning`).
 
 ``GET /servers`` (JSON), ``GET /servers/NAME/log?lines=N`` (text), ``GET /metrics``
 (Prometheus), ``GET /healthz`` (200 while the supervisor loop runs, 503 once it has not
@@ -9,6 +10,7 @@ traceback.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -112,6 +114,26 @@ def start_api(agent: Agent) -> ThreadingHTTPServer:
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True, name="api").start()
     return httpd
+
+
+def exposure_warning(address: str) -> str | None:
+    """What to tell the operator when the API at ``address`` is reachable from beyond this
+    machine (None on loopback or a unix socket): it has no authentication."""
+    if address.startswith("unix:"):
+        return None
+    host = address.rpartition(":")[0].strip("[]") or "127.0.0.1"
+    if host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass  # a host name: it may resolve to anything
+    port = address.rpartition(":")[2]
+    return (f"the agent's API listens on {address}, beyond loopback, without authentication: whoever reaches "
+            f"this node on port {port} can read /servers (snapshots, digests, PIDs, errors), /metrics and "
+            f"every server's log (which may hold secrets); bind it to 127.0.0.1 (api = \"127.0.0.1:{port}\" "
+            "or --api 127.0.0.1:PORT) or a unix socket, and let a proxy or the node's firewall decide who reaches it")
 
 
 def _server_log(agent: Agent, slot: Slot, lines: int) -> str:

@@ -12,6 +12,8 @@ A slot moves through :class:`State`::
     STARTING -> READY -> (died) RESTARTING -> READY ...
                       -> (died max_restarts times in restart_window_s) FAILED
     FAILED -> (its tag moves) RESTARTING;   any -> (SIGTERM) STOPPED
+    STARTING, RESTARTING -> (the snapshot is refused: corrupt, hostile, untrusted) REFUSED
+    REFUSED -> (its tag moves, or its back-off ends) RESTARTING
     STARTING, RESTARTING -> (too few free GPUs for its ``gpus``) WAITING -> (they are free) ...
 
 GPUs (a server's ``gpus = N``) are given out in the loop itself, just before its start
@@ -46,6 +48,11 @@ from .proxy import Proxy, parse_address
 SHUTDOWN_WAIT_S = 10
 #: A rolling server's successor holds its own GPUs under this name until the roll is done.
 NEXT = " (next version)"
+#: A snapshot refused as corrupt, hostile or untrusted is tried again after this many
+#: seconds, doubling up to the most, or as soon as its tag names another digest: checking
+#: a hostile tree costs a pull, and a crash-loop back-off would repeat it every minute.
+REFUSED_BACKOFF_S = 60
+REFUSED_BACKOFF_MAX_S = 3600
 
 
 class State(StrEnum):
@@ -55,6 +62,7 @@ class State(StrEnum):
     FAILED = "failed"
     STOPPED = "stopped"
     WAITING = "waiting"  # for free GPUs (last_error says which and who holds them)
+    REFUSED = "refused"  # its snapshot was refused (``refused`` says which and why): backing off
 
 
 @dataclass
@@ -81,6 +89,8 @@ class Slot:
     job_since: float = 0.0
     gpus: list[dict] = field(default_factory=list)  # what it holds: [{"index", "uuid"}]
     last_gpus: list[int] = field(default_factory=list)  # the indexes it had: a restart takes them again if free
+    #: the last snapshot refused: {"digest", "reason", "backoff_s", "until" (monotonic)}
+    refused: dict | None = None
 
     @property
     def pid(self) -> int | None:
@@ -99,6 +109,8 @@ class Slot:
                 "restore_failures": self.restore_failures, "last_error": self.last_error,
                 "gpus": [dict(g) for g in self.gpus],
                 "busy": {"job": self.job, "for_s": round(now - self.job_since, 1)} if self.job else None,
+                "refused": {"digest": self.refused["digest"], "reason": self.refused["reason"],
+                            "retry_in_s": round(max(0.0, self.refused["until"] - now), 1)} if self.refused else None,
                 "uptime_s": round(now - self.started_at, 1) if self.started_at else None}
 
 
@@ -279,6 +291,9 @@ class Agent:
         except (SnapbuildError, OSError) as e:
             slot.last_error = e.message if isinstance(e, SnapbuildError) else f"{type(e).__name__}: {e}"
             self.metrics.errors.labels(cfg.name).inc()
+            if _refusal(e):
+                self._refuse(slot, digest, e)
+                return None
             self._back_off(slot)
             self.log("start_failed", server=cfg.name, ref=ref, error=slot.last_error, retry_in_s=round(slot.backoff, 2))
             return None
@@ -317,6 +332,7 @@ class Agent:
             slot.mode, slot.reason, slot.address = out["mode"], out["reason"], out.get("address")
             slot.verify = out.get("verify")
             slot.state, slot.started_at, slot.last_error = State.READY, time.monotonic(), None
+            slot.refused = None
             if gpus is not None:
                 slot.gpus = gpus
         if slot.proxy and slot.address:
@@ -341,6 +357,28 @@ class Agent:
             stop(target)
         except SnapbuildError as e:
             self.log("stop_failed", target=str(target), error=e.message)
+
+    def _refuse(self, slot: Slot, digest: str | None, e: Exception) -> None:
+        """Its snapshot ``digest`` (None: what its tag names now) was refused: not tried
+        again for REFUSED_BACKOFF_S, doubling while the same digest is refused again, or
+        until its tag moves; a slot with no server running waits in REFUSED meanwhile."""
+        if digest is None:
+            try:
+                digest = self._resolve(slot.cfg)
+            except SnapbuildError:
+                pass
+        last = slot.refused
+        backoff = (min(REFUSED_BACKOFF_MAX_S, last["backoff_s"] * 2) if last and last["digest"] == digest
+                   else REFUSED_BACKOFF_S)
+        reason = e.message if isinstance(e, SnapbuildError) else str(e)
+        slot.refused = {"digest": digest, "reason": reason, "backoff_s": backoff, "until": time.monotonic() + backoff}
+        if slot.ident is None:
+            slot.state, slot.next_try = State.REFUSED, slot.refused["until"]
+        self.log("snapshot_refused", server=slot.name, digest=digest, error=reason, retry_in_s=backoff)
+
+    def _still_refused(self, slot: Slot, digest: str) -> bool:
+        r = slot.refused
+        return r is not None and r["digest"] == digest and time.monotonic() < r["until"]
 
     def _back_off(self, slot: Slot) -> None:
         cfg = slot.cfg
@@ -368,6 +406,11 @@ class Agent:
             return None
         if slot.ident and not slot.ident.alive():
             return "died", lambda: self._died(slot, now)
+        if slot.state == State.REFUSED and slot.ident is None and now < slot.next_try:
+            if now >= slot.next_poll:  # a new version need not wait for the back-off
+                slot.next_poll = now + self.config.poll_s
+                return "retry", lambda: self._retry_if_moved(slot)
+            return None
         if slot.ident is None and now >= slot.next_try:
             if not self._take_gpus(slot):
                 return None  # WAITING: looked at again next tick
@@ -432,7 +475,8 @@ class Agent:
             digest = self._resolve(slot.cfg)
         except SnapbuildError:
             return
-        if digest != slot.digest:
+        known = slot.refused["digest"] if slot.state == State.REFUSED and slot.refused else slot.digest
+        if digest != known:
             self.log("retry_new_version", server=slot.cfg.name, digest=digest)
             slot.deaths.clear()
             slot.state, slot.next_try, slot.backoff, slot.restore_failures = State.RESTARTING, 0.0, 0.0, 0
@@ -450,7 +494,7 @@ class Agent:
         except SnapbuildError as e:
             self.log("poll_failed", server=slot.cfg.name, error=e.message)
             return
-        if digest != slot.digest:
+        if digest != slot.digest and not self._still_refused(slot, digest):
             self.roll(slot, digest)
 
     def roll(self, slot: Slot, digest: str) -> bool:
@@ -462,6 +506,8 @@ class Agent:
         except SnapbuildError as e:
             self.metrics.rolls.labels(cfg.name, "failed").inc()
             self.log("roll_failed", server=cfg.name, new=digest, error=e.message)
+            if _refusal(e):
+                self._refuse(slot, digest, e)  # the old version serves on; polls skip this digest meanwhile
             return False
         # A container, or a host process in namespaces of its own behind the node port, runs
         # beside its successor until that one is ready; a plain host process holds its
@@ -480,6 +526,8 @@ class Agent:
                 return False  # the old version keeps serving; the next poll tries again
             with self._lock:
                 slot.ident = slot.container = None
+            if self._still_refused(slot, digest):
+                slot.state, slot.next_try = State.REFUSED, slot.refused["until"] if slot.refused else 0.0
             self._release_gpus(slot)
             return False
         if not self._adopt_out(slot, out, gpus):
@@ -527,7 +575,7 @@ class Agent:
             self._gpus_changed()
 
     def serve_forever(self, interval: float = 0.25) -> None:
-        from .api import start_api
+        from .api import exposure_warning, start_api
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
@@ -535,6 +583,9 @@ class Agent:
         self.warn_if_unverified()
         self.adopt()
         api = start_api(self)
+        exposed = exposure_warning(self.config.api)
+        if exposed:
+            self.log("warning", message=exposed, api=self.config.api)
         self.log("serving", servers=list(self.slots), api=self.config.api, gpus=self.gpus.count)
         try:
             while not self._stop.is_set():
@@ -565,6 +616,15 @@ class Agent:
             if slot.proxy:
                 slot.proxy.close()
         self.save_state()
+
+
+def _refusal(e: Exception) -> bool:
+    """Whether a start or pull failed because of the snapshot itself (corrupt, hostile,
+    untrusted: trying again soon gives the same answer), not the node or the network."""
+    from ...errors import IntegrityError
+    from ...signing import UntrustedSnapshot
+
+    return isinstance(e, (IntegrityError, UntrustedSnapshot))
 
 
 def _json_log(record: dict) -> None:
