@@ -12,10 +12,11 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import BinaryIO, Protocol, TypeVar, runtime_checkable
 from collections.abc import Callable
 
-from ..errors import IntegrityError, RegistryError
+from ..errors import RegistryError
+from .bounds import RETRY_BUDGET_S, Sizes
 from .ref import Ref
 
 T = TypeVar("T")
@@ -30,11 +31,19 @@ class Registry(Protocol):
     def has_blob(self, name: str, digest: str) -> bool:
         """Whether the blob is there (for ``name``: OCI registries keep blobs per repository)."""
 
-    def get_blob(self, name: str, digest: str) -> bytes:
-        """The blob's bytes, verified against ``digest`` (fetched again once if they do not match)."""
+    #: blob sizes from the descriptors of the manifests this client handed out or was
+    #: shown (:func:`.bounds.remember`): they bound reads of those blobs by digest alone
+    sizes: Sizes
+
+    def get_blob(self, name: str, digest: str, *, size: int | None = None, into: BinaryIO | None = None) -> bytes:
+        """The blob's bytes, verified against ``digest`` (fetched again once if they do
+        not match). Bounded (:mod:`.bounds`): by ``size`` (its descriptor's), else by the
+        size a known manifest gives it, else by ``DOCUMENT_MAX``. With ``into`` (a file
+        open for writing), the bytes stream there as they come, hashed, and b'' is returned."""
 
     def get_manifest(self, name: str, digest: str) -> bytes:
-        """A manifest's bytes, verified (OCI registries keep manifests apart from blobs)."""
+        """A manifest's bytes, verified (OCI registries keep manifests apart from blobs),
+        at most ``DOCUMENT_MAX``; the sizes its descriptors give are remembered."""
 
     def put_blob(self, name: str, digest: str, path: Path) -> bool | None:
         """Store the file at ``path``, whose content is ``digest``. Readers never see part of
@@ -64,33 +73,20 @@ def sha256_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def fetch_verified(fetch: Callable[[], bytes], digest: str, where: str, *, attempts: int = 2) -> bytes:
-    """``fetch()`` the blob; bytes that do not hash to ``digest`` are fetched again
-    (``attempts`` times in all), then refused: a registry never hands out unverified bytes."""
-    for i in range(attempts):
-        data = fetch()
-        got = sha256_of(data)
-        if got == digest:
-            return data
-        if i < attempts - 1:
-            log.warning("blob %s in %s hashes to %s: fetching it again", digest, where, got)
-    times = "twice" if attempts == 2 else "once" if attempts == 1 else f"{attempts} times"
-    raise IntegrityError(f"blob {digest} in {where} is corrupt: its content hashes to {got} (fetched {times})",
-                         hint="push the snapshot to the registry again to repair it")
-
-
 def retrying(call: Callable[[], T], what: str, *, attempts: int = 4, transient: tuple = (OSError,),
-             base_delay: float = 0.25) -> T:
+             base_delay: float = 0.25, budget_s: float = RETRY_BUDGET_S) -> T:
     """Run ``call``; on a transient error wait (exponential backoff with jitter) and try
-    again, ``attempts`` times in all, then fail with a RegistryError that says what."""
+    again, ``attempts`` times in all and none starting later than ``budget_s`` after the
+    first, then fail with a RegistryError that says what."""
+    t0 = time.monotonic()
     for i in range(attempts):
         try:
             return call()
         except transient as e:
-            if i == attempts - 1:
-                raise RegistryError(f"{what}: {e} (tried {attempts} times)",
-                                    hint="check that the registry is up and reachable from here") from None
             delay = base_delay * (2 ** i) * (0.5 + random.random())
+            if i == attempts - 1 or time.monotonic() + delay - t0 > budget_s:
+                raise RegistryError(f"{what}: {e} (tried {i + 1} times in {time.monotonic() - t0:.0f} s)",
+                                    hint="check that the registry is up and reachable from here") from None
             log.warning("%s: %s; trying again in %.1f s (%d of %d)", what, e, delay, i + 2, attempts)
             time.sleep(delay)
     raise AssertionError("unreachable")

@@ -9,18 +9,24 @@ and ``skopeo copy`` copies it with the digest unchanged (tested). Blobs are hard
 from the source store when both sit on one filesystem, else copied and verified. The
 index is replaced atomically under a lock, after every blob it names is in place: a
 crash mid-push leaves the old tags.
+
+Reads are bounded as :mod:`.bounds` says (by the descriptor's size, else
+``DOCUMENT_MAX``): a blob must be a regular file of that size, checked before it is
+read (a FIFO or a device is never opened for a blocking read).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 from ..errors import IntegrityError, NotFound, RegistryError
 from ..store.blobs import BlobStore
 from ..store.fsutil import atomic_write, flock, read_json
 from ..store.snapshot import MANIFEST_MEDIA_TYPE
+from .bounds import Short, Sink, Sizes, read_verified
 from .ref import Ref
 
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -33,6 +39,7 @@ class FileRegistry:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.url = f"file://{self.root}"
+        self.sizes = Sizes()
 
     def _repo(self, name: str) -> Path:
         return self.root / name
@@ -132,16 +139,35 @@ class FileRegistry:
         tags = ", ".join(self.tags(ref.name)) or "none"
         raise NotFound(f"{ref.name} has no tag {ref.tag!r} in {self.url} (tags: {tags})")
 
-    def get_blob(self, name: str, digest: str) -> bytes:
-        try:
-            return self._blobs(name).get(digest)
-        except IntegrityError as e:
-            # Publishing skips blobs the registry already has, so the bad copy must go first.
-            raise IntegrityError(f"registry {self.url}: {e.message}",
-                                 hint=f"delete it (rm {self.blob_path(name, digest)}) and publish the "
-                                      "snapshot again: snapbuild build RECIPE --tag ...") from None
+    def get_blob(self, name: str, digest: str, *, size: int | None = None, into=None) -> bytes:
+        path = self.blob_path(name, digest)
+        size = size if size is not None else self.sizes.get(digest)
+        sink = Sink(f"blob {digest} in {self.url}/{name}", size=size, into=into)
 
-    get_manifest = get_blob
+        def read(sink: Sink) -> None:
+            try:
+                # O_NONBLOCK: opening a FIFO planted as a blob must not wait for a writer
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise NotFound(f"blob {digest} is not in {self._repo(name)}") from None
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise IntegrityError(f"{sink.what} is not a regular file ({path}); refused",
+                                         hint=f"delete it (rm {path}) and publish the snapshot again")
+                sink.take(f.read, length=st.st_size)
+
+        try:
+            return read_verified(read, sink, digest, f"{self.url}/{name}", attempts=1)
+        except (IntegrityError, Short) as e:  # Short: the file changed while read
+            # Publishing skips blobs the registry already has, so the bad copy must go first.
+            raise IntegrityError(str(e), hint=f"delete it (rm {path}) and publish the snapshot again: "
+                                              "snapbuild build RECIPE --tag ...") from None
+
+    def get_manifest(self, name: str, digest: str) -> bytes:
+        data = self.get_blob(name, digest)
+        self.sizes.note_bytes(data)
+        return data
 
     def blob_path(self, name: str, digest: str) -> Path:
         return self._blobs(name).path(digest)

@@ -20,6 +20,11 @@ warning, when it fails in any way (it is never trusted: what it serves is verifi
 digest like anything else); one that cannot be connected to is skipped for the rest
 of the object's life. Only the origin's failure is an error. Writes, deletes and
 listings go to the origin alone.
+
+Every answer is read bounded (:mod:`.bounds`): a blob by its descriptor's size, any
+other body by ``DOCUMENT_MAX``; each try within a deadline over the whole answer
+(its connection is cut when it passes); ``Accept-Encoding: identity``, and an
+answer with a ``Content-Encoding`` is refused.
 """
 
 from __future__ import annotations
@@ -33,13 +38,14 @@ import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote, urljoin, urlparse
 
 from ..errors import NotFound, RegistryError, SnapbuildError, UsageError
 from ..store.snapshot import MANIFEST_MEDIA_TYPE
 from . import hosts as hosts_config
-from .base import fetch_verified, retrying
+from .base import retrying
+from .bounds import DOCUMENT_MAX, Deadline, Short, Sink, Sizes, deadline_for, read_verified, watch
 from .credentials import credentials
 from .ref import Ref
 
@@ -120,12 +126,16 @@ class OciRegistry:
         self.base = self.hosts.origin.base
         self.timeout = timeout
         self.session = requests.Session()
+        self.session.headers["Accept-Encoding"] = "identity"  # bytes are hashed as they come, never decoded
+        self.session.hooks["response"].append(_bounded_redirect)
         adapter = HTTPAdapter(pool_connections=4 + len(self._mirrors), pool_maxsize=max(jobs, 8))
+        adapter.poolmanager.pool_classes_by_scheme = _watched_pools()
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self._lock = threading.Lock()
         self._seen = _SEEN.setdefault(host, {})
         self.mounted = 0  # blobs this object mounted from another repository instead of uploading
+        self.sizes = Sizes()
 
     def at_origin(self) -> OciRegistry:
         """This registry without its mirrors: for a read that a write then builds on
@@ -141,45 +151,62 @@ class OciRegistry:
     def _repo(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
 
-    def _request(self, method: str, path: str, *, scope: str, what: str, ok=(200,), body: bool = False,
+    def _request(self, method: str, path: str, *, scope: str, what: str, ok=(200,), read=None, size: int = 0,
                  at: _Endpoint | None = None, **kw):
         """One call to ``at`` (the origin by default), with auth (answering the host's
-        challenge once) and, at the origin, retries of connection errors and 5xx answers
-        (a mirror gets one try: the next host is its retry). ``path`` is below the API
-        root (``/REPO/blobs/DIGEST``), or a whole URL. ``body``: the answer's body is
-        read in one piece (``r.content``), inside the retries: a blob of megabytes read
-        that way costs a third of what requests' own reading (10 KiB at a time) does."""
+        challenge once) and, at the origin, retries of connection errors, broken answers
+        and 5xx answers (a mirror gets one try: the next host is its retry). ``path`` is
+        below the API root (``/REPO/blobs/DIGEST``), or a whole URL. ``read(r)`` reads a
+        200 answer's body (a blob, into its sink: see bounds.Sink.take) inside the
+        retries; any other body is read whole, at most DOCUMENT_MAX (``r.content``).
+        Each try has a deadline over its whole answer, for ``size`` bytes (a blob's) or
+        a document, plus what it sends (bounds.deadline_for)."""
         import requests
-        import urllib3
 
         ep = at or self._origin
         url = ep.url(path)
         base_headers = {**ep.headers, **(kw.pop("headers", None) or {})}
         kw.update(ep.tls)
-        timeout = self.timeout if ep.host.dial_timeout is None else (ep.host.dial_timeout, self.timeout)
-        where = self.url if ep.ns is None else f"mirror {ep.root}"
+        seconds = deadline_for(max(size, DOCUMENT_MAX) + len(kw.get("data") or b""))
+        read_timeout = min(self.timeout, seconds)
+        timeout = read_timeout if ep.host.dial_timeout is None else (ep.host.dial_timeout, read_timeout)
+        where = self._where(ep)
 
-        def call():
+        def attempt():
             headers = dict(base_headers)
             auth = ep.auth.get(scope)
             if auth:
                 headers["Authorization"] = auth
-            r = self.session.request(method, url, headers=headers, timeout=timeout, **kw)
+            r = self.session.request(method, url, headers=headers, timeout=timeout, stream=True, **kw)
             if r.status_code == 401 and self._authenticate(ep, r, scope):
                 r.close()
                 headers["Authorization"] = ep.auth[scope]
-                r = self.session.request(method, url, headers=headers, timeout=timeout, **kw)
-            if r.status_code >= 500 or r.status_code == 429:
-                raise _Transient(f"{r.status_code} {r.reason}")
-            if body and r.status_code == 200:
-                try:
-                    data = r.raw.read(decode_content=True)
-                except (urllib3.exceptions.HTTPError, OSError) as e:
-                    raise _Transient(f"the answer broke off: {e}") from None
-                finally:
-                    r.close()
-                r._content, r._content_consumed = data, True  # what r.content returns
+                r = self.session.request(method, url, headers=headers, timeout=timeout, stream=True, **kw)
+            try:
+                if r.status_code >= 500 or r.status_code == 429:
+                    raise _Transient(f"{r.status_code} {r.reason}")
+                if read is not None and r.status_code == 200:
+                    read(r)
+                else:  # a HEAD's Content-Length is the blob's, and it has no body
+                    r._content = _document(r, f"{what} at {where}") if method != "HEAD" else b""
+                    r._content_consumed = True  # what r.content returns
+            finally:
+                r.close()
             return r
+
+        def call():
+            with Deadline(seconds) as dl:
+                try:
+                    r = attempt()
+                    if dl.cut_off:  # headers that "ended" when the deadline cut them
+                        raise dl.error(f"{what} at {where}")
+                    return r
+                except (OSError, Short, _Transient, _urllib3_error()) as e:
+                    if dl.passed():
+                        raise dl.error(f"{what} at {where}") from None
+                    if isinstance(e, (requests.ConnectionError, requests.Timeout, _Transient)):
+                        raise
+                    raise _Transient(f"the answer broke off: {e}") from None
 
         if ep.ns is None:
             r = retrying(call, f"{what} at {where}", transient=(requests.ConnectionError, requests.Timeout, _Transient))
@@ -227,13 +254,15 @@ class OciRegistry:
             # a 401 can name any realm, and a plain-HTTP one would see the password.
             safe = own or realm.scheme == "https" or _is_loopback(realm.hostname or "")
             t = self.session.get(fields["realm"], params=query, auth=ep.creds if safe else None,
-                                 timeout=self.timeout, **tls)
-            if t.status_code != 200:
-                return False
+                                 timeout=self.timeout, stream=True, **tls)
             try:
-                body = t.json()
+                if t.status_code != 200:
+                    return False
+                body = json.loads(_document(t, f"asking {realm.netloc} for a token"))
             except ValueError:  # not a token service's answer: no answer
                 return False
+            finally:
+                t.close()
             token = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
             if not token:
                 return False
@@ -274,20 +303,25 @@ class OciRegistry:
             self._seen[digest] = self._repo(name)
         return r.status_code == 200
 
-    def get_blob(self, name: str, digest: str) -> bytes:
-        return self._read("pull", f"fetching blob {digest} of {name}", lambda ep: self._blob_at(ep, name, digest))
+    def get_blob(self, name: str, digest: str, *, size: int | None = None, into=None) -> bytes:
+        size = size if size is not None else self.sizes.get(digest)
+        return self._read("pull", f"fetching blob {digest} of {name}",
+                          lambda ep: self._blob_at(ep, name, digest, size, into))
 
-    def _blob_at(self, ep: _Endpoint, name: str, digest: str) -> bytes:
-        def fetch() -> bytes:
+    def _blob_at(self, ep: _Endpoint, name: str, digest: str, size: int | None, into) -> bytes:
+        where = f"{self._where(ep)}/{name}"
+        sink = Sink(f"blob {digest} in {where}", size=size, into=into)
+
+        def fetch(sink: Sink) -> None:
             r = self._request("GET", f"/{self._repo(name)}/blobs/{digest}", scope=self._scope(name, "pull"),
-                              what=f"fetching blob {digest[:19]} of {name}", body=True, stream=True, at=ep)
+                              what=f"fetching blob {digest[:19]} of {name}", read=_into(sink), size=sink.limit,
+                              at=ep)
             if r.status_code == 404:
                 raise NotFound(f"blob {digest} of {name} is not in {self._where(ep)}",
                                hint="the snapshot is incomplete there: push it again")
-            return r.content
 
         # A mirror is not asked twice: the next host is the second try.
-        return fetch_verified(fetch, digest, f"{self._where(ep)}/{name}", attempts=2 if ep.ns is None else 1)
+        return read_verified(fetch, sink, digest, where, attempts=2 if ep.ns is None else 1)
 
     def _where(self, ep: _Endpoint) -> str:
         return self.url if ep.ns is None else f"mirror {ep.root}"
@@ -335,15 +369,19 @@ class OciRegistry:
                           lambda ep: self._manifest_at(ep, name, digest))
 
     def _manifest_at(self, ep: _Endpoint, name: str, digest: str) -> bytes:
-        def fetch() -> bytes:
+        where = f"{self._where(ep)}/{name}"
+        sink = Sink(f"manifest {digest} in {where}")
+
+        def fetch(sink: Sink) -> None:
             r = self._request("GET", f"/{self._repo(name)}/manifests/{digest}", scope=self._scope(name, "pull"),
-                              what=f"fetching manifest {digest[:19]} of {name}",
+                              what=f"fetching manifest {digest[:19]} of {name}", read=_into(sink),
                               headers={"Accept": MANIFEST_ACCEPT}, at=ep)
             if r.status_code == 404:
                 raise NotFound(f"manifest {digest} of {name} is not in {self._where(ep)}")
-            return r.content
 
-        return fetch_verified(fetch, digest, f"{self._where(ep)}/{name}", attempts=2 if ep.ns is None else 1)
+        data = read_verified(fetch, sink, digest, where, attempts=2 if ep.ns is None else 1)
+        self.sizes.note_bytes(data)
+        return data
 
     def put_manifest(self, name: str, digest: str, data: bytes, tag: str | None) -> None:
         self._request("PUT", f"/{self._repo(name)}/manifests/{tag or digest}", scope=self._scope(name, "pull,push"),
@@ -463,6 +501,59 @@ class OciRegistry:
 
 class _NoAnswer(Exception):
     """A mirror without the referrers API."""
+
+
+def _into(sink: Sink):
+    """A ``_request`` reader that copies the answer into ``sink``."""
+    return lambda r: sink.take(lambda n: r.raw.read(n, decode_content=False), length=r.headers.get("Content-Length"),
+                               encoding=r.headers.get("Content-Encoding"))
+
+
+def _document(r, what: str) -> bytes:
+    """A (streamed) answer's body, at most DOCUMENT_MAX bytes."""
+    sink = Sink(what)
+    _into(sink)(r)
+    return sink.value()
+
+
+def _bounded_redirect(r, *args, **kw):
+    """requests reads a redirect's body whole (and decoded) before it follows it: read
+    it here first, bounded, so that it has nothing left to read."""
+    if r.is_redirect and not r._content_consumed:
+        r._content = _document(r, f"a redirect from {r.url}")
+        r._content_consumed = True
+    return r
+
+
+def _urllib3_error() -> type[Exception]:
+    import urllib3
+
+    return urllib3.exceptions.HTTPError
+
+
+_POOLS: dict = {}
+
+
+def _watched_pools() -> dict:
+    """urllib3 pool classes whose connections let the current request's deadline cut
+    them (bounds.watch) as the answer's headers start to be read: a deadline then ends
+    a read blocked anywhere in the answer."""
+    if not _POOLS:
+        from urllib3.connection import HTTPConnection, HTTPSConnection
+        from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+        def watched(cls: Any) -> Any:
+            class Watched(cls):
+                def getresponse(self, *args, **kw):
+                    watch(self.sock)
+                    return super().getresponse(*args, **kw)
+
+            return Watched
+
+        _POOLS["http"] = type("WatchedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": watched(HTTPConnection)})
+        _POOLS["https"] = type("WatchedHTTPSPool", (HTTPSConnectionPool,),
+                               {"ConnectionCls": watched(HTTPSConnection)})
+    return _POOLS
 
 
 def _cannot_connect(e: Exception) -> bool:

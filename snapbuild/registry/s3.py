@@ -11,6 +11,9 @@ two snapshot names is stored and sent once.
 Credentials and region come from boto3's chain (``AWS_PROFILE``, ``AWS_ACCESS_KEY_ID``,
 instance roles, ...); the endpoint of an S3-compatible store from ``--s3-endpoint``,
 ``SNAPBUILD_S3_ENDPOINT`` or boto3's own ``AWS_ENDPOINT_URL``.
+
+Reads are bounded as :mod:`.bounds` says: a blob by its descriptor's size, anything
+else by ``DOCUMENT_MAX``, each try within a deadline over the whole object.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import NotFound, RegistryError, UsageError
-from .base import fetch_verified, retrying
+from .base import retrying
+from .bounds import Deadline, Short, Sink, Sizes, deadline_for, read_verified, watch
 from .ref import Ref
 
 
@@ -40,6 +44,7 @@ class S3Registry:
         self.client = boto3.client("s3", endpoint_url=endpoint,
                                    config=Config(max_pool_connections=max(jobs, 10),
                                                  retries={"max_attempts": 4, "mode": "standard"}))
+        self.sizes = Sizes()
 
     def _key(self, *parts: str) -> str:
         return "/".join([self.prefix, *parts] if self.prefix else list(parts))
@@ -57,7 +62,7 @@ class S3Registry:
 
         try:
             return retrying(lambda: fn(*args, **kw), f"{what} at {self.url}", attempts=2,
-                            transient=(BotoCoreError,))
+                            transient=(BotoCoreError, _Broken))
         except ClientError as e:
             raise self._error(e, what) from None
 
@@ -82,19 +87,44 @@ class S3Registry:
         except _Missing:
             return False
 
-    def get_blob(self, name: str, digest: str) -> bytes:
-        def fetch() -> bytes:
+    def get_blob(self, name: str, digest: str, *, size: int | None = None, into=None) -> bytes:
+        size = size if size is not None else self.sizes.get(digest)
+        sink = Sink(f"blob {digest} in {self.url}", size=size, into=into)
+
+        def fetch(sink: Sink) -> None:
             try:
-                obj = self._call(f"fetching blob {digest[:19]}", self.client.get_object, Bucket=self.bucket,
-                                 Key=self._blob_key(digest))
+                self._read(f"fetching blob {digest[:19]}", self._blob_key(digest), sink)
             except _Missing:
                 raise NotFound(f"blob {digest} is not in {self.url}",
                                hint="the snapshot is incomplete there: push it again") from None
-            return obj["Body"].read()
 
-        return fetch_verified(fetch, digest, self.url)
+        return read_verified(fetch, sink, digest, self.url)
 
-    get_manifest = get_blob
+    def get_manifest(self, name: str, digest: str) -> bytes:
+        data = self.get_blob(name, digest)
+        self.sizes.note_bytes(data)
+        return data
+
+    def _read(self, what: str, key: str, sink: Sink) -> None:
+        """Object ``key`` into ``sink``, each try within a deadline over the whole object."""
+        from botocore.exceptions import BotoCoreError
+
+        def attempt() -> None:
+            with Deadline(deadline_for(sink.limit)) as dl:
+                try:
+                    obj = self.client.get_object(Bucket=self.bucket, Key=key)
+                    body = obj["Body"]
+                    watch(getattr(getattr(getattr(body, "_raw_stream", None), "connection", None), "sock", None))
+                    try:
+                        sink.take(body.read, length=obj.get("ContentLength"), encoding=obj.get("ContentEncoding"))
+                    finally:
+                        body.close()
+                except (BotoCoreError, OSError, Short) as e:
+                    if dl.passed():
+                        raise dl.error(f"{what} at {self.url}", sink.count) from None
+                    raise _Broken(str(e)) from None
+
+        self._call(what, attempt)
 
     def put_blob(self, name: str, digest: str, path: Path) -> None:
         from boto3.s3.transfer import TransferConfig
@@ -116,14 +146,14 @@ class S3Registry:
             if not self.has_blob(ref.name, ref.digest):
                 raise NotFound(f"{ref} is not in {self.url}")
             return ref.digest
+        sink = Sink(f"tag {ref.name}:{ref.tag} in {self.url}", limit=1024)  # a digest
         try:
-            obj = self._call(f"resolving {ref}", self.client.get_object, Bucket=self.bucket,
-                             Key=self._tag_key(ref.name, ref.tag))
+            self._read(f"resolving {ref}", self._tag_key(ref.name, ref.tag), sink)
         except _Missing:
             tags = ", ".join(t for t, _ in self.tagged(ref.name)) or "none"
             raise NotFound(f"{ref.name} has no tag {ref.tag!r} in {self.url} (tags: {tags})",
                            hint=f"list what is there with: snapbuild ls --registry {self.url}") from None
-        return obj["Body"].read().decode().strip()
+        return sink.value().decode(errors="replace").strip()
 
     def _tag_keys(self, name: str | None = None) -> list[str]:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -162,6 +192,10 @@ class S3Registry:
 
 class _Missing(Exception):
     pass
+
+
+class _Broken(Exception):
+    """An object read that broke off: worth another try."""
 
 
 def parse_url(url: str) -> tuple[str, str]:

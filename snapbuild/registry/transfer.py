@@ -4,6 +4,11 @@ Only the blobs the destination lacks are sent, several at a time, each checked
 against its digest; the manifest (and with it the tag) goes last, so a reader never
 sees a snapshot with a blob missing, and an interrupted push is completed by the
 next one (the blobs already sent are skipped).
+
+Fetched blobs stream into a temporary file in the store while hashed, each bounded
+by its descriptor's size (:mod:`.bounds`); a manifest whose descriptors give a blob
+more than its kind can hold (a chunk over CHUNK_SIZE, a tree over TREE_MAX) is
+refused before anything is fetched.
 """
 
 from __future__ import annotations
@@ -14,8 +19,11 @@ from pathlib import Path
 
 from ..errors import IntegrityError
 from ..store.blobs import BlobStore
+from ..store.chunks import MAX_BLOB_SIZE
 from ..store.snapshot import metadata_blobs, parse_manifest, referenced_blobs
+from ..store.tree import MEDIA_TYPE as TREE_MEDIA_TYPE
 from .base import Registry
+from .bounds import DOCUMENT_MAX, TREE_MAX, remember
 from .ref import Ref
 
 
@@ -65,19 +73,22 @@ def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: st
     digest = digest or reg.resolve(ref)
     manifest_bytes = reg.get_manifest(ref.name, digest) if not dest.has(digest) else dest.get(digest)
     manifest = parse(manifest_bytes, digest)
+    sizes = descriptor_sizes(manifest, f"manifest {digest} of {ref.name} in {reg.url}")
+    remember(reg, manifest)  # a read of these blobs by digest alone (store.direct) is bounded too
     t_resolve = time.monotonic()
     wanted = referenced_blobs(manifest)
     fetched = count = 0
     total = [0]  # blobs to fetch, for progress
 
     def get(d: str) -> int:
-        data = reg.get_blob(ref.name, d)  # verified against its digest
-        dest.put(data)
+        with dest.receiving(d) as f:  # streamed to disk, verified against its digest on the way
+            reg.get_blob(ref.name, d, size=sizes[d], into=f)
+            n = f.tell()
         if arrived is not None:
             arrived(d)
         if progress:
-            progress("fetched", total[0], len(data))
-        return len(data)
+            progress("fetched", total[0], n)
+        return n
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         if (select is not None or check is not None) and not skip_check:
@@ -100,6 +111,22 @@ def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: st
     dest.put(manifest_bytes)
     return {"digest": digest, "manifest": manifest, "blobs_fetched": count, "bytes_fetched": fetched,
             "resolve_s": round(t_resolve - t0, 4), "fetch_s": round(time.monotonic() - t_resolve, 4)}
+
+
+def descriptor_sizes(manifest: dict, where: str) -> dict[str, int]:
+    """digest -> size of each blob ``manifest`` names; refused (before anything is
+    fetched) where a size is not one, or is more than a blob of its kind can hold."""
+    caps = {TREE_MEDIA_TYPE: TREE_MAX, **MAX_BLOB_SIZE}
+    out = {}
+    for i, desc in enumerate([manifest["config"], *manifest["layers"]]):
+        size, cap = desc.get("size"), DOCUMENT_MAX if i == 0 else caps.get(desc.get("mediaType"))
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or (cap is not None and size > cap):
+            what = "config" if i == 0 else f"layer {desc['digest']} ({desc.get('mediaType')})"
+            raise IntegrityError(f"{where}: its {what} gives a size of {size!r}"
+                                 + (f", more than such a blob can hold ({cap})" if cap is not None else "")
+                                 + "; refused", hint="the registry holds a corrupt or hostile manifest; do not use it")
+        out[desc["digest"]] = size
+    return out
 
 
 def copy(src: Registry, ref: Ref, dst: Registry, dst_ref: Ref, store: BlobStore, *, jobs: int = 8,

@@ -7,9 +7,11 @@ atomically, and verified against their name on every read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
+from typing import BinaryIO
 from collections.abc import Iterator
 
 from ..errors import IntegrityError, NotFound
@@ -67,15 +69,31 @@ class BlobStore:
             publish_file(tmp, final, replace=False)
         return digest
 
+    @contextlib.contextmanager
+    def receiving(self, digest: str) -> Iterator[BinaryIO]:
+        """A temporary file in the store for blob ``digest``, for a writer that checks
+        the digest as it writes (a registry client streams a blob into it while hashing
+        it): when the block ends without an error, it is fsynced and becomes the blob
+        (an existing one is kept); otherwise it goes. Never the whole blob in memory."""
+        final = self.path(digest)
+        with temp_file(self.tmp_dir, prefix="blob-") as (fd, tmp):
+            with os.fdopen(fd, "w+b", closefd=False) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            publish_file(tmp, final, replace=False)
+
     def put_file(self, src: Path, digest: str) -> None:
         """Copy an existing blob file from another store, verifying it on the way."""
-        final = self.path(digest)
-        if final.exists():
+        if self.has(digest):
             return
-        data = src.read_bytes()
-        if digest_bytes(data) != digest:
-            raise IntegrityError(f"blob {digest} at {src} does not match its digest")
-        self.put(data)
+        h = hashlib.sha256()
+        with open(src, "rb") as f, self.receiving(digest) as out:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                out.write(chunk)
+            if f"{ALGO}:{h.hexdigest()}" != digest:
+                raise IntegrityError(f"blob {digest} at {src} does not match its digest")
 
     def get(self, digest: str) -> bytes:
         """Read a blob and check it against its digest."""

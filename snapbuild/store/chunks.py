@@ -64,6 +64,12 @@ def media_type(ref: dict) -> str:
     """The OCI media type of the blob a chunk reference names."""
     return PACK_MEDIA_TYPE if "offset" in ref else MEDIA_TYPES[ref["enc"]]
 
+
+#: The most bytes a blob of each chunk media type can hold: a chunk is at most
+#: CHUNK_SIZE (its zstd form is kept only when smaller); a pack is cut once it reaches
+#: PACK_MAX, after a file of less than PACK_BELOW. A descriptor that says more is hostile.
+MAX_BLOB_SIZE = {**{t: CHUNK_SIZE for t in MEDIA_TYPES.values()}, PACK_MEDIA_TYPE: PACK_MAX + PACK_BELOW}
+
 _local = threading.local()
 
 
@@ -173,6 +179,7 @@ def get_chunk(blobs: BlobStore, ref: dict, content_digest: str | None = None) ->
     else:
         data = blobs.get(ref["digest"])
     if enc == "zstd":
+        _check_frame(data, ref)
         try:
             data = _decompressor().decompress(data, max_output_size=size)
         except zstandard.ZstdError as e:
@@ -187,6 +194,20 @@ def get_chunk(blobs: BlobStore, ref: dict, content_digest: str | None = None) ->
             f"{content_digest}: the pack is corrupt",
             hint="run `snapbuild cache verify --repair` to drop it; the next build recreates it")
     return data
+
+
+def _check_frame(data: bytes, ref: dict) -> None:
+    """Refuse a zstd frame whose header declares a content size other than the chunk's
+    recorded one, before decompressing: zstd allocates what the header declares (a
+    chunk of a few bytes could declare 1 GiB)."""
+    try:
+        declared = zstandard.get_frame_parameters(data).content_size
+    except zstandard.ZstdError as e:
+        raise IntegrityError(f"chunk {ref['digest']} is not a zstd frame: {e}") from None
+    if declared != zstandard.CONTENTSIZE_UNKNOWN and declared != ref["size"]:
+        raise IntegrityError(f"chunk {ref['digest']}: its zstd frame declares {declared} bytes, where the tree "
+                             f"records {ref['size']}; refused",
+                             hint="the snapshot is corrupt or hostile: do not use it")
 
 
 def read_file(blobs: BlobStore, entry: dict) -> bytes:

@@ -116,12 +116,12 @@ def test_a_registry_that_fails_while_the_images_are_written_leaves_nothing_half_
     calls: list[str] = []
     fetched_by_pull = probe["fetch"]["blobs_fetched"]
 
-    def get_blob(self, name, digest):
+    def get_blob(self, name, digest, **kw):
         calls.append(digest)
         if len(calls) == fetched_by_pull + 2:  # the second chunk the write-out asks for
             later.add(digest)
             raise OSError("connection reset by peer")
-        return real(self, name, digest)
+        return real(self, name, digest, **kw)
 
     monkeypatch.setattr(OciRegistry, "get_blob", get_blob)
     with pytest.raises(OSError, match="connection reset by peer"):

@@ -101,9 +101,9 @@ def test_writers_wait_for_blobs_a_slow_registry_has_not_sent_yet(published, tmp_
     url, port = published
     slow = OciRegistry.get_blob
 
-    def get_blob(self, name, digest):
+    def get_blob(self, name, digest, **kw):
         time.sleep(0.05)
-        return slow(self, name, digest)
+        return slow(self, name, digest, **kw)
 
     monkeypatch.setattr(OciRegistry, "get_blob", get_blob)
     out = run("heavy:v1", registry=url, store=Store(tmp_path / "node"), fallback="fail", jobs=2)
@@ -120,11 +120,11 @@ def test_a_pull_that_fails_midway_starts_nothing_and_shows_nothing_half_written(
     url, port = published
     real, calls = OciRegistry.get_blob, []
 
-    def get_blob(self, name, digest):
+    def get_blob(self, name, digest, **kw):
         calls.append(digest)
         if len(calls) == 8:
             raise OSError("connection reset by peer")
-        return real(self, name, digest)
+        return real(self, name, digest, **kw)
 
     monkeypatch.setattr(OciRegistry, "get_blob", get_blob)
     node = Store(tmp_path / "node")

@@ -150,15 +150,17 @@ def test_a_token_service_on_another_host_over_plain_http_gets_no_password(home, 
     reg = OciRegistry("registry.internal:5000", "team")
     sent = []
 
-    class Answer:
-        status_code = 200
-
-        def json(self):
-            return {"token": "t"}
-
     def fake_get(url, **kw):
+        import io
+
+        import requests
+        import urllib3
+
         sent.append((url, kw.get("auth")))
-        return Answer()
+        answer = requests.Response()  # a token service's answer, read as a stream
+        answer.status_code = 200
+        answer.raw = urllib3.HTTPResponse(body=io.BytesIO(b'{"token": "t"}'), preload_content=False)
+        return answer
 
     monkeypatch.setattr(reg.session, "get", fake_get)
     for realm in ("http://tokens.elsewhere/token", "https://tokens.elsewhere/token"):
