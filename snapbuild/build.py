@@ -128,13 +128,14 @@ def build(recipe_path: str | Path, *, sets: dict | None = None, store: Store | N
 
 
 def secret_warnings(recipe: Recipe) -> list[str]:
-    """One line per warm-up whose ``env`` has names that look like secrets: the
-    checkpoint is the server's memory, so what it read from them ships in the snapshot."""
+    """One line per warm-up whose ``env`` or command has what looks like secrets (by
+    name or by value): the checkpoint is the server's memory, so what it read from them
+    ships in the snapshot."""
     out = []
     for name, step in recipe.steps.items():
         names = getattr(step.spec, "secret_env", lambda: [])()
         if names:
-            out.append(f"step {name}: env {', '.join(names)} look like secrets; the checkpoint holds the "
+            out.append(f"step {name}: env or command {', '.join(names)} look like secrets; the checkpoint holds the "
                        "server's memory, so what it read from them ships in the snapshot "
                        "(docs/recipes.md, \"Secrets\")")
     return out

@@ -47,7 +47,9 @@ def inspect_snapshot(text: str, registry: str | None = None, store: Store | None
         "content_bytes": content, "manifest": manifest,
         "checkpoint": _checkpoint_stats(config.runtime.stats if config.runtime else None),
         "tree_images": _tree_images(config.tree_images),
-        "secret_env": secret_names(config.runtime.server.env if config.runtime else {}),
+        # where the snapshot's server env and command look like they hold secrets (never the values)
+        "secret_env": secret_names(config.runtime.server.env, config.runtime.server.argv) if config.runtime else [],
+        "env_from_node": config.runtime.server.env_from_node if config.runtime else [],
     }
 
 

@@ -8,9 +8,12 @@ it are held to the rules the recipe loader applies (:func:`mount_point_problem`,
 :func:`ready_file_problem`, plain names) and to this node (its run root). A section
 of a newer format than this snapbuild reads is refused with "upgrade snapbuild".
 
-What these checks cannot stop is what the snapshot runs: a host-process snapshot's
-``argv`` is a command run as root. Only a trust policy decides whether a snapshot may
-do that (docs/registries.md, "Threat model").
+The runtime section stays in its box: mount points stay out of system folders, the
+run root and the store; probes and HTTP calls (``ready``, ``after_restore``,
+``verify``) go to the restored server only; a container's ``after_restore`` run lines
+run inside it (runner.restore). What these checks cannot stop is what a host-process
+snapshot runs: its ``argv`` (and its run lines) are commands run as root. Only a trust
+policy decides whether a snapshot may do that (docs/registries.md, "Threat model").
 
 Standard library only (plus the store's path rules and the node layout): this is
 imported on nodes, and by nothing it imports.
@@ -23,8 +26,9 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from .errors import IntegrityError
+from .errors import IntegrityError, UsageError
 from .runtime.layout import run_root
 from .runtime.sockdirs import SCRATCH, place
 from .store.securefs import unsafe_name
@@ -32,7 +36,7 @@ from .store.securefs import unsafe_name
 #: The snapshot config's ``format``, and the newest runtime section (checkpoint.json)
 #: this snapbuild reads: 2 adds ``shm_files`` (written only by checkpoints that have some).
 CONFIG_FORMAT = 1
-RUNTIME_FORMAT = 3  # 3: a host process in namespaces of its own (server.isolation)
+RUNTIME_FORMAT = 4  # 3: a host process in namespaces of its own (server.isolation); 4: server.env_from_node
 ISOLATIONS = ("host", "namespaces")
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -46,7 +50,30 @@ READY_FILE_DIRS = ("/tmp/", "/var/tmp/", "/run/", "/dev/shm/")
 #: Mount points that would cover the system (and everything below /proc, /sys, /dev).
 SYSTEM_PATHS = frozenset({"/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run", "/sbin",
                           "/sys", "/tmp", "/usr", "/var"})
-_SECRET = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|_KEY$|^KEY$|API_?KEY", re.IGNORECASE)
+#: Folders no mount point may be below (nor may /lib*), unless $SNAPBUILD_ALLOW_MOUNT_ROOTS
+#: allows a root there: a host process's mounts are the node's, made by root.
+SYSTEM_DIRS = ("/etc", "/usr", "/bin", "/sbin", "/boot", "/root", "/var/lib", "/var/run", "/run", "/proc", "/sys",
+               "/dev")
+ALLOW_MOUNT_ROOTS = "SNAPBUILD_ALLOW_MOUNT_ROOTS"
+#: The names of this machine an http or tcp probe may use: the runner asks them.
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+#: Words of a variable's name that say it holds a secret (``HF_TOKEN``, ``DB_PASSWORD``,
+#: ``apiKey``; not ``TOKENIZERS_PARALLELISM``), and endings of a word (``PGPASSWORD``).
+SECRET_WORDS = frozenset({"TOKEN", "TOKENS", "SECRET", "SECRETS", "PASSWORD", "PASSWORDS", "PASSWD", "PASSPHRASE",
+                          "CREDENTIAL", "CREDENTIALS", "KEY", "KEYS", "APIKEY"})
+SECRET_ENDINGS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "APIKEY")
+_WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|[0-9]+")
+#: What secrets look like, whatever the variable or argument holding them is called.
+SECRET_VALUES = (
+    ("a Hugging Face token", re.compile(r"\bhf_[A-Za-z0-9]{20,}")),
+    ("an AWS access key id", re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")),
+    ("a GitHub token", re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{20,})")),
+    ("a Slack token", re.compile(r"\bxox[baprs]-[A-Za-z0-9-]{10,}")),
+    ("a private key", re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----")),
+    ("a password in a URL", re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@")),
+)
+#: A variable name (``env_from_node``).
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class SchemaError(IntegrityError):
@@ -55,20 +82,106 @@ class SchemaError(IntegrityError):
 
 # --- the rules, shared with the recipe loader ---------------------------------------------
 
-def mount_point_problem(dest: str) -> str | None:
-    """Why ``dest`` cannot be a mount point (None when it can)."""
+def mount_point_problem(dest: str, roots: tuple[str, ...] = ()) -> str | None:
+    """Why ``dest`` cannot be a mount point (None when it can): not on a system path,
+    nor below a system folder (:data:`SYSTEM_DIRS`, ``/lib*``) unless
+    :func:`allowed_mount_roots` allows a root above it, nor below or above this
+    machine's run root or the other ``roots`` (a snapshot's run root, the store:
+    runtime.mounts adds it, as this module cannot import the store)."""
     if not dest.startswith("/") or ".." in dest.split("/") or "\0" in dest:
         return f"mount point {dest!r} must be an absolute path without '..'"
     norm = os.path.normpath(dest)
     if norm in SYSTEM_PATHS or norm.startswith(("/proc/", "/sys/", "/dev/")):
         return f"mount point {dest!r} would cover a system path"
+    for root in (str(run_root()), *roots):
+        root = os.path.normpath(root)
+        if _below(norm, root) or _below(root, norm):
+            return f"mount point {dest!r} would cover or be inside {root}, where snapbuild keeps its files"
+    if any(_below(norm, r) for r in allowed_mount_roots()):
+        return None
+    top = "/" + norm.split("/")[1]
+    folder = next((f for f in SYSTEM_DIRS if _below(norm, f)), top if top.startswith("/lib") else None)
+    if folder is not None:
+        return (f"mount point {dest!r} is below the system folder {folder}; a machine that allows it names a "
+                f"root above it in ${ALLOW_MOUNT_ROOTS} (colon-separated)")
     return None
+
+
+def _below(path: str, folder: str) -> bool:
+    """Whether normalized ``path`` is ``folder`` or below it."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def allowed_mount_roots() -> tuple[str, ...]:
+    """``$SNAPBUILD_ALLOW_MOUNT_ROOTS``: absolute folders, colon-separated, below which
+    this machine allows mount points in system folders (``/usr/local/models``). The
+    one source of that setting until nodes have a settings file."""
+    roots = [r for r in (os.environ.get(ALLOW_MOUNT_ROOTS) or "").split(":") if r]
+    bad = [r for r in roots if not r.startswith("/") or ".." in r.split("/") or os.path.normpath(r) == "/"]
+    if bad:
+        raise UsageError(f"${ALLOW_MOUNT_ROOTS}: {bad[0]!r} is not an absolute folder below /",
+                         hint=f"set {ALLOW_MOUNT_ROOTS} to folders such as /usr/local/models, colon-separated")
+    return tuple(os.path.normpath(r) for r in roots)
 
 
 def on_the_server(http: str) -> bool:
     """Whether an HTTP exercise item (``"POST /infer"``, ``"/healthz"``) names a path on
     the server's own address rather than a URL: what a check request must be."""
     return http.strip().rpartition(" ")[2].startswith("/")
+
+
+def probe_address(ready: dict) -> tuple[str, int] | None:
+    """The (host, port) an http or tcp probe asks, checked (None for a log or file
+    probe); raises ValueError with why for one that is malformed."""
+    if "http" in ready:
+        u = urlsplit(str(ready["http"]))
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"{ready['http']!r} is not an http(s) URL")
+        return u.hostname, u.port or (443 if u.scheme == "https" else 80)  # .port raises ValueError
+    if "tcp" in ready:
+        host, _, port = str(ready["tcp"]).rpartition(":")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{ready['tcp']!r} is not HOST:PORT")
+        return host.strip("[]") or "127.0.0.1", int(port)
+    return None
+
+
+def probe_problem(ready: dict) -> str | None:
+    """Why ``ready`` cannot be a server's readiness probe (None when it can): one kind,
+    a string, and an http or tcp probe asks this machine (the restored server) only."""
+    kinds = [k for k in ("http", "tcp", "log", "file") if k in ready]
+    if len(kinds) != 1 or not isinstance(ready[kinds[0]], str):
+        return "needs exactly one of http, tcp, log, file, a string"
+    try:
+        addr = probe_address(ready)
+    except ValueError as e:
+        return str(e)
+    if addr is not None and addr[0] not in LOOPBACK:
+        return (f"{ready[kinds[0]]!r} asks {addr[0]}, not this machine: a probe goes to the server itself "
+                f"({', '.join(sorted(LOOPBACK))})")
+    return None
+
+
+def server_request_problem(http: str, ready: dict) -> str | None:
+    """Why the HTTP item ``http`` (after_restore, verify) is not a request to the server
+    that ``ready`` probes (None when it is): a path, asked on the server's address, or
+    a URL of that very address (loopback and the probe's port)."""
+    target = http.strip().rpartition(" ")[2]
+    try:
+        addr = probe_address(ready)
+    except ValueError:
+        addr = None
+    if addr is None:
+        return f"{http!r} needs the server's address, but its ready probe (a log or file probe) names none"
+    if target.startswith("/"):
+        return None
+    try:
+        u = urlsplit(target)
+        same = u.scheme in ("http", "https") and u.hostname in LOOPBACK and u.port == addr[1]
+    except ValueError:
+        same = False
+    return None if same else (f"{target!r} is not the restored server: give a path (`POST /wake_up`), which the "
+                              "runner asks on the server's own address")
 
 
 def ready_file_problem(path: str) -> str | None:
@@ -82,11 +195,36 @@ def ready_file_problem(path: str) -> str | None:
     return None
 
 
-def secret_names(env: dict) -> list[str]:
-    """The names in ``env`` that look like secrets (``*TOKEN*``, ``*SECRET*``,
-    ``*PASSWORD*``, ``*_KEY``, ``HF_TOKEN``...): a warm server's memory, and so its
-    checkpoint, holds what it read from them."""
-    return sorted(k for k in env if _SECRET.search(k))
+def secret_name(name: str) -> bool:
+    """Whether a variable's name says it holds a secret: a word of it (split at ``_``,
+    other signs and camelCase) is one of :data:`SECRET_WORDS`, or ends in one of
+    :data:`SECRET_ENDINGS` (``HF_TOKEN``, ``AWS_SECRET_ACCESS_KEY``, ``PGPASSWORD``)."""
+    words = [w.upper() for part in re.split(r"[^A-Za-z0-9]+", name) for w in _WORD.findall(part)]
+    return any(w in SECRET_WORDS or w.endswith(SECRET_ENDINGS) for w in words)
+
+
+def secret_value(text: str) -> str | None:
+    """What secret ``text`` looks like it holds (``"a GitHub token"``), None when none:
+    the kind only, never the text."""
+    return next((kind for kind, pattern in SECRET_VALUES if pattern.search(text)), None)
+
+
+def secret_names(env: dict, argv: list[str] | None = None, label: str = "command") -> list[str]:
+    """Where ``env`` and ``argv`` look like they hold secrets, by name or by value:
+    ``NAME`` (its name says so), ``NAME (a GitHub token)``, ``command[2] (a password
+    in a URL)`` (``label`` and the argument's index). Never a value: this is printed.
+    A warm server's memory, and so its checkpoint, holds what it read from them."""
+    out = []
+    for name, value in sorted(env.items()):
+        if secret_name(name):
+            out.append(name)
+        elif kind := secret_value(str(value)):
+            out.append(f"{name} ({kind})")
+    for i, arg in enumerate(argv or []):
+        kind = secret_value(arg)
+        if kind:
+            out.append(f"{label}[{i}] ({kind})")
+    return out
 
 
 # --- reading checked JSON -----------------------------------------------------------------
@@ -197,6 +335,10 @@ class ServerSpec:
     run_root: str
     run_dir: str
     env: dict[str, str] = field(default_factory=dict)
+    #: names whose values the server takes from the environment of the machine that
+    #: starts it (the build's for the warm-up, the node's for a restore or cold boot):
+    #: never written into a snapshot (runtime.server.node_env)
+    env_from_node: list[str] = field(default_factory=list)
     cwd: str | None = None
     inputs: dict[str, str] = field(default_factory=dict)
     mounts: dict[str, str] = field(default_factory=dict)
@@ -228,12 +370,15 @@ class ServerSpec:
         inputs = _digest_map(d, "inputs", names=True)
         mounts = d.strings("mounts")
         for dest, step in mounts.items():
-            why = mount_point_problem(dest)
+            why = mount_point_problem(dest, roots=(run_root,))
             if why:
                 raise d.fail(f"mounts[{dest!r}]", why)
             if step not in inputs:
                 raise d.fail(f"mounts[{dest!r}]", f"names {step!r}, which is not one of the server's inputs")
         ready = d.mapping("ready")
+        why = probe_problem(ready)
+        if why:
+            raise d.fail("ready", why)
         if "file" in ready:
             why = "a container's ready probe cannot be a file on the node" if engine != "host" else \
                 ready_file_problem(str(ready["file"]))
@@ -246,8 +391,14 @@ class ServerSpec:
         if isolation == "namespaces" and not ({"http", "tcp"} & set(ready)):
             raise d.fail("ready", "of a server in namespaces of its own must be an http or tcp probe (the host "
                                   "reaches it through a forwarder)")
-        spec = cls(name=name, argv=argv, ready=ready, run_root=run_root, run_dir=run_dir, env=d.strings("env"),
-                   cwd=d.text("cwd", optional=True), inputs=inputs, mounts=mounts, isolation=isolation)
+        env, from_node = d.strings("env"), d.items("env_from_node", str)
+        bad = [n for n in from_node if not ENV_NAME_RE.match(n) or n in env or n.startswith("SNAPBUILD_")]
+        if bad or len(set(from_node)) != len(from_node):
+            raise d.fail("env_from_node", f"{(bad or from_node)[0]!r} is not a variable name of its own (a name "
+                                          "once, not in env, not SNAPBUILD_*)")
+        spec = cls(name=name, argv=argv, ready=ready, run_root=run_root, run_dir=run_dir, env=env,
+                   env_from_node=from_node, cwd=d.text("cwd", optional=True), inputs=inputs, mounts=mounts,
+                   isolation=isolation)
         if engine not in CONTAINER_ENGINES:
             return spec
         options = d.mapping("engine_options", optional=True) or {}
@@ -265,6 +416,8 @@ class ServerSpec:
                if k not in ("image", "image_step", "engine_options", "image_config", "tree_images")}
         if self.isolation == "host":
             del out["isolation"]  # as runtimes of format 1 and 2 are
+        if not self.env_from_node:
+            del out["env_from_node"]  # as runtimes of format 1 to 3 are
         if self.image is not None:
             out.update(image=self.image, image_step=self.image_step, engine_options=self.engine_options,
                        image_config=self.image_config)
@@ -324,16 +477,24 @@ class Runtime:
         server = ServerSpec.from_json(d.doc.get("server"), f"{where}.server", engine, node_root)
         if server.isolation != "host" and fmt < 3:
             raise d.fail("format", f"{fmt}: a server with isolation {server.isolation!r} needs format 3")
+        if server.env_from_node and fmt < 4:
+            raise d.fail("format", f"{fmt}: a server with env_from_node needs format 4")
         socket_dirs = d.items("socket_dirs", str)
         if socket_dirs and (fmt < 2 or engine != "host"):
             raise d.fail("socket_dirs", "are for host-process checkpoints of format 2")
         for i, folder in enumerate(socket_dirs):
             if place(folder, server.run_dir) is None:
                 raise d.fail(f"socket_dirs[{i}]", f"{folder!r} is not below {', '.join(SCRATCH)} or the run folder")
+        after_restore, verify = _exercises(d, "after_restore"), _checks(d, fmt)
+        for key, items in (("after_restore", after_restore), ("verify", verify)):
+            for i, item in enumerate(items):
+                why = server_request_problem(item["http"], server.ready) if "http" in item else None
+                if why:
+                    raise d.fail(f"{key}[{i}].http", why)
         return cls(format=fmt, engine=engine, process=d.text("process"), shm_files=shm_files, socket_dirs=socket_dirs,
-                   server=server, verify=_checks(d, fmt),
+                   server=server, verify=verify,
                    pids=pids, fingerprint=d.mapping("fingerprint", optional=True) or {},
-                   gpu=_gpu(d, engine, server.isolation), after_restore=_exercises(d, "after_restore"),
+                   gpu=_gpu(d, engine, server.isolation), after_restore=after_restore,
                    stats=d.mapping("stats", optional=True) or {}, step=step, artifact=d.digest("artifact", optional=True))
 
     def to_json(self) -> dict:

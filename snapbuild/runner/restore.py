@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -25,7 +26,7 @@ from ..engines import container_engine, criu, get_engine, process_engine
 from ..engines.fingerprint import compare
 from ..errors import NotFound, SnapbuildError, UsageError
 from ..runtime import probe as probes
-from ..runtime import erofs, lazyimage, process, server, shmfiles, sockdirs
+from ..runtime import erofs, lazyimage, mounts, process, server, shmfiles, sockdirs
 from ..runtime.layout import images_root
 from ..store import Store
 from ..store.direct import Direct
@@ -200,6 +201,25 @@ def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str |
 
 def _start_server(fetched: dict, store: Store, fallback: str, mode: str, publish: str | None,
                   lazy_pages: bool = False, gpus: list[str] | None = None) -> dict:
+    """:func:`_bring_up`, with the host mounts it makes recorded as the server's: this
+    runner holds them while it works (a ``gc`` meanwhile leaves them), the server once
+    it runs; ``stop`` and ``gc`` unmount them once no server of the node uses them."""
+    runtime = fetched["snapshot"].runtime
+    spec = runtime.server if runtime is not None else None
+    if spec is None or spec.image is not None or not spec.mounts:
+        return _bring_up(fetched, store, fallback, mode, publish, lazy_pages, gpus)
+    root, dests = Path(spec.run_root), [Path(d) for d in spec.mounts]
+    token = mounts.claim(root, dests, os.getpid())
+    try:
+        out = _bring_up(fetched, store, fallback, mode, publish, lazy_pages, gpus)
+        mounts.claim(root, dests, out["pid"])
+        return out
+    finally:
+        mounts.release(root, token)
+
+
+def _bring_up(fetched: dict, store: Store, fallback: str, mode: str, publish: str | None,
+              lazy_pages: bool = False, gpus: list[str] | None = None) -> dict:
     snapshot: SnapshotConfig = fetched["snapshot"]  # checked in full for this node (schema)
     runtime = snapshot.runtime
     if runtime is None:
@@ -345,7 +365,7 @@ def _restore_tree(runtime: Runtime, store: Store, timings: dict, lazy_pages: boo
     # one, and reused by later restores of the same checkpoint: CRIU only reads them.
     with ThreadPoolExecutor(max_workers=1) as beside:  # written out while the inputs are
         checkpoint = beside.submit(ensure_tree, store.blobs, runtime.images_tree, images_root(spec.run_root))
-        run_dir, _env, _mounted = server.prepare(spec, store.blobs)  # mounts stay for the server
+        run_dir, env, _mounted = server.prepare(spec, store.blobs)  # mounts stay for the server
     ckpt, _ = checkpoint.result()
     server_log_path = run_dir / server.LOG_NAME
     server_log_path.touch()  # CRIU reopens the server's log by path
@@ -396,7 +416,9 @@ def _restore_tree(runtime: Runtime, store: Store, timings: dict, lazy_pages: boo
         ready, address = probes.pointed_at(spec.ready, port), f"127.0.0.1:{port}"
     try:
         _resume_gpu(runtime, timings, lambda: process.stop(pid), root=pid, placement=placement)
-        _after_restore(runtime, ready, timings, lambda: process.stop(pid))
+        # its run lines, as at the warm-up: with the server's environment, in its network
+        shell = None if listener is None else _in_netns(pid, env)
+        _after_restore(runtime, ready, timings, lambda: process.stop(pid), shell=shell, env=env)
         _wait_restored(ready, server_log_path, lambda: process.alive(pid), lambda: process.stop(pid), timings)
         if lazy is not None:  # before the check requests, which then see the memory complete
             _wait_pages(lazy, timings, lambda: process.stop(pid))
@@ -438,15 +460,26 @@ def _wait_pages(lazy, timings: dict, give_up) -> None:
     timings["pages_s"] = round(time.monotonic() - t, 4)
 
 
-def _after_restore(runtime: Runtime, ready: dict, timings: dict, give_up) -> None:
+def _in_netns(pid: int, env: dict):
+    """How a run line runs in the network namespace of the server ``pid``."""
+    from ..tools import run_killing_group
+
+    return lambda line, t: run_killing_group(["nsenter", f"--net=/proc/{pid}/ns/net", "bash", "-c", line],
+                                             timeout=t, env=env)
+
+
+def _after_restore(runtime: Runtime, ready: dict, timings: dict, give_up, shell=None, env: dict | None = None) -> None:
     """The checkpoint's `after_restore` calls (e.g. waking a server that slept for its
-    checkpoint), made before the readiness probe."""
-    items = runtime.after_restore
+    checkpoint), made before the readiness probe: HTTP calls to the restored server (the
+    schema allows no other), run lines through ``shell`` (a container's: inside it),
+    else here with the server's ``env``."""
+    items = [probes.on_base(i) for i in runtime.after_restore]
     if not items:
         return
     t = time.monotonic()
     try:
-        probes.run_exercise(items, base=probes.base_url(ready), log=lambda _msg: None, timeout=120)
+        probes.run_exercise(items, base=probes.base_url(ready), log=lambda _msg: None, timeout=120, shell=shell,
+                            env=env)
     except probes.ProbeFailed as e:
         give_up()
         raise _NoRestore(f"after_restore failed: {e}") from None
@@ -600,7 +633,9 @@ def _restore_container(runtime: Runtime, store: Store, timings: dict, host_port:
             container.destroy(inst)
             raise _NoRestore(f"the GPU state did not come back: {e.message}") from None
         _resume_gpu(runtime, timings, lambda: container.destroy(inst), root=inst.pid, placement=placement)
-    _after_restore(runtime, container.host_probe(spec, inst), timings, lambda: container.destroy(inst))
+    # run lines inside the container (`runc exec`: its namespaces, root, capabilities), never here
+    _after_restore(runtime, container.host_probe(spec, inst), timings, lambda: container.destroy(inst),
+                   shell=lambda line, t: engine.exec(inst.id, ["/bin/sh", "-c", line], t))
     _wait_restored(container.host_probe(spec, inst), inst.log_path, lambda: container.alive(inst),
                    lambda: container.destroy(inst), timings)
     _verify(runtime, container.host_probe(spec, inst), timings, lambda: container.destroy(inst))
@@ -648,15 +683,20 @@ def server_log(ref: str, *, registry: str | None = None, lines: int = 50, store:
 
 def stop(target: int | str) -> bool:
     """Stop a server by PID, or a container by its id or init PID: the container, its
-    port forwarder, mounts and network namespace go too. True if it was running."""
+    port forwarder, mounts and network namespace go too; a host server's `mounts:` go
+    when no other server uses them. True if it was running."""
     from ..runtime import container
     from ..runtime.layout import DEFAULT_RUN_ROOT, run_root
 
-    for root in dict.fromkeys([run_root(), Path(DEFAULT_RUN_ROOT)]):
+    roots = list(dict.fromkeys([run_root(), Path(DEFAULT_RUN_ROOT)]))
+    for root in roots:
         inst = container.find(root, str(target))
         if inst is not None:
             container.destroy(inst)
             return True
     if not str(target).isdigit():
         return False
-    return process.stop(int(target))
+    stopped = process.stop(int(target))
+    for root in roots:  # its mounts, when no other server uses them
+        mounts.release(root)
+    return stopped

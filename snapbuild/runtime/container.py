@@ -109,11 +109,11 @@ def container_env(spec: ServerSpec) -> dict:
     env.setdefault("HOME", "/root")
     env.update({"SNAPBUILD_INPUTS": INPUTS, "SNAPBUILD_RUN": RUN, "LANG": env.get("LANG", "C.UTF-8")})
     base = dict(env)
-    from .server import _expand
+    from .server import _expand, node_env
 
     for k, v in spec.env.items():
         env[k] = _expand(v, base)
-    return env
+    return {**env, **node_env(spec)}
 
 
 def config_json(spec: ServerSpec, input_paths: dict[str, Path], run_dir: Path, netns: str) -> dict:
@@ -311,7 +311,10 @@ def prepare(spec: ServerSpec, blobs: BlobStore, engine: str, host_port: int | No
         # container's /dev/shm) are linked back in, inside the tmpfs the checkpoint carries.
         (bundle / CRIU_CONF).write_text("link-remap\n")
         config["annotations"] = {"org.criu.config": str(bundle / CRIU_CONF)}
-        (bundle / "config.json").write_text(json.dumps(config, indent=1))
+        # only root reads it: the process env holds the node's values of env_from_node
+        fd = os.open(bundle / "config.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(config, indent=1))
         save(inst)
     except BaseException:
         destroy(inst)

@@ -12,7 +12,7 @@ from ..errors import SnapbuildError
 from ..rootfs import release_layer
 from ..schema import Runtime, SchemaError
 from ..store import Store
-from ..store.fsutil import flock
+from ..store.fsutil import flock, walk
 from . import layout, mounts
 from .container import read_image
 from .trees import release
@@ -22,7 +22,8 @@ def node_gc(store: Store | None = None, *, dry_run: bool = False) -> dict:
     """Free what no pinned snapshot of this store uses: the input trees and checkpoint
     images this store wrote out (under the run root and the image cache), and its
     unreferenced blobs. A tree that another store on this node also uses stays until
-    that store lets it go too. Trees of running servers belong to pinned snapshots."""
+    that store lets it go too. Trees of running servers belong to pinned snapshots.
+    Mount points of host servers (``mounts:``) that no running server uses go first."""
     store = store or Store()
     keep: set[Path] = set()
     roots = {layout.run_root(), layout.images_root(layout.run_root())}
@@ -42,6 +43,9 @@ def node_gc(store: Store | None = None, *, dry_run: bool = False) -> dict:
             except (SnapbuildError, OSError, ValueError, KeyError):
                 layers = []
             keep |= {layout.layer_cache(root) / layout.hex_of(x["digest"]) for x in layers}
+    if not dry_run:  # host servers' `mounts:` that no server of this node uses any more
+        for root in {layout.run_root(), *(r for r in roots if (r / "trees").is_dir())}:
+            mounts.release(root)
     removed, freed = 0, 0
     in_use: list[str] = []  # trees and layers mounted from images that a process still uses
     for root in roots:
@@ -109,7 +113,7 @@ def _unmount_views(tree: Path) -> None:
 def _du(path: Path) -> int:
     """Bytes of the regular files under ``path``; symbolic links are not followed."""
     total = 0
-    for dirpath, _dirs, files in os.walk(path):
+    for dirpath, _dirs, files in walk(path):  # no recursion: a tree may be deep
         for name in files:
             try:
                 st = os.lstat(os.path.join(dirpath, name))

@@ -161,6 +161,20 @@ def base_url(probe: dict | None) -> str | None:
     return None
 
 
+def on_base(item: dict) -> dict:
+    """An HTTP item with the server's own URL (``GET http://127.0.0.1:8000/x``, which a
+    node's schema check allowed) as a path, so that it goes to where this machine reaches
+    the server (a published port, a forwarder) rather than the port it was built with."""
+    if "http" not in item:
+        return item
+    method, _, target = str(item["http"]).strip().rpartition(" ")
+    if "://" not in target:
+        return item
+    u = urlparse(target)
+    path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+    return {**item, "http": f"{method} {path}".strip()}
+
+
 def http_call(spec: dict, base: str | None, timeout: float = 60) -> tuple[int, bytes]:
     """One HTTP exercise or query: ``{"http": "POST /infer", "body": ..., "headers": ...}``."""
     method, _, target = str(spec["http"]).strip().partition(" ")

@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import SnapbuildError, UsageError
+from ..errors import NodeError, SnapbuildError, UsageError
 from ..schema import ServerSpec
 from ..store.blobs import BlobStore
 from ..tools import OrphanGuard
@@ -86,6 +86,7 @@ def prepare(spec: ServerSpec, blobs: BlobStore) -> tuple[Path, dict, list[Path]]
     """Materialize the inputs (once per machine), link them under the run folder and
     mount those that ``mounts`` names. Returns the run folder, the server's environment
     and the mount points mounted now (those already in place are not theirs to undo)."""
+    from_node = node_env(spec)  # first: a node without them starts nothing
     run_dir = Path(spec.run_dir)
     root = Path(spec.run_root)
     paths = ensure_inputs(blobs, spec.inputs, root, spec.tree_images.trees if spec.tree_images else None)
@@ -109,7 +110,22 @@ def prepare(spec: ServerSpec, blobs: BlobStore) -> tuple[Path, dict, list[Path]]
     base = dict(env)
     for k, v in spec.env.items():  # from the variables above: independent of order
         env[k] = _expand(v, base)
+    env.update(from_node)
     return run_dir, env, mounted
+
+
+def node_env(spec: ServerSpec) -> dict[str, str]:
+    """The values of the spec's ``env_from_node`` names, from this process's environment
+    (the build's for a warm-up, the runner's for a restore or cold boot): they reach the
+    server's environment and a restore's ``after_restore`` run lines, never the snapshot.
+    A restored server keeps what it read at its warm-up: its memory is the checkpoint's."""
+    missing = [n for n in spec.env_from_node if n not in os.environ]
+    if missing:
+        raise NodeError(f"server {spec.name} takes {', '.join(missing)} from the environment of the machine that "
+                        "starts it, and this one has no such variable",
+                        hint="set it in the environment of snapbuild-runner (or of `snapbuild build`, for the "
+                             "warm-up); its value never goes into the snapshot")
+    return {n: os.environ[n] for n in spec.env_from_node}
 
 
 def unmount(points: list[Path]) -> None:

@@ -32,7 +32,7 @@ from ..errors import SnapbuildError, StepError
 from ..runtime import probe as probes
 from ..runtime import process, server, shmfiles, sockdirs
 from ..runtime.layout import run_dir, run_root
-from ..schema import Runtime, ServerSpec, on_the_server
+from ..schema import Runtime, ServerSpec, on_the_server, server_request_problem
 from ..store.tree import build_tree, walk
 from ..tools import OrphanGuard
 from .base import BuildContext, PinContext, StepSpec
@@ -145,6 +145,13 @@ class CheckpointStep:
         if spec.isolation != "host" and warm.spec.ready.file is not None:
             return (("isolation",), f"isolation: {spec.isolation} reaches the server through a forwarded port, but "
                     f"warm-up {spec.process!r} is probed ready by a file", "give it an http or tcp ready probe")
+        ready = warm.spec.ready.to_dict()
+        for key, items in (("after_restore", spec.after_restore), ("verify", spec.verify)):
+            for i, item in enumerate(items):
+                why = server_request_problem(item.http, ready) if item.http is not None else None
+                if why:
+                    return ((key, i, "http"), why, "an HTTP call after a restore goes to the restored server: give "
+                            "a path (`POST /wake_up`), and the warm-up an http or tcp ready probe")
         if image and steps[image].kind.name != "image":
             return (("process",), f"warm-up {spec.process!r}: `image: {image}` names a "
                     f"{steps[image].kind.name} step, not an image step", "point `image:` at a `kind: image` step")
@@ -171,6 +178,7 @@ class CheckpointStep:
             name=recipe.name,
             argv=wspec.argv(),
             env=dict(wspec.env),
+            env_from_node=list(wspec.env_from_node),  # names only: the values stay on each machine
             cwd=wspec.cwd,
             ready=wspec.ready.to_dict(),
             run_root=str(run_root()),
@@ -429,7 +437,8 @@ def _store(spec: CheckpointSpec, ctx: BuildContext, scratch, server_spec: Server
     /dev/shm files (``scratch/shm``) as the artifact."""
     images = scratch / "images"
     manifest = Runtime(
-        format=3 if server_spec.isolation != "host" else 2 if shm or socket_dirs or checks else 1, shm_files=shm or [], socket_dirs=socket_dirs or [],
+        format=4 if server_spec.env_from_node else 3 if server_spec.isolation != "host" else
+        2 if shm or socket_dirs or checks else 1, shm_files=shm or [], socket_dirs=socket_dirs or [],
         verify=checks or [],
         engine=spec.engine, process=spec.process, server=server_spec, pids=pids,
         fingerprint=ctx.pins["fingerprint"], gpu=gpu,

@@ -7,6 +7,7 @@ server:
   mounts: {/models/mlp: weights}         # and read-only at a fixed path (needs root)
   command: [python3, "$SNAPBUILD_INPUTS/app/serve.py", --port, "{{ port }}"]
   env: {PYTHONPATH: "$SNAPBUILD_INPUTS/pydeps/site"}
+  env_from_node: [DATABASE_URL]          # value from the starting machine's environment
   ready: {http: "http://127.0.0.1:{{ port }}/healthz", timeout: 300}
   exercise:
     - {http: "POST /infer", body: '{"x": 1}', repeat: 3}
@@ -25,7 +26,8 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import StepError
-from ..schema import mount_point_problem, ready_file_problem, secret_names
+from ..store import default_home
+from ..schema import ENV_NAME_RE, mount_point_problem, probe_problem, ready_file_problem, secret_names
 from .base import StepSpec
 
 
@@ -44,6 +46,9 @@ class Probe(BaseModel):
         if len(given) != 1:
             raise ValueError("a probe needs exactly one of http, tcp, log, file"
                              + (f" (got {', '.join(given)})" if given else ""))
+        why = probe_problem(self.to_dict())  # as a node checks it: it travels in the snapshot
+        if why:
+            raise ValueError(why)
         return self
 
     def to_dict(self) -> dict:
@@ -70,6 +75,10 @@ class WarmupSpec(StepSpec):
     command: list[str] | None = None
     run: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
+    # Names only: each value comes from the environment of the machine that starts the
+    # server (the build's for the warm-up, the node's for a restore or cold boot), and
+    # is never written into the snapshot (docs/recipes.md, "Secrets").
+    env_from_node: list[str] = Field(default_factory=list)
     cwd: str | None = None
     ready: Probe
     exercise: list[Exercise] = Field(default_factory=list)
@@ -83,6 +92,12 @@ class WarmupSpec(StepSpec):
     # snapshot (the runner's cold boot uses it), so it is part of the output.
     KEYLESS: ClassVar[frozenset[str]] = StepSpec.KEYLESS
 
+    def key_fields(self) -> dict:
+        out = super().key_fields()
+        if not self.env_from_node:  # the keys of warm-ups from before the field existed
+            del out["env_from_node"]
+        return out
+
     @model_validator(mode="after")
     def _command_or_run(self):
         if (self.command is None) == (self.run is None):
@@ -92,8 +107,15 @@ class WarmupSpec(StepSpec):
         if self.image and self.ready.file is not None:
             raise ValueError("a `file` probe checks a path on this machine, not in the container: "
                              "use an http, tcp or log probe")
+        for name in self.env_from_node:
+            if not ENV_NAME_RE.match(name) or name.startswith("SNAPBUILD_"):
+                raise ValueError(f"env_from_node: {name!r} is not a variable name (SNAPBUILD_* are snapbuild's)")
+            if name in self.env:
+                raise ValueError(f"env_from_node: {name} is in `env:` too; give it in one of them")
+        if len(set(self.env_from_node)) != len(self.env_from_node):
+            raise ValueError("env_from_node: a name is given twice")
         for dest in self.mounts:
-            why = mount_point_problem(dest)
+            why = mount_point_problem(dest, (str(default_home()),))
             if why:
                 raise ValueError(why)
         if self.ready.file is not None:
@@ -103,9 +125,12 @@ class WarmupSpec(StepSpec):
         return self
 
     def secret_env(self) -> list[str]:
-        """Names in ``env`` that look like secrets: the checkpoint holds the server's
-        memory, so whatever it read from them is in the snapshot."""
-        return secret_names(self.env)
+        """Where ``env``, ``command`` or ``run`` look like they hold secrets (names, and
+        ``command[i]`` or ``run[0]``, never values; see :func:`schema.secret_names`):
+        they are written into the snapshot, and the checkpoint holds the server's memory,
+        so whatever it read from them. ``env_from_node`` names hold no value here."""
+        argv, label = (self.command, "command") if self.command is not None else ([self.run or ""], "run")
+        return secret_names(self.env, argv, label)
 
     def argv(self) -> list[str]:
         return list(self.command) if self.command is not None else ["bash", "-c", self.run]

@@ -495,3 +495,49 @@ def test_a_runc_gpu_container_gets_exactly_its_gpus_from_the_cdi_spec(base_rootf
     finally:
         stop(cold["container"])
     assert leftovers("sb-gpubox") == []
+
+
+def test_a_container_takes_env_from_node_values_from_the_runner(base_rootfs, dockerd, recipe, project, store,
+                                                                 monkeypatch):
+    """`env_from_node`: the warm-up container gets the build's value, a cold boot's
+    container and a restore's `after_restore` lines (runc exec) the node's; a restored
+    server keeps what it read at the warm-up. The value is in no JSON of the snapshot,
+    and on the node only in the bundle's config.json, which only root reads."""
+    import stat
+    import urllib.request
+
+    from test_secrets import BUILD_DB, ENV_SERVER, NODE_DB
+
+    port = free_port()
+    (project / "app").mkdir()
+    (project / "app" / "env_server.py").write_text(ENV_SERVER)
+    path = counter_container(recipe, project, base_rootfs, "envnode", port, exercise="",
+                             command=f'[python3, /app/env_server.py, --port, "{port}"]',
+                             checkpoint=", after_restore: [{run: 'echo \"$DATABASE_URL\" > /snapbuild/run/seen'}]")
+    path.write_text(path.read_text().replace("image: app\n", "image: app\n    env_from_node: [DATABASE_URL]\n"))
+    monkeypatch.setenv("DATABASE_URL", BUILD_DB)
+    [res] = build(path, store=store)
+    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    manifest = json.loads(store.blobs.get(res.snapshot))
+    assert BUILD_DB.encode() not in store.blobs.get(manifest["config"]["digest"])
+
+    def asked(p: int) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{p}/", timeout=5) as a:
+            return json.loads(a.read())["database_url"]
+
+    monkeypatch.setenv("DATABASE_URL", NODE_DB)
+    published = free_port()
+    out = run("envnode:v1", store=store, fallback="fail", publish=str(published))
+    try:
+        assert asked(published) == BUILD_DB, "the restored server keeps what its warm-up read"
+        assert (Path(out["log"]).parent / "seen").read_text().strip() == NODE_DB, "after_restore ran with the node's"
+        bundle = Path(os.environ["SNAPBUILD_RUN_ROOT"]) / "bundles" / out["container"] / "config.json"
+        assert stat.S_IMODE(bundle.stat().st_mode) == 0o600
+    finally:
+        stop(out["container"])
+    cold = run("envnode:v1", store=store, mode="cold", publish=str(published))
+    try:
+        assert asked(published) == NODE_DB, "a cold boot's container gets the node's value"
+    finally:
+        stop(cold["container"])
+    assert leftovers("sb-envnode") == []

@@ -59,17 +59,17 @@ def test_a_mounted_input_is_read_only_and_follows_the_snapshot(recipe, store, mo
         assert info["read_only"] is True, "a mounted input cannot be written"
     finally:
         stop(out["pid"])
-    cold = run("mapped:v1", registry=reg, store=node, mode="cold")  # the mount is reused as it is
+    assert not mounts.is_mount_point(mount_point), "no server uses it any more: the stop took it away"
+    cold = run("mapped:v1", registry=reg, store=node, mode="cold")  # mounted again
     try:
         assert cold["mode"] == "cold" and post(port, "/count")["count"] == 1
+        assert mounts.is_mount_point(mount_point)
     finally:
         stop(cold["pid"])
-    assert mounts.is_mount_point(mount_point), "the node keeps the mount for the next restore"
+    assert not mounts.is_mount_point(mount_point)
 
     # a mount point this node uses otherwise: nothing starts, and it is the node's
     # problem (exit 11), not a usage error
-    while mounts.is_mount_point(mount_point):
-        mounts.unmount(mount_point)
     (mount_point / "mine").write_text("not the snapshot's")
     r = run_cli("restore", "mapped:v1", "--registry", reg, tool="snapbuild-runner",
                 env={"SNAPBUILD_HOME": str(node.home)})

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +21,7 @@ from snapbuild.store.chunks import read_file
 from snapbuild.store.tree import load_tree
 
 from fakehub import FakeHub  # tests/integration/fakehub.py
-from testkit import COUNTER, free_port
+from testkit import COUNTER, free_port, port_free
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +86,7 @@ def test_tokens_and_keys_used_to_download_weights_are_nowhere_in_the_snapshot(
     finally:
         hub.close()
     out = r.json()
-    warning = "step server: env SERVICE_API_TOKEN look like secrets"
+    warning = "step server: env or command SERVICE_API_TOKEN look like secrets"
     assert any(w.startswith(warning) for w in out["warnings"]) and warning in r.err
 
     store = Store(home)
@@ -97,3 +99,102 @@ def test_tokens_and_keys_used_to_download_weights_are_nowhere_in_the_snapshot(
     r = run_cli("inspect", "secretive:v1")
     assert r.code == 0 and "SERVICE_API_TOKEN, which look like secrets" in r.out, r.out
     assert run_cli("inspect", "secretive:v1", "--json").json()["secret_env"] == ["SERVICE_API_TOKEN"]
+
+
+ENV_SERVER = '''
+import json, os, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+AT_START = os.environ.get("DATABASE_URL")  # what the warm-up read: its memory keeps it
+
+
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"database_url": AT_START}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+HTTPServer(("127.0.0.1", int(sys.argv[sys.argv.index("--port") + 1])), H).serve_forever()
+'''
+BUILD_DB = "postgres://app:build-side-pw-5520@db.build/app"
+NODE_DB = "postgres://app:node-side-pw-9931@db.node/app"
+GH_TOKEN = "ghp_" + "Zq7" * 12
+
+
+def test_env_from_node_is_never_written_into_the_snapshot(recipe, project, run_cli, home, monkeypatch):
+    """`env_from_node: [DATABASE_URL]`: the warm-up takes the build's value, a cold boot
+    the node's, a restored server keeps the warm-up's (its memory is the checkpoint's)
+    while its after_restore run lines see the node's; no JSON of the snapshot holds
+    either value (the memory pages do hold the build's: the server read it)."""
+    import urllib.request
+
+    from snapbuild.runner.restore import run, stop
+
+    port = free_port()
+    (project / "app").mkdir()
+    (project / "app" / "env_server.py").write_text(ENV_SERVER)
+    path = recipe(f"""
+        name: fromnode
+        steps:
+          app: {{kind: files, root: app}}
+          server:
+            kind: warmup
+            needs: [app]
+            env_from_node: [DATABASE_URL]
+            env: {{TOKENIZERS_PARALLELISM: "false"}}
+            command: ["{sys.executable}", $SNAPBUILD_INPUTS/app/env_server.py, --port, "{port}", --gh, "{GH_TOKEN}"]
+            ready: {{http: "http://127.0.0.1:{port}/", timeout: 30}}
+          snap:
+            kind: checkpoint
+            process: server
+            after_restore: [{{run: 'echo "$DATABASE_URL" > $SNAPBUILD_RUN/seen-after-restore'}}]
+        publish: {{tag: "fromnode:v1"}}
+    """)
+    r = run_cli("build", path, "--json", "--progress", "plain", env={"DATABASE_URL": BUILD_DB}, timeout=300)
+    assert r.code == 0, (r.out, r.err)
+    out = r.json()
+    # named by where it is (argument 5 of the command), never by its value; not TOKENIZERS_*
+    warning = "step server: env or command command[5] (a GitHub token) look like secrets"
+    mine = [w for w in out["warnings"] if w.startswith("step server:")]
+    assert len(mine) == 1 and mine[0].startswith(warning), out["warnings"]
+    assert GH_TOKEN not in r.err and BUILD_DB not in r.out + r.err
+
+    store = Store(home)
+    blobs = every_byte_of(store, out["snapshot"])
+    config = next(data for what, data in blobs if what == "config")
+    assert b'"env_from_node":["DATABASE_URL"]' in config.replace(b" ", b"")
+    found = [what for what, data in blobs if BUILD_DB.encode() in data]
+    assert found and all(":images/pages-" in what for what in found), \
+        f"only the warm server's memory holds the build's value, not {found}"
+    assert run_cli("inspect", "fromnode:v1", "--json").json()["env_from_node"] == ["DATABASE_URL"]
+
+    def asked() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as a:
+            return json.loads(a.read())["database_url"]
+
+    monkeypatch.setenv("DATABASE_URL", NODE_DB)
+    warm = run("fromnode:v1", store=store, fallback="fail")
+    try:
+        assert asked() == BUILD_DB, "a restored process keeps the environment it was checkpointed with"
+        run_dir = Path(warm["log"]).parent
+        assert (run_dir / "seen-after-restore").read_text().strip() == NODE_DB, "after_restore sees the node's"
+    finally:
+        stop(warm["pid"])
+    cold = run("fromnode:v1", store=store, mode="cold")
+    try:
+        assert asked() == NODE_DB, "a cold boot takes the node's value"
+    finally:
+        stop(cold["pid"])
+
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}  # a node without it
+    proc = subprocess.run([str(Path(sys.executable).parent / "snapbuild-runner"), "restore", "fromnode:v1"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 11 and "takes DATABASE_URL from the environment" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert port_free(port), "nothing started"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 
@@ -278,3 +279,147 @@ def test_a_good_gpu_section_reads_back_and_host_processes_keep_their_pids():
     assert Runtime.from_json(host).gpu["pids"] == [7]
     with pytest.raises(SchemaError, match="device_nodes: are for runc containers"):
         Runtime.from_json({**host_runtime(), "gpu": gpu_section(pid_ns=False)})
+
+
+# --- the runtime section stays in its box (issue 31, item 2) ------------------------------
+
+@pytest.mark.parametrize("dest, words", [
+    ("/etc/cron.d-x", "below the system folder /etc"),
+    ("/usr/local/x", "below the system folder /usr"),
+    ("/root/.ssh-x", "below the system folder /root"),
+    ("/var/lib/x", "below the system folder /var/lib"),
+    ("/var/run/x", "below the system folder /var/run"),
+    ("/lib32/x", "below the system folder /lib32"),
+    ("/boot/efi-x", "below the system folder /boot"),
+    ("/var/models", None),
+    ("/srv/models", None),
+])
+def test_a_mount_below_a_system_folder_is_refused_unless_the_node_allows_a_root(dest, words, monkeypatch):
+    from snapbuild.schema import mount_point_problem
+
+    doc = broken("server.mounts", {dest: "model"})
+    if words is None:
+        assert Runtime.from_json(doc).server.mounts == {dest: "model"}
+        return
+    with pytest.raises(SchemaError, match=rf"mounts\['{dest}'\]: .*{words}.*SNAPBUILD_ALLOW_MOUNT_ROOTS"):
+        Runtime.from_json(doc)
+    monkeypatch.setenv("SNAPBUILD_ALLOW_MOUNT_ROOTS", f"/opt:{dest.rsplit('/', 1)[0]}")
+    assert Runtime.from_json(doc).server.mounts == {dest: "model"}
+    assert "would cover a system path" in mount_point_problem("/usr"), "an allowed root never covers a system path"
+
+
+def test_a_mount_in_or_over_the_run_root_is_refused_and_a_bad_allowance_named(monkeypatch):
+    from snapbuild.errors import UsageError
+    from snapbuild.schema import mount_point_problem
+
+    with pytest.raises(SchemaError, match=r"would cover or be inside /var/lib/snapbuild"):
+        Runtime.from_json(broken("server.mounts", {f"{ROOT}/trees": "model"}))
+    monkeypatch.setenv("SNAPBUILD_RUN_ROOT", "/srv/snapbuild")
+    assert "would cover or be inside /srv/snapbuild" in mount_point_problem("/srv")
+    monkeypatch.setenv("SNAPBUILD_ALLOW_MOUNT_ROOTS", "usr/local")
+    with pytest.raises(UsageError, match=r"SNAPBUILD_ALLOW_MOUNT_ROOTS: 'usr/local' is not an absolute folder"):
+        mount_point_problem("/usr/local/x")
+
+
+@pytest.mark.parametrize("ready, words", [
+    ({"http": "http://169.254.169.254/latest/meta-data"}, "asks 169.254.169.254, not this machine"),
+    ({"tcp": "10.0.0.1:80"}, "asks 10.0.0.1, not this machine"),
+    ({"http": "file:///etc/passwd"}, "is not an http(s) URL"),
+    ({"tcp": "127.0.0.1:http"}, "is not HOST:PORT"),
+    ({"http": "http://127.0.0.1:8080/x", "tcp": "127.0.0.1:1"}, "needs exactly one of"),
+])
+def test_a_ready_probe_asks_the_server_on_this_machine_only(ready, words):
+    with pytest.raises(SchemaError, match=r"runtime\.server\.ready: .*" + re.escape(words)):
+        Runtime.from_json(broken("server.ready", ready))
+
+
+@pytest.mark.parametrize("http, words", [
+    ("GET http://169.254.169.254/latest/meta-data/iam", "is not the restored server"),
+    ("POST http://127.0.0.1:9999/x", "is not the restored server"),
+    ("POST http://127.0.0.1:8080@evil.example/x", "is not the restored server"),
+    (None, None),  # a path
+    ("POST http://localhost:8080/wake_up", None),  # the server's own address
+])
+def test_after_restore_http_items_go_to_the_restored_server_only(http, words):
+    item = {"http": http or "POST /wake_up", "headers": {}}
+    doc = {**host_runtime(), "after_restore": [item]}
+    if words is None:
+        assert Runtime.from_json(doc).after_restore == [item]
+        return
+    with pytest.raises(SchemaError, match=r"after_restore\[0\]\.http: .*" + re.escape(words)):
+        Runtime.from_json(doc)
+
+
+def test_a_call_after_the_restore_needs_a_probe_with_an_address():
+    doc = broken("server.ready", {"log": "ready"})
+    with pytest.raises(SchemaError, match=r"after_restore\[0\]\.http: 'POST /x' needs the server's address"):
+        Runtime.from_json({**doc, "after_restore": [{"http": "POST /x", "headers": {}}]})
+    runs = {**doc, "after_restore": [{"run": "true", "headers": {}}]}
+    assert Runtime.from_json(runs).after_restore == runs["after_restore"], "a run line needs no address"
+
+
+def test_an_absolute_url_of_the_server_is_asked_on_the_address_this_machine_reaches_it():
+    from snapbuild.runtime.probe import on_base
+
+    assert on_base({"http": "POST http://127.0.0.1:8080/wake?x=1"})["http"] == "POST /wake?x=1"
+    assert on_base({"http": "http://127.0.0.1:8080"})["http"] == "/"
+    assert on_base({"http": "POST /wake"}) == {"http": "POST /wake"}
+    assert on_base({"run": "true"}) == {"run": "true"}
+
+
+# --- secrets (issue 31, item 5) -----------------------------------------------------------
+
+PEM = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----"
+VALUES = {
+    "DATABASE_URL": ("postgres://u:pw-7731@h/db", "a password in a URL"),
+    "HUB": ("hf_" + "a1B2" * 9, "a Hugging Face token"),
+    "AWS_ID": ("AKIA" + "ABCDEFGH12345678", "an AWS access key id"),
+    "GH": ("ghp_" + "x" * 36, "a GitHub token"),
+    "GH2": ("github_pat_11AAAAAAA0" + "y" * 30, "a GitHub token"),
+    "CHAT": ("xoxb-1234567890-abcdefghij", "a Slack token"),
+    "SSH": (PEM, "a private key"),
+}
+
+
+@pytest.mark.parametrize("name", ["HF_TOKEN", "SERVICE_API_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID",
+                                  "DB_PASSWORD", "PGPASSWORD", "OPENAI_API_KEY", "APIKEY", "apiKey", "hfToken",
+                                  "GOOGLE_APPLICATION_CREDENTIALS", "ssh-passphrase"])
+def test_secret_names_are_matched_as_words(name):
+    from snapbuild.schema import secret_names
+
+    assert secret_names({name: "x"}) == [name]
+
+
+@pytest.mark.parametrize("name", ["TOKENIZERS_PARALLELISM", "KEYBOARD", "MONKEY_PATCH", "PASSTHROUGH", "PWD",
+                                  "SECRETARY_NAME", "OMP_NUM_THREADS"])
+def test_names_that_only_contain_a_secret_word_are_not_flagged(name):
+    from snapbuild.schema import secret_names
+
+    assert secret_names({name: "1"}) == []
+
+
+def test_secrets_are_found_by_value_in_env_and_command_and_never_printed():
+    from snapbuild.schema import secret_names
+
+    env = {name: value for name, (value, _) in VALUES.items()} | {"PLAIN": "http://127.0.0.1:8000/x"}
+    argv = ["serve", "--db", VALUES["DATABASE_URL"][0], "--key", PEM, "--port", "8000"]
+    found = secret_names(env, argv)
+    assert found == sorted(f"{n} ({kind})" for n, (_, kind) in VALUES.items()) + [
+        "command[2] (a password in a URL)", "command[4] (a private key)"]
+    shown = "\n".join(found)
+    assert all(value not in shown for value, _ in VALUES.values()) and "pw-7731" not in shown
+
+
+def test_env_from_node_holds_names_only_and_needs_format_4():
+    doc = {**host_runtime(), "format": 4}
+    doc["server"]["env_from_node"] = ["DATABASE_URL", "HF_TOKEN"]
+    rt = Runtime.from_json(doc)
+    assert rt.server.env_from_node == ["DATABASE_URL", "HF_TOKEN"] and rt.to_json() == doc
+    assert "env_from_node" not in host_runtime()["server"], "older sections stay as they were"
+    with pytest.raises(SchemaError, match=r"runtime\.format: 3: a server with env_from_node needs format 4"):
+        Runtime.from_json({**doc, "format": 3})
+    for bad in (["A=B"], ["MODE"], ["SNAPBUILD_RUN"], ["X", "X"]):  # MODE is in env
+        d = copy.deepcopy(doc)
+        d["server"]["env_from_node"] = bad
+        with pytest.raises(SchemaError, match=r"runtime\.server\.env_from_node: .* is not a variable name"):
+            Runtime.from_json(d)
