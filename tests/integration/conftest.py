@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from snapbuild.runtime import mounts
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -222,3 +224,12 @@ def s3_bucket(s3_server, aws_env, monkeypatch):
     name = f"b{time.monotonic_ns()}"
     client.create_bucket(Bucket=name)
     return client, name
+
+
+@pytest.fixture
+def mount_point(tmp_path):
+    """A mount point for a test's `mounts:`, unmounted after it whatever it left."""
+    point = tmp_path / "models" / "m"
+    yield point
+    while mounts.is_mount_point(point):  # whatever a failed test left mounted
+        mounts.unmount(point)

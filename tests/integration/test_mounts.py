@@ -26,14 +26,6 @@ from testkit import free_port, post, weights_counter_recipe
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def mount_point(tmp_path):
-    point = tmp_path / "models" / "m"
-    yield point
-    while mounts.is_mount_point(point):  # whatever a failed test left mounted
-        mounts.unmount(point)
-
-
 def mapped_recipe(recipe, port: int, point: Path) -> tuple[Path, bytes]:
     return weights_counter_recipe(recipe, port, name="mapped", data="model", mount=point, size=3 << 20)
 

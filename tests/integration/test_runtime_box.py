@@ -152,14 +152,6 @@ def _mounted_replicas(recipe, store, point: Path) -> None:
     assert not mounts.is_mount_point(point), "the build takes its mount away"
 
 
-@pytest.fixture
-def mount_point(tmp_path):
-    point = tmp_path / "models" / "m"
-    yield point
-    while mounts.is_mount_point(point):  # whatever a failed test left mounted
-        mounts.unmount(point)
-
-
 def test_a_mount_goes_when_the_last_server_using_it_stops(recipe, store, mount_point, run_cli):
     _mounted_replicas(recipe, store, mount_point)
     outs = []
