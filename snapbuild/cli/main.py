@@ -452,8 +452,10 @@ def run_snapshot(ref, as_json, **options):
 def bench_snapshot(ref, registry, runs, drop_caches, as_json):
     """Cold boot to ready versus restore to ready, medians and ratio.
 
-    Both modes start the same server from the same snapshot and must answer the same
-    query; the port must be free. Needs the snapshot's server to answer `POST /infer`.
+    Both modes start the same server from the same snapshot, and each server is asked
+    the snapshot's check requests (`verify:` of its checkpoint step), whose answers must
+    be the warm-up's; without any, nothing is compared and the report says so. The port
+    must be free.
     """
     from ..runner.bench import bench
 
@@ -469,12 +471,22 @@ def bench_snapshot(ref, registry, runs, drop_caches, as_json):
             click.echo(f"  {label:<12} {phase['cold_s']['median']:>12.3f} {phase['restore_s']['median']:>15.3f} "
                        f"{phase['speedup']:>7.1f}x")
     click.echo(f"  first restore on this node (writes the images out): {r['restore_first_s']:.3f}s")
-    click.echo(f"  answers identical across modes: {'yes' if r['answers_match'] else 'NO'}")
+    click.echo(f"  answers: {_bench_answers(r['answers'])}")
     if r.get("verify"):
         click.echo("  check requests after each restore: "
                    + ", ".join(f"{n} {how}" for how, n in sorted(r["verify"].items())))
     if r.get("note"):
         click.echo(f"  note: {r['note']}")
+
+
+def _bench_answers(a: dict) -> str:
+    """The bench report's ``answers``, in words."""
+    if a["compared"] is None:
+        return f"not compared ({a['why']})"
+    if a["same"]:
+        return f"the warm-up's, from every server ({a['compared']}, {a['asked']} servers asked)"
+    return (f"DIFFERENT from the warm-up's on {a['different']} of {a['asked']} servers ({a['compared']}); "
+            f"first: {a['first_difference']}")
 
 
 @cli.command()

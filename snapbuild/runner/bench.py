@@ -2,11 +2,16 @@
 
 Runs alternate (cold, restore, cold, restore, ...) so that drift in the machine's load
 hits both sides alike; each is timed from the runner's start to a passing readiness
-probe, then the server answers one query (both modes must answer the same) and is
+probe, then it is asked the snapshot's check requests (``verify``) outside that time and
 stopped. Reported: medians, min and max, and the ratio of medians, with the page cache
 warm and, where allowed (root), dropped before every run; plus one restore on a node
-that has not yet written the checkpoint's images out. A snapshot with check requests
-(``verify``) is checked after every restore, inside the restore's time, and the outcomes
+that has not yet written the checkpoint's images out.
+
+Answers (``answers``): every server, cold or restored, must answer each check request as
+the warm-up did (status and body, or the ``compare`` paths of it); an error status is no
+answer, even when both modes give the same one. A snapshot without check requests has
+nothing to compare, and the report says so (``"compared": null`` and why). Separately,
+the runner itself checks every restore (inside the restore's time), and those outcomes
 are counted (``verify``: ``{"same": n, "different": n}``).
 """
 
@@ -20,7 +25,7 @@ from typing import Any
 from ..runtime import probe as probes
 from ..runtime import process
 from ..runtime.layout import images_root, tree_dir
-from ..schema import ServerSpec
+from ..schema import Runtime, ServerSpec
 from ..store import Store
 from .pull import pull
 from .restore import RestoreFailed, run, stop
@@ -39,15 +44,15 @@ def drop_caches() -> None:
 
 
 def _once(ref: str, mode: str, store: Store, registry: str | None, spec: ServerSpec,
-          before_stop=lambda: None) -> tuple[float, dict, str]:
+          checks: list[dict] | tuple = (), before_stop=lambda: None) -> tuple[float, dict, str | None]:
+    """One start of the server in ``mode``, asked ``checks`` (then ``before_stop()``
+    runs) and stopped: its seconds to ready, the runner's result, and how its answers
+    differed from the warm-up's (None: they did not, or there was nothing to ask)."""
     out = run(ref, registry=registry, mode=mode, store=store)
     # A container is reached through its published host port, a host process directly.
     base = f"http://{out['address']}" if out.get("address") else probes.base_url(spec.ready)
     try:
-        status, body = probes.http_call({"http": "POST /infer", "body": "{}"}, base)
-        answer = body.decode(errors="replace") if status == 200 else f"HTTP {status}"
-    except probes.ProbeFailed as e:
-        answer = f"no answer: {e}"
+        differs = probes.check_answers([probes.on_base(c) for c in checks], base=base) if checks else None
     finally:
         before_stop()
         stop(out.get("container") or out["pid"])
@@ -57,7 +62,22 @@ def _once(ref: str, mode: str, store: Store, registry: str | None, spec: ServerS
         if not probes.port_in_use(addr):
             break
         process.wait_gone([out["pid"]], timeout=0.05)
-    return out["timings"]["total_s"], out, answer
+    return out["timings"]["total_s"], out, differs
+
+
+def to_compare(runtime: Runtime) -> tuple[list[dict], dict]:
+    """The check requests every server is asked, with their warm-up answers, and the
+    report's ``answers`` as it starts: what is compared, or why nothing is. A request
+    whose recorded answer is an error status (``expect: 404``) proves nothing: left out."""
+    usable = [c for c in runtime.verify if 200 <= c["answer"]["status"] < 300]
+    if usable:
+        n = len(usable)
+        return usable, {"compared": f"verify ({n} request{'s' if n != 1 else ''})", "same": True, "asked": 0,
+                        "different": 0, "first_difference": None}
+    why = ("its check requests all expect an error status, which proves nothing" if runtime.verify else
+           "the snapshot has no check requests (`verify:` in its checkpoint step), and a snapshot carries no "
+           "exercise to ask instead")
+    return [], {"compared": None, "why": why}
 
 
 def _summary(values: list[float]) -> dict:
@@ -82,21 +102,31 @@ def bench(ref: str, *, runs: int = 5, registry: str | None = None, store: Store 
 
     # One restore where the images are not yet written out on this node.
     shutil.rmtree(tree_dir(images_root(spec.run_root), runtime.images_tree), ignore_errors=True)
-    first, first_out, _ = _once(ref, "auto", store, registry, spec)
+    checks, answers = to_compare(runtime)
+
+    def compared(mode: str, differs: str | None) -> None:
+        if checks:
+            answers["asked"] += 1
+            if differs is not None:
+                answers.update(same=False, different=answers["different"] + 1)
+                answers["first_difference"] = answers["first_difference"] or f"{mode}: {differs}"
+
+    first, first_out, differs = _once(ref, "auto", store, registry, spec, checks)
     if first_out["mode"] != "restore":
         raise RestoreFailed(f"the first restore of {ref} fell back to a cold boot: {first_out['reason']}",
                             hint=f"snapbuild run {ref} shows the same; nothing to compare")
+    compared("the first restore", differs)
     progress(f"first restore on this node (images written out): {first:.3f}s")
 
     phases = [("warm", False)] + ([("dropped", True)] if drop else [])
-    result: dict[str, Any] = {"ref": ref, "runs": runs, "restore_first_s": round(first, 4), "answers_match": True}
+    result: dict[str, Any] = {"ref": ref, "runs": runs, "restore_first_s": round(first, 4), "answers": answers}
     # how the restored servers answered the checkpoint's check requests: {"same": n, "different": n}
-    checks: dict[str, int] = {}
+    outcomes: dict[str, int] = {}
     fell_back: list[str] = []  # the reasons of restores that booted cold instead (not in restore_s)
 
     def count(out: dict) -> None:
         if out.get("verify"):
-            checks[out["verify"]] = checks.get(out["verify"], 0) + 1
+            outcomes[out["verify"]] = outcomes.get(out["verify"], 0) + 1
         if out["mode"] != "restore":
             fell_back.append(out["reason"])
 
@@ -104,24 +134,22 @@ def bench(ref: str, *, runs: int = 5, registry: str | None = None, store: Store 
     for label, do_drop in phases:
         cold: list[float] = []
         restored: list[float] = []
-        answers: set[str] = set()
         for i in range(runs):
             for mode in ("cold", "auto"):
                 if do_drop:
                     drop_caches()
-                t, out, answer = _once(ref, mode, store, registry, spec)
+                t, out, differs = _once(ref, mode, store, registry, spec, checks)
+                compared(f"run {i + 1} ({label} page cache, {out['mode']})", differs)
                 if mode == "cold":
                     cold.append(t)
                 else:
                     count(out)
                     if out["mode"] == "restore":
                         restored.append(t)
-                answers.add(_digest_only(answer))
                 progress(f"[{label} page cache] run {i + 1}/{runs} {out['mode']:<7} {t:.3f}s")
         if not restored:
             raise RestoreFailed(f"every restore of {ref} fell back to a cold boot: {fell_back[-1]}",
                                 hint=f"snapbuild run {ref} shows the same; nothing to compare")
-        result["answers_match"] &= len(answers) == 1
         phase = {"cold_s": _summary(cold), "restore_s": _summary(restored),
                  "speedup": round(statistics.median(cold) / statistics.median(restored), 2)}
         result[label] = phase
@@ -133,20 +161,8 @@ def bench(ref: str, *, runs: int = 5, registry: str | None = None, store: Store 
                   page_cache_dropped=result.get("dropped"))
     result.pop("dropped", None)
     result["checkpoint_bytes"] = runtime.stats.get("pages_bytes")
-    result["verify"] = checks or None
+    result["verify"] = outcomes or None
     return result
 
 
-def _digest_only(answer: str) -> str:
-    """Compare answers without the per-process call counter."""
-    import json
-
-    try:
-        obj = json.loads(answer)
-        obj.pop("calls", None)
-        return json.dumps(obj, sort_keys=True)
-    except ValueError:
-        return answer
-
-
-__all__ = ["bench", "can_drop_caches"]
+__all__ = ["bench", "can_drop_caches", "to_compare"]

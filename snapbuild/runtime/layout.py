@@ -5,7 +5,9 @@ path under the run root and the image cache, in one place.
 
     $SNAPBUILD_RUN_ROOT (default /var/lib/snapbuild)    the run root: recorded in each
     |                                                    snapshot, the same on every node
-    +-- trees/<hex>/               an input tree (code, environment, weights), written out
+    +-- trees/<hex>/               an input tree (code, environment, weights), written out;
+    |                                once complete, shown read-only to servers (a read-only
+    |                                bind mount of itself, runtime.trees.show_read_only)
     |     .snapbuild-complete        ... complete; lists the stores that use it, one a line
     +-- trees/<hex>.partial/       a tree being written out (never used; redone)
     +-- trees/<hex>.users          the users of a tree mounted from its image (read-only)

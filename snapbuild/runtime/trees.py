@@ -5,19 +5,33 @@ The warm process sees its inputs there on the build machine, and the runner puts
 same bytes at the same path on every node. That is what lets CRIU leave unmodified
 file-backed pages (mapped weights, shared libraries) out of the checkpoint, and what
 lets many snapshots share one copy of their weights per node.
+
+Servers share these trees, so none may write into one (it would change every other's
+inputs, and the bytes a restore expects to find): a host server's trees are shown
+read-only (:func:`show_read_only`, a read-only bind mount of each tree's folder over
+itself, made before its warm-up, restore or cold boot); a container gets them as
+read-only bind mounts (runtime.container); a tree mounted from its image is read-only.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from .. import tools
+from ..errors import SnapbuildError
 from ..store import fsutil
 from ..store.blobs import BlobStore
 from ..store.fsutil import flock
 from ..store.tree import load_tree, materialize
 from . import erofs, lazyimage, layout
+from .mountinfo import is_mount_point
+
+log = logging.getLogger(__name__)
 
 MARKER = layout.TREE_MARKER  # inside a complete tree: the stores (one path a line) that use it
 
@@ -40,7 +54,7 @@ def ensure_tree(blobs: BlobStore, digest: str, root: Path, image: str | None = N
         text = _users_text(final)
         if text is not None:
             if user not in text.splitlines(keepends=True):
-                with open(_marker(final), "a") as f:
+                with _writable(final), open(_marker(final), "a") as f:
                     f.write(user)
             return final, False
         tmp = layout.tree_partial(final)
@@ -91,7 +105,8 @@ def release(path: Path, store_root: Path, *, dry_run: bool = False, before=None)
         if dry_run:
             return not others
         if others:
-            fsutil.atomic_write(_marker(path), "".join(u + "\n" for u in others).encode())
+            with _writable(path):
+                fsutil.atomic_write(_marker(path), "".join(u + "\n" for u in others).encode())
             return False
         if before is not None:
             before(path)
@@ -126,14 +141,15 @@ def _users_text(path: Path) -> str | None:
 
 
 def link_inputs(inputs: dict[str, Path], dest: Path) -> None:
-    """``dest/<step>`` -> the tree folder: the names a command uses for its inputs.
-    Each link is made beside its place and renamed over it, so two restores of one
-    snapshot that share a run folder (an agent's replicas) never see it missing nor
-    trip over each other's."""
+    """``dest/<step>`` -> the tree folder: the names a host server uses for its inputs,
+    each tree shown read-only first (:func:`show_read_only`). Each link is made beside
+    its place and renamed over it, so two restores of one snapshot that share a run
+    folder (an agent's replicas) never see it missing nor trip over each other's."""
     import threading
 
     dest.mkdir(parents=True, exist_ok=True)
     for name, path in inputs.items():
+        show_read_only(path)
         tmp = dest / f".{name}.{os.getpid()}-{threading.get_ident()}.link"
         tmp.unlink(missing_ok=True)
         os.symlink(path, tmp)
@@ -189,11 +205,81 @@ def modified(sigs: dict[str, tuple[int, int, int]]) -> list[str]:
 
 def discard(path: Path) -> None:
     """Forget a materialized tree (it will be written out again when next needed); a
-    tree mounted from its image is unmounted and its image file deleted too."""
+    tree mounted from its image is unmounted and its image file deleted too, and a
+    written-out one shown read-only loses that mount first."""
     side = layout.tree_users(path)
     if side.exists() or os.path.ismount(path):
         erofs.take_down(path)
         side.unlink(missing_ok=True)
+    elif is_mount_point(path):
+        _unmount(path)
     marker = path / MARKER
     marker.unlink(missing_ok=True)
     fsutil.remove_tree(path, ignore_errors=True)
+
+
+# --- read-only trees --------------------------------------------------------------------
+
+def show_read_only(tree: Path) -> None:
+    """Show a complete, written-out tree read-only from now on: a bind mount of its
+    folder over itself, remounted read-only, so that a server that writes into its
+    inputs gets EROFS instead of changing them for every other server (root can write
+    through file modes; not through a read-only mount). The mount stays until the tree
+    is discarded (or the machine restarts; the next server to use it mounts it again).
+
+    CRIU finds a restored server's files at the same paths, on the same bytes; where
+    the files live on a mount of their own makes no difference to a host process (the
+    same as `mounts:`). Nothing happens to a tree that is a mount point already (mounted
+    from its image: read-only), nor without root (no mount possible: the tree stays
+    writable, as it always was; a debug log says so). A mount that fails is a warning,
+    never a failed start."""
+    if os.geteuid() != 0:
+        log.debug("not root: input tree %s stays writable to the servers that use it", tree)
+        return
+    if is_mount_point(tree) or not (tree / MARKER).is_file():
+        return  # mounted (from its image, or shown read-only already), or not a complete written-out tree
+    with fsutil.flock(layout.tree_lock(tree.parent.parent, tree.name)):
+        if is_mount_point(tree) or not (tree / MARKER).is_file():
+            return  # another process mounted it meanwhile, or discarded it
+        try:
+            _mount(["--bind", str(tree), str(tree)], tree)
+            try:  # a bind mount takes its own flags only on a remount
+                _mount(["-o", "remount,bind,ro", str(tree)], tree)
+            except SnapbuildError:
+                _unmount(tree)
+                raise
+        except SnapbuildError as e:
+            log.warning("input tree %s stays writable to the servers that use it: %s", tree, e.message)
+
+
+def _bound(tree: Path) -> bool:
+    """Whether ``tree`` is a written-out tree shown read-only by :func:`show_read_only`
+    (a tree mounted from its image keeps its users beside it)."""
+    return not layout.tree_users(tree).exists() and is_mount_point(tree)
+
+
+@contextmanager
+def _writable(tree: Path) -> Iterator[None]:
+    """Inside this block the tree's marker can be written: a tree shown read-only is
+    remounted read-write for that moment (the caller holds the tree's lock)."""
+    bound = _bound(tree)
+    if bound:
+        _mount(["-o", "remount,bind,rw", str(tree)], tree)
+    try:
+        yield
+    finally:
+        if bound:
+            _mount(["-o", "remount,bind,ro", str(tree)], tree)
+
+
+def _mount(args: list[str], tree: Path) -> None:
+    r = tools.run(["mount", *args], what=f"read-only mount of input tree {tree}")
+    if r.returncode != 0:
+        raise SnapbuildError(f"cannot mount input tree {tree} ({' '.join(args[:2])}): "
+                             f"{r.stderr.strip() or 'mount failed'}")
+
+
+def _unmount(tree: Path) -> None:
+    """Take the tree's read-only mount away; one still in use goes lazily."""
+    if tools.run(["umount", str(tree)], what=f"unmount of {tree}").returncode != 0:
+        tools.run(["umount", "-l", str(tree)], what=f"lazy unmount of {tree}")

@@ -62,6 +62,9 @@ def built(tmp_path_factory):
         for point in ("/models/torch-mlp", "/models/minilm"):
             while mounts.is_mount_point(Path(point)):
                 mounts.unmount(Path(point))
+        for tree in (home / "run-root" / "trees").glob("*"):  # shown read-only (runtime.trees), outside tmp_path
+            if mounts.is_mount_point(tree):
+                mounts.unmount(tree)
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -163,6 +166,8 @@ def test_bench_reports_medians_and_speedup(built, run_cli):
                 env={"SNAPBUILD_HOME": str(store.home), "SNAPBUILD_RUN_ROOT": str(store.home / "run-root")})
     assert r.code == 0, r
     out = r.json()
-    assert out["answers_match"] is True and out["runs"] == 1
+    assert out["runs"] == 1
+    # numpy-server's checkpoint step has no `verify:`: nothing to compare, and the report says so
+    assert out["answers"]["compared"] is None and "no check requests" in out["answers"]["why"], out["answers"]
     assert out["cold_s"] > 0 and out["restore_s"] > 0 and out["speedup"] == out["warm"]["speedup"]
     assert out["page_cache_dropped"] is None

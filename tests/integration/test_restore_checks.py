@@ -136,6 +136,9 @@ def test_bench_counts_how_restored_servers_answered(snapshot, store):
     port, answer = snapshot
     r = in_a_child(lambda: bench("checked:v1", runs=1, store=store, drop=False))["result"]
     assert r["verify"] == {"same": 2} and "note" not in r, r  # the first restore on the node, then one run
+    # and bench asked every server itself: the first restore, a cold boot and a restore
+    assert r["answers"] == {"compared": "verify (1 request)", "same": True, "asked": 3, "different": 0,
+                            "first_difference": None}, r["answers"]
 
     def change_after_the_first_run(msg: str) -> None:  # the second run's restore answers otherwise
         if "run 1/2 restore" in msg:
@@ -147,6 +150,10 @@ def test_bench_counts_how_restored_servers_answered(snapshot, store):
     assert r["note"].startswith("1 restore(s) fell back to a cold boot (left out of restore_s), first because: "
                                 + DIFFERS), r["note"]
     assert len(r["warm"]["restore_s"]["runs"]) == 1 and len(r["warm"]["cold_s"]["runs"]) == 2
+    # the second cold boot, and the restore that fell back to one, answer what the file says now
+    assert r["answers"]["same"] is False and (r["answers"]["asked"], r["answers"]["different"]) == (5, 2), r
+    assert r["answers"]["first_difference"].startswith("run 2 (warm page cache, cold): verify 0 (GET /answer) "
+                                                       "answered HTTP 200, 7 bytes"), r["answers"]
     failed = in_a_child(lambda: bench("checked:v1", runs=1, store=store, drop=False))
     assert failed["error"] == "RestoreFailed", failed
     assert failed["message"].startswith("the first restore of checked:v1 fell back to a cold boot: " + DIFFERS)
