@@ -473,7 +473,7 @@ def _after_restore(runtime: Runtime, ready: dict, timings: dict, give_up, shell=
     checkpoint), made before the readiness probe: HTTP calls to the restored server (the
     schema allows no other), run lines through ``shell`` (a container's: inside it),
     else here with the server's ``env``."""
-    items = [probes.on_base(i) for i in runtime.after_restore]
+    items = runtime.after_restore
     if not items:
         return
     t = time.monotonic()
