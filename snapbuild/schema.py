@@ -38,6 +38,10 @@ from .store.securefs import unsafe_name
 CONFIG_FORMAT = 1
 RUNTIME_FORMAT = 4  # 3: a host process in namespaces of its own (server.isolation); 4: server.env_from_node
 ISOLATIONS = ("host", "namespaces")
+#: ``server.io_uring``: whether the server may use io_uring (runtime.seccomp). Absent means
+#: "deny", and a runner that predates the field denies nothing: no format needed (a
+#: cold boot is never checkpointed, and a restore keeps the filter the dump carried).
+IO_URING = ("deny", "allow")
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -345,6 +349,9 @@ class ServerSpec:
     #: a host process's: "host" (the machine's PIDs and network), or "namespaces" (its
     #: own PID, network and IPC namespaces: replicas side by side, see runtime.nsinit)
     isolation: str = "host"
+    #: "deny" (io_uring answered EPERM by a seccomp filter, as Docker does) or "allow" (the
+    #: warm-up's ``io_uring: allow``): for the warm-up and every cold boot (runtime.seccomp)
+    io_uring: str = "deny"
     # a container's
     image: str | None = None
     image_step: str | None = None
@@ -391,6 +398,10 @@ class ServerSpec:
         if isolation == "namespaces" and not ({"http", "tcp"} & set(ready)):
             raise d.fail("ready", "of a server in namespaces of its own must be an http or tcp probe (the host "
                                   "reaches it through a forwarder)")
+        io_uring = d.text("io_uring", optional=True)
+        io_uring = "deny" if io_uring is None else io_uring
+        if io_uring not in IO_URING:
+            raise d.fail("io_uring", f"{io_uring!r} is not one of {', '.join(IO_URING)}")
         env, from_node = d.strings("env"), d.items("env_from_node", str)
         bad = [n for n in from_node if not ENV_NAME_RE.match(n) or n in env or n.startswith("SNAPBUILD_")]
         if bad or len(set(from_node)) != len(from_node):
@@ -398,7 +409,7 @@ class ServerSpec:
                                           "once, not in env, not SNAPBUILD_*)")
         spec = cls(name=name, argv=argv, ready=ready, run_root=run_root, run_dir=run_dir, env=env,
                    env_from_node=from_node, cwd=d.text("cwd", optional=True), inputs=inputs, mounts=mounts,
-                   isolation=isolation)
+                   isolation=isolation, io_uring=io_uring)
         if engine not in CONTAINER_ENGINES:
             return spec
         options = d.mapping("engine_options", optional=True) or {}
@@ -418,6 +429,8 @@ class ServerSpec:
             del out["isolation"]  # as runtimes of format 1 and 2 are
         if not self.env_from_node:
             del out["env_from_node"]  # as runtimes of format 1 to 3 are
+        if self.io_uring == "deny":
+            del out["io_uring"]  # the default, as sections written before the field read
         if self.image is not None:
             out.update(image=self.image, image_step=self.image_step, engine_options=self.engine_options,
                        image_config=self.image_config)

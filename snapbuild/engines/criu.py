@@ -25,9 +25,10 @@ _HARMLESS = re.compile(r"RLIMIT_NOFILE|Will restore .* with interrupted system c
 class CriuError(SnapbuildError):
     exit_code = 8
 
-    def __init__(self, message: str, *, log_excerpt: str = "", hint: str | None = None):
+    def __init__(self, message: str, *, log_excerpt: str = "", hint: str | None = None, log: Path | None = None):
         super().__init__(message, hint=hint)
         self.log_excerpt = log_excerpt
+        self.log = log  # CRIU's full log, which the hint names: a caller that moves it rewrites the hint
 
 
 def binary() -> str:
@@ -81,7 +82,8 @@ LIMITS = [
      "close client connections before the warm-up ends (the exercise's connections are closed for you)"),
     (re.compile(r"io_uring|uring"),
      "an io_uring instance (CRIU cannot checkpoint io_uring)",
-     "turn io_uring off in the server (for example an event loop option), or create it after the restore"),
+     "snapbuild denies io_uring to the servers it starts (libuv and uvloop then use epoll) unless the warm-up "
+     "says `io_uring: allow`: remove that, or create the io_uring after the restore"),
     (re.compile(r"fanotify|inotify.*(?:Can't|Unable)"),
      "a file-system watch (inotify or fanotify) on a path that a node may not have",
      "watch files only after the restore, or disable auto-reload (uvicorn --reload, gunicorn --reload)"),
@@ -111,9 +113,9 @@ def run(args: list[str], *, log: Path, what: str) -> None:
         known = explain(excerpt)
         if known:
             raise CriuError(f"criu {what} failed: {known[0]}\n{excerpt}", log_excerpt=excerpt,
-                            hint=f"{known[1]} (full log: {log})")
+                            hint=f"{known[1]} (full log: {log})", log=log)
         raise CriuError(f"criu {what} failed (exit {r.returncode}):\n{excerpt}", log_excerpt=excerpt,
-                        hint=f"full log: {log}")
+                        hint=f"full log: {log}", log=log)
 
 
 def dump(pid: int, images: Path, *, extra: list[str] = ()) -> None:

@@ -20,6 +20,7 @@ from .fingerprint import host_fingerprint
 
 class OciRuntimeError(SnapbuildError):
     exit_code = 8
+    log: Path | None = None  # the runtime's CRIU log, which the hint names (as CriuError.log)
 
 
 class OciEngine:
@@ -61,9 +62,12 @@ class OciEngine:
             where = f"full log: {log}" if log and log.exists() else None
             known = criu.explain(excerpt)
             if known:
-                raise OciRuntimeError(f"{self.binary} {what} failed: {known[0]}\n{excerpt}",
+                err = OciRuntimeError(f"{self.binary} {what} failed: {known[0]}\n{excerpt}",
                                       hint=f"{known[1]} ({where})" if where else known[1])
-            raise OciRuntimeError(f"{self.binary} {what} failed (exit {r.returncode}):\n{excerpt}", hint=where)
+            else:
+                err = OciRuntimeError(f"{self.binary} {what} failed (exit {r.returncode}):\n{excerpt}", hint=where)
+            err.log = log if where else None
+            raise err
 
     def option_flags(self, options: dict) -> list[str]:
         """Global flags from the recipe's engine options (none for runc)."""

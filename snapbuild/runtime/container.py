@@ -34,7 +34,7 @@ from ..store.tree import load_tree
 from . import probe as probes
 from . import process
 from .identity import ProcessIdentity
-from . import erofs, layout
+from . import erofs, layout, seccomp
 from .layout import secure_dir
 from .trees import ensure_inputs
 
@@ -143,6 +143,14 @@ def config_json(spec: ServerSpec, input_paths: dict[str, Path], run_dir: Path, n
     for dest, name in sorted(spec.mounts.items()):
         mounts.append({"destination": dest, "type": "bind", "source": str(input_paths[name]),
                        "options": ["rbind", "ro"]})
+    linux = {
+        "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+                       {"type": "network", "path": netns}],
+        "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
+        "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+    }
+    if spec.io_uring != seccomp.ALLOW:  # io_uring denied as Docker does; runc installs it, CRIU carries it
+        linux["seccomp"] = seccomp.oci_profile()
     return {
         "ociVersion": "1.0.2",
         "process": {
@@ -157,12 +165,7 @@ def config_json(spec: ServerSpec, input_paths: dict[str, Path], run_dir: Path, n
         "root": {"path": "rootfs", "readonly": True},
         "hostname": "snapbuild",
         "mounts": mounts,
-        "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
-                           {"type": "network", "path": netns}],
-            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
-        },
+        "linux": linux,
     }
 
 

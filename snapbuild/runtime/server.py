@@ -11,12 +11,16 @@ part of checkpoint.json::
 ``mounts`` shows input trees read-only at fixed paths: for a host process
 they are bind mounts of this machine (:mod:`.mounts`), made before the server starts
 or is restored; for containers, mounts of the container.
+
+Every start goes through :func:`.seccomp.wrap`: the server (and, in namespaces of its
+own, its launcher) runs with io_uring denied unless ``io_uring`` is "allow".
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -28,7 +32,7 @@ from ..store.blobs import BlobStore
 from ..tools import OrphanGuard
 from . import mounts
 from . import probe as probes
-from . import process
+from . import process, seccomp
 from .trees import ensure_inputs, link_inputs
 
 LOG_NAME = "server.log"
@@ -177,9 +181,15 @@ def start(spec: ServerSpec, blobs: BlobStore, *, fresh_log: bool = True, host_po
 def _start(spec: ServerSpec, blobs: BlobStore, fresh_log: bool, listener, guard: OrphanGuard | None) -> Started:
     run_dir, env, mounted = prepare(spec, blobs)
     argv = [_expand(a, env) for a in spec.argv]
+    cwd = Path(_expand(spec.cwd, env)) if spec.cwd else run_dir
+    _check_command(argv[0], env, cwd, mounted)
     if listener is not None:
         argv = [sys.executable, "-m", "snapbuild.runtime.nsinit", "--", *argv]
-    cwd = Path(_expand(spec.cwd, env)) if spec.cwd else run_dir
+    try:  # outermost: the launcher in namespaces and the server inherit the filter
+        argv = seccomp.wrap(argv, spec.io_uring)
+    except SnapbuildError:
+        unmount(mounted)
+        raise
     log_path = run_dir / LOG_NAME
     if fresh_log:
         log_path.unlink(missing_ok=True)
@@ -206,6 +216,17 @@ def _start(spec: ServerSpec, blobs: BlobStore, fresh_log: bool, listener, guard:
             raise SnapbuildError(f"{e.message}\n{process.tail(log_path, 5)}".rstrip()) from None
         _, started.host_port = spawn(listener, f"/proc/{started.root}/ns/net", server_port(spec), watch=started.root)
     return started
+
+
+def _check_command(command: str, env: dict, cwd: Path, mounted: list[Path]) -> None:
+    """Refuse a command that is not there now, before a launcher that would only find
+    out later (in the server's log) is started."""
+    found = shutil.which(command, path=env.get("PATH")) if "/" not in command else \
+        (command if os.access(cwd / command, os.X_OK) else None)
+    if found is None:
+        unmount(mounted)
+        raise FileNotFoundError(f"cannot start {command!r}: no such executable file"
+                                + ("" if "/" in command else " on the server's PATH"))
 
 
 _VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..engines import CONTAINER_ENGINES, container_engine, get_engine, process_engine
 from ..errors import SnapbuildError, StepError
 from ..runtime import probe as probes
-from ..runtime import process, server, shmfiles, sockdirs
+from ..runtime import carriable, process, server, shmfiles, sockdirs
 from ..runtime.layout import run_dir, run_root
 from ..schema import Runtime, ServerSpec, on_the_server, server_request_problem
 from ..store.tree import build_tree, walk
@@ -185,6 +185,7 @@ class CheckpointStep:
             run_dir=str(run_dir(run_root(), recipe.name, ctx.input_keys[spec.process])),
             inputs={d: ctx.artifacts[d] for d in warm.deps if d != wspec.image},
             mounts=dict(wspec.mounts),
+            io_uring=wspec.io_uring,
         )
         if spec.engine in CONTAINER_ENGINES:
             from ..runtime.container import read_image
@@ -218,6 +219,7 @@ class CheckpointStep:
             try:
                 ready_s = started.wait_ready(ready)
                 say(f"ready after {ready_s:.2f}s ({probes.describe(ready)})")
+                _refuse_uncarriable(process.tree(started.pid), server_spec, say)  # now, not after the exercises
                 checks = probes.record_checks(_checks(spec), base=probes.base_url(ready), log=say)
                 probes.run_exercise([e.model_dump(exclude_none=True) for e in wspec.exercise],
                                     base=probes.base_url(ready), log=say, env=started.env, shell=started.shell)
@@ -237,6 +239,7 @@ class CheckpointStep:
                 tree = process.tree(started.pid)  # now: the tree may have grown since the warm-up
                 pids = tree
                 _refuse_escaped(tree)
+                _refuse_uncarriable(tree, server_spec, say)
                 held = shmfiles.held_inodes(tree)
                 socket_dirs = _socket_dirs(tree, server_spec)
                 if started.isolated:
@@ -244,7 +247,7 @@ class CheckpointStep:
                 engine.dump(started.pid, images)
                 shm = shmfiles.collect(held, scratch / "shm")
             except SnapbuildError as e:
-                raise StepError(e.message, hint=e.hint) from None
+                raise _dump_failed(e, ctx) from None
             except OSError as e:
                 raise StepError(f"cannot keep the server's /dev/shm files with its checkpoint: {e}") from None
             dump_s = time.monotonic() - t1
@@ -298,6 +301,8 @@ class CheckpointStep:
             try:
                 ready_s = probes.wait_ready(ready, log_path=inst.log_path, alive=lambda: container.alive(inst))
                 say(f"ready after {ready_s:.2f}s ({probes.describe(ready)})")
+                if spec.engine == "runc":  # runsc: a sandbox is gVisor's to checkpoint, no tree of CRIU's
+                    _refuse_uncarriable(process.tree(inst.pid or 0), server_spec, say)
                 checks = probes.record_checks(_checks(spec), base=probes.base_url(ready), log=say)
                 probes.run_exercise([e.model_dump(exclude_none=True) for e in wspec.exercise],
                                     base=probes.base_url(ready), log=say,
@@ -319,9 +324,11 @@ class CheckpointStep:
                         gpu = gpu_snapshot.suspend_host(process.tree(inst.pid or 0), spec.cuda_options(), say,
                                                         pid_ns=True)
                         gpu["device_nodes"] = container.gpu_edits(gpus or []).node_paths()
+                if spec.engine == "runc":
+                    _refuse_uncarriable(process.tree(inst.pid or 0), server_spec, say)
                 container.checkpoint(inst, engine, images, scratch / "work", server_spec.engine_options)
             except SnapbuildError as e:
-                raise StepError(e.message, hint=e.hint) from None
+                raise _dump_failed(e, ctx) from None
             dump_s = time.monotonic() - t1
             pages = sum(p.stat().st_size for p in images.glob("pages-*.img"))
             say(f"checkpointed in {dump_s:.2f}s: {pages / 2**20:.1f} MiB of memory pages")
@@ -370,6 +377,38 @@ def _refuse_escaped(tree: list[int]) -> None:
                     "would leave it out while it kept the socket on this machine; it was stopped",
                     hint="keep every process of the server in its tree (no daemon mode: e.g. gunicorn without "
                          "--daemon), or have the helper close the descriptors it inherits")
+
+
+def _refuse_uncarriable(tree: list[int], server_spec: ServerSpec, say) -> None:
+    """Fail now, naming process, command line and fd, when the tree holds what CRIU
+    cannot dump (runtime.carriable): not minutes later, at the end of a dump."""
+    found = carriable.scan(tree)
+    if not found:
+        return
+    for item in found:
+        say(f"cannot be checkpointed: {item.describe()}")
+    first = found[0]
+    hint = carriable.HINTS[first.kind]
+    if first.kind == "io_uring" and server_spec.io_uring == "allow":
+        hint = f"{carriable.IO_URING_ALLOWED}; or {hint}"
+    more = f" (and {len(found) - 1} more, listed in the step's log)" if len(found) > 1 else ""
+    raise StepError(f"the server cannot be checkpointed: {first.describe()}{more}, which CRIU cannot dump",
+                    hint=hint)
+
+
+def _dump_failed(e: SnapbuildError, ctx: BuildContext) -> StepError:
+    """A failed dump as the step's error, its CRIU log moved out of the scratch folder
+    (removed on the way out) to beside the step's log, where the tip now points."""
+    log, hint = getattr(e, "log", None), e.hint
+    if log is not None:
+        kept = ctx.store.log_path(ctx.key).with_suffix(".criu-dump.log")
+        try:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(log, kept)
+            hint = (hint or "").replace(str(log), str(kept)) or f"full log: {kept}"
+        except OSError:
+            pass  # the tip names the log's old place; the message has its errors
+    return StepError(e.message, hint=hint)
 
 
 def _socket_dirs(tree: list[int], server_spec: ServerSpec) -> list[str]:

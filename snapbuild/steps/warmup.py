@@ -11,6 +11,7 @@ server:
   ready: {http: "http://127.0.0.1:{{ port }}/healthz", timeout: 300}
   exercise:
     - {http: "POST /infer", body: '{"x": 1}', repeat: 3}
+  io_uring: deny                         # the default (runtime.seccomp); `allow` opts out
 ```
 
 Ephemeral: a live process cannot be cached. It runs only when the checkpoint that
@@ -21,7 +22,7 @@ environment (``$SNAPBUILD_INPUTS``, ``$SNAPBUILD_RUN``, ...).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -87,6 +88,10 @@ class WarmupSpec(StepSpec):
     # Input steps shown read-only at fixed paths (besides $SNAPBUILD_INPUTS/<step>): paths
     # of the container, or for a host process bind mounts of the machine (needs root).
     mounts: dict[str, str] = Field(default_factory=dict)
+    # The server and its children start with io_uring denied (EPERM, as Docker's default
+    # seccomp profile does): CRIU cannot checkpoint an io_uring, and libuv (uvloop) falls
+    # back to epoll. `allow` opts out; the checkpoint step still refuses a tree holding one.
+    io_uring: Literal["deny", "allow"] = "deny"
 
     # Everything here is in the key, the probe's timeout too: the probe travels in the
     # snapshot (the runner's cold boot uses it), so it is part of the output.
@@ -94,8 +99,9 @@ class WarmupSpec(StepSpec):
 
     def key_fields(self) -> dict:
         out = super().key_fields()
-        if not self.env_from_node:  # the keys of warm-ups from before the field existed
-            del out["env_from_node"]
+        for name, default in (("env_from_node", []), ("io_uring", "deny")):
+            if out[name] == default:  # the keys of warm-ups from before the field existed
+                del out[name]
         return out
 
     @model_validator(mode="after")
