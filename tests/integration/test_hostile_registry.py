@@ -18,6 +18,7 @@ import pytest
 import zstandard
 
 from hostile_registry import serve
+from testkit import measured
 from test_hostile import Forge  # valid snapshots, made by hand
 
 from snapbuild.registry.bounds import DOCUMENT_MAX, deadline_for
@@ -32,21 +33,11 @@ FILE = os.urandom(2 << 20)  # one raw chunk of 2 MiB
 
 def run_child(args: list[str], env: dict, kill_after: float) -> tuple[int, str, int, float]:
     """Run a command to its end (killed after ``kill_after`` s); (exit status, stderr,
-    peak RSS in bytes, wall seconds), from the child's own rusage (os.wait4)."""
-    t0 = time.monotonic()
-    err = open(env["SNAPBUILD_HOME"] + ".err", "w+")
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err)
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() - t0 > kill_after:
-            proc.kill()
-        time.sleep(0.05)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.monotonic() - t0
-    err.seek(0)
-    return proc.returncode, err.read(), usage.ru_maxrss * 1024, wall
+    peak RSS in bytes, wall seconds), measured by testkit.measured."""
+    with open(env["SNAPBUILD_HOME"] + ".err", "w+") as err:
+        code, wall, peak = measured(args, env=env, timeout=kill_after, stdout=subprocess.DEVNULL, stderr=err)
+        err.seek(0)
+        return code, err.read(), peak, wall
 
 
 @pytest.fixture

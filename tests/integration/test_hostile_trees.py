@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +22,7 @@ import pytest
 from snapbuild.store.chunks import CHUNK_SIZE, put_chunk
 from snapbuild.store.fsutil import walk
 from test_hostile import Forge
+from testkit import measured
 
 pytestmark = pytest.mark.integration
 
@@ -39,33 +37,18 @@ class Measured:
     out: str
     err: str
     wall_s: float
-    peak_rss: int  # bytes: the child's ru_maxrss
+    peak_rss: int  # bytes: the command's own peak resident size
 
 
 def runner(*args, env: dict | None = None, timeout: float = 120, during=None) -> Measured:
     """Run `snapbuild-runner ARGS` as a child and measure it; ``during()`` is called
     every 10 ms while it runs (to sample what it does to a disk)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        t0 = time.monotonic()
-        proc = subprocess.Popen([str(BIN / "snapbuild-runner"), *map(str, args)], stdout=out, stderr=err,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
-        killer = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))
-        killer.start()
-        try:
-            while True:
-                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    break
-                if during is not None:
-                    during()
-                time.sleep(0.01)
-        finally:
-            killer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, for its rusage
-        wall = time.monotonic() - t0
+        code, wall, peak = measured([str(BIN / "snapbuild-runner"), *map(str, args)], env={**os.environ, **(env or {})},
+                                    timeout=timeout, stdout=out, stderr=err, during=during)
         out.seek(0)
         err.seek(0)
-        return Measured(proc.returncode, out.read().decode(), err.read().decode(), wall, usage.ru_maxrss * 1024)
+        return Measured(code, out.read().decode(), err.read().decode(), wall, peak)
 
 
 def partials(root: Path) -> list[str]:

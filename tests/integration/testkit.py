@@ -101,3 +101,41 @@ def huge_pages(pid: int) -> tuple[int, str]:
         elif line.startswith("VmFlags:") and size > largest:
             largest, flags = size, line
     return huge, " ".join(f for f in flags.split()[1:] if f in ("hg", "nh")) or "none"
+
+
+# A child's peak memory: os.wait4's ru_maxrss of a child forked straight from pytest
+# starts at pytest's own resident size (the kernel records the forked copy's high-water
+# mark at exec), hundreds of MiB into a full run. A small Python forks the command
+# instead and reports the command's own figure.
+_MEASURE = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss * 1024))
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def measured(argv: list[str], *, env: dict, timeout: float, stdout, stderr, during=None) -> tuple[int, float, int]:
+    """Run ``argv`` to its end (its process group SIGKILLed after ``timeout`` s), calling
+    ``during()`` every 10 ms meanwhile: (exit status, wall seconds, peak RSS in bytes of
+    the command itself)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("r") as rss:
+        t0 = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _MEASURE, rss.name, *argv], env=env,
+                                stdout=stdout, stderr=stderr, start_new_session=True)
+        while proc.poll() is None:
+            if time.monotonic() - t0 > timeout:
+                os.killpg(proc.pid, signal.SIGKILL)
+            if during is not None:
+                during()
+            time.sleep(0.01)
+        wall = time.monotonic() - t0
+        peak = int(rss.read() or 0)
+    return proc.returncode, wall, peak
