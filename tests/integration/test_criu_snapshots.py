@@ -10,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -217,18 +216,30 @@ def test_log_probe_restores_on_a_fresh_node_and_cold_boots_wait_for_their_own_li
         stop(cold["pid"])
 
 
+OUTSIDE_PEER = """
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+s.listen(1)
+print("listening", flush=True)
+conn, _ = s.accept()
+time.sleep(600)
+"""
+
+
 def test_failed_dump_shows_criu_reason(recipe, store, tmp_path):
     sock_path = tmp_path / "outside.sock"
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(str(sock_path))
-    listener.listen(1)
-    accepted = []
-    threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+    # The peer is a process of its own, blocked in accept(): a thread of this process
+    # might accept only after the scan (the build runs here too), and a connection
+    # still waiting in the backlog is held by no process.
+    outside = subprocess.Popen([sys.executable, "-c", OUTSIDE_PEER, str(sock_path)], stdout=subprocess.PIPE)
+    assert outside.stdout.readline() == b"listening\n"
     port = free_port()
     try:
         [res] = build(counter_recipe(recipe, port, extra_args=f"--connect-unix {sock_path}"), store=store)
     finally:
-        listener.close()
+        outside.kill()
+        outside.wait()
     snap = res.steps["snap"]
     # named by the scan before the dump (runtime.carriable); CRIU's own reasons: test_io_uring.py
     assert snap.status == "failed" and "holds a unix socket connected to a process outside its tree" in snap.error
