@@ -29,14 +29,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import IntegrityError, UsageError
-from .runtime.layout import run_root
+from .runtime.layout import RUN_OWN, run_root, runner_owned
 from .runtime.sockdirs import SCRATCH, place
-from .store.securefs import unsafe_name
+from .store.securefs import unsafe_name, unsafe_relpath
 
 #: The snapshot config's ``format``, and the newest runtime section (checkpoint.json)
 #: this snapbuild reads: 2 adds ``shm_files`` (written only by checkpoints that have some).
 CONFIG_FORMAT = 1
-RUNTIME_FORMAT = 4  # 3: a host process in namespaces of its own (server.isolation); 4: server.env_from_node
+RUNTIME_FORMAT = 5  # 3: a host process in namespaces of its own (server.isolation); 4: server.env_from_node;
+#                     5: run_files (the files a host tree held in its run folder, which a restore puts back)
 ISOLATIONS = ("host", "namespaces")
 #: ``server.io_uring``: whether the server may use io_uring (runtime.seccomp). Absent means
 #: "deny", and a runner that predates the field denies nothing: no format needed (a
@@ -452,6 +453,9 @@ class Runtime:
     stats: dict[str, Any] = field(default_factory=dict)
     #: A host tree's files in /dev/shm, carried in the artifact's ``shm/`` (runtime.shmfiles).
     shm_files: list[dict[str, Any]] = field(default_factory=list)
+    #: A host tree's files in its run folder (path relative to it), carried in the artifact's
+    #: ``run_files/`` (runtime.runfiles): format 5.
+    run_files: list[dict[str, Any]] = field(default_factory=list)
     #: The folders of a host tree's path-bound unix sockets, made before a restore (runtime.sockdirs).
     socket_dirs: list[str] = field(default_factory=list)
     #: Check requests with their warm-up answers, replayed after each restore (runtime.probe).
@@ -486,7 +490,7 @@ class Runtime:
         step = d.text("step", optional=True)
         if step is not None and unsafe_name(step):
             raise d.fail("step", "is not a plain step name")
-        shm_files = _shm_files(d, fmt, engine)
+        shm_files, run_files = _shm_files(d, fmt, engine), _run_files(d, fmt, engine)
         server = ServerSpec.from_json(d.doc.get("server"), f"{where}.server", engine, node_root)
         if server.isolation != "host" and fmt < 3:
             raise d.fail("format", f"{fmt}: a server with isolation {server.isolation!r} needs format 3")
@@ -504,7 +508,8 @@ class Runtime:
                 why = server_request_problem(item["http"], server.ready) if "http" in item else None
                 if why:
                     raise d.fail(f"{key}[{i}].http", why)
-        return cls(format=fmt, engine=engine, process=d.text("process"), shm_files=shm_files, socket_dirs=socket_dirs,
+        return cls(format=fmt, engine=engine, process=d.text("process"), shm_files=shm_files, run_files=run_files,
+                   socket_dirs=socket_dirs,
                    server=server, verify=verify,
                    pids=pids, fingerprint=d.mapping("fingerprint", optional=True) or {},
                    gpu=_gpu(d, engine, server.isolation), after_restore=after_restore,
@@ -516,7 +521,7 @@ class Runtime:
         for k in ("step", "artifact"):
             if out[k] is None:
                 del out[k]
-        for k in ("shm_files", "socket_dirs", "verify"):
+        for k in ("shm_files", "run_files", "socket_dirs", "verify"):
             if not out[k]:
                 del out[k]  # format 1 has none
         return out
@@ -649,6 +654,33 @@ def _shm_files(d: _Doc, fmt: int, engine: str) -> list[dict[str, Any]]:
             raise r.fail("mode" if not 0 <= mode <= 0o777 else "size", "is out of range")
         names.add(name)
         out.append({"name": name, "mode": mode, "size": size})
+    return out
+
+
+def _run_files(d: _Doc, fmt: int, engine: str) -> list[dict[str, Any]]:
+    """``run_files``: paths relative to the run folder, where the runner writes them as
+    root: plain relative paths (no ``..``, no leading ``/``), distinct, none below
+    another, none of the runner's own (its log, its input links); a mode and a size."""
+    files = d.items("run_files", dict)
+    if files and (fmt < 5 or engine != "host"):
+        raise d.fail("run_files", "are for host-process checkpoints of format 5")
+    paths: set[str] = set()
+    out = []
+    for i, rec in enumerate(files):
+        r = _Doc(rec, f"{d.where}.run_files[{i}]")
+        path = r.text("path")
+        why = unsafe_relpath(path) or ("is used twice" if path in paths else None) or \
+            (f"is the runner's own (one of {', '.join(RUN_OWN)})" if runner_owned(path) else None)
+        if why:
+            raise r.fail("path", f"{path!r} {why}")
+        mode, size = r.integer("mode"), r.integer("size")
+        if not 0 <= mode <= 0o777 or size < 0:
+            raise r.fail("mode" if not 0 <= mode <= 0o777 else "size", "is out of range")
+        paths.add(path)
+        out.append({"path": path, "mode": mode, "size": size})
+    for i, rec in enumerate(out):
+        if any(p.startswith(rec["path"] + "/") for p in paths):
+            raise d.fail(f"run_files[{i}].path", f"{rec['path']!r} is a file with another below it")
     return out
 
 

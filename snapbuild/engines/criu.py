@@ -70,8 +70,19 @@ def errors_from_log(log: Path, n: int = 8) -> str:
     return "\n".join((errs or lines)[-n:])
 
 
-#: What CRIU cannot checkpoint, by the line its log says it with: the resource, and what to change.
+#: CRIU's own error lines: ``(00.063278)  10788: Error (criu/files-reg.c:2353): ...``,
+#: ``pie: 9698: Error (criu/pie/parasite.c:588): ...``.
+_ERROR_LINE = re.compile(r"\bError \([^)]*\): ")
+
+#: What CRIU cannot checkpoint or restore, by the error line its log says it with (the
+#: messages of criu 4.2: tests/unit/engines/data): the cause, and what to change. A
+#: cause may name what the pattern's first group caught (``{0}``).
 LIMITS = [
+    (re.compile(r"Can't open file (\S.*?) on restore: No such file or directory"),
+     "the file /{0}, which a process of the server had open or mapped at the checkpoint, is not on this node",
+     "a checkpoint carries what the server holds in /dev/shm and in its run folder ($SNAPBUILD_RUN): keep "
+     "files it writes at start-up there (e.g. caches: VLLM_CACHE_ROOT=$SNAPBUILD_RUN/vllm-cache) and rebuild "
+     "the snapshot with this snapbuild; files elsewhere must come from one of its inputs"),
     (re.compile(r"External socket is used|Can't dump half of stream unix connection"),
      "a process of the server holds a unix socket connected to a process outside its tree (a log daemon, "
      "a parent shell, a sidecar): the peer is not in the checkpoint and no node would have it",
@@ -80,7 +91,9 @@ LIMITS = [
     (re.compile(r"Connected TCP socket.*external|Can't dump established TCP"),
      "a TCP connection to a peer that the checkpoint cannot carry",
      "close client connections before the warm-up ends (the exercise's connections are closed for you)"),
-    (re.compile(r"io_uring|uring"),
+    # criu 4.2 cannot pass an io_uring descriptor over its socket (the kernel refuses,
+    # EINVAL): that is all its log says; older ones named the anon inode
+    (re.compile(r"send_fds failed \(-22\)|anon_inode:\[io_uring\]"),
      "an io_uring instance (CRIU cannot checkpoint io_uring)",
      "snapbuild denies io_uring to the servers it starts (libuv and uvloop then use epoll) unless the warm-up "
      "says `io_uring: allow`: remove that, or create the io_uring after the restore"),
@@ -99,10 +112,16 @@ LIMITS = [
 
 
 def explain(excerpt: str) -> tuple[str, str] | None:
-    """(what cannot be checkpointed, what to change) for a CRIU failure it recognises."""
+    """(the cause, what to change) for a CRIU failure it recognises, judged by CRIU's
+    error lines only when the excerpt has any (a path or an info line that happens to
+    hold a word such as "during" says nothing), else by all of it (runc's stderr). The
+    table's order decides between causes."""
+    lines = excerpt.splitlines()
+    errors = "\n".join(ln for ln in lines if _ERROR_LINE.search(ln)) or excerpt
     for pattern, what, change in LIMITS:
-        if pattern.search(excerpt):
-            return what, change
+        m = pattern.search(errors)
+        if m:
+            return what.format(*m.groups()), change
     return None
 
 
@@ -110,7 +129,7 @@ def run(args: list[str], *, log: Path, what: str) -> None:
     r = tools.run([binary(), *args, "-o", str(log.name), "-v4"], tool="criu", what=f"criu {what}", error=CriuError)
     if r.returncode != 0:
         excerpt = errors_from_log(log) or r.stderr.strip()[-1000:]
-        known = explain(excerpt)
+        known = explain(errors_from_log(log, n=1000) or excerpt)  # the cause may be above the last lines
         if known:
             raise CriuError(f"criu {what} failed: {known[0]}\n{excerpt}", log_excerpt=excerpt,
                             hint=f"{known[1]} (full log: {log})", log=log)

@@ -26,7 +26,7 @@ from ..engines import container_engine, criu, get_engine, process_engine
 from ..engines.fingerprint import compare
 from ..errors import NotFound, SnapbuildError, UsageError
 from ..runtime import probe as probes
-from ..runtime import erofs, lazyimage, mounts, process, server, shmfiles, sockdirs
+from ..runtime import erofs, lazyimage, mounts, process, runfiles, server, shmfiles, sockdirs
 from ..runtime.layout import images_root
 from ..store import Store
 from ..store.direct import Direct
@@ -388,10 +388,14 @@ def _restore_tree(runtime: Runtime, store: Store, timings: dict, lazy_pages: boo
         if busy:
             raise _NoRestore(f"PID {busy[0]} is in use by another process (a host-process snapshot restores "
                              "with its original PIDs; is the same snapshot already running here?)")
-        try:  # the tree's /dev/shm files and socket folders, where CRIU expects them
+        shm: list[Path] = []
+        try:  # the tree's /dev/shm files, run folder files and socket folders, where CRIU expects them
             sockdirs.recreate(runtime.socket_dirs, spec.run_dir)
             shm = shmfiles.put_back(runtime.shm_files, ckpt / "shm")
+            # left in place should the restore fail: the same files a warm-up (or cold boot) writes
+            runfiles.put_back(runtime.run_files, ckpt / "run_files", run_dir)
         except SnapbuildError as e:
+            shmfiles.remove(shm)
             raise _NoRestore(e.message) from None
         timings["materialize_s"] = round(time.monotonic() - t, 4)
         t = time.monotonic()

@@ -49,6 +49,12 @@ DEFAULT_RUN_ROOT = "/var/lib/snapbuild"
 TREE_MARKER = ".snapbuild-complete"  # inside a tree: the stores (one path a line) that use it
 LAYER_MARKER = ".snapbuild-layer-complete-v2"  # beside a layer; v2: modification times kept
 IMAGE_SUFFIX = ".erofs"
+#: In a run folder: the server's log (the runner opens it; CRIU reopens it by path) and
+#: the links to its input trees. The runner's own: a checkpoint never carries them
+#: (runtime.runfiles), a snapshot never writes them (schema.Runtime.run_files).
+LOG_NAME = "server.log"
+INPUTS_NAME = "inputs"
+RUN_OWN = (LOG_NAME, INPUTS_NAME)
 
 
 def run_root() -> Path:
@@ -158,6 +164,12 @@ def records_dir(root: Path) -> Path:
 def run_dir(root: Path, name: str, key: str) -> Path:
     """One run folder per warm-up definition: the same on the build machine and nodes."""
     return root / "run" / f"{name}-{key[:16]}"
+
+
+def runner_owned(rel: str) -> bool:
+    """Whether ``rel`` (a path relative to a run folder) is, or is below, one of
+    :data:`RUN_OWN`."""
+    return any(rel == name or rel.startswith(name + "/") for name in RUN_OWN)
 
 
 # --- ownership ------------------------------------------------------------------------------

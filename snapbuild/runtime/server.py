@@ -33,9 +33,8 @@ from ..tools import OrphanGuard
 from . import mounts
 from . import probe as probes
 from . import process, seccomp
+from .layout import INPUTS_NAME, LOG_NAME
 from .trees import ensure_inputs, link_inputs
-
-LOG_NAME = "server.log"
 
 
 @dataclass
@@ -94,7 +93,7 @@ def prepare(spec: ServerSpec, blobs: BlobStore) -> tuple[Path, dict, list[Path]]
     run_dir = Path(spec.run_dir)
     root = Path(spec.run_root)
     paths = ensure_inputs(blobs, spec.inputs, root, spec.tree_images.trees if spec.tree_images else None)
-    link_inputs(paths, run_dir / "inputs")
+    link_inputs(paths, run_dir / INPUTS_NAME)
     mounted: list[Path] = []
     try:
         for dest, name in sorted(spec.mounts.items() if spec.image is None else ()):
@@ -109,7 +108,7 @@ def prepare(spec: ServerSpec, blobs: BlobStore) -> tuple[Path, dict, list[Path]]
         "HOME": str(run_dir / "home"),
         "LANG": "C.UTF-8",
         "SNAPBUILD_RUN": str(run_dir),
-        "SNAPBUILD_INPUTS": str(run_dir / "inputs"),
+        "SNAPBUILD_INPUTS": str(run_dir / INPUTS_NAME),
     }
     base = dict(env)
     for k, v in spec.env.items():  # from the variables above: independent of order

@@ -20,8 +20,8 @@ a ``/dev/shm`` of its own, which its runtime checkpoints with it.
 
 from __future__ import annotations
 
+import errno
 import os
-import shutil
 import stat
 from pathlib import Path
 
@@ -73,7 +73,7 @@ def collect(inodes: set[tuple[int, int]], dest: Path, shm: Path = SHM) -> list[d
     dest.mkdir(parents=True, exist_ok=True)
     out = []
     for name, st in sorted(found):
-        shutil.copyfile(shm / name, dest / name, follow_symlinks=False)
+        copy_file(shm / name, dest / name, 0o600)
         out.append({"name": name, "mode": stat.S_IMODE(st.st_mode), "size": st.st_size})
     still_held = held_inodes(all_pids(), shm)
     for name, st in found:
@@ -96,9 +96,12 @@ def put_back(files: list[dict], src: Path, shm: Path = SHM) -> list[Path]:
                 path.unlink()
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, rec["mode"] & 0o777)
             written.append(path)
-            with os.fdopen(fd, "wb") as out, open(src / rec["name"], "rb") as inp:
-                shutil.copyfileobj(inp, out, 1 << 20)
-            os.chmod(path, rec["mode"] & 0o777)  # whatever the umask took away
+            try:
+                with open(src / rec["name"], "rb") as inp:
+                    copy_sparse(inp.fileno(), fd)
+                os.fchmod(fd, rec["mode"] & 0o777)  # whatever the umask took away
+            finally:
+                os.close(fd)
     except OSError as e:
         remove(written)
         raise SnapbuildError(f"cannot put the server's shared-memory files back in {shm}: {e}") from None
@@ -106,6 +109,91 @@ def put_back(files: list[dict], src: Path, shm: Path = SHM) -> list[Path]:
         remove(written)
         raise
     return written
+
+
+BLOCK = 1 << 20
+PAGE = 4096
+ZERO_BLOCK = bytes(BLOCK)
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The (start, end) ranges of ``fd``'s first ``size`` bytes that hold data, as the
+    file system knows them (``SEEK_DATA``/``SEEK_HOLE``; tmpfs and ext4 keep holes at
+    page or block granularity); one range for all of it where it cannot tell."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # nothing but a hole from here to the end
+                break
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP) and not out:
+                return [(0, size)]  # a file system without holes: all of it is data
+            raise
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        out.append((start, end))
+        pos = end
+    return out
+
+
+def copy_sparse(src: int, dst: int) -> int:
+    """Copy file ``src`` to the empty file ``dst`` (descriptors), reading its data ranges
+    only (:func:`data_extents`) and writing their pages that are not all zeros: holes
+    stay holes, and so do zero pages that the source stores (a tree written out from the
+    store holds each 4 MiB chunk with data in full). ``dst`` ends up the size of ``src``.
+    Returns the bytes written."""
+    size = os.fstat(src).st_size
+    written = 0
+    for start, end in data_extents(src, size):
+        pos = start
+        while pos < end:
+            data = os.pread(src, min(BLOCK, end - pos), pos)
+            if not data:  # shorter than it said: the truncate below keeps the size
+                break
+            written += _write_data(dst, data, pos)
+            pos += len(data)
+    os.ftruncate(dst, size)
+    return written
+
+
+def _write_data(dst: int, data: bytes, pos: int) -> int:
+    """Write the runs of pages of ``data`` (file offset ``pos``) that are not all zeros."""
+    n = len(data)
+    if data == ZERO_BLOCK[:n]:  # at memcmp speed: most blocks of a sparse file
+        return 0
+    zero = lambda i: data[i:i + PAGE] == ZERO_BLOCK[:min(PAGE, n - i)]  # noqa: E731
+    written, i = 0, 0
+    while i < n:
+        while i < n and zero(i):
+            i += PAGE
+        j = i
+        while j < n and not zero(j):
+            j += PAGE
+        j = min(j, n)
+        part = memoryview(data)[i:j]
+        while part:
+            k = os.pwrite(dst, part, pos + j - len(part))
+            part = part[k:]
+        written += j - i
+        i = j
+    return written
+
+
+def copy_file(src: Path, dest: Path, mode: int) -> None:
+    """:func:`copy_sparse` from path ``src`` (a link there is not followed) to a new
+    file ``dest`` of permission ``mode``."""
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        inp = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            copy_sparse(inp, fd)
+        finally:
+            os.close(inp)
+    finally:
+        os.close(fd)
 
 
 def remove(paths: list[Path]) -> None:

@@ -23,6 +23,7 @@ import json
 import shutil
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -30,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..engines import CONTAINER_ENGINES, container_engine, get_engine, process_engine
 from ..errors import SnapbuildError, StepError
 from ..runtime import probe as probes
-from ..runtime import carriable, process, server, shmfiles, sockdirs
+from ..runtime import carriable, process, runfiles, server, shmfiles, sockdirs
 from ..runtime.layout import run_dir, run_root
 from ..schema import Runtime, ServerSpec, on_the_server, server_request_problem
 from ..store.tree import build_tree, walk
@@ -124,7 +125,7 @@ class CheckpointSpec(StepSpec):
 
 class CheckpointStep:
     name = "checkpoint"
-    version = 2  # 2: the tree's /dev/shm files and socket folders travel with it
+    version = 3  # 2: the tree's /dev/shm files and socket folders travel with it; 3: its run folder's files
     Spec = CheckpointSpec
     ephemeral = False
 
@@ -241,15 +242,18 @@ class CheckpointStep:
                 _refuse_escaped(tree)
                 _refuse_uncarriable(tree, server_spec, say)
                 held = shmfiles.held_inodes(tree)
+                in_run = runfiles.held(tree, server_spec.run_dir)  # vLLM's torch.compile kernels, say
                 socket_dirs = _socket_dirs(tree, server_spec)
                 if started.isolated:
                     _refuse_shared_paths(held, socket_dirs)
                 engine.dump(started.pid, images)
                 shm = shmfiles.collect(held, scratch / "shm")
+                run_files = runfiles.collect(in_run, Path(server_spec.run_dir), scratch / "run_files")
             except SnapbuildError as e:
                 raise _dump_failed(e, ctx) from None
             except OSError as e:
-                raise StepError(f"cannot keep the server's /dev/shm files with its checkpoint: {e}") from None
+                raise StepError(f"cannot keep the server's /dev/shm or run folder files with its checkpoint: {e}",
+                                hint="check the free space of the store's disk") from None
             dump_s = time.monotonic() - t1
             started.wait_exit(timeout=10)
             process.wait_gone(tree, timeout=10)  # the dumped tree's PIDs free (reaped, if ours)
@@ -261,6 +265,10 @@ class CheckpointStep:
             if shm:
                 say(f"carried {len(shm)} file(s) the tree held in /dev/shm ({sum(f['size'] for f in shm)} bytes): "
                     + ", ".join(f["name"] for f in shm[:8]) + (" ..." if len(shm) > 8 else ""))
+            if run_files:
+                say(f"carried {len(run_files)} file(s) the tree held in its run folder "
+                    f"({sum(f['size'] for f in run_files)} bytes): "
+                    + ", ".join(f["path"] for f in run_files[:8]) + (" ..." if len(run_files) > 8 else ""))
             say(f"memory at the dump: {mem['anonymous_bytes'] / 2**20:.1f} MiB anonymous (in the checkpoint), "
                 f"{mem['file_backed_bytes'] / 2**20:.1f} MiB file-backed (left out while unchanged)")
             if mem["anonymous_bytes"] > ANON_TIP_BYTES:
@@ -270,7 +278,7 @@ class CheckpointStep:
             stats = {"warm_s": round(warm_s, 3), "dump_s": round(dump_s, 3), "pages_bytes": pages, **mem}
             # in namespaces of its own, the PIDs are the namespace's: nothing on the node to wait for
             return _store(spec, ctx, scratch, server_spec, [] if started.isolated else pids, stats, gpu, shm,
-                          socket_dirs, checks)
+                          socket_dirs, checks, run_files)
         finally:
             if started is not None:
                 started.stop()  # no orphan server after success or failure
@@ -471,14 +479,16 @@ def _engine_options(spec: CheckpointSpec) -> dict:
 
 def _store(spec: CheckpointSpec, ctx: BuildContext, scratch, server_spec: ServerSpec, pids: list[int],
            stats: dict, gpu: dict | None = None, shm: list[dict] | None = None,
-           socket_dirs: list[str] | None = None, checks: list[dict] | None = None) -> str:
+           socket_dirs: list[str] | None = None, checks: list[dict] | None = None,
+           run_files: list[dict] | None = None) -> str:
     """``checkpoint.json``, the engine's images (in ``scratch/images``) and the tree's
-    /dev/shm files (``scratch/shm``) as the artifact."""
+    /dev/shm files (``scratch/shm``) and run folder files (``scratch/run_files``) as the
+    artifact. The format is the oldest that has every field used (schema.RUNTIME_FORMAT)."""
     images = scratch / "images"
     manifest = Runtime(
-        format=4 if server_spec.env_from_node else 3 if server_spec.isolation != "host" else
-        2 if shm or socket_dirs or checks else 1, shm_files=shm or [], socket_dirs=socket_dirs or [],
-        verify=checks or [],
+        format=5 if run_files else 4 if server_spec.env_from_node else 3 if server_spec.isolation != "host" else
+        2 if shm or socket_dirs or checks else 1, shm_files=shm or [], run_files=run_files or [],
+        socket_dirs=socket_dirs or [], verify=checks or [],
         engine=spec.engine, process=spec.process, server=server_spec, pids=pids,
         fingerprint=ctx.pins["fingerprint"], gpu=gpu,
         after_restore=[e.model_dump(exclude_none=True) for e in spec.after_restore],
@@ -489,5 +499,8 @@ def _store(spec: CheckpointSpec, ctx: BuildContext, scratch, server_spec: Server
     items += [(f"images/{rel}", p) for rel, p in walk(images)]
     if shm:
         items += [("shm", scratch / "shm")] + [(f"shm/{f['name']}", scratch / "shm" / f["name"]) for f in shm]
+    if run_files:
+        items += [("run_files", scratch / "run_files")]
+        items += [(f"run_files/{rel}", p) for rel, p in walk(scratch / "run_files")]
     digest, _ = build_tree(ctx.store.blobs, items)
     return digest
