@@ -60,7 +60,7 @@ def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: st
           started=None, arrived=None) -> dict:
     """Bring snapshot ``ref`` (resolved to ``digest`` when given) from ``reg`` into the
     store of ``dest``: the blobs it lacks, verified. ``skip_check`` trusts that the
-    store holds them all; ``parse`` checks the manifest (a snapshot's by default).
+    store holds them all and that ``check`` passed when they came; ``parse`` checks the manifest (a snapshot's by default).
     ``check(manifest)``, called once the config and tree blobs are in (and before any
     other blob is fetched), raises for a snapshot that must not be used (see
     schema.check_snapshot). ``select(manifest)``, called then, may name the
@@ -95,7 +95,7 @@ def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: st
             first = [d for d in metadata_blobs(manifest) if not dest.has(d)]
             total[0] = len(first)
             fetched, count = sum(pool.map(get, first)), len(first)
-        if check is not None:
+        if check is not None and not skip_check:
             check(manifest)
         if select is not None and not skip_check:
             chosen = select(manifest)

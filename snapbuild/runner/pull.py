@@ -18,7 +18,7 @@ from ..runtime import erofs
 from ..schema import read_config
 from ..store.direct import Direct
 from ..store.fsutil import atomic_write_json, read_json, remove_tree
-from ..store.snapshot import check_snapshot, load_config, pull_selection, referenced_blobs
+from ..store.snapshot import check_snapshot, checks_id, load_config, pull_selection, referenced_blobs
 from ..store.tree import load_tree, materialize
 
 
@@ -97,10 +97,13 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
     refused = erofs.refused_for(trust) if images else None
     images = images and refused is None
     t_resolve = time.monotonic()
-    # A snapshot this node already pulled whole needs no per-blob check (pins keep
-    # its blobs from gc; every read is still verified).
+    # A snapshot this node already pulled whole, and checked under today's rules, is
+    # neither fetched nor checked again (pins keep its blobs from gc; every read is
+    # still verified against its digest).
     pin = f"pulled:{ref.name}"
+    checked = checks_id()
     complete = (store.pinned_manifest(pin) == digest and store.blobs.has(digest)
+                and store.pinned_checked(pin) == checked
                 and (images or not store.pinned_with_images(pin)) and (direct or not store.pinned_direct(pin)))
 
     # What this pull leaves out (or the complete one before it did): only that is not in the store.
@@ -142,7 +145,7 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
                 arrived=arriving.arrived if arriving is not None else None)
     config, snapshot, with_images = described(got["manifest"])
     # The node keeps the last pull of each name until a newer one replaces it.
-    store.pin_snapshot(pin, digest, images=with_images, direct=with_direct)
+    store.pin_snapshot(pin, digest, images=with_images, direct=with_direct, checked=checked)
     t_fetch = time.monotonic()
     missing, fetched = got["blobs_fetched"], got["bytes_fetched"]
 

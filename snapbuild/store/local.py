@@ -343,20 +343,28 @@ class Store:
             return self.home / "refs" / "snapshots" / "pulled" / f"{_safe(rest)}.json"
         return self.home / "refs" / "snapshots" / "build" / f"{_safe(name)}.json"
 
-    def pin_snapshot(self, name: str, manifest_digest: str, *, images: bool = False, direct: bool = False) -> None:
+    def pin_snapshot(self, name: str, manifest_digest: str, *, images: bool = False, direct: bool = False,
+                     checked: str | None = None) -> None:
         """Keep ``name``'s latest snapshot (its manifest, and so its blobs) from gc; an
         older snapshot of the same name is let go. Written only when it changes.
         ``images``: only the blobs a node that mounts tree images needs were fetched;
         ``direct``: the chunks of the trees written straight from the registry were not
-        stored (see snapshot.pull_selection)."""
+        stored (see snapshot.pull_selection); ``checked``: the rules the snapshot passed
+        when it came (snapshot.checks_id), so that it is not checked again under them."""
         path = self._pin_path(name)
         pin = {"name": name, "manifest": manifest_digest, **({"images": True} if images else {}),
-               **({"direct": True} if direct else {})}
+               **({"direct": True} if direct else {}), **({"checked": checked} if checked else {})}
         with contextlib.suppress(OSError, ValueError):
             if read_json(path) == pin:
                 os.utime(path)  # still in use: `gc --older-than` keeps it
                 return
         atomic_write_json(path, pin, tmp_dir=self.home / "tmp")
+
+    def pinned_checked(self, name: str) -> str | None:
+        """The rules the pinned pull of ``name`` passed (see :meth:`pin_snapshot`)."""
+        with contextlib.suppress(OSError, ValueError, KeyError, AttributeError):
+            return read_json(self._pin_path(name)).get("checked")
+        return None
 
     def pinned_with_images(self, name: str) -> bool:
         """Whether the pinned pull of ``name`` fetched only what tree images need."""

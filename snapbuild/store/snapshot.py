@@ -25,7 +25,7 @@ from .chunks import media_type
 from .fsutil import canonical_json
 from .securefs import unsafe_name
 from .tree import MEDIA_TYPE as TREE_MEDIA_TYPE
-from .tree import load_tree, tree_problem
+from .tree import load_tree, tree_limits, tree_problem
 
 FORMAT_VERSION = CONFIG_FORMAT
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -250,6 +250,19 @@ def load_config(blobs: BlobStore, manifest: dict) -> dict:
                              f"snapbuild (it reads format {FORMAT_VERSION})",
                              hint="upgrade snapbuild on this machine")
     return config
+
+
+#: The version of the checks below: a snapshot that passed them is not checked again
+#: while they (and the node's tree limits) stay the same. Bump it with every new rule.
+CHECKS_VERSION = 2
+
+
+def checks_id() -> str:
+    """What a snapshot that passed :func:`check_snapshot` on this node passed: the
+    version of the checks and the node's tree limits (a node that tightens them checks
+    its snapshots again)."""
+    limits = tree_limits()
+    return f"{CHECKS_VERSION}:{limits.depth}:{limits.entries}:{limits.bytes}"
 
 
 def check_snapshot(blobs, manifest: dict, where: str) -> SnapshotConfig:

@@ -391,3 +391,34 @@ def test_doctor_reports_criu_and_fails_without_it(run_cli):
     line = next(ln for ln in r.out.splitlines() if ln[5:].startswith("criu "))
     assert line.startswith("--") and "SNAPBUILD_CRIU=/nonexistent/criu" in line, r.out
     assert "ci/install-criu.sh" in r.out
+
+
+def test_a_snapshot_the_node_holds_is_checked_once_not_on_every_restore(recipe, store, tmp_path, monkeypatch):
+    """Validated when it enters the node's store, trusted after: a second restore reads
+    no tree document and runs no check (counted, not timed); a node that tightens its
+    tree limits checks it again."""
+    import snapbuild.store.snapshot as snapshot_mod
+
+    port = free_port()
+    build(counter_recipe(recipe, port), store=store)
+    node = Store(tmp_path / "node")
+    reg = f"file://{store.home / 'registry'}"
+    calls = []
+    for name in ("tree_layers_problem", "load_tree"):
+        real = getattr(snapshot_mod, name)
+        monkeypatch.setattr(snapshot_mod, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name),
+                                                                                          _real(*a, **k))[1])
+
+    def restore_and_stop() -> list[str]:
+        calls.clear()
+        out = run("counter:v1", registry=reg, store=node, fallback="fail")
+        try:
+            assert out["mode"] == "restore" and post(port, "/count")["count"] >= 3
+        finally:
+            stop(out["pid"])
+        return list(calls)
+
+    assert "tree_layers_problem" in restore_and_stop(), "the first restore checks what it pulled"
+    assert restore_and_stop() == [], "the node holds it, checked: nothing is read or checked again"
+    monkeypatch.setenv("SNAPBUILD_TREE_LIMITS", "depth=64")
+    assert "tree_layers_problem" in restore_and_stop(), "tighter limits: checked again"
