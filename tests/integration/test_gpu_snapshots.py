@@ -219,9 +219,10 @@ def test_the_gpu_example_recipes_validate_and_plan_here(store, monkeypatch):
     assert snap["gpu"] == "cuda" and snap["after_restore"] == [{"http": "POST /wake_up", "headers": {}, "repeat": 1,
                                                                  "body": None, "expect": None, "run": None}]
     [check] = snap["verify"]
-    assert check["compare"] == ["choices.0.text", "choices.0.logprobs"] and '"temperature": 0' in check["body"]
-    assert p.steps["server"].material["spec"]["env"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0", \
-        "one GPU process unless asked: the two-process shape is untested on a GPU"
+    assert check["compare"][0] == "choices.0.token_ids" and '"return_token_ids": true' in check["body"]
+    assert '"temperature": 0' in check["body"]
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in p.steps["server"].material["spec"]["env"], \
+        "vLLM's default process layout, as the CPU example restores it"
 
 
 def test_the_device_check_script_says_when_there_is_nothing_to_check(tmp_path):
