@@ -52,7 +52,7 @@ def _once(ref: str, mode: str, store: Store, registry: str | None, spec: ServerS
     # A container is reached through its published host port, a host process directly.
     base = f"http://{out['address']}" if out.get("address") else probes.base_url(spec.ready)
     try:
-        differs = probes.check_answers(list(checks), base=base) if checks else None
+        differs = probes.check_answers([probes.on_base(c) for c in checks], base=base) if checks else None
     finally:
         before_stop()
         stop(out.get("container") or out["pid"])

@@ -477,7 +477,7 @@ def _after_restore(runtime: Runtime, ready: dict, timings: dict, give_up, shell=
     checkpoint), made before the readiness probe: HTTP calls to the restored server (the
     schema allows no other), run lines through ``shell`` (a container's: inside it),
     else here with the server's ``env``."""
-    items = runtime.after_restore
+    items = [probes.on_base(i) for i in runtime.after_restore]
     if not items:
         return
     t = time.monotonic()
@@ -496,7 +496,7 @@ def _verify(runtime: Runtime, ready: dict, timings: dict, give_up) -> None:
     if not runtime.verify:
         return
     t = time.monotonic()
-    why = probes.check_answers(runtime.verify, base=probes.base_url(ready))
+    why = probes.check_answers([probes.on_base(i) for i in runtime.verify], base=probes.base_url(ready))
     timings["verify_s"] = round(time.monotonic() - t, 4)
     if why is not None:
         give_up()

@@ -161,17 +161,18 @@ def base_url(probe: dict | None) -> str | None:
     return None
 
 
-def url_for(target: str, base: str | None) -> str:
-    """Where an HTTP item's target goes: a path on ``base``; with a ``base``, also a URL
-    of the server's own (``http://127.0.0.1:8000/x``, which a node's schema check allowed),
-    so that it reaches where this machine reaches the server (a published port, a
-    forwarder) rather than the port it was built with."""
-    if "://" in target:
-        if base is None:
-            return target
-        u = urlparse(target)
-        target = (u.path or "/") + (f"?{u.query}" if u.query else "")
-    return urljoin((base or "http://127.0.0.1") + "/", target.lstrip("/"))
+def on_base(item: dict) -> dict:
+    """An HTTP item with the server's own URL (``GET http://127.0.0.1:8000/x``, which a
+    node's schema check allowed) as a path, so that it goes to where this machine reaches
+    the server (a published port, a forwarder) rather than the port it was built with."""
+    if "http" not in item:
+        return item
+    method, _, target = str(item["http"]).strip().rpartition(" ")
+    if "://" not in target:
+        return item
+    u = urlparse(target)
+    path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+    return {**item, "http": f"{method} {path}".strip()}
 
 
 def http_call(spec: dict, base: str | None, timeout: float = 60) -> tuple[int, bytes]:
@@ -179,7 +180,7 @@ def http_call(spec: dict, base: str | None, timeout: float = 60) -> tuple[int, b
     method, _, target = str(spec["http"]).strip().partition(" ")
     if not target:
         method, target = "GET", method
-    url = url_for(target, base)
+    url = target if "://" in target else urljoin((base or "http://127.0.0.1") + "/", target.lstrip("/"))
     body = spec.get("body")
     data = body.encode() if isinstance(body, str) else body
     headers = dict(spec.get("headers") or {})

@@ -359,13 +359,12 @@ def test_a_call_after_the_restore_needs_a_probe_with_an_address():
 
 
 def test_an_absolute_url_of_the_server_is_asked_on_the_address_this_machine_reaches_it():
-    from snapbuild.runtime.probe import url_for
+    from snapbuild.runtime.probe import on_base
 
-    base = "http://127.0.0.1:9001"  # a published port: every HTTP item goes there
-    assert url_for("http://127.0.0.1:8080/wake?x=1", base) == "http://127.0.0.1:9001/wake?x=1"
-    assert url_for("http://127.0.0.1:8080", base) == "http://127.0.0.1:9001/"
-    assert url_for("/wake", base) == "http://127.0.0.1:9001/wake"
-    assert url_for("http://127.0.0.1:8080/x", None) == "http://127.0.0.1:8080/x"
+    assert on_base({"http": "POST http://127.0.0.1:8080/wake?x=1"})["http"] == "POST /wake?x=1"
+    assert on_base({"http": "http://127.0.0.1:8080"})["http"] == "/"
+    assert on_base({"http": "POST /wake"}) == {"http": "POST /wake"}
+    assert on_base({"run": "true"}) == {"run": "true"}
 
 
 # --- secrets (issue 31, item 5) -----------------------------------------------------------
@@ -424,17 +423,3 @@ def test_env_from_node_holds_names_only_and_needs_format_4():
         d["server"]["env_from_node"] = bad
         with pytest.raises(SchemaError, match=r"runtime\.server\.env_from_node: .* is not a variable name"):
             Runtime.from_json(d)
-
-
-@pytest.mark.parametrize("make", [host_runtime, container_runtime])
-def test_io_uring_is_denied_unless_the_section_says_allow(make):
-    doc = make()
-    assert "io_uring" not in doc["server"], "the default is not written: sections read as before the field"
-    assert Runtime.from_json(doc).server.io_uring == "deny"
-    doc["server"]["io_uring"] = "allow"  # any format: a runner without the field denies nothing either
-    rt = Runtime.from_json(doc)
-    assert rt.server.io_uring == "allow" and rt.to_json() == doc
-    for bad in ("yes", 1, ""):
-        doc["server"]["io_uring"] = bad
-        with pytest.raises(SchemaError, match=r"runtime\.server\.io_uring: "):
-            Runtime.from_json(doc)

@@ -149,3 +149,15 @@ def test_the_text_report_says_plainly_what_was_compared(monkeypatch):
     out = CliRunner().invoke(cli, ["bench", "s:v1", "--runs", "1"]).output
     assert ("  answers: DIFFERENT from the warm-up's on 1 of 3 servers (verify (1 request)); first: run 1 (warm page "
             "cache, cold): verify 0 (GET /a) answered HTTP 500\n") in out, out
+
+
+def test_a_restore_asks_a_check_written_as_the_servers_url_where_this_node_reaches_it(server, tmp_path):
+    """A check request may name the server's own URL as it was built (port 8080 here);
+    a restored server is asked on the address this node reaches it (a published port)."""
+    from snapbuild.runner.restore import _verify
+
+    runtime = runtime_for(server, tmp_path, [{"http": "GET /answer"}])
+    runtime.verify = [{**c, "http": "GET http://127.0.0.1:8080/answer"} for c in runtime.verify]
+    timings: dict = {}
+    _verify(runtime, {"http": f"http://127.0.0.1:{server.port}/healthz"}, timings, give_up=lambda: None)
+    assert "verify_s" in timings, "asked and answered alike: no error raised"
