@@ -102,6 +102,23 @@ def host_pids(root: int, ns_pids: list[int]) -> list[int]:
     return [by_ns[n] for n in ns_pids if n in by_ns]
 
 
+def mapped(pid: int, prefix: str) -> list[tuple[str, int, int]]:
+    """(path, st_dev, st_ino) of each file mapping of ``pid`` whose path starts with
+    ``prefix`` (one line of /proc/PID/maps each); a gone process has none."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith(prefix):
+            major, _, minor = parts[3].partition(":")
+            out.append((parts[5], os.makedev(int(major, 16), int(minor, 16)), int(parts[4])))
+    return out
+
+
 def fds(pid: int) -> list[tuple[str, str]]:
     """(its path under /proc, what it links to) for each open file descriptor of ``pid``;
     those that close while being read are left out, and a gone process has none."""

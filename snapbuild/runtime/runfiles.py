@@ -33,7 +33,7 @@ from pathlib import Path
 from ..errors import SnapbuildError
 from ..store.securefs import Beneath, parents, unsafe_relpath
 from .layout import runner_owned
-from .process import fds
+from .process import fds, mapped
 from .shmfiles import copy_file, copy_sparse
 
 DELETED = " (deleted)"
@@ -52,15 +52,8 @@ def held(pids: list[int], run_dir: str | Path) -> set[str]:
             out.add(rel)
 
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split(maxsplit=5)
-            if len(parts) == 6 and parts[5].startswith(prefix):
-                note(parts[5])
+        for path, _, _ in mapped(pid, prefix):
+            note(path)
         for _, target in fds(pid):
             if target.startswith(prefix):
                 note(target)

@@ -26,7 +26,7 @@ import stat
 from pathlib import Path
 
 from ..errors import SnapbuildError
-from .process import all_pids, fds
+from .process import all_pids, fds, mapped
 
 SHM = Path("/dev/shm")
 
@@ -37,16 +37,7 @@ def held_inodes(pids: list[int], shm: Path = SHM) -> set[tuple[int, int]]:
     prefix = str(shm).rstrip("/") + "/"
     out: set[tuple[int, int]] = set()
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split(maxsplit=5)
-            if len(parts) == 6 and parts[5].startswith(prefix):
-                major, _, minor = parts[3].partition(":")
-                out.add((os.makedev(int(major, 16), int(minor, 16)), int(parts[4])))
+        out.update((dev, ino) for _, dev, ino in mapped(pid, prefix))
         for path, target in fds(pid):
             if target.startswith(prefix):
                 try:
