@@ -130,8 +130,11 @@ def config_json(spec: ServerSpec, input_paths: dict[str, Path], run_dir: Path, n
                                                                                 "mode=755", "size=65536k"]},
         {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
          "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+        # As big as a host's /dev/shm (tmpfs's own default, half the memory; pages count
+        # only once written), not runc's and Docker's 64 MiB: vLLM's engine alone asks
+        # 400 MiB of rings there, and PyTorch's workers hit the small one too.
         {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=50%"]},
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
         {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
         {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777"]},
