@@ -178,9 +178,13 @@ class OciRegistry:
             if auth:
                 headers["Authorization"] = auth
             r = self.session.request(method, url, headers=headers, timeout=timeout, stream=True, **kw)
-            if r.status_code == 401 and self._authenticate(ep, r, scope):
+            answer = self._authenticate(ep, r, scope) if r.status_code == 401 else None
+            if answer:
+                # This request's own answer, not ep.auth[scope] read again: another thread may
+                # have put a token for a narrower scope there meanwhile (a cross-repository
+                # mount's challenge names the source repository too; a plain upload's does not).
                 r.close()
-                headers["Authorization"] = ep.auth[scope]
+                headers["Authorization"] = answer
                 r = self.session.request(method, url, headers=headers, timeout=timeout, stream=True, **kw)
             try:
                 if r.status_code >= 500 or r.status_code == 429:
@@ -228,22 +232,23 @@ class OciRegistry:
             raise RegistryError(f"{what} at {where}: {r.status_code} {r.reason} {_error_text(r)}".rstrip())
         return r
 
-    def _authenticate(self, ep: _Endpoint, r, scope: str) -> bool:
+    def _authenticate(self, ep: _Endpoint, r, scope: str) -> str | None:
         """Answer a 401's WWW-Authenticate challenge: Basic with the credentials, or a
-        Bearer token from the host's token service. False when there is no answer."""
+        Bearer token from the host's token service; the Authorization header, also kept
+        for ``scope``'s next requests. None when there is no answer."""
         challenge = r.headers.get("WWW-Authenticate", "")
         kind, _, params = challenge.partition(" ")
         if kind.lower() == "basic":
             if not ep.creds:
-                return False
+                return None
             token = base64.b64encode(f"{ep.creds[0]}:{ep.creds[1]}".encode()).decode()
             with self._lock:
-                ep.auth[scope] = f"Basic {token}"
-            return True
+                ep.auth[scope] = answer = f"Basic {token}"
+            return answer
         if kind.lower() == "bearer":
             fields = dict(re.findall(r'(\w+)="([^"]*)"', params))
             if "realm" not in fields:
-                return False
+                return None
             # One scope parameter per scope: a mount needs the source's too.
             query = {"service": fields.get("service", ""), "scope": fields.get("scope", scope).split()}
             # The host's own TLS settings, where its token service is on the same host.
@@ -257,19 +262,19 @@ class OciRegistry:
                                  timeout=self.timeout, stream=True, **tls)
             try:
                 if t.status_code != 200:
-                    return False
+                    return None
                 body = json.loads(_document(t, f"asking {realm.netloc} for a token"))
             except ValueError:  # not a token service's answer: no answer
-                return False
+                return None
             finally:
                 t.close()
             token = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
             if not token:
-                return False
+                return None
             with self._lock:
-                ep.auth[scope] = f"Bearer {token}"
-            return True
-        return False
+                ep.auth[scope] = answer = f"Bearer {token}"
+            return answer
+        return None
 
     def _read(self, capability: str, what: str, attempt: Callable[[_Endpoint], T]) -> T:
         """``attempt(host)`` at each mirror that has ``capability``, in order, then at the
