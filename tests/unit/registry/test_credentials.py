@@ -167,3 +167,35 @@ def test_a_token_service_on_another_host_over_plain_http_gets_no_password(home, 
         challenge = type("R", (), {"headers": {"WWW-Authenticate": f'Bearer realm="{realm}",service="reg"'}})()
         assert reg._authenticate(reg._origin, challenge, "repository:team/x:pull")
     assert sent == [("http://tokens.elsewhere/token", None), ("https://tokens.elsewhere/token", ("ci", "s3cret"))]
+
+
+def test_a_request_retried_after_a_401_carries_its_own_token(home, monkeypatch):
+    """Concurrent uploads share a scope key: while this request fetched a token for its
+    challenge (a cross-repository mount's, naming the source too), another thread may
+    put a narrower token under that key. The retry must carry the token it got."""
+    import io
+
+    import requests
+    import urllib3
+
+    from snapbuild.registry.oci import OciRegistry
+
+    reg = OciRegistry("127.0.0.1:5000", "team")
+    sent = []
+
+    def fake_request(method, url, headers=None, **kw):
+        sent.append(headers.get("Authorization"))
+        answer = requests.Response()
+        answer.status_code = 401 if len(sent) == 1 else 200
+        answer.headers["WWW-Authenticate"] = 'Bearer realm="http://127.0.0.1:5001/token",service="reg"'
+        answer.raw = urllib3.HTTPResponse(body=io.BytesIO(b""), preload_content=False)
+        return answer
+
+    def authenticate(ep, r, scope):
+        ep.auth[scope] = "Bearer narrow"  # what another thread's challenge got, meanwhile
+        return "Bearer wide"
+
+    monkeypatch.setattr(reg.session, "request", fake_request)
+    monkeypatch.setattr(reg, "_authenticate", authenticate)
+    assert reg.has_blob("x", "sha256:" + "0" * 64)
+    assert sent == [None, "Bearer wide"]
