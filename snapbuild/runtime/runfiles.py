@@ -34,7 +34,7 @@ from ..errors import SnapbuildError
 from ..store.securefs import Beneath, parents, unsafe_relpath
 from .layout import runner_owned
 from .process import fds, mapped
-from .shmfiles import copy_file, copy_sparse
+from .shmfiles import copy_file, copy_sparse, remove
 
 DELETED = " (deleted)"
 
@@ -114,12 +114,3 @@ def put_back(files: list[dict], src: Path, run_dir: Path) -> list[Path]:
         remove(written)
         raise
     return written
-
-
-def remove(paths: list[Path]) -> None:
-    """Take back what :func:`put_back` wrote (a restore that failed)."""
-    for p in paths:
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
