@@ -125,8 +125,11 @@ def explain(excerpt: str) -> tuple[str, str] | None:
     return None
 
 
-def run(args: list[str], *, log: Path, what: str) -> None:
-    r = tools.run([binary(), *args, "-o", str(log.name), "-v4"], tool="criu", what=f"criu {what}", error=CriuError)
+def run(args: list[str], *, log: Path, what: str, wrap=None) -> None:
+    """``criu ARGS``, logging to ``log`` (in the images or work folder the args name);
+    ``wrap`` turns that command line into the one to run."""
+    argv = [binary(), *args, "-o", str(log.name), "-v4"]
+    r = tools.run(wrap(argv) if wrap else argv, tool="criu", what=f"criu {what}", error=CriuError)
     if r.returncode != 0:
         excerpt = errors_from_log(log) or r.stderr.strip()[-1000:]
         known = explain(errors_from_log(log, n=1000) or excerpt)  # the cause may be above the last lines
@@ -147,13 +150,18 @@ def dump(pid: int, images: Path, *, extra: list[str] = ()) -> None:
 
 
 def restore(images: Path, *, work: Path, extra: list[str] = ()) -> int:
-    """Restore detached (``-d``); returns the root PID. Logs go to ``work``. ``extra``
-    may hold :data:`THP_FILL` (see :func:`thp_fill_unused`)."""
+    """Restore detached (``-d``) in a PID namespace of its own (:mod:`snapbuild.runtime.pidns`:
+    its PIDs are its own there, whichever tasks hold them on this machine); returns the
+    root's PID on this machine. Logs go to ``work``. ``extra`` may hold :data:`THP_FILL`
+    (see :func:`thp_fill_unused`)."""
+    from ..runtime import pidns
+
     work.mkdir(parents=True, exist_ok=True)
     pidfile = work / "restore.pid"
     pidfile.unlink(missing_ok=True)
     run(["restore", "-d", "-D", str(images), "-W", str(work), "--tcp-close", "--file-locks",
-         "--pidfile", str(pidfile), *extra], log=work / "restore.log", what="restore")
+         "--pidfile", str(pidfile), *extra], log=work / "restore.log", what="restore",
+        wrap=lambda argv: pidns.command(str(pidfile), argv))
     return int(pidfile.read_text().strip())
 
 

@@ -1,7 +1,8 @@
 """``host``: a plain process on this machine, checkpointed with ``criu dump -t PID``.
 
-Restoring needs the original PIDs free (the runner waits for them) and the same files
-at the same paths (the runner materializes inputs at content-addressed paths).
+Restoring happens in a PID namespace of its own (runtime/pidns.py), so the original
+PIDs need not be free here; it needs the same files at the same paths (the runner
+materializes inputs at content-addressed paths).
 """
 
 from __future__ import annotations

@@ -104,9 +104,8 @@ def resume(gpu: dict, *, prefix: list[str] | None = None, run=None, root: int | 
     unlocked, for the recorded processes; ``root``: the restored tree's root on this
     machine, below which namespace PIDs are looked up."""
     pids = list(gpu["pids"])
-    if root is not None:  # never a process outside the restored tree
-        tree = set(process.tree(root))
-        pids = process.host_pids(root, pids) if gpu.get("pid_ns") else [p for p in pids if p in tree]
+    if root is not None:  # never a process outside the restored tree, which has PIDs of its own
+        pids = process.host_pids(root, pids)
         if len(pids) != len(gpu["pids"]):
             raise GpuSnapshotError(f"the restored tree below pid {root} lacks some of the CUDA processes "
                                    f"{gpu['pids']} of the checkpoint")

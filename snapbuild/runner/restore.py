@@ -384,10 +384,6 @@ def _restore_tree(runtime: Runtime, store: Store, timings: dict, lazy_pages: boo
         lazy_pages = why_not is None
     thp = None if lazy_pages else _thp_fill(out)
     try:
-        busy = [p for p in runtime.pids if not process.wait_gone([p], timeout=3)]
-        if busy:
-            raise _NoRestore(f"PID {busy[0]} is in use by another process (a host-process snapshot restores "
-                             "with its original PIDs; is the same snapshot already running here?)")
         shm: list[Path] = []
         try:  # the tree's /dev/shm files, run folder files and socket folders, where CRIU expects them
             sockdirs.recreate(runtime.socket_dirs, spec.run_dir)
@@ -405,7 +401,6 @@ def _restore_tree(runtime: Runtime, store: Store, timings: dict, lazy_pages: boo
             else:
                 pid = engine.restore(images, work, thp_fill=thp is None)
         except SnapbuildError as e:
-            process.wait_gone(runtime.pids, timeout=3)  # what a failed restore left behind
             shmfiles.remove(shm)
             raise _NoRestore(f"restore failed: {e.message}") from None
         timings["restore_s"] = round(time.monotonic() - t, 4)

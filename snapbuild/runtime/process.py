@@ -51,6 +51,7 @@ def stop(pid: int, *, timeout: float = 10.0) -> bool:
         return False
     sid = _sid(pid)
     targets = _session_members(sid) if sid == pid else [pid]
+    keeper = _ppid(pid)  # a restored server's: the PID 1 of its namespace (runtime.pidns)
     for p in targets:
         _signal(p, signal.SIGTERM)
     if _ignores_sigterm(pid):  # the kernel drops it: no use waiting
@@ -65,6 +66,8 @@ def stop(pid: int, *, timeout: float = 10.0) -> bool:
     while time.monotonic() < deadline and not all(pid_gone(p) for p in targets):
         reap(targets)  # the PIDs are free once the exit is collected, by us or by init
         time.sleep(0.01)
+    if keeper > 1 and _status(keeper).get("NSpid", "").split()[-1:] == ["1"]:
+        wait_gone([keeper], timeout=5)  # it exits with its server; collected here when ours
     return True
 
 
@@ -256,6 +259,22 @@ def reap(pids: list[int]) -> None:
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
+
+
+def reap_namespace_inits() -> None:
+    """Collect this process's children that are exited PID 1s of a namespace: the
+    keepers of restored servers (runtime.pidns) and containers' inits, which a
+    subreaper (the agent) adopts; no ``Popen`` of ours waits for them."""
+    children = []
+    for task in Path("/proc/self/task").glob("*"):  # a child belongs to the thread that has it
+        try:
+            children += (task / "children").read_text().split()
+        except OSError:
+            continue
+    for child in map(int, children):
+        fields = _status(child)
+        if fields.get("State", "").split()[:1] == ["Z"] and fields.get("NSpid", "").split()[-1:] == ["1"]:
+            reap([child])
 
 
 def first_child(pid: int, *, alive, timeout: float = 10.0) -> int:

@@ -82,9 +82,11 @@ def test_gpu_state_is_checkpointed_before_the_dump_and_brought_back_after_restor
     out = run("gpu:v1", store=store)
     try:
         assert out["mode"] == "restore", out
-        assert fakenvidia.calls(folder)[3:] == [f"--get-state --pid {pid}", f"--action restore --pid {pid}",
-                                                f"--action unlock --pid {pid}", f"--get-state --pid {pid}"]
-        assert (folder / f"state-{pid}").read_text() == "running" and "gpu_s" in out["timings"]
+        now = out["pid"]  # the same process, restored in a PID namespace of its own: this machine's number
+        assert process.ns_pid(now) == pid != now
+        assert fakenvidia.calls(folder)[3:] == [f"--get-state --pid {now}", f"--action restore --pid {now}",
+                                                f"--action unlock --pid {now}", f"--get-state --pid {now}"]
+        assert (folder / f"state-{now}").read_text() == "running" and "gpu_s" in out["timings"]
         assert post(port, "/count")["count"] == 3
     finally:
         stop(out["pid"])
@@ -281,7 +283,8 @@ def test_every_cuda_process_of_a_tree_is_locked_checkpointed_and_restored_in_the
     try:
         actions = [c.split()[1] for c in fakenvidia.calls(folder) if c.startswith("--action")][4:]
         assert actions == ["restore", "restore", "unlock", "unlock"], fakenvidia.calls(folder)
-        assert all((folder / f"state-{p}").read_text() == "running" for p in pids)
+        now = process.host_pids(out["pid"], pids)  # restored in a PID namespace of their own
+        assert len(now) == 2 and all((folder / f"state-{p}").read_text() == "running" for p in now)
         first = post(port, "/infer")["helper"]
     finally:
         stop(out["pid"])
@@ -311,17 +314,17 @@ def test_a_restore_goes_to_the_gpu_it_is_given_with_the_drivers_device_map(nvidi
     out = run("gpu:v1", store=store, gpus=["1"], fallback="fail")
     try:
         assert out["mode"] == "restore" and out["gpus"] == [gpu1] and out["device_map"] == {gpu0: gpu1}, out
-        assert f"--action restore --pid {pid} --device-map {gpu0}={gpu1}" in fakenvidia.calls(folder)
+        assert process.ns_pid(out["pid"]) == pid
+        assert f"--action restore --pid {out['pid']} --device-map {gpu0}={gpu1}" in fakenvidia.calls(folder)
         assert post(port, "/count")["count"] == 3, "the warm state, on the other GPU"
     finally:
         stop(out["pid"])
     r = run_cli("restore", "gpu:v1", "--gpu", "7", tool="snapbuild-runner")
     assert r.code == 2 and "--gpu 7: this node has no such GPU" in r.err and gpu1 in r.err, r
-    (folder / f"state-{pid}").write_text("checkpointed")  # the stand-in keys state by PID, which a restore reuses
     out = run("gpu:v1", store=store, fallback="fail")
     try:
         assert out["gpus"] == [gpu0] and out["device_map"] == {}, "by default: the GPU it was taken on"
-        assert f"--action restore --pid {pid}" in fakenvidia.calls(folder)
+        assert f"--action restore --pid {out['pid']}" in fakenvidia.calls(folder)
     finally:
         stop(out["pid"])
 

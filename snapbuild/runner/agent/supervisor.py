@@ -446,6 +446,7 @@ class Agent:
         cfg = slot.cfg
         if slot.ident:
             process.reap([slot.ident.pid])
+        process.reap_namespace_inits()  # a restored server's keeper exits with it (runtime.pidns)
         self.log("server_died", server=cfg.name, pid=slot.pid, mode=slot.mode)
         self.metrics.crashes.labels(cfg.name).inc()
         self.metrics.up.labels(cfg.name).set(0)
