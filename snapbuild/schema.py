@@ -37,7 +37,7 @@ from .store.securefs import unsafe_name, unsafe_relpath
 #: this snapbuild reads: 2 adds ``shm_files`` (written only by checkpoints that have some).
 CONFIG_FORMAT = 1
 RUNTIME_FORMAT = 5  # 3: a host process in namespaces of its own (server.isolation); 4: server.env_from_node;
-#                     5: run_files (the files a host tree held in its run folder, which a restore puts back)
+#                     5: run_files (the files a host or runc tree held in its run folder, put back on restore)
 ISOLATIONS = ("host", "namespaces")
 #: ``server.io_uring``: whether the server may use io_uring (runtime.seccomp). Absent means
 #: "deny", and a runner that predates the field denies nothing: no format needed (a
@@ -662,8 +662,8 @@ def _run_files(d: _Doc, fmt: int, engine: str) -> list[dict[str, Any]]:
     root: plain relative paths (no ``..``, no leading ``/``), distinct, none below
     another, none of the runner's own (its log, its input links); a mode and a size."""
     files = d.items("run_files", dict)
-    if files and (fmt < 5 or engine != "host"):
-        raise d.fail("run_files", "are for host-process checkpoints of format 5")
+    if files and (fmt < 5 or engine not in ("host", "runc")):
+        raise d.fail("run_files", "are for host-process and runc checkpoints of format 5")
     paths: set[str] = set()
     out = []
     for i, rec in enumerate(files):

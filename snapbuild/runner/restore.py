@@ -605,6 +605,10 @@ def _restore_container(runtime: Runtime, store: Store, timings: dict, host_port:
         ckpt, _ = checkpoint.result()
         if engine.name == "runc" and _thp_fill(out) is None:  # runc's CRIU reads the bundle's options
             container.criu_option(inst, "thp-fill")
+        runfiles.put_back(runtime.run_files, ckpt / "run_files", Path(inst.run_dir))  # its compile cache, say
+    except SnapbuildError as e:
+        container.destroy(inst)
+        raise _NoRestore(f"cannot set up the container: {e.message}") from None
     except BaseException:
         container.destroy(inst)
         raise

@@ -1,4 +1,4 @@
-"""Files in a host server's run folder that its processes hold, carried in its checkpoint.
+"""Files in a server's run folder that its processes hold, carried in its checkpoint.
 
 A server writes into its run folder (``$SNAPBUILD_RUN``) at start-up and keeps what it
 wrote: vLLM's torch.compile puts its kernels (``.so`` files) in
@@ -20,8 +20,11 @@ a registry writes nowhere else (schema.Runtime checks the paths too).
 A file the tree holds after deleting it is not carried here: CRIU keeps its content in
 its images (a ghost file) and makes it again on restore.
 
-A container's run folder is its instance's own (one per container, made empty for
-each start or restore): runc containers are not covered here yet.
+A runc container's run folder is its instance's own (one per container, made empty
+for each start or restore, mounted at ``/snapbuild/run``): the tree's paths are the
+container's (what ``/proc/PID/maps`` shows of a process in another mount namespace),
+copied from the instance's folder, and put back into the new instance's folder before
+``runc restore``. (gVisor keeps a sandbox's files in its own checkpoint.)
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ class CheckpointSpec(StepSpec):
 
 class CheckpointStep:
     name = "checkpoint"
-    version = 3  # 2: the tree's /dev/shm files and socket folders travel with it; 3: its run folder's files
+    version = 4  # 2: the tree's /dev/shm files and socket folders travel with it; 3: its run folder's files; 4: a runc container's too
     Spec = CheckpointSpec
     ephemeral = False
 
@@ -265,10 +265,7 @@ class CheckpointStep:
             if shm:
                 say(f"carried {len(shm)} file(s) the tree held in /dev/shm ({sum(f['size'] for f in shm)} bytes): "
                     + ", ".join(f["name"] for f in shm[:8]) + (" ..." if len(shm) > 8 else ""))
-            if run_files:
-                say(f"carried {len(run_files)} file(s) the tree held in its run folder "
-                    f"({sum(f['size'] for f in run_files)} bytes): "
-                    + ", ".join(f["path"] for f in run_files[:8]) + (" ..." if len(run_files) > 8 else ""))
+            _say_run_files(run_files, say)
             say(f"memory at the dump: {mem['anonymous_bytes'] / 2**20:.1f} MiB anonymous (in the checkpoint), "
                 f"{mem['file_backed_bytes'] / 2**20:.1f} MiB file-backed (left out while unchanged)")
             if mem["anonymous_bytes"] > ANON_TIP_BYTES:
@@ -332,19 +329,27 @@ class CheckpointStep:
                         gpu = gpu_snapshot.suspend_host(process.tree(inst.pid or 0), spec.cuda_options(), say,
                                                         pid_ns=True)
                         gpu["device_nodes"] = container.gpu_edits(gpus or []).node_paths()
+                in_run: set[str] = set()
                 if spec.engine == "runc":
-                    _refuse_uncarriable(process.tree(inst.pid or 0), server_spec, say)
+                    tree = process.tree(inst.pid or 0)
+                    _refuse_uncarriable(tree, server_spec, say)
+                    in_run = runfiles.held(tree, container.RUN)  # paths as the container sees them
                 container.checkpoint(inst, engine, images, scratch / "work", server_spec.engine_options)
+                run_files = runfiles.collect(in_run, Path(inst.run_dir), scratch / "run_files")
             except SnapbuildError as e:
                 raise _dump_failed(e, ctx) from None
+            except OSError as e:
+                raise StepError(f"cannot keep the server's run folder files with its checkpoint: {e}",
+                                hint="check the free space of the store's disk") from None
             dump_s = time.monotonic() - t1
             pages = sum(p.stat().st_size for p in images.glob("pages-*.img"))
             say(f"checkpointed in {dump_s:.2f}s: {pages / 2**20:.1f} MiB of memory pages")
+            _say_run_files(run_files, say)
             say(f"--- server log (last 40 lines of {inst.log_path}) ---\n"
                 + process.tail(inst.log_path, 40).rstrip() + "\n---")
             stats = {"warm_s": round(warm_s, 3), "dump_s": round(dump_s, 3), "pages_bytes": pages, **mem}
             # a container's PIDs are its own
-            return _store(spec, ctx, scratch, server_spec, [], stats, gpu, checks=checks)
+            return _store(spec, ctx, scratch, server_spec, [], stats, gpu, checks=checks, run_files=run_files)
         finally:
             if inst is not None:
                 container.destroy(inst)  # no container, mount, netns or forwarder left behind
@@ -366,6 +371,13 @@ class CheckpointStep:
         if runtime.server.image is not None and runtime.server.image_step is not None:  # its image travels too
             trees[runtime.server.image_step] = runtime.server.image
         return runtime, trees
+
+
+def _say_run_files(run_files: list[dict], say) -> None:
+    if run_files:
+        say(f"carried {len(run_files)} file(s) the tree held in its run folder "
+            f"({sum(f['size'] for f in run_files)} bytes): "
+            + ", ".join(f["path"] for f in run_files[:8]) + (" ..." if len(run_files) > 8 else ""))
 
 
 def _refuse_escaped(tree: list[int]) -> None:

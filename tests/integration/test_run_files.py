@@ -182,3 +182,45 @@ def test_files_held_in_the_run_folder_and_a_sparse_shm_file_restore_on_a_node_wi
     finally:
         stop(out["pid"])
         process.wait_gone(process.tree(out["pid"]), timeout=10)
+
+
+def test_a_runc_containers_run_folder_files_restore_into_a_new_instance(
+        base_rootfs, dockerd, recipe, project, store, tmp_path):
+    """The same server in a runc container: its run folder is the instance's own (made
+    empty for each start or restore), so the kernel it maps came back only because the
+    checkpoint carried it (CRIU: "Can't open file ... on restore" otherwise, as vLLM's
+    compile cache did)."""
+    port = free_port()
+    (project / "app").mkdir(exist_ok=True)
+    (project / "app" / "server.py").write_text(SERVER)
+    path = recipe(f"""
+        name: runfiles-runc
+        steps:
+          base: {{kind: image, from: "rootfs:{base_rootfs}"}}
+          app: {{kind: image, from: base, copy: {{"app/": /app/}}}}
+          server:
+            kind: warmup
+            image: app
+            command: [python3, /app/server.py, "{port}", /dev/shm/rings]
+            ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 60}}
+            exercise: [{{http: "POST /count", repeat: 2}}]
+          snap: {{kind: checkpoint, process: server, engine: runc, verify: [{{http: "GET /state"}}]}}
+        publish: {{tag: "runfiles-runc:v1"}}
+    """)
+    [res] = build(path, store=store)
+    assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
+    ckpt = Runtime.from_json(checkpoint_json(store, res.steps["snap"].artifact))
+    paths = {f["path"] for f in ckpt.run_files}
+    assert ckpt.format == 5 and {"cache/kernels/k.main.so", "cache/index.json"} <= paths, paths
+    assert "server.log" not in paths and not any("scratch" in p for p in paths)
+    node = Store(tmp_path / "node")
+    out = run("runfiles-runc:v1", registry=f"file://{store.home / 'registry'}", store=node, fallback="fail",
+              publish="0")
+    host_port = int(out["address"].rsplit(":", 1)[1])
+    try:
+        assert out["mode"] == "restore" and out["verify"] == "same", out
+        state = json.loads(get(host_port, "/state"))
+        assert state["shm"] == [f"page{p % 10000:04d}" for p in PAGES] and state["scratch"] == "scratch!"
+        assert post(host_port, "/count")["count"] == 3, "the warm counter came back"
+    finally:
+        stop(out["container"])
