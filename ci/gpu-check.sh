@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU device check: CUDA checkpointing of a live torch process, then the
 # torch-cuda-mlp snapshot built and restored, cold start against restore (median of
-# 3), then two replicas of it restored side by side on the GPU, outputs compared;
+# 3), then two replicas of it restored side by side on the GPU, outputs compared, and
+# whether the real vLLM can run there (its CUDA build is not on those machines);
 # prints a table (ci/gpu_check.py does the work). Under 8 minutes.
 #
 # It runs on a machine with an NVIDIA GPU, PyTorch and no internet, so what it needs

