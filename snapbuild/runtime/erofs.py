@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .. import tools
 from ..errors import IntegrityError, SnapbuildError, UsageError
-from . import layout, lazyimage
+from . import layout, lazyimage, process
 from .mountinfo import fs_type
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,8 @@ def unmount(dest: Path) -> bool:
     it is still in use (a server maps its files) or something else is mounted there."""
     if not is_image_mount(dest):
         return not os.path.ismount(dest)  # another file system there is not ours to take away
+    if process.users_in_other_mount_namespaces(dest):  # a restored host server's copy of it (runtime.pidns)
+        return False
     try:
         return tools.run(["umount", str(dest)], what=f"unmount of {dest}").returncode == 0
     except SnapbuildError:  # timed out: still in use as far as anyone can tell

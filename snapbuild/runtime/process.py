@@ -139,6 +139,29 @@ def fds(pid: int) -> list[tuple[str, str]]:
     return out
 
 
+def users_in_other_mount_namespaces(path: str | Path) -> list[int]:
+    """The processes of another mount namespace than this one's that map, hold open or
+    work in a file below ``path`` (by the same path: a restored host server's namespace
+    is a copy of this one, runtime.pidns). There an unmount of ``path`` here does not
+    fail while they use it: it is their copy that they use."""
+    prefix = str(path).rstrip("/") + "/"
+    try:
+        mine = os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return []
+    found = []
+    for pid in all_pids():
+        try:
+            if os.readlink(f"/proc/{pid}/ns/mnt") == mine:
+                continue
+            cwd = os.readlink(f"/proc/{pid}/cwd") + "/"
+        except OSError:
+            continue
+        if cwd.startswith(prefix) or mapped(pid, prefix) or any(t.startswith(prefix) for _, t in fds(pid)):
+            found.append(pid)
+    return found
+
+
 def all_pids() -> list[int]:
     """Every process of this PID namespace but this one."""
     return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != os.getpid()]

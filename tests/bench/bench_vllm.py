@@ -113,6 +113,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ref", default="vllm-cpu:dev")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--registry", help="where the snapshot is (default: the store's own registry); "
+                    "tests/integration/test_vllm.py publishes to file:///var/cache/snapbuild-tests/vllm/registry")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
@@ -123,7 +125,8 @@ def main() -> None:
     from snapbuild.registry.transfer import copy
 
     store = Store()
-    runtime = pull(a.ref, store=store)["snapshot"].runtime
+    source = a.registry or default_registry_url(store.home)
+    runtime = pull(a.ref, registry=source, store=store)["snapshot"].runtime
     spec = runtime.server
     port = probes.address(spec.ready)[1]
     run_folder = Path(spec.run_dir)
@@ -131,7 +134,7 @@ def main() -> None:
     (work / "registry").mkdir()
     registry_proc, host = _serve_registry(work / "registry")
     registry_url = f"oci://{host}/bench"
-    copy(open_registry(default_registry_url(store.home)), parse_ref(a.ref), open_registry(registry_url),
+    copy(open_registry(source), parse_ref(a.ref), open_registry(registry_url),
          parse_ref(a.ref), store.blobs)
     modes = ("cold", "restore", "restore, empty node")
     times: dict[str, list[float]] = {m: [] for m in modes}
@@ -158,7 +161,7 @@ def main() -> None:
         return total
 
     try:
-        primed = once("cold", store, None)  # fills the compile cache; not counted
+        primed = once("cold", store, source)  # fills the compile cache; not counted
         times["cold"].clear(), firsts["cold"].clear(), phases["cold"].clear()
         print(f"first cold boot (compile cache filled): {primed:.3f}s", file=sys.stderr)
         for i in range(a.runs):
@@ -180,7 +183,7 @@ def main() -> None:
                         aside.rename(run_folder)
                         shutil.rmtree(node.home, ignore_errors=True)
                 else:
-                    times[mode].append(once(mode, store, None))
+                    times[mode].append(once(mode, store, source))
                 print(f"run {i + 1}/{a.runs} {mode:<20} {times[mode][-1]:.3f}s "
                       f"(first answer {firsts[mode][-1]:.3f}s)", file=sys.stderr)
     finally:
