@@ -56,8 +56,7 @@ def push(reg: Registry, ref: Ref, manifest_digest: str, blobs: list[str], source
 
 
 def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: str | None = None,
-          skip_check: bool = False, parse=parse_manifest, progress=None, select=None, check=None,
-          started=None, arrived=None) -> dict:
+          skip_check: bool = False, parse=parse_manifest, progress=None, select=None, check=None) -> dict:
     """Bring snapshot ``ref`` (resolved to ``digest`` when given) from ``reg`` into the
     store of ``dest``: the blobs it lacks, verified. ``skip_check`` trusts that the
     store holds them all and that ``check`` passed when they came; ``parse`` checks the manifest (a snapshot's by default).
@@ -65,9 +64,6 @@ def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: st
     other blob is fetched), raises for a snapshot that must not be used (see
     schema.check_snapshot). ``select(manifest)``, called then, may name the
     only blobs wanted (a set), or None for all (see snapshot.image_selection).
-    ``started(manifest)`` is called once those are done, before the other blobs are
-    fetched, and ``arrived(digest)`` after each blob is stored (from worker threads):
-    a reader can then use the blobs as they come (see store.arriving).
     Returns the manifest, its digest, counts and timings."""
     t0 = time.monotonic()
     digest = digest or reg.resolve(ref)
@@ -84,8 +80,6 @@ def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: st
         with dest.receiving(d) as f:  # streamed to disk, verified against its digest on the way
             reg.get_blob(ref.name, d, size=sizes[d], into=f)
             n = f.tell()
-        if arrived is not None:
-            arrived(d)
         if progress:
             progress("fetched", total[0], n)
         return n
@@ -101,8 +95,6 @@ def fetch(reg: Registry, ref: Ref, dest: BlobStore, *, jobs: int = 8, digest: st
             chosen = select(manifest)
             if chosen is not None:
                 wanted = [d for d in wanted if d in chosen]
-        if started is not None:
-            started(manifest)
         missing = [] if skip_check else [d for d in wanted if not dest.has(d)]
         total[0] = count + len(missing)
         fetched += sum(pool.map(get, missing))

@@ -24,8 +24,7 @@ from ..store.tree import load_tree, materialize
 
 def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
          store: Store | None = None, jobs: int = 16, trust_policy: Path | None = None,
-         cache_max: int | None = None, images: bool = False, early=None, arriving=None,
-         direct: bool = False) -> dict:
+         cache_max: int | None = None, images: bool = False, direct: bool = False) -> dict:
     """Fetch the blobs of snapshot ``text`` that the node lacks (verified), and, with
     ``dest``, write each output to ``dest/<step>/``. With ``trust_policy``, the snapshot
     must carry a signature the policy accepts, checked before anything else is fetched.
@@ -35,11 +34,6 @@ def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
     instead of the chunks of the trees they replace (for a node that mounts them; not
     with ``dest``, which writes every output out). ``tree_images`` in the result says
     whether that happened.
-    ``early(partial)``: called once the snapshot's config and trees are in and checked,
-    before its other blobs are fetched, with the result so far (``snapshot``, ``ref``,
-    ``digest``, ...); ``arriving`` (a store.arriving.Arriving over this store's blobs)
-    hears of each blob as it is stored. Together they let a restore write its trees out
-    while the pull goes on.
     ``direct``: for a restore that writes the snapshot out at once, do not store the
     whole-file chunks of what it writes out once per node (the checkpoint's images, the
     input trees, the image's layers, the tree images: snapshot.direct_trees); ``blobs``
@@ -57,8 +51,8 @@ def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
     while True:
         try:
             with store.using():  # keeps `cache gc` from running under a pull
-                out = _pull(text, registry, dest, store, jobs, trust_policy, images and dest is None, early,
-                            arriving, direct and dest is None)
+                out = _pull(text, registry, dest, store, jobs, trust_policy, images and dest is None,
+                            direct and dest is None)
             break
         except OSError as e:
             if e.errno != errno.ENOSPC:
@@ -82,8 +76,7 @@ def pull(text: str, *, registry: str | None = None, dest: Path | None = None,
 
 
 def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs: int,
-          trust_policy: Path | None = None, images: bool = False, early=None, arriving=None,
-          direct: bool = False) -> dict:
+          trust_policy: Path | None = None, images: bool = False, direct: bool = False) -> dict:
     t0 = time.monotonic()
     reg = open_registry(registry or default_registry_url(store.home))
     ref = parse_ref(text)
@@ -108,42 +101,17 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
 
     # What this pull leaves out (or the complete one before it did): only that is not in the store.
     with_direct = direct and (not complete or store.pinned_direct(pin))
-    reading = arriving if arriving is not None else store.blobs
-    selected: list[set[str] | None] = [None]  # what this pull stores, once known
 
     def select(manifest: dict):
-        selected[0] = pull_selection(store.blobs, manifest, load_config(store.blobs, manifest), images=images,
-                                     direct=direct)
-        return selected[0]
-
-    def straight(blobs, stored=None) -> Direct:
-        return Direct(blobs, lambda d: reg.get_blob(ref.name, d), stored=stored)
-
-    def described(manifest: dict):
-        config = load_config(store.blobs, manifest)
-        snapshot = read_config(config, str(ref))  # typed, for this node (checked in full above, if fetched now)
-        # Images were used by this pull, or by the complete one before it.
-        with_images = images and snapshot.tree_images is not None and (not complete or store.pinned_with_images(pin))
-        return config, snapshot, with_images
-
-    def started(manifest: dict) -> None:
-        config, snapshot, with_images = described(manifest)
-        # A restore starting now reads what the pull still brings through ``reading`` (it
-        # waits for it) and what the pull leaves out (all of it, if complete) from the registry.
-        blobs = (straight(reading, None if complete else selected[0])
-                 if with_direct and (complete or selected[0] is not None) else reading)
-        early({"ref": str(ref), "digest": digest, "name": config["name"], "config": config, "snapshot": snapshot,
-               "trust": trust, "tree_images": with_images, "tree_images_refused": refused,
-               "blobs_fetched": 0, "bytes_fetched": 0, "blobs_total": len(referenced_blobs(manifest)) + 1,
-               "blobs": blobs,
-               "timings": {"total_s": round(time.monotonic() - t0, 4)}})
+        return pull_selection(store.blobs, manifest, load_config(store.blobs, manifest), images=images, direct=direct)
 
     got = fetch(reg, ref, store.blobs, jobs=jobs, digest=digest, skip_check=complete,
                 select=select if images or direct else None,
-                check=lambda manifest: check_snapshot(store.blobs, manifest, str(ref)),
-                started=started if early is not None else None,
-                arrived=arriving.arrived if arriving is not None else None)
-    config, snapshot, with_images = described(got["manifest"])
+                check=lambda manifest: check_snapshot(store.blobs, manifest, str(ref)))
+    config = load_config(store.blobs, got["manifest"])
+    snapshot = read_config(config, str(ref))  # typed, for this node (checked in full above, if fetched now)
+    # Images were used by this pull, or by the complete one before it.
+    with_images = images and snapshot.tree_images is not None and (not complete or store.pinned_with_images(pin))
     # The node keeps the last pull of each name until a newer one replaces it.
     store.pin_snapshot(pin, digest, images=with_images, direct=with_direct, checked=checked)
     t_fetch = time.monotonic()
@@ -158,7 +126,7 @@ def _pull(text: str, registry: str | None, dest: Path | None, store: Store, jobs
         "blobs_fetched": missing, "bytes_fetched": fetched,
         "blobs_total": len(referenced_blobs(got["manifest"])) + 1, "outputs": outputs, "trust": trust,
         "tree_images": with_images, "tree_images_refused": refused,
-        "blobs": straight(store.blobs) if with_direct else store.blobs,
+        "blobs": Direct(store.blobs, lambda d: reg.get_blob(ref.name, d)) if with_direct else store.blobs,
         "timings": {"resolve_s": round(t_resolve - t0, 4), "fetch_s": round(t_fetch - t_resolve, 4),
                     "materialize_s": round(t_done - t_fetch, 4), "total_s": round(t_done - t0, 4)},
     }

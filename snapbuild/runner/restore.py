@@ -75,16 +75,10 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
     store = store or Store()
     t0 = time.monotonic()
 
-    def fetch(images: bool) -> dict:
-        return pull(ref, registry=registry, store=store, jobs=jobs, trust_policy=trust_policy, cache_max=cache_max,
-                    images=images, direct=direct_default())
-
     def start(images: bool) -> dict:
-        if not pipelined():
-            return _start(fetch(images), store, fallback, mode, publish, lazy_pages, gpus, lazy_images)
-        return _start_while_pulling(ref, registry, store, jobs, trust_policy, cache_max, images, direct_default(),
-                                    lambda partial, view: _start(partial, view, fallback, mode, publish, lazy_pages,
-                                                                 gpus, lazy_images))
+        fetched = pull(ref, registry=registry, store=store, jobs=jobs, trust_policy=trust_policy,
+                       cache_max=cache_max, images=images, direct=direct_default())
+        return _start(fetched, store, fallback, mode, publish, lazy_pages, gpus, lazy_images)
 
     try:
         out = start(erofs.can_mount())
@@ -121,55 +115,6 @@ def direct_default() -> bool:
     if choice not in ("on", "off"):
         raise UsageError(f"SNAPBUILD_PULL_DIRECT must be on or off, not {choice!r}")
     return choice == "on"
-
-
-def pipelined() -> bool:
-    """Whether a restore writes its trees out while the pull goes on
-    (``SNAPBUILD_PULL_PIPELINE=1``). Off by default: on the 2-core machines it was
-    measured on, it was never faster than pulling first (docs/benchmarks.md)."""
-    import os
-
-    return os.environ.get("SNAPBUILD_PULL_PIPELINE", "0") == "1"
-
-
-def _start_while_pulling(ref: str, registry: str | None, store: Store, jobs: int, trust_policy: Path | None,
-                         cache_max: int | None, images: bool, direct: bool, start) -> dict:
-    """Pull ``ref`` and, as soon as its config and trees are in, ``start(partial,
-    store_view)`` beside the pull: the store view's reads of a blob not there yet wait
-    for it (store.arriving). The result is ``start``'s, with the pull's own figures."""
-    from ..store.arriving import Arriving
-
-    view = copy.copy(store)
-    view.blobs = arriving = Arriving(store.blobs)  # type: ignore[assignment]
-    beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="start")
-    job: list = []
-
-    def early(partial: dict) -> None:
-        if not job:  # once, even when a full disk makes the pull start over
-            job.append(beside.submit(start, partial, view))
-
-    try:
-        try:
-            fetched = pull(ref, registry=registry, store=store, jobs=jobs, trust_policy=trust_policy,
-                           cache_max=cache_max, images=images, early=early, arriving=arriving, direct=direct)
-        except BaseException as e:
-            arriving.finish(e)
-            if job:  # it fails too, on the blobs that never came; the pull's error is the one to tell
-                from concurrent.futures import wait
-
-                wait(job)
-                if job[0].exception() is None:  # it got what it needed first: stop what it started
-                    got = job[0].result()
-                    stop(got.get("container") or got["pid"])
-            raise
-        arriving.finish()
-        out = job[0].result() if job else start(fetched, store)
-    finally:
-        beside.shutdown(wait=True)
-    out["fetch"].update({k: fetched[k] for k in ("blobs_fetched", "bytes_fetched", "blobs_total")})
-    out["timings"]["fetch_s"] = fetched["timings"]["total_s"]  # overlapping what follows it
-    out["pipelined"] = {"reads_that_waited": arriving.waits}
-    return out
 
 
 def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str | None,

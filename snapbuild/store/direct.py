@@ -21,15 +21,12 @@ from .blobs import BlobStore
 
 
 class Direct:
-    """``blobs`` (a BlobStore, or an arriving.Arriving over one), with ``fetch(digest)
-    -> bytes`` (verified) for the blobs it lacks; every other attribute is the store's
-    own. ``stored``: the blobs a pull still going on brings into ``blobs`` (read from
-    there, waiting for them); any other blob the store lacks comes from ``fetch``."""
+    """``blobs`` (a BlobStore), with ``fetch(digest) -> bytes`` (verified) for the
+    blobs it lacks; every other attribute is the store's own."""
 
-    def __init__(self, blobs: BlobStore, fetch: Callable[[str], bytes], stored: set[str] | None = None) -> None:
+    def __init__(self, blobs: BlobStore, fetch: Callable[[str], bytes]) -> None:
         self._blobs = blobs
         self._fetch = fetch
-        self._stored = stored or set()
         self._lock = threading.Lock()
         self.fetched = 0  # blobs that came from the registry, not the store
         self.fetched_bytes = 0
@@ -47,8 +44,8 @@ class Direct:
         return data
 
     def is_local(self, digest: str) -> bool:
-        """Whether the blob is (or, from a pull still going on, will be) in the store."""
-        return digest in self._stored or self._blobs.has(digest)
+        """Whether the blob is in the store."""
+        return self._blobs.has(digest)
 
     def get(self, digest: str) -> bytes:
         if self.is_local(digest):

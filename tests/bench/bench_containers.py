@@ -33,9 +33,7 @@ restore --import`` (the export, 26 MiB, stays on local disk: still in Podman's f
 --empty-node measures several ways snapbuild can do it: the default, which writes the
 checkpoint's images and the tree images straight from the registry to their place
 (``SNAPBUILD_PULL_DIRECT``, store/direct.py), storing only the rest; storing every
-blob first, then writing out of the store (``SNAPBUILD_PULL_DIRECT=off``); writing
-the trees out of the store while it pulls (``SNAPBUILD_PULL_PIPELINE=1``); and both, the
-write-out straight from the registry starting while the pull brings the rest; tree images
+blob first, then writing out of the store (``SNAPBUILD_PULL_DIRECT=off``); tree images
 mounted at once and fetched as they are read (``SNAPBUILD_LAZY_IMAGES=on``,
 runtime/lazyimage.py); and, for each, the time to the **first answer** (``POST /infer``
 polled every 10 ms from the command's start: with images fetched as read, the server
@@ -183,15 +181,9 @@ def podman_run_args(store: Store, spec: ServerSpec, image: str, run_dir: Path, n
 #: The empty-node modes, with the environment each runs in (the first is the default).
 _OFF = {"SNAPBUILD_LAZY_IMAGES": "off"}
 EMPTY_NODE = {
-    "snapbuild restore, empty node": {"SNAPBUILD_PULL_DIRECT": "on", "SNAPBUILD_PULL_PIPELINE": "0", **_OFF},
-    "snapbuild restore, empty node, every blob stored first": {"SNAPBUILD_PULL_DIRECT": "off",
-                                                               "SNAPBUILD_PULL_PIPELINE": "0", **_OFF},
-    "snapbuild restore, empty node, written out while pulling": {"SNAPBUILD_PULL_DIRECT": "off",
-                                                                 "SNAPBUILD_PULL_PIPELINE": "1", **_OFF},
-    "snapbuild restore, empty node, straight out while pulling": {"SNAPBUILD_PULL_DIRECT": "on",
-                                                                  "SNAPBUILD_PULL_PIPELINE": "1", **_OFF},
+    "snapbuild restore, empty node": {"SNAPBUILD_PULL_DIRECT": "on", **_OFF},
+    "snapbuild restore, empty node, every blob stored first": {"SNAPBUILD_PULL_DIRECT": "off", **_OFF},
     "snapbuild restore, empty node, images fetched as read": {"SNAPBUILD_PULL_DIRECT": "on",
-                                                              "SNAPBUILD_PULL_PIPELINE": "0",
                                                               "SNAPBUILD_LAZY_IMAGES": "on"},
 }
 
@@ -484,7 +476,7 @@ def main() -> None:
     print(f"  podman checkpoint --export: {result['podman_export_s']:.2f}s, "
           f"{(result['podman_export_bytes'] or 0) / 2**20:.1f} MiB; snapbuild checkpoint images: "
           f"{(result['snapbuild_checkpoint_images_bytes'] or 0) / 2**20:.1f} MiB")
-    for mode, row in result["empty_node_phases_median_s"].items():  # overlapping, while pulling
+    for mode, row in result["empty_node_phases_median_s"].items():
         print(f"  {mode}, by phase (medians): " + ", ".join(f"{k} {v:.2f}s" for k, v in row.items()))
     for mode, v in result["empty_node_first_answer"].items():
         m = result["empty_node_first_answer_multiples"][mode]
