@@ -470,6 +470,11 @@ def bench_snapshot(ref, registry, runs, drop_caches, as_json):
         if phase:
             click.echo(f"  {label:<12} {phase['cold_s']['median']:>12.3f} {phase['restore_s']['median']:>15.3f} "
                        f"{phase['speedup']:>7.1f}x")
+    own = r["warm"].get("overhead")
+    if own:
+        share = f" ({own['share_of_criu']:.0%} of it)" if own["share_of_criu"] is not None else ""
+        click.echo(f"  a warm restore's own overhead (all but CRIU and the first probe): {own['own_s']:.3f}s; "
+                   f"CRIU {own['criu_s']:.3f}s{share}")
     click.echo(f"  first restore on this node (writes the images out): {r['restore_first_s']:.3f}s")
     click.echo(f"  answers: {_bench_answers(r['answers'])}")
     if r.get("verify"):

@@ -80,6 +80,24 @@ def to_compare(runtime: Runtime) -> tuple[list[dict], dict]:
     return [], {"compared": None, "why": why}
 
 
+#: A restore's phases that are CRIU's work (the restore, its memory arriving) and the
+#: server's (the first probe); the rest of ``total_s`` is the runner's own.
+CRIU_PHASES, PROBE_PHASES = ("restore_s", "pages_s", "gpu_s"), ("ready_s",)
+
+
+def overhead(timings: list[dict]) -> dict | None:
+    """Medians of a restore's own overhead (everything but CRIU and the first probe:
+    fetching, checking, writing out, namespaces, verify) against CRIU's time, so that a
+    regression in the runner shows apart from the checkpoint's size."""
+    if not timings:
+        return None
+    criu = [sum(t.get(k, 0.0) for k in CRIU_PHASES) for t in timings]
+    own = [t["total_s"] - c - sum(t.get(k, 0.0) for k in PROBE_PHASES) for t, c in zip(timings, criu, strict=True)]
+    med_own, med_criu = statistics.median(own), statistics.median(criu)
+    return {"own_s": round(med_own, 4), "criu_s": round(med_criu, 4),
+            "share_of_criu": round(med_own / med_criu, 2) if med_criu else None}
+
+
 def _summary(values: list[float]) -> dict:
     return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
             "max": round(max(values), 4), "runs": [round(v, 4) for v in values]}
@@ -134,6 +152,7 @@ def bench(ref: str, *, runs: int = 5, registry: str | None = None, store: Store 
     for label, do_drop in phases:
         cold: list[float] = []
         restored: list[float] = []
+        timings: list[dict] = []  # each restore's phases
         for i in range(runs):
             for mode in ("cold", "auto"):
                 if do_drop:
@@ -146,12 +165,14 @@ def bench(ref: str, *, runs: int = 5, registry: str | None = None, store: Store 
                     count(out)
                     if out["mode"] == "restore":
                         restored.append(t)
+                        timings.append(out["timings"])
                 progress(f"[{label} page cache] run {i + 1}/{runs} {out['mode']:<7} {t:.3f}s")
         if not restored:
             raise RestoreFailed(f"every restore of {ref} fell back to a cold boot: {fell_back[-1]}",
                                 hint=f"snapbuild run {ref} shows the same; nothing to compare")
         phase = {"cold_s": _summary(cold), "restore_s": _summary(restored),
-                 "speedup": round(statistics.median(cold) / statistics.median(restored), 2)}
+                 "speedup": round(statistics.median(cold) / statistics.median(restored), 2),
+                 "overhead": overhead(timings)}
         result[label] = phase
     if fell_back:
         result["note"] = (f"{len(fell_back)} restore(s) fell back to a cold boot (left out of restore_s), "

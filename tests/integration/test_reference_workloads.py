@@ -171,3 +171,9 @@ def test_bench_reports_medians_and_speedup(built, run_cli):
     assert out["answers"]["compared"] is None and "no check requests" in out["answers"]["why"], out["answers"]
     assert out["cold_s"] > 0 and out["restore_s"] > 0 and out["speedup"] == out["warm"]["speedup"]
     assert out["page_cache_dropped"] is None
+    own = out["warm"]["overhead"]  # the runner's own share of a warm restore, apart from CRIU's
+    assert own["criu_s"] > 0 and 0 < own["own_s"] < out["restore_s"], own
+    assert own["share_of_criu"] == round(own["own_s"] / own["criu_s"], 2)
+    text = run_cli("bench", "numpy-server:dev", "--runs", "1", "--no-drop-caches",
+                   env={"SNAPBUILD_HOME": str(store.home), "SNAPBUILD_RUN_ROOT": str(store.home / "run-root")})
+    assert text.code == 0 and "a warm restore's own overhead (all but CRIU and the first probe)" in text.out, text
