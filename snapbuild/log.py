@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 
 from .errors import UsageError
@@ -28,7 +27,9 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 
 def level(verbose: int = 0) -> int:
     """The level for ``verbose`` ``-v`` flags and ``$SNAPBUILD_LOG``."""
-    name = (os.environ.get("SNAPBUILD_LOG") or "warning").strip().lower()
+    from . import settings
+
+    name = str(settings.get("log") or "warning").strip().lower()
     if name not in LEVELS:
         raise UsageError(f"SNAPBUILD_LOG={name!r} is not a log level",
                          hint=f"use one of {', '.join(LEVELS)} (or -v, -vv)")

@@ -120,8 +120,10 @@ def _below(path: str, folder: str) -> bool:
 def allowed_mount_roots() -> tuple[str, ...]:
     """``$SNAPBUILD_ALLOW_MOUNT_ROOTS``: absolute folders, colon-separated, below which
     this machine allows mount points in system folders (``/usr/local/models``). The
-    one source of that setting until nodes have a settings file."""
-    roots = [r for r in (os.environ.get(ALLOW_MOUNT_ROOTS) or "").split(":") if r]
+    node setting ``allow_mount_roots`` (snapbuild.settings): the file or the variable."""
+    from . import settings
+
+    roots = list(settings.get("allow_mount_roots"))
     bad = [r for r in roots if not r.startswith("/") or ".." in r.split("/") or os.path.normpath(r) == "/"]
     if bad:
         raise UsageError(f"${ALLOW_MOUNT_ROOTS}: {bad[0]!r} is not an absolute folder below /",

@@ -282,9 +282,11 @@ def node_policy(explicit: Path | str | None = None) -> Path | None:
     verification off), so it is returned as given and Policy.load says what is wrong."""
     if explicit:
         return Path(explicit)
-    env = os.environ.get("SNAPBUILD_TRUST_POLICY")
-    if env:
-        return Path(env)
+    from . import settings
+
+    named = settings.get("trust_policy")
+    if named:
+        return Path(named)
     return NODE_POLICY if NODE_POLICY.exists() else None
 
 

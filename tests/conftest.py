@@ -25,6 +25,8 @@ def _machine_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("SNAPBUILD_RUN_ROOT", str(tmp_path / "run-root"))
     monkeypatch.setenv("SNAPBUILD_HOSTS_DIR", str(tmp_path / "no-hosts.d"))
     monkeypatch.setenv("SNAPBUILD_IMAGE_CACHE", str(tmp_path / "image-cache"))
+    # no node settings file but a test's own (none named: /etc/snapbuild/node.toml only if it exists)
+    monkeypatch.delenv("SNAPBUILD_CONFIG", raising=False)
     yield
     _unmount_below(tmp_path)
 

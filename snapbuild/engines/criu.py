@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 from .. import tools
-from ..errors import SnapbuildError, UsageError
+from ..errors import SnapbuildError
 
 MIN_VERSION = (4, 2)
 SETUP_HINT = "install it with: sudo ci/install-criu.sh (builds CRIU >= 4.2; part of ci/setup.sh)"
@@ -32,10 +32,15 @@ class CriuError(SnapbuildError):
 
 
 def binary() -> str:
-    override = os.environ.get("SNAPBUILD_CRIU")
-    if override:
+    from .. import settings
+
+    named = settings.get("criu")
+    if named:
+        override = str(named)
         if not os.access(override, os.X_OK):
-            raise CriuError(f"SNAPBUILD_CRIU={override} is not an executable file", hint=SETUP_HINT)
+            where = settings.origin("criu")
+            raise CriuError(f"{where.lstrip('$')}={override} is not an executable file" if where.startswith("$")
+                            else f"{override} ({where}) is not an executable file", hint=SETUP_HINT)
         return override
     path = shutil.which("criu") or (
         "/usr/local/sbin/criu" if os.path.exists("/usr/local/sbin/criu") else None)
@@ -282,7 +287,10 @@ def thp_fill_unused() -> str | None:
     with small pages at 4 GiB; ``on`` uses them wherever they work, ``off`` never."""
     want = thp_setting()
     if want == "off":
-        return f"{THP_ENV}=off"
+        from .. import settings
+
+        where = settings.origin("thp_fill")
+        return f"{THP_ENV}=off" if where.startswith("$") else f"thp_fill = off in {where.split(' in ', 1)[1]}"
     if not has_thp_fill(binary()):
         return f"this criu ({binary()}) has no {THP_FILL}: ci/install-criu.sh builds one with ci/criu-patches"
     mode = thp_mode()
@@ -296,11 +304,9 @@ def thp_fill_unused() -> str | None:
 
 def thp_setting() -> str:
     """``$SNAPBUILD_THP_FILL``: auto (when unset), on or off; anything else is refused."""
-    raw = os.environ.get(THP_ENV) or "auto"
-    want = raw.strip().lower()
-    if want not in ("auto", "on", "off"):
-        raise UsageError(f"{THP_ENV} must be auto, on or off, not {raw!r}")
-    return want
+    from .. import settings
+
+    return str(settings.get("thp_fill"))  # checked against auto, on, off there
 
 
 @functools.lru_cache(maxsize=4)

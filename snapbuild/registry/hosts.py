@@ -93,7 +93,9 @@ class Hosts:
 
 
 def hosts_dir() -> Path:
-    return Path(os.environ.get("SNAPBUILD_HOSTS_DIR") or DEFAULT_DIR)
+    from .. import settings
+
+    return Path(settings.get("hosts_dir") or DEFAULT_DIR)
 
 
 def folder_names(registry: str) -> list[str]:

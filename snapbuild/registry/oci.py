@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote, urljoin, urlparse
 
 from ..errors import NotFound, RegistryError, SnapbuildError, UsageError
+from .. import settings
 from ..store.snapshot import MANIFEST_MEDIA_TYPE
 from . import hosts as hosts_config
 from .base import retrying
@@ -118,7 +119,7 @@ class OciRegistry:
         self.host, self.prefix = host, repo.strip("/")
         self.url = f"oci://{host}/{self.prefix}".rstrip("/")
         hostname = urlparse(f"//{host}").hostname or host
-        plain = _is_loopback(hostname) or os.environ.get("SNAPBUILD_REGISTRY_PLAIN_HTTP") == "1"
+        plain = _is_loopback(hostname) or bool(settings.get("registry_plain_http"))
         self.hosts = hosts_config.load(host, plain=plain)
         creds_host = urlparse(f"//{host}").netloc or host
         self._origin = _Endpoint(self.hosts.origin, creds_host, None)

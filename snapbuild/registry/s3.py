@@ -19,11 +19,11 @@ else by ``DOCUMENT_MAX``, each try within a deadline over the whole object.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import NotFound, RegistryError, UsageError
+from .. import settings
 from .base import retrying
 from .bounds import Deadline, Short, Sink, Sizes, deadline_for, read_verified, watch
 from .ref import Ref
@@ -40,7 +40,7 @@ class S3Registry:
             raise UsageError("s3:// registries need boto3", hint="pip install boto3") from None
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        endpoint = endpoint_url or os.environ.get("SNAPBUILD_S3_ENDPOINT") or None
+        endpoint = endpoint_url or settings.get("s3_endpoint") or None
         self.client = boto3.client("s3", endpoint_url=endpoint,
                                    config=Config(max_pool_connections=max(jobs, 10),
                                                  retries={"max_attempts": 4, "mode": "standard"}))

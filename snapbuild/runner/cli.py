@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SnapbuildError, UsageError, error_json, exit_codes_help, render_error
+from .. import settings
 
 
 def _verbosity(dest: str) -> argparse.ArgumentParser:
@@ -25,7 +27,10 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Pull snapshots built by `snapbuild build` onto this node, restore their servers, "
                     "keep them running.",
-        epilog="The node's store is $SNAPBUILD_HOME (default ~/.cache/snapbuild).\n\n" + exit_codes_help())
+        epilog="The node's store is $SNAPBUILD_HOME (default ~/.cache/snapbuild). Node settings: the file of "
+               "--config (TOML), each overridden by its SNAPBUILD_* variable and by a command's flags; "
+               "`snapbuild-runner config` lists them all with where each comes from.\n\n" + exit_codes_help())
+    p.add_argument("--config", dest="node_config", metavar="FILE", type=Path, help=NODE_CONFIG_HELP)
     # -v before or after the command's name: two counts, added up
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     after = [_verbosity("verbose_after")]
@@ -72,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                                     "moves, stop everything on SIGTERM. Serves GET /servers, "
                                     "/servers/NAME/log, /metrics (Prometheus) and /healthz. Logs are JSON "
                                     "lines on stderr. The configuration is TOML: see docs/runner.md.")
-    sv.add_argument("--config", metavar="FILE", type=Path, help="the agent's configuration (TOML)")
+    sv.add_argument("--config", metavar="FILE", type=Path,
+                    help="the agent's configuration (TOML; its servers). Not the node settings file: that is "
+                         "the global option, `snapbuild-runner --config NODE.toml serve --config AGENT.toml`")
     sv.add_argument("--server", metavar="NAME=REF[:PORT]", action="append", default=[],
                     help="a server to keep running, without a configuration file (repeatable); "
                          "`web=app:prod` or, for a container served on a node port, `web=app:prod:8080`")
@@ -82,7 +89,20 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--state-dir", metavar="DIR", type=Path, help="where the agent records what it started")
     sv.add_argument("--api", metavar="ADDR", help="override the API address: HOST:PORT or unix:PATH")
     sv.add_argument("--check", action="store_true", help="check the configuration, print it as JSON, and exit")
+    cf = sub.add_parser("config", parents=after, help="print every node setting, its value and where it comes from",
+                        description="Print each node setting with its effective value, where that value comes "
+                                    "from (default, file PATH, environment VAR, flag), the variable that "
+                                    "overrides it and what it does. The file: --config FILE (before the "
+                                    "command), else $SNAPBUILD_CONFIG, else /etc/snapbuild/node.toml when it "
+                                    "exists. Precedence: default < file < environment < a command's flag.")
+    cf.add_argument("--json", action="store_true",
+                    help="print a list of {key, value, source, env, doc} as JSON")
     return p
+
+
+NODE_CONFIG_HELP = ("the node settings file (TOML), read by every command; give it before the command "
+                    "(default: $SNAPBUILD_CONFIG, else /etc/snapbuild/node.toml when it exists). Each key is "
+                    "overridden by its SNAPBUILD_* variable; `snapbuild-runner config` lists them")
 
 
 REF_HELP = ("NAME:TAG or NAME@sha256:... (with --registry), or a full reference such as "
@@ -205,11 +225,27 @@ def print_restore(result: dict, as_json: bool) -> None:
     print(f"  stop it with: snapbuild-runner stop {result.get('container') or result['pid']}")
 
 
+def print_settings(values: list[settings.Value], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([v.to_json() for v in values], indent=2))
+        return
+    path, _ = settings.config_file()
+    print(f"# node settings file: {path}" if path else
+          f"# no node settings file ({settings.DEFAULT_FILE} does not exist; --config FILE names one)")
+    for v in values:
+        shown = "(unset)" if v.value is None else json.dumps(v.to_json()["value"])
+        print(f"{v.key} = {shown}  # {v.source}")
+        print(f"    ${v.env}: {v.doc}")
+
+
 def main(argv: list[str] | None = None) -> None:
     from .. import log
 
     args = _parser().parse_args(argv)
+    if args.node_config:  # the children (workers, helpers) read the same file
+        os.environ[settings.CONFIG_ENV] = str(args.node_config)
     try:
+        settings.effective()  # a bad settings file stops every command before it does anything
         log.setup(args.verbose + getattr(args, "verbose_after", 0), json_lines=args.command == "serve")
         if args.command == "pull":
             from ..runtime.erofs import can_mount
@@ -270,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps(asdict(config), indent=2, default=str))
                 return
             Agent(config).serve_forever()
+        elif args.command == "config":
+            print_settings(settings.effective(), as_json=args.json)
         elif args.command == "stop":
             from .restore import stop
 
@@ -280,6 +318,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("ERROR interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # the reader went away (`... | head`): nothing more to say, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except SnapbuildError as e:
         if getattr(args, "json", False):
             print(json.dumps(error_json(e), indent=2))

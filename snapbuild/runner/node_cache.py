@@ -11,25 +11,14 @@ under the run root, which `snapbuild-runner gc` looks after.
 
 from __future__ import annotations
 
-import os
-import re
-
-from ..errors import UsageError
 from ..store import Store
+from .. import settings
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise UsageError(f"size {text!r}: expected a number of bytes, or with K, M, G or T (e.g. 50G)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
+parse_size = settings.parse_size  # the one size syntax of the node
 
 def limit_from_env() -> int | None:
-    value = os.environ.get("SNAPBUILD_NODE_CACHE_MAX")
-    return parse_size(value) if value else None
+    """The node setting ``cache_max`` (``$SNAPBUILD_NODE_CACHE_MAX``), in bytes; None: unbounded."""
+    return settings.get("cache_max")
 
 
 def stored_bytes(store: Store) -> int:

@@ -32,6 +32,7 @@ from ..store import Store
 from ..store.direct import Direct
 from ..runtime.trees import ensure_tree
 from ..schema import Runtime, ServerSpec, SnapshotConfig
+from .. import settings
 from .pull import pull
 
 log = logging.getLogger(__name__)
@@ -93,28 +94,18 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
 
 
 def lazy_default() -> bool:
-    """``$SNAPBUILD_LAZY_PAGES`` (on|off), else on: lazy pages always answered first, and
+    """The node setting ``lazy_pages`` (``$SNAPBUILD_LAZY_PAGES``), else on: lazy pages always answered first, and
     had every page in place sooner than a plain restore with small pages (one with huge
     pages, criu.thp_fill_unused, has them in place sooner; docs/benchmarks.md)."""
-    import os
-
-    choice = os.environ.get("SNAPBUILD_LAZY_PAGES") or "on"
-    if choice not in ("on", "off"):
-        raise UsageError(f"SNAPBUILD_LAZY_PAGES must be on or off, not {choice!r}")
-    return choice == "on"
+    return bool(settings.get("lazy_pages"))
 
 
 def direct_default() -> bool:
-    """``$SNAPBUILD_PULL_DIRECT`` (on|off), else on: whether a restore writes what it
+    """The node setting ``pull_direct`` (``$SNAPBUILD_PULL_DIRECT``), else on: whether a restore writes what it
     writes out once per node (the checkpoint's images, input trees, layers, tree images)
     straight from the registry to its place, without storing the chunks first
     (store.direct; 1.3-1.6x faster on an empty node: docs/benchmarks.md)."""
-    import os
-
-    choice = os.environ.get("SNAPBUILD_PULL_DIRECT") or "on"
-    if choice not in ("on", "off"):
-        raise UsageError(f"SNAPBUILD_PULL_DIRECT must be on or off, not {choice!r}")
-    return choice == "on"
+    return bool(settings.get("pull_direct"))
 
 
 def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str | None,

@@ -42,9 +42,10 @@ class CdiError(SnapbuildError):
 
 
 def spec_dirs() -> list[Path]:
-    """``$SNAPBUILD_CDI_DIRS`` (``os.pathsep``-separated) when set, else CDI's defaults."""
-    env = os.environ.get("SNAPBUILD_CDI_DIRS")
-    return [Path(d) for d in (env.split(os.pathsep) if env else DIRS) if d]
+    """The node setting ``cdi_dirs`` (``$SNAPBUILD_CDI_DIRS``, ``os.pathsep``-separated), else CDI's defaults."""
+    from .. import settings
+
+    return [Path(d) for d in settings.get("cdi_dirs")]
 
 
 @dataclass

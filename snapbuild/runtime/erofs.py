@@ -50,13 +50,20 @@ class ImageUnusable(SnapbuildError):
 
 
 def enabled() -> bool:
-    return os.environ.get("SNAPBUILD_TREE_IMAGES", "1") not in ("0", "no", "false", "off")
+    return _tree_images() not in ("0", "no", "false", "off")
+
+
+def _tree_images() -> str:
+    """The node setting ``tree_images`` (``$SNAPBUILD_TREE_IMAGES``): on, off or always."""
+    from .. import settings
+
+    return str(settings.get("tree_images")).strip().lower()
 
 
 def refused_for(trust: dict | None) -> str | None:
     """Why a snapshot's tree images are not mounted, given what the trust policy said
     of it (pull's ``trust``); None: they may be."""
-    if (trust or {}).get("trusted") or os.environ.get("SNAPBUILD_TREE_IMAGES") == "always":
+    if (trust or {}).get("trusted") or _tree_images() == "always":
         return None
     return ("the snapshot is not verified by a trust policy, and the kernel parses an image it mounts "
             "(SNAPBUILD_TREE_IMAGES=always mounts them anyway)")
@@ -96,7 +103,9 @@ def image_problem(head: bytes, size: int) -> str | None:
 
 def _mkfs() -> str | None:
     """mkfs.erofs: ``$SNAPBUILD_MKFS_EROFS`` when set, else the one on ``PATH``."""
-    return shutil.which(os.environ.get("SNAPBUILD_MKFS_EROFS") or "mkfs.erofs")
+    from .. import settings
+
+    return shutil.which(str(settings.get("mkfs_erofs") or "mkfs.erofs"))
 
 
 def can_build() -> bool:

@@ -59,14 +59,18 @@ RUN_OWN = (LOG_NAME, INPUTS_NAME)
 
 def run_root() -> Path:
     """Where servers run from. Recorded in each snapshot: build machine and nodes must agree."""
-    return Path(os.environ.get("SNAPBUILD_RUN_ROOT", DEFAULT_RUN_ROOT))
+    from .. import settings
+
+    return Path(settings.get("run_root"))
 
 
 def images_root(run_root: str | Path) -> Path:
     """Where checkpoint images are written out: $SNAPBUILD_IMAGE_CACHE, else tmpfs when
     there is one (restore reads every page image), else the run root."""
-    if os.environ.get("SNAPBUILD_IMAGE_CACHE"):
-        return Path(os.environ["SNAPBUILD_IMAGE_CACHE"])
+    from .. import settings
+
+    if settings.get("image_cache"):
+        return Path(settings.get("image_cache"))
     shm = Path("/dev/shm")
     if shm.is_dir() and os.access(shm, os.W_OK):
         return shm / "snapbuild"

@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 from .. import tools
-from ..errors import IntegrityError, SnapbuildError, UsageError
+from ..errors import IntegrityError, SnapbuildError
 from . import layout
 
 log = logging.getLogger(__name__)
@@ -68,11 +68,10 @@ FETCH_WORKERS = 3
 
 
 def default() -> bool:
-    """``$SNAPBUILD_LAZY_IMAGES`` (on|off), else off (docs/benchmarks.md says why)."""
-    choice = os.environ.get("SNAPBUILD_LAZY_IMAGES") or "off"
-    if choice not in ("on", "off"):
-        raise UsageError(f"SNAPBUILD_LAZY_IMAGES must be on or off, not {choice!r}")
-    return choice == "on"
+    """The node setting ``lazy_images`` (``$SNAPBUILD_LAZY_IMAGES``), else off (docs/benchmarks.md says why)."""
+    from .. import settings
+
+    return bool(settings.get("lazy_images"))
 
 
 def worth(blobs, entry: dict) -> bool:

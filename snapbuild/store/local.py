@@ -36,9 +36,11 @@ from .tree import load_tree, tree_blobs, tree_size
 
 
 def default_home() -> Path:
-    env = os.environ.get("SNAPBUILD_HOME")
-    if env:
-        return Path(env).expanduser()
+    from .. import settings
+
+    named = settings.get("home")
+    if named:
+        return Path(named).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "snapbuild"
 

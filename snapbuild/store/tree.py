@@ -68,7 +68,9 @@ def tree_limits() -> TreeLimits:
     """The node's :class:`TreeLimits`: the defaults, each overridden where
     ``$SNAPBUILD_TREE_LIMITS`` names it (``depth=64,entries=200000,bytes=500G``; sizes
     in bytes or with K, M, G or T). A value that does not parse is a usage error."""
-    text = os.environ.get(LIMITS_ENV, "").strip()
+    from .. import settings
+
+    text = str(settings.get("tree_limits") or "").strip()
     values: dict[str, int] = {}
     for item in filter(None, (x.strip() for x in text.split(","))):
         key, _, value = item.partition("=")

@@ -130,6 +130,23 @@ def test_the_node_may_allow_deeper_trees_and_writes_and_removes_them_without_rec
     assert r.code == 2 and "SNAPBUILD_TREE_LIMITS='depth=deep'" in r.err, r.err
 
 
+def test_the_node_settings_file_raises_the_limit_as_the_variable_does(forge, tmp_path):
+    """tree_limits in node.toml (--config, or $SNAPBUILD_CONFIG) lets the deep tree in
+    like SNAPBUILD_TREE_LIMITS above; the variable still beats the file. (300 deep:
+    past the default 256, and shallow enough for pytest to clean up.)"""
+    url = f"file://{tmp_path / 'evil-registry'}"
+    forge.publish(url, "evil", "1", forge.snapshot({"app": deep_tree(forge, 300)}))
+    node = tmp_path / "node.toml"
+    node.write_text('tree_limits = "depth=301"\n')
+    home = {"SNAPBUILD_HOME": str(tmp_path / "node")}
+    r = runner("--config", node, "pull", "evil:1", "--registry", url, "--dest", tmp_path / "one", env=home)
+    assert r.code == 0, r.err
+    assert (tmp_path / "one" / "app" / "a").is_dir()
+    r = runner("pull", "evil:1", "--registry", url, "--dest", tmp_path / "two",
+               env={**home, "SNAPBUILD_CONFIG": str(node), "SNAPBUILD_TREE_LIMITS": "depth=256"})
+    assert r.code == 5 and "past this node's limit (depth=256" in r.err, (r.code, r.err)
+
+
 def test_a_chunk_named_256_times_past_the_byte_limit_is_refused_before_anything_is_written(forge, tmp_path):
     url = f"file://{tmp_path / 'evil-registry'}"
     manifest = forge.snapshot({"app": one_chunk_many_times(forge)})

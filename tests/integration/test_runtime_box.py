@@ -100,6 +100,16 @@ def test_a_node_that_allows_a_root_mounts_below_it(tmp_path, run_cli):
     assert r.code == 0, r.err
 
 
+def test_a_node_that_allows_a_root_in_its_settings_file_mounts_below_it(tmp_path, run_cli):
+    """The same, with allow_mount_roots in node.toml instead of the variable."""
+    url = _publish(tmp_path, mounts={"/usr/local/x": "app"})
+    node = tmp_path / "node.toml"
+    node.write_text('allow_mount_roots = ["/opt", "/usr/local"]\n')
+    r = run_cli("--config", node, "pull", "evil:1", "--registry", url, tool="snapbuild-runner",
+                env={"SNAPBUILD_HOME": str(tmp_path / "node")})
+    assert r.code == 0, r.err
+
+
 @pytest.mark.parametrize("where, ready, target, words", [
     ("after_restore", {"http": "http://127.0.0.1:9/healthz"}, "http://127.0.0.1:{port}/latest/meta-data",
      "is not the restored server"),
