@@ -1,4 +1,4 @@
-"""What every command shares: error rendering, exit codes, JSON output, common options."""
+"""What every command shares: error rendering, exit codes, JSON output, common options, sizes in words."""
 
 from __future__ import annotations
 
@@ -79,6 +79,9 @@ set_option = click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
                           help="Set a template variable (overrides `vars:`; a matrix variable picks one combination). Repeatable.")
 json_option = click.option("--json", "as_json", is_flag=True, callback=_remember_json, is_eager=True,
                            help="Print machine-readable JSON on stdout (errors too).")
+OFFLINE_HELP = ("Reach neither the Hub, S3 nor an image registry: floating references come from RECIPE.lock, "
+                "files from the store, the Hugging Face cache and the Docker engine's images "
+                "(also HF_HUB_OFFLINE=1).")
 REGISTRY_URLS = "file:///PATH, s3://BUCKET/PREFIX or oci://HOST[:PORT]/REPO"
 
 
@@ -115,3 +118,12 @@ def transfer_display(mode: str, as_json: bool):
         yield display
     finally:
         display.close()
+
+
+def human_size(n: float) -> str:
+    """``n`` bytes in words: ``512 B``, ``1.5 MiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"kept {path}: mounted from its image and still in use (a server runs from it)")
         elif args.command == "serve":
             from .agent import Agent, config_from_flags, load_config
+            from .agent.serve import serve_forever
 
             if bool(args.config) == bool(args.server):
                 raise UsageError("serve needs --config FILE or --server NAME=REF (one of them)",
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
 
                 print(json.dumps(asdict(config), indent=2, default=str))
                 return
-            Agent(config).serve_forever()
+            serve_forever(Agent(config))
         elif args.command == "config":
             print_settings(settings.effective(), as_json=args.json)
         elif args.command == "stop":

@@ -10,14 +10,11 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..errors import SourceUnreachable, StepError
 from ..tools import limit
 from ..store.fsutil import file_digest
-
-if TYPE_CHECKING:  # the spec's class lives in steps.weights, which imports this module
-    from .weights import WeightsSpec
+from .weights_spec import WeightsSpec
 
 
 def _rest(source: str) -> str:

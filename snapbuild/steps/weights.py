@@ -16,50 +16,20 @@ in chunks: a file that two models or two revisions share is stored once.
 
 Credentials come from where their libraries look (``HF_TOKEN`` or huggingface_hub's
 login; boto3's credential chain) and never reach keys, logs or snapshots.
+
+The spec is :mod:`.weights_spec` (the sources read it too); the sources, one per
+scheme, are :mod:`.weight_sources`.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import shutil
-from typing import Literal
-
-from pydantic import Field, field_validator
 
 from ..errors import StepError
 from ..store.tree import build_tree
-from .base import BuildContext, PinContext, StepSpec
+from .base import BuildContext, PinContext
 from .weight_sources import FileSource, HubSource, S3Source
-
-SCHEMES = ("hf://", "s3://", "file://")
-
-
-class WeightsSpec(StepSpec):
-    source: str
-    include: list[str] = Field(default_factory=list)  # fnmatch patterns on paths relative to the source
-    exclude: list[str] = Field(default_factory=list)
-    repo_type: Literal["model", "dataset", "space"] = "model"  # hf://
-    endpoint: str | None = None  # hf://: another Hub (default $HF_ENDPOINT, else huggingface.co)
-    endpoint_url: str | None = None  # s3://: an S3-compatible server
-    region: str | None = None  # s3://
-
-    @field_validator("source")
-    @classmethod
-    def _scheme(cls, v: str) -> str:
-        if not v.startswith(SCHEMES):
-            raise ValueError(f"source {v!r} must start with one of {', '.join(SCHEMES)}")
-        return v
-
-    def key_fields(self) -> dict:
-        """A local folder counts by its content (pinned), not by where it is."""
-        out = super().key_fields()
-        if self.source.startswith("file://"):
-            out["source"] = "file://"
-        return out
-
-    def selected(self, rel: str) -> bool:
-        inc = not self.include or any(fnmatch.fnmatch(rel, p) for p in self.include)
-        return inc and not any(fnmatch.fnmatch(rel, p) for p in self.exclude)
+from .weights_spec import WeightsSpec
 
 
 class WeightsStep:

@@ -62,7 +62,8 @@ The parts: :mod:`.config` (the TOML), :mod:`.supervisor` (slots, their states, t
 loop and the workers), :mod:`.gpus` (who holds which GPU), :mod:`.proxy` (a
 container's node port), :mod:`.api` (``GET /servers``, ``/servers/NAME/log?lines=N``,
 ``/metrics``, ``/healthz``; it has no authentication: the agent warns at start when
-``api`` is not on loopback), :mod:`.metrics`.
+``api`` is not on loopback), :mod:`.metrics`, and :mod:`.serve`, which runs the
+supervisor with its API (``snapbuild-runner serve``).
 """
 
 from .config import AgentConfig, ServerConfig, config_from_flags, load_config

@@ -575,26 +575,22 @@ class Agent:
             self.gpus.rename(slot.name + NEXT, slot.name)
             self._gpus_changed()
 
-    def serve_forever(self, interval: float = 0.25) -> None:
-        from .api import exposure_warning, start_api
-
+    def prepare(self) -> None:
+        """What comes before the loop: SIGTERM and SIGINT end it, restored servers are
+        re-parented to this process (not to init), and the servers of a previous run are
+        adopted (:meth:`adopt`). The HTTP API is not the supervisor's: see :mod:`.serve`."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         process.become_subreaper()  # restored servers are re-parented here, not to init
         self.warn_if_unverified()
         self.adopt()
-        api = start_api(self)
-        exposed = exposure_warning(self.config.api)
-        if exposed:
-            self.log("warning", message=exposed, api=self.config.api)
-        self.log("serving", servers=list(self.slots), api=self.config.api, gpus=self.gpus.count)
-        try:
-            while not self._stop.is_set():
-                self.tick()
-                self._stop.wait(interval)
-        finally:
-            self.shutdown()
-            api.shutdown()
+
+    def loop(self, interval: float = 0.25) -> None:
+        """Look at every slot each ``interval`` seconds (:meth:`tick`) until stopped (SIGTERM,
+        SIGINT or :meth:`shutdown`)."""
+        while not self._stop.is_set():
+            self.tick()
+            self._stop.wait(interval)
 
     def shutdown(self) -> None:
         """Stop every server. Workers get SHUTDOWN_WAIT_S to finish what they do (a
