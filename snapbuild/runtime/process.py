@@ -66,8 +66,8 @@ def stop(pid: int, *, timeout: float = 10.0) -> bool:
     while time.monotonic() < deadline and not all(pid_gone(p) for p in targets):
         reap(targets)  # the PIDs are free once the exit is collected, by us or by init
         time.sleep(0.01)
-    if keeper > 1 and _status(keeper).get("NSpid", "").split()[-1:] == ["1"]:
-        wait_gone([keeper], timeout=5)  # it exits with its server; collected here when ours
+    if keeper > 1 and _ppid(keeper) == os.getpid() and _status(keeper).get("NSpid", "").split()[-1:] == ["1"]:
+        wait_gone([keeper], timeout=5)  # our child (a subreaper's): it exits with its server, collected here
     return True
 
 
