@@ -40,10 +40,9 @@ fi
 #   docker-registry  a real OCI registry on 127.0.0.1 for the tests
 #   systemd     systemd-analyze checks the node agent's unit file (runners/systemd)
 #   erofs-utils mkfs.erofs: tree images, so nodes mount big trees instead of writing them out
-#   fuse3       libfuse3, which serves tree images fetched as they are read (runtime/lazyimage.py)
 #   openssl     ci/publish-snapshot.sh derives the cache's trusted public key from the signing key
 #   libseccomp2 the io_uring deny filter of warm-ups and cold boots (runtime/seccomp.py, via pyseccomp)
-SYSTEM_PACKAGES=(skopeo docker.io runc mmdebstrap iproute2 podman docker-registry systemd erofs-utils fuse3 openssl libseccomp2)
+SYSTEM_PACKAGES=(skopeo docker.io runc mmdebstrap iproute2 podman docker-registry systemd erofs-utils openssl libseccomp2)
 missing=()
 for p in "${SYSTEM_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

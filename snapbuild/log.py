@@ -68,6 +68,9 @@ def setup(verbose: int = 0, *, json_lines: bool = False) -> int:
     root.addHandler(_HANDLER)
     root.setLevel(lvl)
     root.propagate = False
+    from . import settings
+
+    settings.warn_removed()  # keys of an old settings file, read before there was a handler to show them
     return lvl
 
 

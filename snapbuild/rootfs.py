@@ -32,7 +32,7 @@ from collections.abc import Iterable
 
 from . import tools
 from .errors import IntegrityError, SnapbuildError
-from .runtime import erofs, lazyimage, layout
+from .runtime import erofs, layout
 from .store.fsutil import ParallelWrites, flock, remove_tree, walk
 
 log = logging.getLogger(__name__)
@@ -282,11 +282,8 @@ def cached_layer(digest: str, open_layer, cache: Path, *, user: str | None = Non
 
 
 def _layer_present(path: Path) -> bool:
-    """False for a layer mounted from its image whose mount is gone (a reboot), or whose
-    image's fetch as it was read was cut short (runtime.lazyimage)."""
-    if os.path.ismount(path):
-        return lazyimage.complete(path)
-    return not layout.image_file(path).exists()
+    """False for a layer mounted from its image whose mount is gone (a reboot)."""
+    return os.path.ismount(path) or not layout.image_file(path).exists()
 
 
 def release_layer(cache: Path, hexpart: str, user: str, *, dry_run: bool = False) -> bool | None:

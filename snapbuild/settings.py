@@ -10,7 +10,8 @@ from, lowest first::
 The file is TOML: ``--config PATH`` (a global option of ``snapbuild-runner``, which
 sets ``$SNAPBUILD_CONFIG`` for its children too), else ``$SNAPBUILD_CONFIG``, else
 ``/etc/snapbuild/node.toml`` when it exists. A named file that is missing, a file
-that is not TOML, an unknown key or a value of the wrong type is a UsageError.
+that is not TOML, an unknown key or a value of the wrong type is a UsageError; a key
+of something removed since (:data:`REMOVED`) is ignored, with a warning.
 Values are read again on each call (the file is small): nothing goes stale when the
 environment changes. Registry credentials (``SNAPBUILD_REGISTRY_USERNAME`` and
 ``_PASSWORD``) are environment only, never in a file (registry/credentials.py).
@@ -21,6 +22,7 @@ A leaf: it imports nothing of snapbuild but ``errors``; the special syntaxes
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -29,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+
+log = logging.getLogger(__name__)
 
 CONFIG_ENV = "SNAPBUILD_CONFIG"
 DEFAULT_FILE = Path("/etc/snapbuild/node.toml")
@@ -56,8 +60,6 @@ SETTINGS: tuple[Setting, ...] = (
             "the trust policy (JSON); unset: /etc/snapbuild/policy.json when it exists, else none"),
     Setting("lazy_pages", "bool", True, "SNAPBUILD_LAZY_PAGES",
             "host processes: restore with CRIU's lazy pages (restore --lazy-pages)"),
-    Setting("lazy_images", "bool", False, "SNAPBUILD_LAZY_IMAGES",
-            "tree images the node lacks are mounted at once and fetched as read (restore --lazy-images)"),
     Setting("pull_direct", "bool", True, "SNAPBUILD_PULL_DIRECT",
             "a restore writes trees and images straight from the registry, not storing their chunks first"),
     Setting("thp_fill", "str", "auto", "SNAPBUILD_THP_FILL",
@@ -84,6 +86,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log", "str", "warning", "SNAPBUILD_LOG", "log level where no -v is given: debug, info, warning, error"),
 )
 BY_KEY = {s.key: s for s in SETTINGS}
+#: Keys of settings removed since, which an old file may still hold: ignored, with why.
+REMOVED = {"lazy_images": "tree images fetched as they are read were removed (they never made a command faster)"}
+_ignored: dict[tuple[Path, str], bool] = {}  # (file, removed key) -> warned of yet
 # The booleans the environment may spell, case-insensitively.
 TRUE, FALSE = ("on", "1", "true", "yes"), ("off", "0", "false", "no")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -142,12 +147,27 @@ def read_file(path: Path) -> dict[str, Any]:
         raise UsageError(f"node settings file {path} is not valid TOML: {e}") from None
     out = {}
     for key, raw in doc.items():
+        if key in REMOVED:
+            _ignored.setdefault((path, key), False)
+            warn_removed(unless_unshown=True)
+            continue
         s = BY_KEY.get(key)
         if s is None:
             raise UsageError(f"{path}: unknown key {key!r}", hint="the keys: " + ", ".join(BY_KEY)
                              + " (`snapbuild-runner config` lists them)")
         out[key] = _from_toml(s, raw, path)
     return out
+
+
+def warn_removed(unless_unshown: bool = False) -> None:
+    """Warn, once per process, of each removed key (:data:`REMOVED`) in a file read so
+    far. ``unless_unshown``: not before log.setup (which calls this) gives the warning a handler."""
+    if unless_unshown and not logging.getLogger("snapbuild").handlers:
+        return
+    for (path, key), warned in list(_ignored.items()):
+        if not warned:
+            _ignored[path, key] = True
+            log.warning("%s: %s is ignored: %s", path, key, REMOVED[key])
 
 
 def _from_toml(s: Setting, raw: Any, path: Path) -> Any:

@@ -120,11 +120,6 @@ LAZY_HELP = ("host-process snapshots: restore with CRIU's lazy pages, the server
              "follows on demand, the command returning once all of it is in place (default: "
              "$SNAPBUILD_LAZY_PAGES, else on; docs/runner.md)")
 
-LAZY_IMAGES_HELP = ("snapshots with tree images, on a node that lacks them: mount each image at once and fetch it "
-                    "as the server reads it (FUSE), the command returning once all of it is in place (default: "
-                    "$SNAPBUILD_LAZY_IMAGES, else off; docs/runner.md)")
-
-
 @dataclass(frozen=True)
 class Option:
     """One option of a restore, defined once for ``snapbuild-runner restore`` (argparse)
@@ -152,7 +147,6 @@ RESTORE_OPTIONS = (
                         "namespaces): the host port that reaches the server (default: the same number as the "
                         "server's own port; 0 picks a free one)", metavar="HOST[:CONTAINER]"),
     Option("--lazy-pages", LAZY_HELP, choices=("on", "off")),
-    Option("--lazy-images", LAZY_IMAGES_HELP, choices=("on", "off")),
     Option("--gpu", "GPU snapshots: the node's GPU(s) the server goes to, by index or UUID (comma-separated, one "
                     "per GPU of the snapshot; default: the GPUs it was taken on when this node has them, else the "
                     "first ones). Other GPUs than at the checkpoint need NVIDIA driver r580+, else it boots cold "
@@ -176,13 +170,11 @@ def restore(ref: str, options: dict, as_json: bool) -> None:
 
     if node_policy(options["trust_policy"]) is None:
         print(f"WARNING {UNVERIFIED_WARNING}", file=sys.stderr)
-    lazy, images = options["lazy_pages"], options["lazy_images"]
+    lazy = options["lazy_pages"]
     print_restore(run(ref, registry=options["registry"], fallback=options["fallback"] or "cold",
                       publish=options["publish"], trust_policy=options["trust_policy"],
                       cache_max=_size_arg(options["cache_max"]),
-                      lazy_pages=None if lazy is None else lazy == "on",
-                      lazy_images=None if images is None else images == "on",
-                      gpus=parse_gpus(options["gpu"])), as_json)
+                      lazy_pages=None if lazy is None else lazy == "on", gpus=parse_gpus(options["gpu"])), as_json)
 
 
 def parse_gpus(text: str | None) -> list[str] | None:

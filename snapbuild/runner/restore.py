@@ -26,7 +26,7 @@ from ..engines import container_engine, criu, get_engine, process_engine
 from ..engines.fingerprint import compare
 from ..errors import NotFound, SnapbuildError, UsageError
 from ..runtime import probe as probes
-from ..runtime import erofs, lazyimage, mounts, process, runfiles, server, shmfiles, sockdirs
+from ..runtime import erofs, mounts, process, runfiles, server, shmfiles, sockdirs
 from ..runtime.layout import images_root
 from ..store import Store
 from ..store.direct import Direct
@@ -47,7 +47,7 @@ class RestoreFailed(SnapbuildError):
 def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: str = "auto",
         store: Store | None = None, jobs: int = 16, publish: str | None = None,
         trust_policy: Path | None = None, cache_max: int | None = None, lazy_pages: bool | None = None,
-        gpus: list[str] | None = None, lazy_images: bool | None = None) -> dict:
+        gpus: list[str] | None = None) -> dict:
     """Start the server of snapshot ``ref`` and return what happened, with timings.
 
     ``mode``: ``auto`` (restore, else fall back), ``restore`` (never boot cold), or
@@ -59,12 +59,9 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
     on demand; the call returns once every page is in place, ``pages_s``); None:
     :func:`lazy_default`. ``gpus``: the GPUs (indexes or UUIDs) the server goes to, one
     per GPU of its CUDA state (see snapbuild.gpu.placement); None: those it was taken
-    on when this node has them, else the first ones. ``lazy_images``: tree images the
-    node lacks are mounted at once and fetched as they are read (runtime.lazyimage; the
-    call returns once they are complete, ``images_s``); None: ``$SNAPBUILD_LAZY_IMAGES``.
+    on when this node has them, else the first ones.
     """
     lazy_pages = lazy_default() if lazy_pages is None else lazy_pages
-    lazy_images = lazyimage.default() if lazy_images is None else lazy_images
     criu.thp_setting()  # a bad $SNAPBUILD_THP_FILL is refused whatever the restore turns out to be
     from ..registry import locate
 
@@ -79,7 +76,7 @@ def run(ref: str, *, registry: str | None = None, fallback: str = "cold", mode: 
     def start(images: bool) -> dict:
         fetched = pull(ref, registry=registry, store=store, jobs=jobs, trust_policy=trust_policy,
                        cache_max=cache_max, images=images, direct=direct_default())
-        return _start(fetched, store, fallback, mode, publish, lazy_pages, gpus, lazy_images)
+        return _start_server(fetched, store, fallback, mode, publish, lazy_pages, gpus)
 
     try:
         out = start(erofs.can_mount())
@@ -106,33 +103,6 @@ def direct_default() -> bool:
     straight from the registry to its place, without storing the chunks first
     (store.direct; 1.3-1.6x faster on an empty node: docs/benchmarks.md)."""
     return bool(settings.get("pull_direct"))
-
-
-def _start(fetched: dict, store: Store, fallback: str, mode: str, publish: str | None,
-           lazy_pages: bool = False, gpus: list[str] | None = None, lazy_images: bool = False) -> dict:
-    """Restore (or boot cold) the server of the pulled snapshot ``fetched``; tree images
-    mounted before they were fetched (``lazy_images``) are complete when it returns."""
-    direct = fetched.get("blobs")
-    if not isinstance(direct, Direct):
-        return _start_server(fetched, store, fallback, mode, publish, lazy_pages, gpus)
-    direct.lazy_images = lazy_images
-    try:
-        out = _start_server(fetched, store, fallback, mode, publish, lazy_pages, gpus)
-    except BaseException:
-        lazyimage.abort(direct)
-        raise
-    try:
-        done = lazyimage.finish(direct)
-    except SnapbuildError as e:
-        stop(out.get("container") or out["pid"])
-        raise RestoreFailed(f"{fetched['ref']}: the server started, but a tree image it reads did not all "
-                            f"arrive: {e.message}", hint=e.hint or "run the restore again: it fetches what is "
-                                                                   "missing") from None
-    if done is not None:
-        out["timings"]["images_s"] = done.pop("wait_s")
-    out["lazy_images"] = done
-    out["fetch"]["written_straight_out"] = {"blobs": direct.fetched, "bytes": direct.fetched_bytes}
-    return out
 
 
 def _start_server(fetched: dict, store: Store, fallback: str, mode: str, publish: str | None,
@@ -230,6 +200,8 @@ def _bring_up(fetched: dict, store: Store, fallback: str, mode: str, publish: st
             out["pid"], out["address"] = _cold(spec, store, timings, host_port)
         out["mode"] = "cold"
         out["reason"] = reason
+    if isinstance(direct, Direct):
+        out["fetch"]["written_straight_out"] = {"blobs": direct.fetched, "bytes": direct.fetched_bytes}
     return out
 
 

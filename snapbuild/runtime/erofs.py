@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .. import tools
 from ..errors import IntegrityError, SnapbuildError, UsageError
-from . import layout, lazyimage, process
+from . import layout, process
 from .mountinfo import fs_type
 
 log = logging.getLogger(__name__)
@@ -197,29 +197,20 @@ def take_down(folder: Path) -> None:
         raise SnapbuildError(f"cannot unmount the image at {folder}: another file system is mounted there",
                              hint=f"unmount it (`umount {folder}`) if nothing needs it")
     layout.image_file(folder).unlink(missing_ok=True)
-    lazyimage.clear(folder)  # what a fetch as it is read that was cut short left
 
 
-def _image_entry(blobs, image_tree: str) -> dict:
-    """The image file's entry in the one-file tree ``image_tree``."""
+def write_image(blobs, image_tree: str, dest: Path) -> None:
+    """Write the image file of the one-file tree ``image_tree`` to ``dest`` (verified,
+    complete before it appears under its name)."""
+    from ..store.chunks import write_file
     from ..store.tree import load_tree
 
     entries = [e for e in load_tree(blobs, image_tree)["entries"] if e["type"] == "file"]
     if len(entries) != 1 or entries[0]["path"] != FILE:
         raise SnapbuildError(f"{image_tree} is not a tree image (it should hold only {FILE})")
-    return entries[0]
-
-
-def write_image(blobs, image_tree: str, dest: Path, entry: dict | None = None) -> None:
-    """Write the image file of the one-file tree ``image_tree`` (whose file ``entry``
-    the caller may have read already) to ``dest`` (verified, complete before it appears
-    under its name)."""
-    from ..store.chunks import write_file
-
-    entry = entry or _image_entry(blobs, image_tree)
     layout.secure_dir(dest.parent)  # trusted once written: nobody else may write there
     tmp = layout.image_partial(dest)
-    write_file(blobs, entry, tmp, mode=0o444)
+    write_file(blobs, entries[0], tmp, mode=0o444)
     with open(tmp, "rb") as f:
         why = image_problem(f.read(SUPERBLOCK_OFFSET + 128), os.fstat(f.fileno()).st_size)
     if why:
@@ -231,20 +222,10 @@ def write_image(blobs, image_tree: str, dest: Path, entry: dict | None = None) -
 
 def mount_tree(blobs, image_tree: str, dest: Path) -> None:
     """Write out ``image_tree`` (unless its file is already there: layout.image_file) and
-    mount it at the tree or layer folder ``dest``; or, where ``blobs`` asks for it and
-    the image is not in the node's store, mount it at once and fetch it as it is read
-    (:mod:`.lazyimage`; the restore completes it before it returns)."""
+    mount it at the tree or layer folder ``dest``."""
     path = layout.image_file(dest)
     if not path.is_file():
-        entry = _image_entry(blobs, image_tree)
-        if lazyimage.worth(blobs, entry):
-            try:
-                lazyimage.mount(blobs, entry, path, dest, image_problem)
-                return
-            except lazyimage.Unavailable as e:
-                log.warning("tree image %s not fetched as it is read (%s); writing it out first", path.name,
-                            e.message)
-        write_image(blobs, image_tree, path, entry)
+        write_image(blobs, image_tree, path)
     try:
         mount(path, dest)
     except ImageUnusable:

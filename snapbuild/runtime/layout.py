@@ -12,10 +12,8 @@ path under the run root and the image cache, in one place.
     +-- trees/<hex>.partial/       a tree being written out (never used; redone)
     +-- trees/<hex>.users          the users of a tree mounted from its image (read-only)
     +-- tree-images/<hex>.erofs    the image file of a tree or layer mounted from it
-    +-- tree-images/<hex>.erofs.partial  an image being written, or fetched as it is read
-    +-- lazy/<hex>/                the FUSE mount serving an image fetched as it is read
+    +-- tree-images/<hex>.erofs.partial  an image being written
     +-- locks/tree-<hex>.lock      held while tree <hex> is written, mounted or released
-    +-- locks/lazy-<hex>.lock      held while the image of <hex> is fetched as it is read
     +-- layers/<hex>/              a container image layer, unpacked or mounted (root only)
     +-- layers/<hex>.snapbuild-layer-complete-v2   ... complete; lists its users
     +-- layers/<hex>.partial/      a layer being unpacked
@@ -135,25 +133,8 @@ def image_file(folder: Path) -> Path:
 
 
 def image_partial(image: Path) -> Path:
-    """An image file (:func:`image_file`) while it is written, or fetched as it is read."""
+    """An image file (:func:`image_file`) while it is written."""
     return image.with_name(image.name + ".partial")
-
-
-def lazy_mount_dir(folder: Path) -> Path:
-    """Where the file system that serves a tree image being fetched as it is read
-    (runtime.lazyimage) is mounted: ``<root>/lazy/<hex>``."""
-    return folder.parent.parent / "lazy" / folder.name
-
-
-def lazy_log(folder: Path) -> Path:
-    """The log of the FUSE process serving the image of ``folder`` as it is read."""
-    return folder.parent.parent / "lazy" / f"{folder.name}.log"
-
-
-def lazy_lock(folder: Path) -> Path:
-    """Held by the process fetching a tree or layer folder's image as it is read, until
-    the image is complete."""
-    return folder.parent.parent / "locks" / f"lazy-{folder.name}.lock"
 
 
 def bundle_dir(root: Path, container: str) -> Path:

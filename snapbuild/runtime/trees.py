@@ -28,7 +28,7 @@ from ..store import fsutil
 from ..store.blobs import BlobStore
 from ..store.fsutil import flock
 from ..store.tree import load_tree, materialize
-from . import erofs, lazyimage, layout
+from . import erofs, layout
 from .mountinfo import is_mount_point
 
 log = logging.getLogger(__name__)
@@ -129,10 +129,10 @@ def _read(path: Path) -> str | None:
 
 def _users_text(path: Path) -> str | None:
     """The marker's content: None while the tree is absent or incomplete (or an image
-    tree no longer mounted, after a reboot, or whose fetch as it was read was cut short)."""
+    tree no longer mounted, after a reboot)."""
     text = _read(layout.tree_users(path))
     if text is not None:
-        return text if os.path.ismount(path) and lazyimage.complete(path) else None
+        return text if os.path.ismount(path) else None
     try:
         with open(path / MARKER) as f:
             return f.read()

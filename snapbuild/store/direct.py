@@ -30,8 +30,6 @@ class Direct:
         self._lock = threading.Lock()
         self.fetched = 0  # blobs that came from the registry, not the store
         self.fetched_bytes = 0
-        self.lazy_images = False  # tree images mounted before they are fetched (runtime.lazyimage)
-        self.lazy_started: list = []  # those images, until the restore completes them
 
     def __getattr__(self, name: str):
         return getattr(self._blobs, name)

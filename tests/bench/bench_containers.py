@@ -30,19 +30,16 @@ a Podman user ships such a server) is pushed once to the same registry, a contai
 it is warmed and exported the same way, and before each run the image is removed from
 Podman's storage; the run is ``podman pull`` from the registry plus ``podman container
 restore --import`` (the export, 26 MiB, stays on local disk: still in Podman's favour).
---empty-node measures several ways snapbuild can do it: the default, which writes the
+--empty-node measures two ways snapbuild can do it: the default, which writes the
 checkpoint's images and the tree images straight from the registry to their place
 (``SNAPBUILD_PULL_DIRECT``, store/direct.py), storing only the rest; storing every
-blob first, then writing out of the store (``SNAPBUILD_PULL_DIRECT=off``); tree images
-mounted at once and fetched as they are read (``SNAPBUILD_LAZY_IMAGES=on``,
-runtime/lazyimage.py); and, for each, the time to the **first answer** (``POST /infer``
-polled every 10 ms from the command's start: with images fetched as read, the server
-answers before the command returns); and the **wire
-limit** beside them: the time to GET every blob of the snapshot the pulls need (with
-tree images: what image_selection names) from the same registry with as many parallel
-plain HTTP requests as the pull uses (16) and write each to a file on the store's disk
-(fsync'd, as the store does), without verifying, decompressing or writing anything out
-of them.
+blob first, then writing out of the store (``SNAPBUILD_PULL_DIRECT=off``); and, for
+each, the time to the **first answer** (``POST /infer`` polled every 10 ms from the
+command's start); and the **wire limit** beside them: the time to GET every blob of
+the snapshot the pulls need (with tree images: what image_selection names) from the
+same registry with as many parallel plain HTTP requests as the pull uses (16) and
+write each to a file on the store's disk (fsync'd, as the store does), without
+verifying, decompressing or writing anything out of them.
 Needs root, runc, CRIU and podman (ci/setup.sh installs them).
 """
 
@@ -179,12 +176,9 @@ def podman_run_args(store: Store, spec: ServerSpec, image: str, run_dir: Path, n
 
 
 #: The empty-node modes, with the environment each runs in (the first is the default).
-_OFF = {"SNAPBUILD_LAZY_IMAGES": "off"}
 EMPTY_NODE = {
-    "snapbuild restore, empty node": {"SNAPBUILD_PULL_DIRECT": "on", **_OFF},
-    "snapbuild restore, empty node, every blob stored first": {"SNAPBUILD_PULL_DIRECT": "off", **_OFF},
-    "snapbuild restore, empty node, images fetched as read": {"SNAPBUILD_PULL_DIRECT": "on",
-                                                              "SNAPBUILD_LAZY_IMAGES": "on"},
+    "snapbuild restore, empty node": {"SNAPBUILD_PULL_DIRECT": "on"},
+    "snapbuild restore, empty node, every blob stored first": {"SNAPBUILD_PULL_DIRECT": "off"},
 }
 
 
@@ -212,8 +206,7 @@ while True:
 
 class FirstAnswer:
     """POST /infer to ``port`` every 10 ms from now on, from another process, until one
-    answers: the time to the first answer of a restore whose command returns later
-    (tree images fetched as they are read complete before it returns)."""
+    answers: the time to the first answer of a restore, from its command's start."""
 
     def __init__(self, port: int) -> None:
         self.t0 = time.monotonic()

@@ -238,8 +238,7 @@ def test_bad_configurations_are_refused_with_the_place_and_a_hint(tmp_path):
              ('[[server]]\nname = "a"\nref = "a:b"\npublish = "80"\n', "number 1: `publish` must be an integer"),
              ('server = 3\n', "`server` must be a list"),
              ('[[server]]\nname = "a"\nref = "a:b"\ncold_after = true\n', "`cold_after` must be an integer"),
-             ('[[server]]\nname = "a"\nref = "a:b"\nlazy_pages = "yes"\n', "`lazy_pages` must be true or false"),
-             ('[[server]]\nname = "a"\nref = "a:b"\nlazy_images = 1\n', "`lazy_images` must be true or false")]
+             ('[[server]]\nname = "a"\nref = "a:b"\nlazy_pages = "yes"\n', "`lazy_pages` must be true or false")]
     for text, message in cases:
         path = tmp_path / "agent.toml"
         path.write_text(text)
@@ -247,9 +246,18 @@ def test_bad_configurations_are_refused_with_the_place_and_a_hint(tmp_path):
             load_config(path)
     path.write_text('registry = "file:///r"\n[[server]]\nname = "a"\nref = "a:b"\n')
     assert load_config(path).servers[0].registry == "file:///r", "top-level defaults reach every server"
-    path.write_text('[[server]]\nname = "a"\nref = "a:b"\nlazy_pages = false\nlazy_images = true\n')
+    path.write_text('[[server]]\nname = "a"\nref = "a:b"\nlazy_pages = false\n')
     assert load_config(path).servers[0].lazy_pages is False
-    assert load_config(path).servers[0].lazy_images is True
+
+
+def test_a_removed_key_in_an_old_configuration_is_ignored_with_a_warning(tmp_path, caplog):
+    from snapbuild.runner.agent import load_config
+
+    path = tmp_path / "agent.toml"
+    path.write_text('[[server]]\nname = "a"\nref = "a:b"\nlazy_images = true\n')
+    with caplog.at_level("WARNING", logger="snapbuild.runner.agent.config"):
+        assert load_config(path).servers[0].name == "a"
+    assert "number 1: lazy_images is ignored: tree images fetched as they are read were removed" in caplog.text
 
 
 def container_counter(recipe, store, rootfs: Path, tag: str, calls: int) -> str:

@@ -36,16 +36,16 @@ def test_config_json_with_a_file_and_an_override(tmp_path, run_cli, clean_env):
     assert (rows["cache_max"]["value"], rows["cache_max"]["env"]) == (50 << 30, "SNAPBUILD_NODE_CACHE_MAX")
     assert rows["allow_mount_roots"]["value"] == ["/usr/local/models"]
     assert (rows["thp_fill"]["value"], rows["thp_fill"]["source"]) == ("off", "environment SNAPBUILD_THP_FILL")
-    assert (rows["lazy_images"]["value"], rows["lazy_images"]["source"]) == (False, "default")
+    assert (rows["registry_plain_http"]["value"], rows["registry_plain_http"]["source"]) == (False, "default")
 
 
 def test_config_text_names_the_sources(tmp_path, run_cli, clean_env):
     node = tmp_path / "node.toml"
-    node.write_text("lazy_images = true\n")
+    node.write_text("registry_plain_http = true\n")
     r = run_cli("config", tool="snapbuild-runner", env={"SNAPBUILD_CONFIG": str(node), "SNAPBUILD_PULL_DIRECT": "no"})
     assert r.code == 0, r.err
     assert f"# node settings file: {node}" in r.out
-    assert f"lazy_images = true  # file {node}" in r.out
+    assert f"registry_plain_http = true  # file {node}" in r.out
     assert "pull_direct = false  # environment SNAPBUILD_PULL_DIRECT" in r.out
     assert "lazy_pages = true  # default" in r.out and "$SNAPBUILD_LAZY_PAGES: host processes" in r.out
 
@@ -65,8 +65,19 @@ def test_a_bad_settings_file_stops_the_command(text, words, tmp_path, run_cli, c
 
 
 def test_a_bad_boolean_in_the_environment_names_the_variable(run_cli, clean_env):
-    r = run_cli("config", tool="snapbuild-runner", env={"SNAPBUILD_LAZY_IMAGES": "maybe"})
-    assert r.code == 2 and "SNAPBUILD_LAZY_IMAGES must be on or off" in r.err, r.err
+    r = run_cli("config", tool="snapbuild-runner", env={"SNAPBUILD_PULL_DIRECT": "maybe"})
+    assert r.code == 2 and "SNAPBUILD_PULL_DIRECT must be on or off" in r.err, r.err
+
+
+@pytest.mark.parametrize("args", [("config",), ("gc", "--dry-run"), ("serve", "--server", "a=x:y", "--check")])
+def test_a_removed_key_in_an_old_file_is_ignored_with_one_warning(args, tmp_path, run_cli, clean_env):
+    node = tmp_path / "node.toml"
+    node.write_text("lazy_images = true\nlazy_pages = false\n")
+    r = run_cli("--config", node, *args, tool="snapbuild-runner")
+    assert r.code == 0 and r.err.count(f"{node}: lazy_images is ignored: tree images fetched as they are read") == 1, r.err
+    assert "lazy_images" not in r.out
+    if args == ("config",):
+        assert f"lazy_pages = false  # file {node}" in r.out, r.out
 
 
 def test_a_reader_that_goes_away_gets_no_traceback(clean_env):

@@ -45,8 +45,13 @@ def test_precedence_default_file_environment_flag(node_toml, monkeypatch):
     # values are read on each call: nothing cached
     monkeypatch.setenv("SNAPBUILD_LAZY_PAGES", "off")
     assert settings.get("lazy_pages") is False
-    path.write_text("lazy_images = true\n")
-    assert settings.get("lazy_images") is True and settings.get("cache_max") is None
+    path.write_text("registry_plain_http = true\n")
+    assert settings.get("registry_plain_http") is True and settings.get("cache_max") is None
+
+
+def test_a_removed_key_in_the_file_is_ignored(node_toml):
+    node_toml("lazy_images = true\nlazy_pages = false\n")
+    assert settings.get("lazy_pages") is False and "lazy_images" not in {v.key for v in settings.effective()}
 
 
 def test_the_file_reaches_the_modules_that_use_it(node_toml):
@@ -110,7 +115,7 @@ def test_a_bad_boolean_names_its_variable(env, monkeypatch):
 
 def test_every_setting_is_documented_and_typed():
     keys = [s.key for s in settings.SETTINGS]
-    assert len(keys) == len(set(keys)) and len(keys) >= 19
+    assert len(keys) == len(set(keys)) and len(keys) >= 18 and set(settings.REMOVED).isdisjoint(keys)
     for s in settings.SETTINGS:
         assert s.type in settings.TYPES and s.env.startswith("SNAPBUILD_") and len(s.doc) > 20, s
         assert s.type == "str" or not s.choices, s

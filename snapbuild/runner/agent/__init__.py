@@ -17,7 +17,6 @@ and rolls to a new digest when its tag moves::
     ref = "minilm-embedder:prod"
     publish = 8713          # containers only: the node port the agent serves it on
     lazy_pages = true       # host processes: CRIU lazy pages (default $SNAPBUILD_LAZY_PAGES, else on)
-    lazy_images = false     # tree images it lacks fetched as read (default $SNAPBUILD_LAZY_IMAGES, else off)
     gpus = 1                # the agent gives it 1 of the node's GPUs (default 0: none, it sees what it sees)
     share_gpus = false      # true: it may be placed on GPUs others hold that share too
     replicas = 8            # optional: 8 servers embedder-0 .. embedder-7, on ports publish + i

@@ -1,16 +1,21 @@
 """The agent's configuration: a TOML file (``--config``) or ``--server`` flags.
 
 See the package docstring for the file's keys; unknown keys are refused with the
-place, so a typo never silently changes what a node runs.
+place, so a typo never silently changes what a node runs. A key of something removed
+since (:data:`REMOVED_KEYS`) is ignored, with a warning, so that old files keep working.
 """
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import UsageError
+from ...settings import REMOVED as REMOVED_KEYS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -26,7 +31,6 @@ class ServerConfig:
     backoff_s: float = 1
     backoff_max_s: float = 60
     lazy_pages: bool | None = None  # None: $SNAPBUILD_LAZY_PAGES, else on (snapbuild-runner restore --lazy-pages)
-    lazy_images: bool | None = None  # None: $SNAPBUILD_LAZY_IMAGES, else off (restore --lazy-images)
     gpus: int = 0  # how many of the node's GPUs the agent gives it (0: none assigned; it sees what it sees)
     share_gpus: bool = False  # it may be placed on GPUs others hold (that share too)
 
@@ -53,7 +57,7 @@ AGENT_KEYS = {"registry", "trust_policy", "poll_s", "api", "state_dir", "cache_m
 _TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "ref": (str,), "registry": (str,), "publish": (int,), "trust_policy": (str,),
     "cold_after": (int,), "max_restarts": (int,), "restart_window_s": (int, float), "backoff_s": (int, float),
-    "backoff_max_s": (int, float), "lazy_pages": (bool,), "lazy_images": (bool,), "gpus": (int,), "share_gpus": (bool,), "replicas": (int,), "poll_s": (int, float), "api": (str,), "state_dir": (str,),
+    "backoff_max_s": (int, float), "lazy_pages": (bool,), "gpus": (int,), "share_gpus": (bool,), "replicas": (int,), "poll_s": (int, float), "api": (str,), "state_dir": (str,),
     "cache_max": (str, int), "stale_after_s": (int, float), "server": (list,)}
 
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", bool: "true or false"}
@@ -85,6 +89,9 @@ def load_config(path: Path) -> AgentConfig:
         where = f"{path}: [[server]] number {i + 1}"
         if not isinstance(s, dict):
             raise UsageError(f"{where} is not a table")
+        for key in sorted(REMOVED_KEYS.keys() & s.keys()):
+            log.warning("%s: %s is ignored: %s", where, key, REMOVED_KEYS[key])
+            del s[key]
         unknown = set(s) - SERVER_KEYS
         if unknown:
             raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}",

@@ -264,8 +264,7 @@ class Agent:
         placed: dict[str, Any] = {"gpus": gpus} if gpus else {}  # none given: it sees what it sees anyway
         return run(ref, registry=cfg.registry, mode=mode, store=self.store, publish=publish,
                    trust_policy=Path(cfg.trust_policy) if cfg.trust_policy else None,
-                   cache_max=self.config.cache_max,
-                   lazy_pages=cfg.lazy_pages, lazy_images=cfg.lazy_images, **placed)
+                   cache_max=self.config.cache_max, lazy_pages=cfg.lazy_pages, **placed)
 
     def _prefetch(self, cfg: ServerConfig, digest: str) -> None:
         from ...runtime.erofs import can_mount
