@@ -78,6 +78,15 @@ def unmount_below(path: Path) -> None:
         subprocess.run(["umount", "-l", point], capture_output=True)
 
 
+@pytest.fixture(autouse=True)
+def _drop_node_store(tmp_path):
+    """The node's store and images (~4 GB a test) go when the test ends, not with
+    pytest's last three runs."""
+    yield
+    for name in ("node", "node-image-cache"):
+        shutil.rmtree(tmp_path / name, ignore_errors=True)
+
+
 def clean_node(tmp_path: Path, monkeypatch) -> Store:
     """A node that has never seen the snapshot: a new store and image cache, and nothing
     of the build left in the run root (its written-out trees, checkpoint images and the
