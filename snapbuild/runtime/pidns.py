@@ -24,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import subprocess
 import sys
 
 CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
@@ -50,17 +49,26 @@ def _read_pid(path: str) -> int:
 
 
 def _children(pid: int) -> list[int]:
-    """``pid``'s children, by this machine's PIDs (its ``/proc``)."""
-    found = []
-    for entry in os.listdir("/proc"):
+    """``pid``'s children, by this machine's PIDs (the keeper has one thread: its list is all)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _call(argv: list[str]) -> int:
+    """Run ``argv`` and return its exit status (fork and exec: ``subprocess`` alone
+    takes ~14 ms to import, on every restore's path)."""
+    pid = os.fork()
+    if pid == 0:
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid:
-            found.append(int(entry))
-    return found
+            os.execvp(argv[0], argv)
+        except OSError as e:
+            os.write(2, f"snapbuild pidns: cannot run {argv[0]}: {e.strerror}\n".encode())
+        os._exit(127)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 def _ns_pid(pid: int) -> int | None:
@@ -84,7 +92,7 @@ def init(pidfile: str, argv: list[str], report: int) -> None:
         _check(LIBC.unshare(CLONE_NEWNS), "unshare")  # its /proc: not the launcher's, which reads this machine's
         _check(LIBC.mount(b"none", b"/", None, MS_REC | MS_SLAVE, None), "mount --make-rslave /")
         _check(LIBC.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "mount /proc")
-        rc = subprocess.call(argv)
+        rc = _call(argv)
         if rc == 0:
             root = _read_pid(pidfile)  # the namespace's number, before the launcher rewrites it
     except (OSError, ValueError, IndexError) as e:
