@@ -637,49 +637,46 @@ def _checks(d: _Doc, fmt: int) -> list[dict[str, Any]]:
     return out
 
 
-def _shm_files(d: _Doc, fmt: int, engine: str) -> list[dict[str, Any]]:
-    """``shm_files``: plain, distinct names (they are written to /dev/shm/NAME as root),
-    a permission mode and a size, for a host process only."""
-    files = d.items("shm_files", dict)
-    if files and (fmt < 2 or engine != "host"):
-        raise d.fail("shm_files", "are for host-process checkpoints of format 2")
-    names: set[str] = set()
+def _file_records(d: _Doc, field: str, key: str, fmt: int, engine: str, *, since: int, engines: tuple[str, ...],
+                  what: str, problem) -> list[dict[str, Any]]:
+    """A list of files the runner writes as root (``shm_files``, ``run_files``): each
+    ``key`` distinct and without ``problem(value)``, a permission mode and a size; only
+    in checkpoints of format ``since`` or newer made by one of ``engines``."""
+    files = d.items(field, dict)
+    if files and (fmt < since or engine not in engines):
+        raise d.fail(field, f"are for {what} checkpoints of format {since}")
+    seen: set[str] = set()
     out = []
     for i, rec in enumerate(files):
-        r = _Doc(rec, f"{d.where}.shm_files[{i}]")
-        name = r.text("name")
-        why = unsafe_name(name) or ("is used twice" if name in names else None)
+        r = _Doc(rec, f"{d.where}.{field}[{i}]")
+        value = r.text(key)
+        why = problem(value) or ("is used twice" if value in seen else None)
         if why:
-            raise r.fail("name", f"{name!r} {why}")
+            raise r.fail(key, f"{value!r} {why}")
         mode, size = r.integer("mode"), r.integer("size")
         if not 0 <= mode <= 0o777 or size < 0:
             raise r.fail("mode" if not 0 <= mode <= 0o777 else "size", "is out of range")
-        names.add(name)
-        out.append({"name": name, "mode": mode, "size": size})
+        seen.add(value)
+        out.append({key: value, "mode": mode, "size": size})
     return out
+
+
+def _shm_files(d: _Doc, fmt: int, engine: str) -> list[dict[str, Any]]:
+    """``shm_files``: plain, distinct names (they are written to /dev/shm/NAME as root),
+    a permission mode and a size, for a host process only."""
+    return _file_records(d, "shm_files", "name", fmt, engine, since=2, engines=("host",), what="host-process",
+                         problem=unsafe_name)
 
 
 def _run_files(d: _Doc, fmt: int, engine: str) -> list[dict[str, Any]]:
     """``run_files``: paths relative to the run folder, where the runner writes them as
     root: plain relative paths (no ``..``, no leading ``/``), distinct, none below
     another, none of the runner's own (its log, its input links); a mode and a size."""
-    files = d.items("run_files", dict)
-    if files and (fmt < 5 or engine not in ("host", "runc")):
-        raise d.fail("run_files", "are for host-process and runc checkpoints of format 5")
-    paths: set[str] = set()
-    out = []
-    for i, rec in enumerate(files):
-        r = _Doc(rec, f"{d.where}.run_files[{i}]")
-        path = r.text("path")
-        why = unsafe_relpath(path) or ("is used twice" if path in paths else None) or \
-            (f"is the runner's own (one of {', '.join(RUN_OWN)})" if runner_owned(path) else None)
-        if why:
-            raise r.fail("path", f"{path!r} {why}")
-        mode, size = r.integer("mode"), r.integer("size")
-        if not 0 <= mode <= 0o777 or size < 0:
-            raise r.fail("mode" if not 0 <= mode <= 0o777 else "size", "is out of range")
-        paths.add(path)
-        out.append({"path": path, "mode": mode, "size": size})
+    out = _file_records(d, "run_files", "path", fmt, engine, since=5, engines=("host", "runc"),
+                        what="host-process and runc",
+                        problem=lambda path: unsafe_relpath(path) or (
+                            f"is the runner's own (one of {', '.join(RUN_OWN)})" if runner_owned(path) else None))
+    paths = {rec["path"] for rec in out}
     for i, rec in enumerate(out):
         if any(p.startswith(rec["path"] + "/") for p in paths):
             raise d.fail(f"run_files[{i}].path", f"{rec['path']!r} is a file with another below it")

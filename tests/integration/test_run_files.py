@@ -28,6 +28,7 @@ from snapbuild.store import Store
 from snapbuild.store.chunks import read_file
 from snapbuild.store.tree import load_tree
 
+from test_containers import counter_container  # tests/integration/
 from testkit import free_port, get, port_free, post  # tests/integration/testkit.py
 from tests.conftest import _unmount_below
 
@@ -193,20 +194,9 @@ def test_a_runc_containers_run_folder_files_restore_into_a_new_instance(
     port = free_port()
     (project / "app").mkdir(exist_ok=True)
     (project / "app" / "server.py").write_text(SERVER)
-    path = recipe(f"""
-        name: runfiles-runc
-        steps:
-          base: {{kind: image, from: "rootfs:{base_rootfs}"}}
-          app: {{kind: image, from: base, copy: {{"app/": /app/}}}}
-          server:
-            kind: warmup
-            image: app
-            command: [python3, /app/server.py, "{port}", /dev/shm/rings]
-            ready: {{http: "http://127.0.0.1:{port}/healthz", timeout: 60}}
-            exercise: [{{http: "POST /count", repeat: 2}}]
-          snap: {{kind: checkpoint, process: server, engine: runc, verify: [{{http: "GET /state"}}]}}
-        publish: {{tag: "runfiles-runc:v1"}}
-    """)
+    path = counter_container(recipe, project, base_rootfs, "runfiles-runc", port,
+                             command=f'[python3, /app/server.py, "{port}", /dev/shm/rings]',
+                             checkpoint=', verify: [{http: "GET /state"}]')
     [res] = build(path, store=store)
     assert res.ok, {n: (r.error, r.log_tail) for n, r in res.steps.items()}
     ckpt = Runtime.from_json(checkpoint_json(store, res.steps["snap"].artifact))
