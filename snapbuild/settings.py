@@ -253,10 +253,13 @@ def get(key: str, flag: Any = None) -> Any:
     return resolve(key, flag).value
 
 
-def origin(key: str) -> str:
-    """How to name where ``key``'s value came from in a message: ``$VAR`` or ``KEY in FILE``."""
+def said(key: str) -> str:
+    """How ``key``'s value was given, for a message: ``VAR=value`` from the environment,
+    ``key = value in FILE`` from the settings file."""
     v = resolve(key)
-    return f"{v.key} in {v.source[5:]}" if v.source.startswith("file ") else f"${v.env}"
+    if v.source.startswith("file "):
+        return f"{v.key} = {v.value} in {v.source[5:]}"
+    return f"{v.env}={v.value}"
 
 
 def effective(flags: dict[str, Any] | None = None) -> list[Value]:

@@ -38,9 +38,7 @@ def binary() -> str:
     if named:
         override = str(named)
         if not os.access(override, os.X_OK):
-            where = settings.origin("criu")
-            raise CriuError(f"{where.lstrip('$')}={override} is not an executable file" if where.startswith("$")
-                            else f"{override} ({where}) is not an executable file", hint=SETUP_HINT)
+            raise CriuError(f"{settings.said('criu')} is not an executable file", hint=SETUP_HINT)
         return override
     path = shutil.which("criu") or (
         "/usr/local/sbin/criu" if os.path.exists("/usr/local/sbin/criu") else None)
@@ -289,8 +287,7 @@ def thp_fill_unused() -> str | None:
     if want == "off":
         from .. import settings
 
-        where = settings.origin("thp_fill")
-        return f"{THP_ENV}=off" if where.startswith("$") else f"thp_fill = off in {where.split(' in ', 1)[1]}"
+        return settings.said("thp_fill")
     if not has_thp_fill(binary()):
         return f"this criu ({binary()}) has no {THP_FILL}: ci/install-criu.sh builds one with ci/criu-patches"
     mode = thp_mode()
